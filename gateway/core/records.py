@@ -82,3 +82,16 @@ def open_record(ring: Keyring, key_name: str, blob: bytes) -> Record:
         )
     except (InvalidTag, orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise RecordCorrupt("record does not authenticate") from exc
+
+
+class Corrupt:
+    """Marker for a stored value that does not authenticate (see `CORRUPT`)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "CORRUPT"
+
+
+CORRUPT = Corrupt()
+State = Record | None | Corrupt  # what a lookup yields per pseudonym

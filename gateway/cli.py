@@ -1,0 +1,330 @@
+"""The `optgate` command line (SPEC §12). Exit codes: 0 ok, 1 failure, 2 bad usage/config.
+
+Secrets are never taken from the command line: passwords on stdin, keys in the key file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import getpass
+import re
+import sys
+import time
+from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import NoReturn
+
+import orjson
+
+from gateway import __version__, keyfile, logs, senders, tls
+from gateway import config as config_mod
+from gateway import rules as rules_io
+from gateway.audit import verify as audit_verify
+from gateway.audit.writer import AuditWriter
+from gateway.config import Config
+from gateway.core import keys as keys_mod
+from gateway.core.addresses import AddressProblem, parse_email, parse_phone
+from gateway.core.records import Record, pseudonym
+from gateway.errors import AuditError, ConfigError, KeyringError, OptgateError, StoreUnavailable
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+CLI_AUDIT_LOCK_WAIT_S = 10.0  # another `optgate optout` may hold the CLI audit stream briefly
+
+
+def _fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
+    for line in message.splitlines():
+        print(f"optgate: error: {line}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return config_mod.load(getattr(args, "config", None))
+
+
+def _recipient_key(cfg: Config, channel: str, address: str) -> str:
+    if channel == "email":
+        parsed = parse_email(address, smtputf8=True)
+        if isinstance(parsed, AddressProblem):
+            _fail(f"not a valid email address: {parsed.reply.split(' ', 2)[2]}")
+        return parsed.key_form
+    phone = parse_phone(address, region=cfg.sms_default_region)
+    if phone is None:
+        _fail("not a valid phone number")
+    return phone.key_form
+
+
+@contextlib.asynccontextmanager
+async def _cli_audit(cfg: Config, ring: keys_mod.Keyring) -> AsyncIterator[AuditWriter]:
+    writer = AuditWriter(cfg.audit_dir, instance=cfg.instance, stream=f"{cfg.instance}-cli", keyring=ring)
+    deadline = time.monotonic() + CLI_AUDIT_LOCK_WAIT_S
+    while True:
+        try:
+            await writer.open()
+            break
+        except AuditError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.1)
+    try:
+        yield writer
+    finally:
+        await writer.close()
+
+
+async def _optout(cfg: Config, args: argparse.Namespace) -> int:
+    from gateway.service import open_store
+
+    rules = rules_io.load_dir(rules_io.choose_dir(cfg.rules_dir, cfg.base_dir))
+    categories: list[str] = list(dict.fromkeys(args.category or []))
+    for name in categories:
+        cat = rules.category(name)
+        if cat is None:
+            _fail(f"unknown category {name!r}")
+        if not cat.opt_out:
+            _fail(f"category {name!r} cannot be opted out of (opt_out = false)")
+    key_form = _recipient_key(cfg, args.channel, args.address)
+    ring, _ = keyfile.load_or_create(cfg.keys_file)
+    pseud = pseudonym(ring, args.channel, key_form)
+    store, embedded = await open_store(cfg, ring)
+    try:
+        if args.action == "get":
+            record = await store.get(args.channel, pseud)
+            print(orjson.dumps(_record_json(args.channel, record)).decode())
+            return 0
+        now = time.time()
+        if args.action == "add":
+            record = await store.opt_out(
+                args.channel, pseud, categories=categories, all=args.all, source="cli", now=now
+            )
+        else:
+            record = await store.opt_in(
+                args.channel, pseud, categories=categories, all=args.all, source="cli", now=now
+            )
+        async with _cli_audit(cfg, ring) as audit:
+            await audit.append(
+                [
+                    {
+                        "event": "optout" if args.action == "add" else "optin",
+                        "channel": args.channel,
+                        "recipient": pseud,
+                        "categories": categories,
+                        "all": bool(args.all),
+                        "source": "cli",
+                    }
+                ]
+            )
+        print(orjson.dumps(_record_json(args.channel, record)).decode())
+        return 0
+    finally:
+        await store.close()
+        if embedded is not None:
+            await embedded.release()
+
+
+def _record_json(channel: str, record: Record | None) -> dict[str, object]:
+    if record is None:
+        return {"channel": channel, "all": False, "categories": [], "updated_at": None, "source": None}
+    ts = datetime.fromtimestamp(record.updated_at, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return {
+        "channel": channel,
+        "all": record.all,
+        "categories": sorted(record.categories),
+        "updated_at": ts,
+        "source": record.source,
+    }
+
+
+_RELATIVE = re.compile(r"^(\d+)([smhd])$")
+
+
+def _since(text: str) -> datetime:
+    m = _RELATIVE.match(text)
+    if m:
+        unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[m.group(2)]
+        return datetime.now(UTC) - timedelta(**{unit: int(m.group(1))})
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        _fail(f"--since: expected ISO-8601 time or e.g. 24h/7d, got {text!r}")
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    if args.workers not in (None, 1):
+        _fail("--workers above 1 is not available in this version; run one process per core")
+    cfg = _config(args)
+    from gateway import service
+
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        pass
+    asyncio.run(service.serve(cfg))
+    return 0
+
+
+def cmd_optout(args: argparse.Namespace) -> int:
+    if args.action != "get" and not args.all and not args.category:
+        _fail("give --category NAME (repeatable) or --all")
+    return asyncio.run(_optout(_config(args), args))
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    ring = keyfile.load(cfg.keys_file)
+    if args.action == "verify":
+        path = Path(args.path) if args.path else cfg.audit_dir
+        result = audit_verify.verify_path(path, ring)
+        if not result.ok:
+            print(f"{result.file}:{result.line}: {result.why}")
+            return EXIT_FAILURE
+        print(f"ok: {result.entries} entries intact in {path}", file=sys.stderr)
+        return 0
+    recipient = None
+    if args.recipient:
+        channel = args.channel or ("email" if "@" in args.recipient else "sms")
+        recipient = pseudonym(ring, channel, _recipient_key(cfg, channel, args.recipient))
+    since = _since(args.since) if args.since else None
+    out = sys.stdout.buffer
+    for entry in audit_verify.search(cfg.audit_dir, recipient=recipient, decision=args.decision, since=since):
+        out.write(orjson.dumps(entry) + b"\n")
+    out.flush()
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    path = cfg.keys_file
+    if args.action == "init":
+        try:
+            keyfile.save(path, keys_mod.generate(), exclusive=True)
+        except FileExistsError:
+            _fail(f"{path} already exists; use `optgate keys rotate` to add new keys")
+        print(f"created {path} (mode 0600)")
+        return 0
+    ring = keys_mod.rotate(keyfile.load(path))
+    keyfile.save(path, ring)
+    current = ", ".join(f"{name}={ks.current[0]}" for name, ks in
+                        (("record", ring.record), ("token", ring.token), ("audit", ring.audit)))
+    print(f"rotated {path}: new keys {current}; send SIGHUP to running gateways")
+    return 0
+
+
+def cmd_senders(args: argparse.Namespace) -> int:
+    password = getpass.getpass("password: ") if sys.stdin.isatty() else sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        _fail("empty password")
+    print(senders.hash_password(password))
+    return 0
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    made = tls.make_dev_certs(out)
+    print(f"wrote {made.ca_pem}, {made.server_pem}, {made.server_key}")
+    return 0
+
+
+def cmd_rules(args: argparse.Namespace) -> int:
+    cfg_dir = Path(args.dir) if args.dir else rules_io.choose_dir(None, Path.cwd())
+    rules = rules_io.load_dir(cfg_dir)
+    names = ", ".join(sorted(rules.categories))
+    print(f"ok: {cfg_dir}: {len(rules.categories)} categories ({names}); version {rules.version[:12]}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="optgate",
+        description="Message gateway that enforces recipients' opt-outs (SMTP and SMS), "
+        "with one-click unsubscribe, TLS 1.3 only and a tamper-evident audit log.",
+    )
+    p.add_argument("--version", action="version", version=f"optgate {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sp.add_argument("--config", metavar="FILE", help="config file (default: $OPTGATE_CONFIG, ./optgate.toml)")
+        return sp
+
+    s = with_config(sub.add_parser("serve", help="run the gateway"))
+    s.add_argument("--workers", type=int, metavar="N", help="worker processes (this version: 1)")
+    s.set_defaults(func=cmd_serve)
+
+    o = sub.add_parser("optout", help="manage opt-outs (works with or without a running server)")
+    osub = o.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, text in (("add", "opt an address out"), ("remove", "opt an address back in")):
+        a = with_config(osub.add_parser(action, help=text))
+        a.add_argument("--channel", required=True, choices=("email", "sms"))
+        g = a.add_mutually_exclusive_group(required=True)
+        g.add_argument("--category", action="append", metavar="NAME", help="repeatable")
+        g.add_argument("--all", action="store_true", help="every opt-outable category")
+        a.add_argument("address", metavar="ADDRESS")
+        a.set_defaults(func=cmd_optout)
+    gt = with_config(osub.add_parser("get", help="show an address's opt-out state as JSON"))
+    gt.add_argument("--channel", required=True, choices=("email", "sms"))
+    gt.add_argument("address", metavar="ADDRESS")
+    gt.set_defaults(func=cmd_optout, category=None, all=False)
+
+    au = sub.add_parser("audit", help="verify and search the audit log")
+    ausub = au.add_subparsers(dest="action", required=True, metavar="ACTION")
+    v = with_config(ausub.add_parser("verify", help="check the hash chain; exit 1 naming FILE:LINE of the first break"))
+    v.add_argument("path", nargs="?", metavar="PATH", help="a file or directory (default: audit.dir)")
+    v.set_defaults(func=cmd_audit)
+    se = with_config(ausub.add_parser("search", help="print matching entries as JSON lines"))
+    se.add_argument("--recipient", metavar="ADDRESS", help="pseudonymised before searching")
+    se.add_argument("--channel", choices=("email", "sms"))
+    se.add_argument("--decision", choices=("allow", "suppress", "defer", "reject"))
+    se.add_argument("--since", metavar="T", help="ISO-8601 time, or 30m/24h/7d ago")
+    se.set_defaults(func=cmd_audit)
+
+    k = sub.add_parser("keys", help="create or rotate the key file")
+    ksub = k.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, text in (("init", "create the key file (0600)"), ("rotate", "add new record, token and audit keys")):
+        with_config(ksub.add_parser(action, help=text)).set_defaults(func=cmd_keys)
+
+    sn = sub.add_parser("senders", help="sender credentials")
+    snsub = sn.add_subparsers(dest="action", required=True, metavar="ACTION")
+    snsub.add_parser("hash-password", help="read a password on stdin, print a password_hash").set_defaults(
+        func=cmd_senders
+    )
+
+    c = sub.add_parser("certs", help="TLS material")
+    csub = c.add_subparsers(dest="action", required=True, metavar="ACTION")
+    cd = csub.add_parser("dev", help="make a development CA and server certificate")
+    cd.add_argument("--out", default="certs", metavar="DIR")
+    cd.set_defaults(func=cmd_certs)
+
+    r = sub.add_parser("rules", help="policy rules")
+    rsub = r.add_subparsers(dest="action", required=True, metavar="ACTION")
+    rc = rsub.add_parser("check", help="validate a rules folder")
+    rc.add_argument("dir", nargs="?", metavar="DIR")
+    rc.set_defaults(func=cmd_rules)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logs.configure()
+    try:
+        code: int = args.func(args)
+    except ConfigError as exc:
+        _fail("\n".join(exc.problems))
+    except KeyringError as exc:
+        _fail(str(exc))
+    except StoreUnavailable as exc:
+        _fail(f"opt-out store unavailable: {exc}", EXIT_FAILURE)
+    except OptgateError as exc:
+        _fail(f"{type(exc).__name__}: {exc}", EXIT_FAILURE)
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

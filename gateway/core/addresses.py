@@ -1,0 +1,155 @@
+"""One canonicaliser for email addresses (threats.md I3).
+
+`parse_email()` turns the path of a MAIL/RCPT command (or a CLI argument) into an
+`EmailAddress` whose `address` is the exact string given to the upstream, or into an
+`AddressProblem` carrying the SMTP reply. The string checked for opt-out is derived from
+`address` and nothing else, so what is checked is what is sent.
+
+Policy (README "How addresses are keyed"):
+- The domain is case-insensitive: lower-cased, IDNs converted to their A-label.
+- The local part is sent as given (RFC 5321 §2.4: case-sensitive on the wire) but keyed
+  case-insensitively (Unicode NFC, then casefold): over-suppression is the safe failure.
+- Subaddresses: an opt-out of ``bob@x`` also covers ``bob+anything@x``; the reverse does not hold.
+- Refused: control characters (553 5.1.3), non-ASCII without SMTPUTF8 (553 5.6.7), quoted
+  local parts, source routes, address literals, ``%``/``!`` routing hacks, display names,
+  lists and comments (553 5.1.3) — each of those is a way to check one address and send another.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass
+
+MAX_LOCAL_OCTETS = 64  # RFC 5321 §4.5.3.1.1
+MAX_DOMAIN_OCTETS = 255  # RFC 5321 §4.5.3.1.2
+MAX_PATH_OCTETS = 254  # RFC 5321 §4.5.3.1.3 (256 including the angle brackets)
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# RFC 5322 atext without "%" and "!" (historic source-routing hacks that relays interpret).
+_ATEXT_ASCII = r"A-Za-z0-9#$&'*+/=?^_`{|}~\-"
+_DOT_ATOM_ASCII = re.compile(rf"[{_ATEXT_ASCII}]+(?:\.[{_ATEXT_ASCII}]+)*")
+_DOT_ATOM_UTF8 = re.compile(rf"[{_ATEXT_ASCII}\u0080-\U0010ffff]+(?:\.[{_ATEXT_ASCII}\u0080-\U0010ffff]+)*")
+_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EmailAddress:
+    address: str  # canonical addr-spec, sent upstream byte-for-byte
+    key_form: str  # what the pseudonym is computed from
+    base_key_form: str | None  # key form without a +subaddress, when there is one
+    utf8: bool  # needs SMTPUTF8 upstream
+
+    def key_forms(self) -> tuple[str, ...]:
+        return (self.key_form,) if self.base_key_form is None else (self.key_form, self.base_key_form)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AddressProblem:
+    reply: str  # full SMTP reply line, never echoing the address
+
+
+BAD_SYNTAX = AddressProblem(reply="553 5.1.3 Bad destination mailbox address syntax")
+CONTROL_CHARS = AddressProblem(reply="553 5.1.3 Control characters are not allowed in addresses")
+NEEDS_SMTPUTF8 = AddressProblem(reply="553 5.6.7 Non-ASCII address requires the SMTPUTF8 parameter")
+TOO_LONG = AddressProblem(reply="553 5.1.3 Address too long")
+ROUTING = AddressProblem(reply="553 5.1.3 Source routes, quoted local parts and % or ! routing are not accepted")
+
+
+def _key_local(local: str) -> str:
+    return unicodedata.normalize("NFC", local).casefold()
+
+
+def _domain(domain: str) -> str | None:
+    """Lower-case A-label form of `domain`, or None when it is not a valid host name."""
+    if not domain.isascii():
+        try:
+            domain = unicodedata.normalize("NFC", domain).encode("idna").decode("ascii")
+        except UnicodeError:
+            return None
+    domain = domain.lower()
+    if len(domain) > MAX_DOMAIN_OCTETS or domain.endswith("."):
+        return None
+    labels = domain.split(".")
+    if not all(_LABEL.fullmatch(label) for label in labels):
+        return None
+    return domain
+
+
+def parse_email(path: str, *, smtputf8: bool) -> EmailAddress | AddressProblem:
+    """Validate a bare addr-spec (the inside of ``<...>``) and derive its canonical form."""
+    if _CONTROL.search(path):
+        return CONTROL_CHARS
+    if not path.isascii() and not smtputf8:
+        return NEEDS_SMTPUTF8
+    if path.startswith("@") or path.startswith('"') or "%" in path or "!" in path:
+        return ROUTING
+    local, at, domain = path.rpartition("@")
+    if not at or not local or not domain:
+        return BAD_SYNTAX
+    atom = _DOT_ATOM_UTF8 if smtputf8 else _DOT_ATOM_ASCII
+    if not atom.fullmatch(local) or domain.startswith("["):
+        return BAD_SYNTAX
+    local = unicodedata.normalize("NFC", local)
+    canon_domain = _domain(domain)
+    if canon_domain is None:
+        return BAD_SYNTAX
+    if len(local.encode()) > MAX_LOCAL_OCTETS:
+        return TOO_LONG
+    address = f"{local}@{canon_domain}"
+    if len(address.encode()) > MAX_PATH_OCTETS:
+        return TOO_LONG
+    key_local = _key_local(local)
+    base_local, plus, _tag = key_local.partition("+")
+    base = f"{base_local}@{canon_domain}" if plus and base_local else None
+    return EmailAddress(
+        address=address,
+        key_form=f"{key_local}@{canon_domain}",
+        base_key_form=base,
+        utf8=not address.isascii(),
+    )
+
+
+def split_path(arg: str) -> tuple[str, str] | None:
+    """Split an SMTP ``<path> [params]`` argument. None when it is not exactly one path.
+
+    Anything with a second ``<`` or ``>`` inside the path (display names, lists such as
+    ``Bob <b@y>, evil@z``) is refused here rather than guessed at.
+    """
+    arg = arg.strip()
+    if arg.startswith("<"):
+        end = arg.find(">")
+        if end < 0:
+            return None
+        path, rest = arg[1:end], arg[end + 1 :]
+        if "<" in path or (rest and not rest.startswith(" ")):
+            return None
+        return path, rest.strip()
+    path, _, rest = arg.partition(" ")
+    if any(c in path or c in rest for c in "<>,"):
+        return None
+    return path, rest.strip()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PhoneNumber:
+    e164: str  # sent to the provider and keyed, byte-for-byte the same string
+
+    @property
+    def key_form(self) -> str:
+        return self.e164
+
+
+def parse_phone(text: str, *, region: str) -> PhoneNumber | None:
+    """E.164 via `phonenumbers` (never a hand-written digit regex: threats.md C5)."""
+    import phonenumbers  # local: keeps the SMTP path from importing its metadata
+
+    if _CONTROL.search(text) or len(text) > 64:
+        return None
+    try:
+        number = phonenumbers.parse(text, region or None)
+    except phonenumbers.NumberParseException:
+        return None
+    if not phonenumbers.is_possible_number(number):
+        return None
+    return PhoneNumber(e164=phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164))

@@ -1,0 +1,37 @@
+"""Diagnostic logging: structlog key=value events on stderr. Never a body, password,
+token or plaintext recipient (STYLE habit 7). Third-party loggers that would write
+addresses or paths are raised above INFO here, in one place."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import structlog
+
+# aiosmtpd logs every command line, MAIL/RCPT addresses included, at INFO (threats.md S14).
+# aiohttp's access log writes request paths, which carry unsubscribe tokens (S17).
+_PHI_LOGGERS = ("mail.log", "aiohttp.access")
+
+
+def configure(level: int = logging.INFO) -> None:
+    logging.basicConfig(stream=sys.stderr, level=level, format="%(message)s")
+    for name in _PHI_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.KeyValueRenderer(key_order=["timestamp", "level", "event"]),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+
+
+def silence_phi_loggers() -> None:
+    """For embedding (tests, other hosts) without taking over logging configuration."""
+    for name in _PHI_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)

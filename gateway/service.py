@@ -1,0 +1,217 @@
+"""Lifecycle of one gateway process: start everything, serve, reload on SIGHUP, stop.
+
+Start order puts every check that can fail before any listener opens, so a bad config,
+rules folder or key file ends the process with one clear error (exit 2) and a working
+gateway never half-starts. Stop order follows uvicorn: close listeners, let sessions
+finish up to a grace period, then close the upstream pool, the audit log and the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from gateway import keyfile, senders, tls
+from gateway import rules as rules_io
+from gateway.audit.writer import AuditWriter
+from gateway.config import Config
+from gateway.core.keys import Keyring
+from gateway.core.rules import Rules
+from gateway.errors import ConfigError, KeyringError, OptgateError
+from gateway.smtp import upstream as upstream_mod
+from gateway.smtp.flow import EmailFlow
+from gateway.smtp.server import COMMAND_CALL_LIMIT, ConnectionLimiter, GatewayHandler, GatewaySMTP, Limits
+from gateway.store.embedded import EmbeddedRedis
+from gateway.store.redis_store import OptOutStore
+
+log = structlog.get_logger("optgate")
+
+GRACE_S = 10.0  # how long open sessions may finish after SIGTERM
+
+
+@dataclass(slots=True)
+class Ports:
+    smtp: int = 0
+    smtps: int = 0
+
+
+async def open_store(cfg: Config, ring: Keyring) -> tuple[OptOutStore, EmbeddedRedis | None]:
+    """The configured store, starting (or attaching to) the embedded server when url is empty."""
+    embedded = None
+    url = cfg.redis_url
+    if not url:
+        embedded = await EmbeddedRedis.ensure(cfg.data_dir)
+        url = embedded.url
+    store = OptOutStore.from_url(url, keyring=ring, timeout_ms=cfg.redis_timeout_ms)
+    try:
+        await store.check_keyring()
+    except BaseException:
+        await store.close()
+        if embedded is not None:
+            await embedded.release()
+        raise
+    return store, embedded
+
+
+@dataclass
+class Gateway:
+    cfg: Config
+    stream: str = ""
+    ports: Ports = field(default_factory=Ports)
+    _rules: Rules | None = None
+    _ring: Keyring | None = None
+    _servers: list[asyncio.Server] = field(default_factory=list)
+    _closers: list[Any] = field(default_factory=list)
+    store: OptOutStore | None = None
+    audit: AuditWriter | None = None
+    dev_sender_created: bool = False
+
+    @property
+    def rules(self) -> Rules:
+        assert self._rules is not None
+        return self._rules
+
+    @property
+    def keyring(self) -> Keyring:
+        assert self._ring is not None
+        return self._ring
+
+    def rules_dir(self) -> Path:
+        return rules_io.choose_dir(self.cfg.rules_dir, self.cfg.base_dir)
+
+    async def start(self) -> None:
+        cfg = self.cfg
+        self._rules = rules_io.load_dir(self.rules_dir())
+        self._ring, created = keyfile.load_or_create(cfg.keys_file)
+        if created:
+            log.info("keys_created", path=str(cfg.keys_file))
+        auth, self.dev_sender_created = senders.build(cfg)
+        tls.ensure_dev_certs(cfg.tls_cert, cfg.tls_key)
+        ctx = tls.server_context(cfg.tls_cert, cfg.tls_key, client_ca=cfg.tls_client_ca)
+
+        self.store, embedded = await open_store(cfg, self._ring)
+        self._closers.append(self.store.close)
+        if embedded is not None:
+            self._closers.append(embedded.release)
+        warning = await self.store.durability_warning()
+        if warning:
+            log.warning("store_durability", detail=warning)
+
+        self.audit = AuditWriter(
+            cfg.audit_dir, instance=cfg.instance, stream=self.stream or cfg.instance, keyring=self._ring
+        )
+        await self.audit.open()
+        self._closers.append(self.audit.close)
+        upstream = upstream_mod.from_config(cfg)
+        self._closers.append(upstream.close)
+
+        flow = EmailFlow(
+            store=self.store,
+            upstream=upstream,
+            audit=self.audit,
+            rules=lambda: self.rules,
+            keyring=lambda: self.keyring,
+            suppressed_reply=cfg.suppressed_reply,
+        )
+        handler = GatewayHandler(
+            flow=flow,
+            auth=auth,
+            limits=Limits(max_recipients=cfg.max_recipients, session_timeout_s=cfg.session_timeout_s),
+        )
+        limiter = ConnectionLimiter(cfg.max_connections_per_client)
+        loop = asyncio.get_running_loop()
+
+        def factory(*, implicit: bool) -> GatewaySMTP:
+            return GatewaySMTP(
+                handler,
+                limiter=limiter,
+                session_timeout_s=cfg.session_timeout_s,
+                hostname=cfg.smtp_hostname,
+                ident="optgate ESMTP",
+                data_size_limit=cfg.max_message_bytes,
+                enable_SMTPUTF8=True,
+                # Implicit TLS: the whole connection is TLS 1.3 already.
+                tls_context=None if implicit else ctx,
+                require_starttls=not implicit,
+                auth_require_tls=not implicit,
+                timeout=cfg.idle_timeout_s,
+                command_call_limit=dict(COMMAND_CALL_LIMIT),
+                authenticator=handler.authenticate,
+                loop=loop,
+            )
+
+        starttls = await loop.create_server(
+            lambda: factory(implicit=False), cfg.smtp_listen.host, cfg.smtp_listen.port
+        )
+        implicit = await loop.create_server(
+            lambda: factory(implicit=True), cfg.smtp_listen_tls.host, cfg.smtp_listen_tls.port, ssl=ctx
+        )
+        self._servers = [starttls, implicit]
+        self.ports.smtp = starttls.sockets[0].getsockname()[1]
+        self.ports.smtps = implicit.sockets[0].getsockname()[1]
+        await self.audit.append(
+            [{"event": "start", "rules_version": self.rules.version, "keys": self._ring.audit.current[0]}]
+        )
+        log.info("listening", smtp=self.ports.smtp, smtps=self.ports.smtps, rules=self.rules.version[:12])
+
+    async def reload(self) -> bool:
+        """Re-read rules and keys (SIGHUP). On any problem keep the old ones and say why."""
+        try:
+            new_rules = rules_io.load_dir(self.rules_dir())
+            new_ring = keyfile.load(self.cfg.keys_file)
+            if new_ring.fingerprint != self.keyring.fingerprint:
+                raise KeyringError("the pseudonym key changed; refusing (it would orphan every record)")
+        except (ConfigError, KeyringError) as exc:
+            log.error("reload_failed", why=str(exc))
+            await self._audit_reload(ok=False, why=str(exc)[:500])
+            return False
+        self._rules, self._ring = new_rules, new_ring
+        if self.audit is not None:
+            self.audit.set_keyring(new_ring)
+        log.info("reloaded", rules=new_rules.version[:12])
+        await self._audit_reload(ok=True, why="")
+        return True
+
+    async def _audit_reload(self, *, ok: bool, why: str) -> None:
+        if self.audit is None:
+            return
+        with contextlib.suppress(OptgateError):
+            await self.audit.append(
+                [{"event": "config_reload", "ok": ok, "why": why, "rules_version": self.rules.version}]
+            )
+
+    async def stop(self, grace_s: float = GRACE_S) -> None:
+        for server in self._servers:
+            server.close()
+        for server in self._servers:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(grace_s):
+                    await server.wait_closed()
+        self._servers = []
+        for close in reversed(self._closers):
+            with contextlib.suppress(Exception):
+                await close()
+        self._closers = []
+
+
+async def serve(cfg: Config) -> None:
+    gw = Gateway(cfg)
+    await gw.start()
+    if gw.dev_sender_created:
+        log.info("dev_sender", name=senders.DEV_SENDER, password_file=str(cfg.dev_sender_secret))
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(gw.reload()))
+    try:
+        await stop.wait()
+    finally:
+        log.info("stopping")
+        await gw.stop()

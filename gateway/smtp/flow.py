@@ -1,0 +1,280 @@
+"""What happens to one submitted message after DATA: the email enforcement path.
+
+    checks -> category -> one store round trip -> decisions -> audit (durable)
+           -> strip headers -> upstream copies -> audit outcomes -> one reply
+
+The SMTP adapter (`server.py`) only translates; everything it answers after DATA comes
+from `EmailFlow.process()`. Nothing is sent unless the decision entries are durable, and
+the reply is `250` only when the upstream accepted every allowed copy (SPEC §2.2).
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import structlog
+
+from gateway.config import Sender
+from gateway.core import message as msg
+from gateway.core import policy
+from gateway.core.addresses import EmailAddress
+from gateway.core.keys import Keyring
+from gateway.core.policy import Decision, Verdict
+from gateway.core.records import State, pseudonym
+from gateway.core.rules import Category, Rules
+from gateway.errors import AuditError, StoreUnavailable
+from gateway.smtp.upstream import Copy, Outcome, Upstream
+
+log = structlog.get_logger("optgate.smtp")
+
+CHANNEL = "email"
+MAX_MESSAGE_ID_CHARS = 998  # RFC 5322 line limit; longer ids are cut for the audit entry
+_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class Store(Protocol):
+    async def lookup_message(
+        self, channel: str, pseudonyms: Sequence[str], *, digest: str, candidates: Sequence[str]
+    ) -> tuple[list[State], set[str]]: ...
+
+    async def remember_delivered(self, digest: str, pseudonyms: Sequence[str], ttl_s: int = ...) -> None: ...
+
+
+class Audit(Protocol):
+    async def append(self, events: Sequence[dict[str, Any]]) -> None: ...
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Submission:
+    sender: Sender
+    mail_from: str
+    rcpts: tuple[EmailAddress, ...]
+    data: bytes
+    smtputf8: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Rcpt:
+    address: EmailAddress
+    pseudonym: str
+    key_pseudonyms: tuple[str, ...]
+
+
+def new_txn() -> str:
+    return secrets.token_hex(8)
+
+
+def _enhanced(text: str, default: str) -> str:
+    m = _ENHANCED.match(text)
+    return m.group(0) if m else default
+
+
+class EmailFlow:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        upstream: Upstream,
+        audit: Audit,
+        rules: Callable[[], Rules],
+        keyring: Callable[[], Keyring],
+        suppressed_reply: str,
+    ) -> None:
+        self._store = store
+        self._upstream = upstream
+        self._audit = audit
+        self._rules = rules
+        self._keyring = keyring
+        self._suppressed_reply = suppressed_reply
+
+    async def process(self, sub: Submission) -> str:
+        txn = new_txn()
+        ring = self._keyring()
+        rcpts = [self._rcpt(ring, a) for a in sub.rcpts]
+        rules = self._rules()
+        base = {"channel": CHANNEL, "sender": sub.sender.name, "txn": txn}
+
+        async def reject_all(reply: str, reason: str, category: str = "", message_id: str = "") -> str:
+            d = policy.reject(reason, rule=f"smtp.{reason}")
+            await self._decisions(base, rcpts, [d] * len(rcpts), category, message_id)
+            return reply
+
+        if msg.has_bare_cr_or_lf(sub.data):
+            return await reject_all("554 5.6.0 Bare CR or LF in message content", "bare-cr-lf")
+        try:
+            head = msg.parse_head(sub.data)
+        except msg.MalformedHeader:
+            return await reject_all("554 5.6.0 Malformed header section", "malformed-header")
+        message_id = _CONTROL.sub("", head.get("Message-ID") or "")[:MAX_MESSAGE_ID_CHARS]
+        chosen = self._category(rules, head, sub.sender)
+        if isinstance(chosen, str):
+            return await reject_all(chosen, "unknown-category", message_id=message_id)
+        category = chosen
+        digest = msg.submission_digest(message_id=message_id, mail_from=sub.mail_from, data=sub.data)
+
+        try:
+            decisions, delivered = await self._decide(category, rcpts, digest)
+        except StoreUnavailable:
+            log.warning("store_unavailable", txn=txn)
+            d = policy.STORE_UNAVAILABLE
+            await self._decisions(base, rcpts, [d] * len(rcpts), category.name, message_id)
+            return "451 4.3.0 Temporary lookup failure, try again later"
+        await self._decisions(base, rcpts, decisions, category.name, message_id)
+
+        if any(d.verdict is Verdict.DEFER for d in decisions):
+            return "451 4.3.0 Temporary lookup failure, try again later"
+        allowed = [r for r, d in zip(rcpts, decisions, strict=True) if d.verdict is Verdict.ALLOW]
+        suppressed = len(rcpts) - len(allowed)
+        summary = f"{suppressed} of {len(rcpts)} recipients suppressed"
+        if not allowed:
+            if self._suppressed_reply == "reject":
+                return "550 5.7.1 Message not delivered: every recipient has opted out"
+            return f"250 2.0.0 Ok: message suppressed, {summary}"
+        to_send = [r for r in allowed if r.pseudonym not in delivered]
+        if not to_send:
+            return f"250 2.0.0 Ok: already delivered upstream, {summary}"
+
+        data = msg.rewrite(head, strip=rules.strips)
+        copies = [
+            Copy(
+                mail_from=sub.mail_from,
+                rcpts=tuple(r.address.address for r in to_send),
+                data=data,
+                smtputf8=sub.smtputf8 or any(r.address.utf8 for r in to_send),
+            )
+        ]
+        outcomes = [await self._upstream.deliver(c) for c in copies]
+        return await self._conclude(base, category, message_id, digest, to_send, outcomes, summary)
+
+    def _rcpt(self, ring: Keyring, address: EmailAddress) -> _Rcpt:
+        keys = tuple(pseudonym(ring, CHANNEL, k) for k in address.key_forms())
+        return _Rcpt(address=address, pseudonym=keys[0], key_pseudonyms=keys)
+
+    def _category(self, rules: Rules, head: msg.Head, sender: Sender) -> Category | str:
+        values = {v.strip().lower() for v in head.get_all(rules.category_header)}
+        if len(values) > 1:
+            return "550 5.7.1 More than one category header"
+        name = values.pop() if values else (sender.default_category or rules.default_category)
+        category = rules.category(name)
+        if category is None:
+            return "550 5.7.1 Unknown category"
+        if CHANNEL not in category.channels:
+            return "550 5.7.1 Category is not sent by email"
+        return category
+
+    async def _decide(
+        self, category: Category, rcpts: Sequence[_Rcpt], digest: str
+    ) -> tuple[list[Decision], set[str]]:
+        if not category.opt_out:
+            # No lookup is needed and none may block the message (emergency alerts flow
+            # with the store down). Only the retry bookkeeping is consulted, best effort.
+            candidates = [r.pseudonym for r in rcpts]
+            try:
+                _, delivered = await self._store.lookup_message(
+                    CHANNEL, [], digest=digest, candidates=candidates
+                )
+            except StoreUnavailable:
+                delivered = set()
+            return [policy.NOT_OPT_OUTABLE] * len(rcpts), delivered
+        flat = [p for r in rcpts for p in r.key_pseudonyms]
+        states, delivered = await self._store.lookup_message(
+            CHANNEL, flat, digest=digest, candidates=[r.pseudonym for r in rcpts]
+        )
+        decisions: list[Decision] = []
+        i = 0
+        for r in rcpts:
+            n = len(r.key_pseudonyms)
+            decisions.append(policy.decide(category, states[i : i + n]))
+            i += n
+        return decisions, delivered
+
+    async def _decisions(
+        self,
+        base: dict[str, str],
+        rcpts: Sequence[_Rcpt],
+        decisions: Sequence[Decision],
+        category: str,
+        message_id: str,
+    ) -> None:
+        events = [
+            {
+                "event": "decision",
+                **base,
+                "decision": d.verdict.value,
+                "category": category,
+                "recipient": r.pseudonym,
+                "message_id": message_id,
+                "rule": d.rule,
+                "reason": d.reason,
+            }
+            for r, d in zip(rcpts, decisions, strict=True)
+        ]
+        await self._audit.append(events)
+
+    async def _conclude(
+        self,
+        base: dict[str, str],
+        category: Category,
+        message_id: str,
+        digest: str,
+        sent: Sequence[_Rcpt],
+        outcomes: Sequence[Outcome],
+        summary: str,
+    ) -> str:
+        by_address = {r.address.address: r for r in sent}
+        accepted: list[_Rcpt] = []
+        temp: list[tuple[int, str]] = []
+        perm: list[tuple[int, str]] = []
+        events: list[dict[str, Any]] = []
+
+        def event(r: _Rcpt, outcome: str, code: int) -> None:
+            events.append(
+                {
+                    "event": "delivery",
+                    **base,
+                    "category": category.name,
+                    "recipient": r.pseudonym,
+                    "message_id": message_id,
+                    "outcome": outcome,
+                    "code": code,
+                }
+            )
+
+        for o in outcomes:
+            for a in o.accepted:
+                accepted.append(by_address[a])
+                event(by_address[a], "accepted", 250)
+            for a, (code, text) in o.temp_failed.items():
+                temp.append((code, text))
+                event(by_address[a], "deferred", code)
+            for a, (code, text) in o.perm_failed.items():
+                perm.append((code, text))
+                event(by_address[a], "rejected", code)
+        try:
+            await self._audit.append(events)
+        except AuditError:
+            # The decisions are durable already and the upstream has the copies; asking the
+            # sender to retry now would only duplicate them. The writer now refuses further
+            # appends, so the next message fails closed.
+            log.error("audit_outcome_write_failed", txn=base["txn"])
+        if temp:
+            if accepted:
+                try:
+                    await self._store.remember_delivered(digest, [r.pseudonym for r in accepted])
+                except StoreUnavailable:
+                    log.warning("remember_delivered_failed", txn=base["txn"])
+            code, text = temp[0]
+            enhanced = _enhanced(text, "4.4.0")
+            if not enhanced.startswith("4.4.") and enhanced != "4.7.0":
+                enhanced = "4.4.0"
+            return f"451 {enhanced} Upstream did not accept the message ({code}), try again later"
+        if not accepted:
+            code, text = perm[0]
+            return f"{code} {_enhanced(text, '5.0.0')} Upstream rejected the message"
+        rejected = f", {len(perm)} rejected upstream" if perm else ""
+        return f"250 2.0.0 Ok: delivered upstream, {summary}{rejected}"

@@ -1,0 +1,244 @@
+"""The SMTP adapter: aiosmtpd in, `EmailFlow` out. It translates, it does not decide.
+
+Corrections to aiosmtpd's defaults, each for a reason recorded in threats.md §2:
+- addresses are split by our own strict `split_path` (S6/S7: aiosmtpd's RFC 5322 parser
+  accepts source routes and quoted forms that a relay would read differently);
+- its stock replies get enhanced status codes (S12) in `push()`, the one place they pass;
+- idle and whole-session time limits answer `421 4.4.2` instead of a silent close (S13);
+- connections per client address are capped (`421 4.7.0`);
+- `mail.log` logs every address at INFO (S14): `service.py` raises it to WARNING.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+
+from gateway.config import Sender
+from gateway.core.addresses import AddressProblem, EmailAddress, parse_email, split_path
+from gateway.senders import Authenticator
+from gateway.smtp.flow import EmailFlow, Submission
+
+log = structlog.get_logger("optgate.smtp")
+
+# Per-connection command budgets: bounds NOOP/EHLO/AUTH abuse (threats.md S13, A13) while a
+# pooled client may still send any number of transactions on one connection.
+COMMAND_CALL_LIMIT = {
+    "NOOP": 100,
+    "EHLO": 10,
+    "HELO": 10,
+    "AUTH": 5,
+    "STARTTLS": 2,
+    "HELP": 10,
+    "VRFY": 5,
+    "EXPN": 5,
+    "*": 1_000_000,
+}
+
+_STOCK_REPLIES = {
+    "500 Line too long (see RFC5321 4.5.3.1.6)": "500 5.5.2 Line too long",
+    "500 Command line too long": "500 5.5.2 Command line too long",
+    "552 Error: Too much mail data": "552 5.3.4 Message too big",
+    "552 Error: message size exceeds fixed maximum message size": "552 5.3.4 Message too big",
+    "530 Must issue a STARTTLS command first": "530 5.7.0 Must issue a STARTTLS command first",
+    "503 Error: need MAIL command": "503 5.5.1 Need MAIL command first",
+    "503 Error: need RCPT command": "503 5.5.1 Need RCPT command first",
+    "503 Error: nested MAIL command": "503 5.5.1 Nested MAIL command",
+    "554 Command refused due to lack of security": "554 5.7.0 Command refused due to lack of security",
+    "500 Error: strict ASCII mode": "500 5.6.7 Non-ASCII input not allowed here",
+    "500 Error: bad syntax": "500 5.5.2 Syntax error",
+}
+
+
+class ConnectionLimiter:
+    """Counts open connections per client address (shared by all listeners of a process)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._open: Counter[str] = Counter()
+
+    def acquire(self, host: str) -> bool:
+        if self._open[host] >= self.limit:
+            return False
+        self._open[host] += 1
+        return True
+
+    def release(self, host: str) -> None:
+        self._open[host] -= 1
+        if self._open[host] <= 0:
+            del self._open[host]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Limits:
+    max_recipients: int
+    session_timeout_s: float
+
+
+class GatewaySMTP(SMTP):  # type: ignore[misc]  # aiosmtpd is untyped
+    def __init__(
+        self, handler: GatewayHandler, *, limiter: ConnectionLimiter, session_timeout_s: float, **kwargs: Any
+    ) -> None:
+        super().__init__(handler, **kwargs)
+        self._limiter = limiter
+        self._session_timeout_s = session_timeout_s
+        self._client_host: str | None = None
+        self._over_limit = False
+        self._session_deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        first = self.transport is None
+        super().connection_made(transport)
+        if not first:
+            return  # the same connection after STARTTLS
+        peer = transport.get_extra_info("peername")
+        host = str(peer[0]) if peer else "?"
+        if self._limiter.acquire(host):
+            self._client_host = host
+        else:
+            self._over_limit = True
+        self._session_deadline = self.loop.call_later(self._session_timeout_s, self._session_expired)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._client_host is not None:
+            self._limiter.release(self._client_host)
+            self._client_host = None
+        if self._session_deadline is not None:
+            self._session_deadline.cancel()
+        super().connection_lost(error)
+
+    async def _handle_client(self) -> None:
+        if self._over_limit:
+            await self.push("421 4.7.0 Too many connections from your address, try again later")
+            self.transport.close()
+            return
+        await super()._handle_client()
+
+    def _close_with(self, reply: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(reply)
+            self.transport.close()
+
+    def _timeout_cb(self) -> None:
+        self._close_with(b"421 4.4.2 Idle timeout, closing connection\r\n")
+
+    def _session_expired(self) -> None:
+        self._close_with(b"421 4.4.2 Session time limit reached, closing connection\r\n")
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        if not arg:
+            return "", ""
+        split = split_path(arg)
+        if split is None:
+            return None, None
+        return split
+
+    async def push(self, status: str | bytes) -> None:
+        if isinstance(status, str):
+            status = _STOCK_REPLIES.get(status, status)
+        await super().push(status)
+
+
+def _peer_common_name(server: GatewaySMTP) -> str | None:
+    transport = server.transport
+    obj = transport.get_extra_info("ssl_object") if transport is not None else None
+    if not isinstance(obj, ssl.SSLObject | ssl.SSLSocket):
+        return None
+    cert = obj.getpeercert()
+    if not cert:
+        return None
+    for rdn in cert.get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return str(value)
+    return None
+
+
+class GatewayHandler:
+    """aiosmtpd hooks. Every reply after DATA comes from `EmailFlow`."""
+
+    def __init__(self, *, flow: EmailFlow, auth: Authenticator, limits: Limits) -> None:
+        self.flow = flow
+        self.auth = auth
+        self.limits = limits
+
+    # aiosmtpd calls this synchronously from its AUTH PLAIN/LOGIN implementations.
+    def authenticate(
+        self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, auth_data: Any
+    ) -> AuthResult:
+        if not isinstance(auth_data, LoginPassword):
+            return AuthResult(success=False, handled=False)
+        name = auth_data.login.decode("utf-8", "replace")
+        sender = self.auth.check(name, auth_data.password)
+        if sender is None:
+            log.info("auth_failed", mechanism=mechanism)
+            return AuthResult(success=False, handled=False)
+        return AuthResult(success=True, auth_data=sender)
+
+    def _sender(self, server: GatewaySMTP, session: Session) -> Sender | None:
+        if session.authenticated and isinstance(session.auth_data, Sender):
+            return session.auth_data
+        cn = _peer_common_name(server)
+        if cn is not None:
+            sender = self.auth.by_certificate(cn)
+            if sender is not None:
+                session.authenticated = True
+                session.auth_data = sender
+                return sender
+        return None
+
+    async def handle_MAIL(
+        self, server: GatewaySMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        sender = self._sender(server, session)
+        if sender is not None and "email" not in sender.channels:
+            return "550 5.7.1 This sender may not send email"
+        parsed = parse_email(address, smtputf8=bool(envelope.smtp_utf8))
+        if isinstance(parsed, AddressProblem):
+            return parsed.reply.replace("destination", "sender")
+        envelope.mail_from = parsed.address
+        envelope.mail_options.extend(options)
+        envelope.optgate_rcpts = []
+        return "250 2.1.0 Sender ok"
+
+    async def handle_RCPT(
+        self, server: GatewaySMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        if self._sender(server, session) is None:
+            return "530 5.7.0 Authentication required"
+        parsed = parse_email(address, smtputf8=bool(envelope.smtp_utf8))
+        if isinstance(parsed, AddressProblem):
+            return parsed.reply
+        rcpts: list[EmailAddress] = envelope.optgate_rcpts
+        if any(r.address == parsed.address for r in rcpts):
+            return "250 2.1.5 Recipient ok (duplicate ignored)"
+        if len(rcpts) >= self.limits.max_recipients:
+            return "452 4.5.3 Too many recipients"
+        rcpts.append(parsed)
+        envelope.rcpt_tos.append(parsed.address)
+        envelope.rcpt_options.extend(options)
+        return "250 2.1.5 Recipient ok"
+
+    async def handle_DATA(self, server: GatewaySMTP, session: Session, envelope: Envelope) -> str:
+        sender = self._sender(server, session)
+        if sender is None:  # unreachable: RCPT already required it
+            return "530 5.7.0 Authentication required"
+        submission = Submission(
+            sender=sender,
+            mail_from=envelope.mail_from,
+            rcpts=tuple(envelope.optgate_rcpts),
+            data=envelope.original_content,
+            smtputf8=bool(envelope.smtp_utf8),
+        )
+        return await self.flow.process(submission)
+
+    async def handle_exception(self, error: Exception) -> str:
+        # Never a traceback to the client; the sender retries (nothing was answered 250).
+        log.error("smtp_session_error", error=type(error).__name__)
+        return "451 4.3.0 Internal error, try again later"

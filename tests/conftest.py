@@ -1,0 +1,160 @@
+"""Shared fixtures: a real gateway in-process on port 0, wired to a real embedded Valkey,
+a TLS 1.3 aiosmtpd upstream that records what it receives, and certificates made here."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiosmtplib
+import orjson
+import pytest
+
+from gateway import config as config_mod
+from gateway import logs
+from gateway.service import Gateway
+from tests.support.smtp_sink import Sink, TestPki, make_test_pki
+
+APP_PASSWORD = "app-secret-for-tests"
+logs.silence_phi_loggers()
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> TestPki:
+    return make_test_pki(tmp_path / "pki")
+
+
+@pytest.fixture
+async def sink(pki: TestPki) -> AsyncIterator[Sink]:
+    s = Sink(pki=pki)
+    await s.start()
+    yield s
+    await s.stop()
+
+
+def gateway_doc(tmp_path: Path, pki: TestPki, sink_port: int, **overrides: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "gateway": {"instance": "gw-test", "data_dir": str(tmp_path / "var")},
+        "tls": {"cert": str(pki.cert_pem), "key": str(pki.key_pem)},
+        "smtp": {"listen": "127.0.0.1:0", "listen_tls": "127.0.0.1:0"},
+        "http": {"listen": "127.0.0.1:0"},
+        "redis": {"timeout_ms": 250},
+        "upstream": {
+            "email": {"url": f"smtp://127.0.0.1:{sink_port}", "ca_file": str(pki.ca_pem), "timeout_s": 5}
+        },
+        "senders": [
+            {"name": "app", "password_env": "OPTGATE_TEST_APP", "default_category": "appointment-reminder"},
+            {"name": "bulk", "password_env": "OPTGATE_TEST_APP", "channels": ["email"]},
+        ],
+    }
+    for section, values in overrides.items():
+        if isinstance(values, dict):
+            doc.setdefault(section, {}).update(values)
+        else:
+            doc[section] = values
+    return doc
+
+
+@dataclass
+class Running:
+    gw: Gateway
+    pki: TestPki
+    sink: Sink
+    tmp_path: Path
+
+    @property
+    def cfg(self) -> config_mod.Config:
+        return self.gw.cfg
+
+    def client_context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=str(self.pki.ca_pem))
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        return ctx
+
+    async def client(self, *, user: str | None = "app", implicit: bool = False) -> aiosmtplib.SMTP:
+        port = self.gw.ports.smtps if implicit else self.gw.ports.smtp
+        smtp = aiosmtplib.SMTP(
+            hostname="127.0.0.1",
+            port=port,
+            use_tls=implicit,
+            start_tls=not implicit,
+            tls_context=self.client_context(),
+            timeout=10,
+        )
+        await smtp.connect()
+        if user is not None:
+            await smtp.login(user, APP_PASSWORD)
+        return smtp
+
+    async def send(
+        self, rcpts: list[str], *, category: str | None = None, user: str = "app", body: str = "Hello.",
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, str]:
+        data = message(rcpts, category=category, body=body, headers=headers)
+        smtp = await self.client(user=user)
+        try:
+            await smtp.mail("app@sender.example")
+            for r in rcpts:
+                await smtp.rcpt(r)
+            code, text = await smtp.data(data)
+            return code, text
+        finally:
+            smtp.close()
+
+    def audit_entries(self) -> list[dict[str, Any]]:
+        out = []
+        for f in sorted(self.cfg.audit_dir.glob("*.jsonl")):
+            out.extend(orjson.loads(line) for line in f.read_bytes().splitlines() if line)
+        return out
+
+    def decisions(self) -> list[dict[str, Any]]:
+        return [e for e in self.audit_entries() if e["event"] == "decision"]
+
+
+def message(
+    rcpts: list[str], *, category: str | None = None, body: str = "Hello.", headers: dict[str, str] | None = None
+) -> bytes:
+    lines = [
+        "From: Clinic <app@sender.example>",
+        f"To: {', '.join(rcpts)}",
+        "Subject: Your appointment",
+        "Message-ID: <test-1@sender.example>",
+        "X-Internal-Trace: abc",
+    ]
+    if category:
+        lines.append(f"X-Optgate-Category: {category}")
+    for k, v in (headers or {}).items():
+        lines.append(f"{k}: {v}")
+    return ("\r\n".join(lines) + "\r\n\r\n" + body + "\r\n").encode()
+
+
+GatewayFactory = Callable[..., Any]
+
+
+@pytest.fixture
+async def make_gateway(
+    tmp_path: Path, pki: TestPki, sink: Sink, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[GatewayFactory]:
+    monkeypatch.setenv("OPTGATE_TEST_APP", APP_PASSWORD)
+    started: list[Gateway] = []
+
+    async def factory(**overrides: Any) -> Running:
+        doc = gateway_doc(tmp_path, pki, sink.port, **overrides)
+        cfg = config_mod.build(doc, path=None, base_dir=tmp_path)
+        gw = Gateway(cfg)
+        await gw.start()
+        started.append(gw)
+        return Running(gw=gw, pki=pki, sink=sink, tmp_path=tmp_path)
+
+    yield factory
+    for gw in reversed(started):
+        await gw.stop(grace_s=2)
+
+
+@pytest.fixture
+async def gateway(make_gateway: GatewayFactory) -> Running:
+    running: Running = await make_gateway()
+    return running
