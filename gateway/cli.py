@@ -28,7 +28,7 @@ from gateway.config import Config
 from gateway.core import keys as keys_mod
 from gateway.core.addresses import AddressProblem, parse_email, parse_phone
 from gateway.core.records import Record, pseudonym
-from gateway.errors import AuditError, ConfigError, KeyringError, OptgateError, StoreUnavailable
+from gateway.errors import AuditStreamBusy, ConfigError, KeyringError, OptgateError, StoreUnavailable
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -65,7 +65,7 @@ async def _cli_audit(cfg: Config, ring: keys_mod.Keyring) -> AsyncIterator[Audit
         try:
             await writer.open()
             break
-        except AuditError:
+        except AuditStreamBusy:
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.1)

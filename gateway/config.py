@@ -8,6 +8,7 @@ Secrets come from environment variables or files, never from the command line.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -288,6 +289,8 @@ def build(doc: dict[str, Any], *, path: Path | None, base_dir: Path) -> Config:
         parsed = parse_listen(default, where, p)
         if parsed is not None:
             values[key] = parsed
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,47}", values["instance"]):
+        p.append("[gateway] instance must be 1-48 letters, digits, '.', '_' or '-' (it names the audit stream)")
     if not 1 <= values["redis_timeout_ms"] <= 60_000:
         p.append("[redis] timeout_ms must be between 1 and 60000")
     scheme = urlsplit(values["redis_url"]).scheme if values["redis_url"] else ""

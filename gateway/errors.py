@@ -7,6 +7,7 @@
     │   ├── StoreUnavailable   (also ConnectionError) down, slow past its budget, erroring
     │   └── RecordCorrupt      a value that does not decrypt under any known key
     ├── AuditError             (also OSError) the audit log cannot be written durably
+    │   └── AuditStreamBusy    another process holds this audit stream
     └── UpstreamError
         ├── UpstreamUnavailable    (also ConnectionError) connect, TLS policy, timeout
         └── UpstreamRejected       the provider answered with a non-2xx reply
@@ -45,6 +46,10 @@ class RecordCorrupt(StoreError):
 
 class AuditError(OptgateError, OSError):
     """An audit entry could not be made durable: fail closed."""
+
+
+class AuditStreamBusy(AuditError):
+    """Another writer holds the stream's lock (each stream has exactly one writer)."""
 
 
 class UpstreamError(OptgateError):

@@ -92,7 +92,8 @@ class Gateway:
         if created:
             log.info("keys_created", path=str(cfg.keys_file))
         auth, self.dev_sender_created = senders.build(cfg)
-        tls.ensure_dev_certs(cfg.tls_cert, cfg.tls_key)
+        if tls.ensure_dev_certs(cfg.tls_cert, cfg.tls_key):
+            log.info("dev_certificates_created", cert=str(cfg.tls_cert), ca=str(cfg.tls_cert.parent / "ca.pem"))
         ctx = tls.server_context(cfg.tls_cert, cfg.tls_key, client_ca=cfg.tls_client_ca)
 
         self.store, embedded = await open_store(cfg, self._ring)
@@ -167,13 +168,13 @@ class Gateway:
             new_ring = keyfile.load(self.cfg.keys_file)
             if new_ring.fingerprint != self.keyring.fingerprint:
                 raise KeyringError("the pseudonym key changed; refusing (it would orphan every record)")
+            if self.audit is not None:
+                self.audit.set_keyring(new_ring)  # refuses a ring that cannot continue the chain
         except (ConfigError, KeyringError) as exc:
             log.error("reload_failed", why=str(exc))
             await self._audit_reload(ok=False, why=str(exc)[:500])
             return False
         self._rules, self._ring = new_rules, new_ring
-        if self.audit is not None:
-            self.audit.set_keyring(new_ring)
         log.info("reloaded", rules=new_rules.version[:12])
         await self._audit_reload(ok=True, why="")
         return True

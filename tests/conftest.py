@@ -101,6 +101,8 @@ class Running:
                 await smtp.rcpt(r)
             code, text = await smtp.data(data)
             return code, text
+        except aiosmtplib.SMTPResponseException as exc:
+            return exc.code, exc.message
         finally:
             smtp.close()
 

@@ -8,6 +8,7 @@ import hashlib
 import hmac
 import os
 import random
+import re
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -30,11 +31,14 @@ STREAM = "gw1"
 class Clock:
     """A settable clock, so tests choose the day each entry falls on."""
 
-    def __init__(self, t: float = DAY1) -> None:
+    def __init__(self, t: float = DAY1, *, step: float = 0.0) -> None:
         self.t = t
+        self.step = step
 
     def __call__(self) -> float:
-        return self.t
+        now = self.t
+        self.t += self.step
+        return now
 
 
 @pytest.fixture
@@ -199,10 +203,11 @@ async def test_random_mutations_are_all_detected(tmp_path: Path, ring: Keyring) 
     """A23's fuzzer, scaled down: edits, deletions, swaps, replays and forgeries."""
     path = await write_log(tmp_path, ring, 30)
     original = lines_of(path)
+    newer = rotate(ring)
     rng = random.Random(7)
-    for _ in range(1500):
+    for _ in range(3000):
         lines = list(original)
-        kind = rng.randrange(5)
+        kind = rng.randrange(6)
         if kind == 0:
             data = bytearray(b"".join(lines))
             pos = rng.randrange(len(data))
@@ -217,10 +222,13 @@ async def test_random_mutations_are_all_detected(tmp_path: Path, ring: Keyring) 
                 lines[i], lines[i + 1] = lines[i + 1], lines[i]
             elif kind == 3:
                 lines.insert(i, lines[rng.randrange(len(lines))])
-            else:
+            elif kind == 4:
                 lines.insert(i + 1, _forge(ring, lines, i + 2, kid="a1", key=os.urandom(32)))
+            else:  # re-sealed in place by someone holding the newer key
+                kid, key = newer.audit.current
+                lines[i] = _forge(newer, lines, i + 1, kid=kid, key=key)
             path.write_bytes(b"".join(lines))
-        assert not verify_path(path, ring).ok, kind
+        assert not verify_path(path, newer).ok, kind
 
 
 # -- files, days and restarts --------------------------------------------------------------
@@ -253,12 +261,24 @@ async def test_chain_continues_across_days(tmp_path: Path, ring: Keyring) -> Non
     assert [e["seq"] for e in first] == [1, 2]
     assert [e["seq"] for e in second] == [3, 4]
     assert second[0]["prev"] == first[-1]["mac"]
-    assert second[0]["ts"].startswith("2026-11-24T00:00:0") and second[0]["ts"].endswith("Z")
+    assert re.fullmatch(r"2026-11-24T00:00:0\d\.\d{3}Z", second[0]["ts"])
     assert second[1]["ts"].startswith("2026-11-23T23:59:5")
     assert verify_path(tmp_path, ring) == VerifyResult(
         ok=True, file=None, line=0, why="", entries=4
     )
     assert oct(day1.stat().st_mode & 0o777) == "0o600"
+
+
+async def test_midnight_inside_one_batch_splits_files(tmp_path: Path, ring: Keyring) -> None:
+    w = writer(tmp_path, ring, clock=Clock(DAY1 + 1.5, step=0.25))
+    await w.open()
+    before = w.fsyncs
+    await w.append([decision(n) for n in range(1, 5)])  # 23:59:59.5 .. 00:00:00.25
+    assert w.fsyncs - before == 4  # per new file: its data, and the directory for its name
+    await w.close()
+    days = [(p.name, [e["seq"] for e in entries_of(p)]) for p in sorted(tmp_path.glob("*.jsonl"))]
+    assert days == [("gw1-2026-11-23.jsonl", [1, 2]), ("gw1-2026-11-24.jsonl", [3, 4])]
+    assert verify_path(tmp_path, ring).entries == 4
 
 
 async def test_file_removed_from_the_middle_breaks_the_chain(tmp_path: Path, ring: Keyring) -> None:
@@ -397,19 +417,22 @@ async def test_read_only_directory_fails_closed(tmp_path: Path, ring: Keyring) -
 async def test_fsync_failure_fails_closed_until_reopened(tmp_path: Path, ring: Keyring) -> None:
     path = await write_log(tmp_path, ring, 2)
     healthy = path.read_bytes()
+    disk_ok = False
 
-    def failing_fsync(fd: int) -> None:
-        raise OSError(errno.EIO, "Input/output error")
+    def flaky_fsync(fd: int) -> None:
+        if not disk_ok:
+            raise OSError(errno.EIO, "Input/output error")
+        os.fsync(fd)
 
-    w = writer(tmp_path, ring, clock=Clock(), fsync=failing_fsync)
+    w = writer(tmp_path, ring, clock=Clock(), fsync=flaky_fsync)
     await w.open()
     with pytest.raises(AuditError, match="Input/output error"):
         await w.append([decision(3)])
+    disk_ok = True
     with pytest.raises(AuditError, match="reopen"):
         await w.append([decision(4)])
     await w.close()
     assert path.read_bytes() == healthy  # the unacknowledged entry was taken back
-    w = writer(tmp_path, ring, clock=Clock())
     await w.open()
     await w.append([decision(3)])
     await w.close()
@@ -429,6 +452,30 @@ async def test_bad_events_queue_nothing(tmp_path: Path, ring: Keyring) -> None:
     await w.append([decision(1)])
     await w.close()
     assert [e["seq"] for e in entries_of(tmp_path / file_name(STREAM, "2026-11-23"))] == [1]
+
+
+async def test_append_needs_an_open_writer(tmp_path: Path, ring: Keyring) -> None:
+    w = writer(tmp_path, ring)
+    with pytest.raises(AuditError, match="not open"):
+        await w.append([decision(1)])
+    await w.open()
+    with pytest.raises(AuditError, match="already open"):
+        await w.open()
+    await w.close()
+    with pytest.raises(AuditError, match="not open"):
+        await w.append([decision(1)])
+
+
+async def test_a_cancelled_caller_leaves_the_chain_whole(tmp_path: Path, ring: Keyring) -> None:
+    w = writer(tmp_path, ring, clock=Clock())
+    await w.open()
+    task = asyncio.create_task(w.append([decision(1)]))
+    await asyncio.sleep(0)  # sealed and queued
+    task.cancel()
+    await w.append([decision(2)])
+    await w.close()
+    assert task.cancelled()
+    assert verify_path(tmp_path, ring).entries == 2  # sealed entries are still written
 
 
 # -- group commit ----------------------------------------------------------------------------
@@ -453,7 +500,10 @@ async def test_concurrent_appenders_share_fsyncs(tmp_path: Path, ring: Keyring) 
     assert sorted(set(txns)) == sorted(f"{n}.{k}" for n in range(200) for k in range(5))
     for first, second in zip(entries[::2], entries[1::2], strict=True):
         assert (first["txn"], first["part"], second["txn"], second["part"]) == (
-            first["txn"], 0, first["txn"], 1
+            first["txn"],
+            0,
+            first["txn"],
+            1,
         )  # one caller's entries stay contiguous and in order
     assert verify_path(tmp_path, ring).entries == 2000
     assert fsyncs <= 2000 / 20, fsyncs
@@ -465,7 +515,7 @@ async def test_concurrent_appenders_share_fsyncs(tmp_path: Path, ring: Keyring) 
 async def test_search_filters_and_merges_streams(tmp_path: Path, ring: Keyring) -> None:
     clock = Clock()
     a = AuditWriter(tmp_path, instance="i1", stream="gw1", keyring=ring, clock=clock)
-    b = AuditWriter(tmp_path, instance="i2", stream="gw2", keyring=ring, clock=clock)
+    b = AuditWriter(tmp_path, instance="i2", stream="gw1-cli", keyring=ring, clock=clock)
     await a.open()
     await b.open()
     await a.append([decision(1, "suppress")])
@@ -485,3 +535,17 @@ async def test_search_filters_and_merges_streams(tmp_path: Path, ring: Keyring) 
     assert txns(recipient="ps0001", since=since) == [("i1", "suppress")]
     assert [e["event"] for e in search(tmp_path, event="config_reload")] == ["config_reload"]
     assert list(search(tmp_path, recipient="nobody")) == []
+
+    # "gw1" must not take the newer file of "gw1-cli" for its own when it reopens.
+    later = DAY1 + 3 * 86_400
+    b = AuditWriter(tmp_path, instance="i2", stream="gw1-cli", keyring=ring, clock=Clock(later))
+    a = writer(tmp_path, ring, clock=Clock(later))
+    for w, n in ((b, 3), (a, 4)):
+        await w.open()
+        await w.append([decision(n)])
+        await w.close()
+    assert [e["seq"] for e in entries_of(tmp_path / file_name("gw1", "2026-11-26"))] == [4]
+    assert [e["seq"] for e in entries_of(tmp_path / file_name("gw1-cli", "2026-11-26"))] == [3]
+    assert verify_path(tmp_path, ring) == VerifyResult(
+        ok=True, file=None, line=0, why="", entries=7
+    )

@@ -354,7 +354,7 @@ async def test_plaintext_pipelined_after_starttls_is_discarded(gateway: Running)
         code, _ = await raw.cmd("EHLO client.example")
         assert code == 250
         code, _ = await raw.cmd("RCPT TO:<a@b.example>")
-        assert code == 530  # the injected MAIL was not run: not authenticated, no transaction
+        assert code == 503  # "need MAIL command": the injected MAIL was never run
     finally:
         raw.close()
 

@@ -31,7 +31,7 @@ import structlog
 
 from gateway.core import audit as core
 from gateway.core.keys import Keyring, KeySet
-from gateway.errors import AuditError, KeyringError
+from gateway.errors import AuditError, AuditStreamBusy, KeyringError
 
 log = structlog.get_logger(__name__)
 
@@ -113,7 +113,7 @@ class AuditWriter:
         self._waiters: list[asyncio.Future[None]] = []
         self._flusher: asyncio.Task[None] | None = None
         self._broken: AuditError | None = None
-        self._closing = False
+        self._accepting = False  # open() finished and close() not begun
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -123,14 +123,16 @@ class AuditWriter:
             raise AuditError(f"audit stream {self.stream!r}: already open")
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"audit-{self.stream}")
         self._broken = None
-        self._closing = False
         try:
             await self._run(self._open_sync)
-        except BaseException:
-            self._release_sync()  # closing descriptors does not wait on the disk
-            self._executor.shutdown(wait=False)
-            self._executor = None
+        except BaseException as exc:
+            # Release on the writer's thread, after an open that a cancellation may have
+            # left running; wait for it (it only closes descriptors) unless cancelled.
+            executor, self._executor = self._executor, None
+            executor.submit(self._release_sync)
+            executor.shutdown(wait=not isinstance(exc, asyncio.CancelledError))
             raise
+        self._accepting = True
 
     def set_keyring(self, ring: Keyring) -> None:
         """Seal new entries with `ring`'s current audit key (after a reload or rotation).
@@ -146,7 +148,7 @@ class AuditWriter:
         """Let pending entries finish (or fail), then release the files and the lock."""
         if self._executor is None:
             return
-        self._closing = True
+        self._accepting = False
         if self._flusher is not None:
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._flusher)
@@ -165,7 +167,7 @@ class AuditWriter:
         """
         if self._broken is not None:
             raise AuditError(f"audit stream {self.stream!r} failed; reopen it") from self._broken
-        if self._executor is None or self._closing:
+        if not self._accepting:
             raise AuditError(f"audit stream {self.stream!r} is not open")
         if not events:
             return
@@ -217,7 +219,7 @@ class AuditWriter:
                 # Later entries chain onto the failed ones, so they cannot be written either.
                 for w in (*waiters, *self._waiters):
                     if not w.done():
-                        w.set_exception(AuditError(f"audit stream {self.stream!r}: {failure}"))
+                        w.set_exception(AuditError(str(failure)))
                 self._pending, self._waiters = [], []
                 if not isinstance(exc, Exception):
                     raise
@@ -227,7 +229,8 @@ class AuditWriter:
                     w.set_result(None)
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        assert self._executor is not None  # noqa: S101 - callers check; mypy needs it
+        if self._executor is None:
+            raise AuditError(f"audit stream {self.stream!r} is not open")
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     # -- blocking IO, on the writer's own thread -------------------------------------------
@@ -244,7 +247,7 @@ class AuditWriter:
             try:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise AuditError(
+                raise AuditStreamBusy(
                     f"audit stream {self.stream!r} is already open by another writer"
                 ) from None
             self._seq, self._prev, self._kid, self._day = 0, "", "", ""

@@ -59,6 +59,7 @@ _HEADER_NAME = re.compile(r"[!-9;-~]+")  # RFC 5322 ftext: printable ASCII excep
 _GLOB = re.compile(r"[A-Za-z0-9!#$%&'+\-.^_`|~*?]+")  # header token characters plus * and ?
 _KEYWORD = re.compile(r"[^\W_]+(?:[ -][^\W_]+)*")  # words of letters/digits, one space or '-'
 _NAME_RULE = f"must be 1 to {MAX_NAME_CHARS} lower-case letters, digits and inner '-'"
+_KEYWORD_RULE = f"must be 1 to {MAX_KEYWORD_CHARS} letters or digits (words joined by ' ' or '-')"
 _SPACE = re.compile(r"\s+")
 _EDGE_PUNCTUATION = ".!?¡¿,;:"
 
@@ -148,7 +149,7 @@ def normalise_reply(text: str) -> str:
     takes "Stop." as STOP, and FCC 24-24 asks senders to honour what a reasonable person
     would understand.
     """
-    # Phones autocorrect "don't" to "don’t"; compare both as the ASCII apostrophe.
+    # Phones autocorrect the apostrophe to U+2019; compare both as the ASCII one.
     text = unicodedata.normalize("NFC", text).casefold().replace("\u2019", "'")
     return _SPACE.sub(" ", text.strip(_EDGE_PUNCTUATION + " \t\r\n")).strip()
 
@@ -300,7 +301,7 @@ class _Builder:
                 for word in self._strings(f"{file}: [keywords] {kind}", items):
                     key = normalise_reply(word).upper()
                     if not key or len(key) > MAX_KEYWORD_CHARS or not _KEYWORD.fullmatch(key):
-                        self.problems.append(f"{file}: [keywords] {kind}: bad keyword {word!r}")
+                        self.problems.append(f"{file}: [keywords] {kind}: {word!r} {_KEYWORD_RULE}")
                     else:
                         self.keywords[kind].setdefault(key, file)
             return

@@ -12,7 +12,6 @@ Corrections to aiosmtpd's defaults, each for a reason recorded in threats.md §2
 from __future__ import annotations
 
 import asyncio
-import ssl
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 import structlog
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
+from gateway import tls
 from gateway.config import Sender
 from gateway.core.addresses import AddressProblem, EmailAddress, parse_email, split_path
 from gateway.senders import Authenticator
@@ -148,16 +148,7 @@ class GatewaySMTP(SMTP):  # type: ignore[misc]  # aiosmtpd is untyped
 def _peer_common_name(server: GatewaySMTP) -> str | None:
     transport = server.transport
     obj = transport.get_extra_info("ssl_object") if transport is not None else None
-    if not isinstance(obj, ssl.SSLObject | ssl.SSLSocket):
-        return None
-    cert = obj.getpeercert()
-    if not cert:
-        return None
-    for rdn in cert.get("subject", ()):
-        for key, value in rdn:
-            if key == "commonName":
-                return str(value)
-    return None
+    return tls.peer_common_name(obj) if obj is not None else None
 
 
 class GatewayHandler:

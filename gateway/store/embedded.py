@@ -12,10 +12,10 @@ Lifecycle, serialised between processes by an fcntl lock on ``<data_dir>/redis/l
   server left behind (socket, pid file) and start one, detached in its own session so it
   outlives the process that started it. Each attached process then holds one idle
   "presence" connection until it leaves.
-- ``release()``: if ``CLIENT LIST`` shows no client but our presence connection, we are the
-  last one: ``SHUTDOWN`` (nothing is lost, the AOF is already fsynced) and wait for the
-  process to exit. Otherwise leave it running for the others. Close every store on the
-  server before calling it, or their connections count as "others".
+- ``release()``: if ``CLIENT LIST`` shows no client but ourselves (this presence connection
+  and this process's own store connections, whatever order they are closed in), we are
+  the last one: ``SHUTDOWN`` (nothing is lost, the AOF is already fsynced) and wait for the
+  process to exit. Otherwise leave it running for the others.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import BusyLoadingError, RedisError
 
 from gateway.errors import ConfigError, StoreUnavailable
+from gateway.store.redis_store import client_name
 
 SOCKET_NAME = "redis.sock"
 LOCK_NAME = "lock"
@@ -158,13 +159,14 @@ def _is_our_server(pid: int, home: Path) -> bool:
     if not _pid_running(pid):
         return False
     try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        # The server runs in `home` (we start it there and its `dir` is home). Its
+        # cmdline is no evidence: the server rewrites its process title.
+        return Path(os.readlink(f"/proc/{pid}/cwd")) == home
     except FileNotFoundError:
         # No /proc (macOS): a running pid from our own pid file is the best evidence.
         return not Path("/proc/self").exists()
     except OSError:
         return False
-    return os.fsencode(home / CONF_NAME) in cmdline.split(b"\0")
 
 
 def _reap() -> None:
@@ -337,7 +339,8 @@ class EmbeddedRedis:
                     client = _admin_client(self.socket_path)
                     own_id = int(await client.client_id())
                     clients = await client.client_list()
-                if any(int(c["id"]) != own_id for c in clients):
+                ours = client_name()  # this process's stores are leaving with us
+                if any(int(c["id"]) != own_id and c.get("name") != ours for c in clients):
                     return
                 await client.shutdown()
         except (RedisError, OSError, TimeoutError):

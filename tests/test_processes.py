@@ -1,0 +1,299 @@
+"""Whole-process tests: `optgate serve` subprocesses, the CLI, and what lands on disk.
+
+- read-your-writes across two gateway processes sharing one embedded store;
+- the PHI canary: distinctive addresses never appear in any file of the data dir (outbox
+  excluded), in any Redis key or value, or in the processes' logs;
+- clean errors: a bad config names every problem, exit code 2, no traceback;
+- SIGHUP: a bad rules folder keeps the old rules, a good one is applied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiosmtplib
+import orjson
+import pytest
+import redis
+
+from tests.conftest import APP_PASSWORD, message
+from tests.support.smtp_sink import Sink, TestPki
+
+pytestmark = pytest.mark.slow
+
+START_TIMEOUT_S = 20.0
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def toml_value(v: Any) -> str:
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, list):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    return str(v)
+
+
+def write_config(path: Path, doc: dict[str, Any]) -> Path:
+    lines: list[str] = []
+    for section, values in doc.items():
+        if isinstance(values, list):
+            for item in values:
+                lines.append(f"[[{section}]]")
+                lines += [f"{k} = {toml_value(v)}" for k, v in item.items()]
+        else:
+            lines.append(f"[{section}]")
+            lines += [f"{k} = {toml_value(v)}" for k, v in values.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def optgate(*args: str, config: Path | None = None, input: str | None = None) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "gateway", *args]
+    if config is not None:
+        cmd += ["--config", str(config)]
+    env = {**os.environ, "OPTGATE_TEST_APP": APP_PASSWORD}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env, input=input, check=False)
+
+
+class ServeProcess:
+    def __init__(self, config: Path, port: int, log: Path) -> None:
+        self.config, self.port, self.log = config, port, log
+        env = {**os.environ, "OPTGATE_TEST_APP": APP_PASSWORD}
+        self.fh = log.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve", "--config", str(config)],
+            stdout=self.fh, stderr=subprocess.STDOUT, env=env,
+        )
+
+    async def wait_ready(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.log.read_text()
+            try:
+                _, w = await asyncio.open_connection("127.0.0.1", self.port)
+                w.close()
+                return
+            except OSError:
+                await asyncio.sleep(0.1)
+        raise AssertionError(f"gateway did not start:\n{self.log.read_text()}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.fh.close()
+
+
+def base_doc(tmp_path: Path, pki: TestPki, sink: Sink, instance: str, smtp: int) -> dict[str, Any]:
+    return {
+        "gateway": {"instance": instance, "data_dir": str(tmp_path / "var")},
+        "tls": {"cert": str(pki.cert_pem), "key": str(pki.key_pem)},
+        "smtp": {"listen": f"127.0.0.1:{smtp}", "listen_tls": f"127.0.0.1:{free_port()}"},
+        "http": {"listen": f"127.0.0.1:{free_port()}"},
+        "upstream": {},
+        "senders": [{"name": "app", "password_env": "OPTGATE_TEST_APP", "default_category": "marketing"}],
+    }
+
+
+def with_upstream(doc: dict[str, Any], sink: Sink, pki: TestPki) -> dict[str, Any]:
+    doc = dict(doc)
+    del doc["upstream"]
+    doc["upstream.email"] = {"url": f"smtp://127.0.0.1:{sink.port}", "ca_file": str(pki.ca_pem)}
+    return doc
+
+
+@pytest.fixture
+def served() -> Iterator[list[ServeProcess]]:
+    procs: list[ServeProcess] = []
+    yield procs
+    for p in procs:
+        p.stop()
+
+
+async def send(pki: TestPki, port: int, rcpts: list[str], category: str = "marketing") -> tuple[int, str]:
+    import ssl
+
+    ctx = ssl.create_default_context(cafile=str(pki.ca_pem))
+    smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=True, tls_context=ctx, timeout=10)
+    await smtp.connect()
+    try:
+        await smtp.login("app", APP_PASSWORD)
+        await smtp.mail("app@sender.example")
+        for r in rcpts:
+            await smtp.rcpt(r)
+        return await smtp.data(message(rcpts, category=category))
+    except aiosmtplib.SMTPResponseException as exc:
+        return exc.code, exc.message
+    finally:
+        smtp.close()
+
+
+@pytest.fixture
+async def two_gateways(tmp_path: Path, pki: TestPki, sink: Sink, served: list[ServeProcess]) -> AsyncIterator[list[ServeProcess]]:
+    for name in ("gw-a", "gw-b"):
+        port = free_port()
+        cfg = write_config(tmp_path / f"{name}.toml", with_upstream(base_doc(tmp_path, pki, sink, name, port), sink, pki))
+        served.append(ServeProcess(cfg, port, tmp_path / f"{name}.log"))
+        await served[-1].wait_ready()
+    yield served
+
+
+async def test_optout_via_cli_is_enforced_by_every_process(two_gateways: list[ServeProcess], pki: TestPki, sink: Sink) -> None:
+    a, b = two_gateways
+    for gw in (a, b):
+        code, _ = await send(pki, gw.port, ["pat@example.org"])
+        assert code == 250
+    assert len(sink.messages) == 2
+    out = optgate("optout", "add", "--channel", "email", "--category", "marketing", "Pat@Example.org", config=a.config)
+    assert out.returncode == 0, out.stderr
+    assert orjson.loads(out.stdout)["categories"] == ["marketing"]
+    for gw in (a, b):
+        code, text = await send(pki, gw.port, ["pat@example.org"])
+        assert code == 250 and "1 of 1 recipients suppressed" in text
+    assert len(sink.messages) == 2
+    got = orjson.loads(optgate("optout", "get", "--channel", "email", "pat@example.org", config=b.config).stdout)
+    assert got["categories"] == ["marketing"] and got["source"] == "cli" and got["all"] is False
+    out = optgate("optout", "remove", "--channel", "email", "--category", "marketing", "pat@example.org", config=b.config)
+    assert out.returncode == 0
+    code, text = await send(pki, b.port, ["pat@example.org"])
+    assert "0 of 1" in text and len(sink.messages) == 3
+
+
+CANARIES = ["Canary.Patient+7F3A@Canary-Clinic.example", "zz.canary.q9x@Canary-Clinic.example"]
+
+
+def forms(address: str) -> set[bytes]:
+    out: set[bytes] = set()
+    for a in {address, address.lower(), address.split("+")[0], "zz.canary.q9x"}:
+        raw = a.encode()
+        out |= {raw, base64.b64encode(raw), raw.hex().encode(), a.replace("@", "%40").encode()}
+    out.add(b"canary-clinic")
+    return out
+
+
+async def test_phi_canary_appears_nowhere(two_gateways: list[ServeProcess], tmp_path: Path, pki: TestPki, sink: Sink) -> None:
+    a, b = two_gateways
+    out = optgate("optout", "add", "--channel", "email", "--all", CANARIES[1], config=a.config)
+    assert out.returncode == 0, out.stderr
+    for gw in (a, b):
+        await send(pki, gw.port, CANARIES, category="marketing")
+        await send(pki, gw.port, CANARIES, category="emergency-alert")
+    # a rejected and a deferred decision too
+    sink.fail_data = (451, "4.3.0 later")
+    await send(pki, a.port, CANARIES)
+    sink.fail_data = None
+    assert len(sink.messages) >= 3  # the test did deliver the canaries upstream
+    r = redis.Redis(unix_socket_path=str(tmp_path / "var" / "redis" / "redis.sock"))
+    try:
+        r.config_set("appendfsync", "always")
+        dump = b"".join(k + b"\0" + (r.dump(k) or b"") for k in r.scan_iter())
+    finally:
+        r.close()
+    needles = set().union(*(forms(c) for c in CANARIES))
+    needles = {n.lower() for n in needles}
+    hits = []
+    blobs: list[tuple[str, bytes]] = [("redis", dump)]
+    for path in (tmp_path / "var").rglob("*"):
+        if path.is_file() and "outbox" not in path.parts and not path.name.endswith(".sock"):
+            blobs.append((str(path), path.read_bytes()))
+    a.stop()
+    b.stop()
+    for gw in (a, b):
+        blobs.append((str(gw.log), gw.log.read_bytes()))
+    for where, blob in blobs:
+        low = blob.lower()
+        hits += [(where, n) for n in needles if n in low]
+    assert hits == []
+    assert any(p.suffix == ".jsonl" for p in (tmp_path / "var" / "audit").iterdir())
+
+
+def test_bad_config_names_every_problem_and_exits_2(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text('[smtp]\nmax_recipients = "many"\nbogus = 1\n[redis]\nurl = "http://x"\n[[senders]]\nname = "a"\n')
+    out = optgate("serve", config=cfg)
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    for fragment in ("max_recipients", "bogus", "unsupported scheme", "senders[0]"):
+        assert fragment in out.stderr
+    bad_rules = tmp_path / "rules"
+    bad_rules.mkdir()
+    (bad_rules / "x.toml").write_text('[defaults]\ncategory = "nope"\n[[categories]]\nname = "Bad Name"\n')
+    out = optgate("rules", "check", str(bad_rules))
+    assert out.returncode == 2 and "Traceback" not in out.stderr and "x.toml" in out.stderr
+    assert optgate("rules", "check").returncode == 0
+
+
+async def test_sighup_reload_keeps_old_rules_on_error(tmp_path: Path, pki: TestPki, sink: Sink, served: list[ServeProcess]) -> None:
+    rules_dir = tmp_path / "rules"
+    rules_dir.mkdir()
+    shipped = Path(__file__).resolve().parent.parent / "rules"
+    for f in shipped.glob("*.toml"):
+        (rules_dir / f.name).write_bytes(f.read_bytes())
+    port = free_port()
+    doc = with_upstream(base_doc(tmp_path, pki, sink, "gw-r", port), sink, pki)
+    doc["rules"] = {"dir": str(rules_dir)}
+    cfg = write_config(tmp_path / "gw.toml", doc)
+    gw = ServeProcess(cfg, port, tmp_path / "gw.log")
+    served.append(gw)
+    await gw.wait_ready()
+    extra = '[[categories]]\nname = "newsletter"\nopt_out = true\nunsubscribe = true\nchannels = ["email"]\nbasis = "test"\n'
+    (rules_dir / "zz.toml").write_text("[[categories]\nbroken")
+    gw.proc.send_signal(signal.SIGHUP)
+    await asyncio.sleep(1.0)
+    code, _ = await send(pki, port, ["pat@example.org"], category="newsletter")
+    assert code == 550  # old rules still in force
+    code, _ = await send(pki, port, ["pat@example.org"], category="marketing")
+    assert code == 250  # and still serving
+    (rules_dir / "zz.toml").write_text(extra)
+    gw.proc.send_signal(signal.SIGHUP)
+    await asyncio.sleep(1.0)
+    code, _ = await send(pki, port, ["pat@example.org"], category="newsletter")
+    assert code == 250
+    gw.stop()
+    log = gw.log.read_text()
+    assert "reload_failed" in log and "zz.toml" in log
+    events = [orjson.loads(line) for f in (tmp_path / "var" / "audit").glob("*.jsonl") for line in f.read_bytes().splitlines()]
+    assert [e["ok"] for e in events if e["event"] == "config_reload"] == [False, True]
+
+
+def test_keys_init_audit_verify_and_hash_password(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path / "c.toml", {"gateway": {"data_dir": str(tmp_path / "var")}})
+    out = optgate("keys", "init", config=cfg)
+    assert out.returncode == 0, out.stderr
+    key_file = tmp_path / "var" / "keys.json"
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    assert optgate("keys", "init", config=cfg).returncode == 2  # never overwrites keys
+    for addr in ("a@example.org", "b@example.org", "c@example.org"):
+        assert optgate("optout", "add", "--channel", "email", "--all", addr, config=cfg).returncode == 0
+    assert optgate("audit", "verify", config=cfg).returncode == 0
+    [f] = list((tmp_path / "var" / "audit").glob("*.jsonl"))
+    lines = f.read_bytes().splitlines(keepends=True)
+    f.write_bytes(lines[0] + lines[2] + lines[1] + b"".join(lines[3:]))
+    out = optgate("audit", "verify", config=cfg)
+    assert out.returncode == 1 and out.stdout.startswith(f"{f}:2:")
+    out = optgate("senders", "hash-password", input="s3cret\n")
+    assert out.returncode == 0 and out.stdout.startswith("scrypt$")
+    out = optgate("optout", "add", "--channel", "email", "--category", "emergency-alert", "a@example.org", config=cfg)
+    assert out.returncode == 2 and "cannot be opted out" in out.stderr
