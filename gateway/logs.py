@@ -9,15 +9,15 @@ import sys
 
 import structlog
 
-# aiosmtpd logs every command line, MAIL/RCPT addresses included, at INFO (threats.md S14).
-# aiohttp's access log writes request paths, which carry unsubscribe tokens (S17).
-_PHI_LOGGERS = ("mail.log", "aiohttp.access")
+# aiosmtpd logs every command line, MAIL/RCPT addresses included, at INFO (threats.md S14),
+# and a deprecation WARNING on every successful AUTH. aiohttp's access log writes request
+# paths, which carry unsubscribe tokens (S17).
+_PHI_LOGGERS = {"mail.log": logging.ERROR, "aiohttp.access": logging.WARNING}
 
 
 def configure(level: int = logging.INFO) -> None:
     logging.basicConfig(stream=sys.stderr, level=level, format="%(message)s")
-    for name in _PHI_LOGGERS:
-        logging.getLogger(name).setLevel(logging.WARNING)
+    silence_phi_loggers()
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -33,5 +33,5 @@ def configure(level: int = logging.INFO) -> None:
 
 def silence_phi_loggers() -> None:
     """For embedding (tests, other hosts) without taking over logging configuration."""
-    for name in _PHI_LOGGERS:
-        logging.getLogger(name).setLevel(logging.WARNING)
+    for name, floor in _PHI_LOGGERS.items():
+        logging.getLogger(name).setLevel(floor)

@@ -97,9 +97,9 @@ class Gateway:
         ctx = tls.server_context(cfg.tls_cert, cfg.tls_key, client_ca=cfg.tls_client_ca)
 
         self.store, embedded = await open_store(cfg, self._ring)
-        self._closers.append(self.store.close)
         if embedded is not None:
-            self._closers.append(embedded.release)
+            self._closers.append(embedded.release)  # runs last: after the store is closed
+        self._closers.append(self.store.close)
         warning = await self.store.durability_warning()
         if warning:
             log.warning("store_durability", detail=warning)

@@ -81,6 +81,7 @@ VALKEY_EXIT_TIMEOUT_S = 10.0
 CLIENT_EXTRA_S = 60.0  # beyond warm-up + window: spawn, connect, drain, report
 DRAIN_S = 20.0  # in-flight messages after the window may take this long before being cut
 CLI_TIMEOUT_S = 60.0
+PROFILE_HZ = 250
 SMTP_TIMEOUT_S = 30.0
 BODY_LINE = b"The quick brown fox jumps over the lazy dog; pack my box with five dozen jugs.\r\n"
 
@@ -364,8 +365,9 @@ class ClientResult:
 
 
 class Client:
-    def __init__(self, spec: ClientSpec) -> None:
+    def __init__(self, spec: ClientSpec, out: Connection | None = None) -> None:
         self.spec = spec
+        self.out = out  # told "begin" when the window opens
         self.ctx = client_context(spec.ca_pem)
         self.result = ClientResult()
         self.date = formatdate(localtime=False)
@@ -496,6 +498,8 @@ class Client:
         await asyncio.sleep(max(0.0, self.begin - time.perf_counter()))
         before = {role: cpu_seconds(p) for role, p in procs.items()}
         busy0, t0 = machine_busy_seconds(), time.perf_counter()
+        if self.out is not None:
+            self.out.send("begin")
         await asyncio.sleep(max(0.0, self.end - time.perf_counter()))
         after = {role: cpu_seconds(p) for role, p in procs.items()}
         self.result.busy_s = machine_busy_seconds() - busy0
@@ -522,7 +526,7 @@ class Client:
 
 def client_main(spec: ClientSpec, out: Connection) -> None:
     quiet_child()
-    out.send(run_async(Client(spec).run()))
+    out.send(run_async(Client(spec, out).run()))
     out.close()
 
 
@@ -563,15 +567,21 @@ def start_child(role: str, target: Callable[..., None], *args: Any) -> tuple[Chi
     return child, int(receive.recv())
 
 
-def run_client(spec: ClientSpec) -> ClientResult:
+def run_client(spec: ClientSpec, on_begin: Callable[[], None] | None = None) -> ClientResult:
+    """Run one client process to the end; on_begin() is called when its window opens."""
     receive, send = MP.Pipe(duplex=False)
     process = MP.Process(target=client_main, args=(spec, send), name="bench-client", daemon=True)
     process.start()
     send.close()
     result: ClientResult | None = None
-    if receive.poll(spec.warmup_s + spec.seconds + DRAIN_S + CLIENT_EXTRA_S):
-        with contextlib.suppress(EOFError):
-            result = receive.recv()
+    deadline = time.monotonic() + spec.warmup_s + spec.seconds + DRAIN_S + CLIENT_EXTRA_S
+    with contextlib.suppress(EOFError):
+        while result is None and receive.poll(max(0.0, deadline - time.monotonic())):
+            message = receive.recv()
+            if isinstance(message, ClientResult):
+                result = message
+            elif on_begin is not None:
+                on_begin()
     process.join(10)
     if process.is_alive():
         process.kill()
@@ -870,87 +880,115 @@ def area_of(path: str) -> str:
     return "other: " + path
 
 
-def summarize_profile(raw: Path, top: int) -> str:
-    own: Counter[tuple[str, str]] = Counter()
-    inclusive: Counter[tuple[str, str]] = Counter()
-    areas: Counter[str] = Counter()
-    threads: Counter[str] = Counter()
-    total = 0
+NOTES = {
+    (
+        "Runner.run",
+        "asyncio/runners.py",
+    ): "uvloop's C code: epoll, socket I/O, its own TLS, callbacks",
+    ("_worker", "concurrent/futures/thread.py"): "an executor thread waiting for work",
+}
+
+
+@dataclass
+class ThreadProfile:
+    samples: int = 0
+    own: Counter[tuple[str, str]] = field(default_factory=Counter)
+    inclusive: Counter[tuple[str, str]] = field(default_factory=Counter)
+    areas: Counter[str] = field(default_factory=Counter)
+
+
+def read_profile(raw: Path) -> dict[str, ThreadProfile]:
+    """py-spy raw stacks ('thread (tid): name;frame;...;leaf count') per thread name."""
+    threads: dict[str, ThreadProfile] = {}
     for line in raw.read_text().splitlines():
         stack, _, count_text = line.rpartition(" ")
         if not stack or not count_text.isdigit():
             continue
-        count = int(count_text)
         frames = stack.split(";")
-        if frames[0].startswith("thread ("):
-            thread = frames.pop(0).split(": ", 1)[-1]
-            threads[thread] += count
+        name = frames.pop(0).split(": ", 1)[-1] if frames[0].startswith("thread (") else "all"
         keys = [frame_key(f) for f in frames if f]
         if not keys:
             continue
-        total += count
-        own[keys[-1]] += count
-        areas[area_of(keys[-1][1])] += count
+        count = int(count_text)
+        t = threads.setdefault(name, ThreadProfile())
+        t.samples += count
+        t.own[keys[-1]] += count
+        t.areas[area_of(keys[-1][1])] += count
         for key in set(keys):
-            inclusive[key] += count
-    if not total:
+            t.inclusive[key] += count
+    return threads
+
+
+def summarize_profile(raw: Path, top: int, window_samples: float) -> str:
+    threads = read_profile(raw)
+    if not threads:
         return "no samples (py-spy could not read the process?)"
+    main_name = (
+        "MainThread" if "MainThread" in threads else max(threads, key=lambda n: threads[n].samples)
+    )
     out = [
-        f"{total} non-idle samples; by thread: "
-        + ", ".join(f"{t} {100 * n / total:.0f}%" for t, n in threads.most_common(4))
+        "samples by thread (% of the window's wall time, py-spy counts a thread blocked in a"
+        " syscall such as fsync as active):"
     ]
-    out.append(f"\ntop {top} functions by own time (self %, total % = inclusive):")
+    out += [
+        f"  {name}: {t.samples} ({100 * t.samples / window_samples:.0f}%)"
+        for name, t in threads.items()
+    ]
+    main = threads[main_name]
+    out.append(
+        f"\n{main_name} (the event loop), top {top} functions by own time"
+        f" (% of its {main.samples} samples; total = inclusive):"
+    )
     out.append(f"{'self%':>6} {'total%':>7}  function (file)")
-    for key, n in own.most_common(top):
-        out.append(
-            f"{100 * n / total:6.1f} {100 * inclusive[key] / total:7.1f}  {key[0]} ({key[1]})"
-        )
-    out.append("\nown time by component:")
-    out.extend(f"{100 * n / total:6.1f}  {name}" for name, n in areas.most_common(14))
+    for key, n in main.own.most_common(top):
+        note = f"  [{NOTES[key]}]" if key in NOTES else ""
+        pct, incl = 100 * n / main.samples, 100 * main.inclusive[key] / main.samples
+        out.append(f"{pct:6.1f} {incl:7.1f}  {key[0]} ({key[1]}){note}")
+    out.append(f"\n{main_name} own time by component:")
+    out += [f"{100 * n / main.samples:6.1f}  {name}" for name, n in main.areas.most_common(12)]
+    for name, t in threads.items():
+        if name != main_name:
+            leaves = ", ".join(
+                f"{k[0]} {100 * n / t.samples:.0f}%" for k, n in t.own.most_common(4)
+            )
+            out.append(f"\nthread {name}: {leaves}")
     return "\n".join(out)
 
 
 def profile(gw: GatewayProcess, spec: ClientSpec, out_dir: Path, *, native: bool, top: int) -> str:
+    """py-spy the gateway during one client run's measurement window; a text summary."""
     py_spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
     if py_spy is None:
         return "py-spy not found: .venv/bin/pip install py-spy"
-    raw = out_dir / "gateway-profile.txt"
-    duration = math.ceil(spec.warmup_s + spec.seconds) + 3
-    cmd = [
-        py_spy,
-        "record",
-        "--pid",
-        str(gw.pid),
-        "--duration",
-        str(duration),
-        "--rate",
-        "250",
-        "--format",
-        "raw",
-        "--threads",
-        "--output",
-        str(raw),
-    ]
-    if native:
-        cmd.append("--native")
-    with (out_dir / "py-spy.log").open("wb") as log:
-        spy = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-        time.sleep(1.0)  # attach before the load starts
-        result = run_client(spec)
-        try:
-            spy.wait(duration + 30)
-        except subprocess.TimeoutExpired:
-            spy.kill()
-            spy.wait(5)
-    if spy.returncode != 0 or not raw.exists():
-        log_text = (out_dir / "py-spy.log").read_text(errors="replace")
-        return f"py-spy failed ({spy.returncode}): {log_text}"
-    rate = result.messages / spec.seconds
+    raw, log_path = out_dir / "gateway-profile.txt", out_dir / "py-spy.log"
+    duration = max(1, math.floor(spec.seconds))
+    cmd = [py_spy, "record", "--pid", str(gw.pid), "--duration", str(duration), "--rate"]
+    cmd += [str(PROFILE_HZ), "--nonblocking", "--format", "raw", "--threads", "--output", str(raw)]
+    cmd += ["--native"] if native else []
+    spies: list[subprocess.Popen[bytes]] = []
+    with log_path.open("wb") as log:
+
+        def attach() -> None:  # when the client's window opens: warm-up is not sampled
+            spies.append(subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log))
+
+        result = run_client(spec, on_begin=attach)
+        for spy in spies:
+            try:
+                spy.wait(30)
+            except subprocess.TimeoutExpired:
+                spy.kill()
+                spy.wait(5)
+    if not spies or spies[0].returncode != 0 or not raw.exists():
+        return f"py-spy failed: {log_path.read_text(errors='replace')}"
+    window = result.window_s or spec.seconds
+    gw_cpu = 100 * result.cpu_s.get("gateway", math.nan) / window
+    frames = "Python + native" if native else "Python"
     head = (
-        f"profiled run: {rate:.0f} msg/s while sampled at 250 Hz "
-        f"({'Python + native' if native else 'Python'} frames; raw stacks: {raw})"
+        f"profiled run: {result.messages / spec.seconds:.0f} msg/s, gateway CPU {gw_cpu:.0f}% of"
+        f" one core, sampled {duration} s at {PROFILE_HZ} Hz ({frames} frames; native code"
+        " counts in the Python function that called it)"
     )
-    return head + "\n" + summarize_profile(raw, top)
+    return head + "\n" + summarize_profile(raw, top, duration * PROFILE_HZ)
 
 
 # --------------------------------------------------------------------------- report

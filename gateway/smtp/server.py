@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, AnyStr
 
 import structlog
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
@@ -81,7 +81,23 @@ class Limits:
     session_timeout_s: float
 
 
-class GatewaySMTP(SMTP):  # type: ignore[misc]  # aiosmtpd is untyped
+class GatewaySession(Session):
+    """aiosmtpd's session plus the sender it authenticated as."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop)
+        self.sender: Sender | None = None
+
+
+class GatewayEnvelope(Envelope):
+    """aiosmtpd's envelope plus the canonical recipients, parsed once at RCPT."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.optgate_rcpts: list[EmailAddress] = []
+
+
+class GatewaySMTP(SMTP):
     def __init__(
         self, handler: GatewayHandler, *, limiter: ConnectionLimiter, session_timeout_s: float, **kwargs: Any
     ) -> None:
@@ -91,6 +107,12 @@ class GatewaySMTP(SMTP):  # type: ignore[misc]  # aiosmtpd is untyped
         self._client_host: str | None = None
         self._over_limit = False
         self._session_deadline: asyncio.TimerHandle | None = None
+
+    def _create_session(self) -> GatewaySession:
+        return GatewaySession(self.loop)
+
+    def _create_envelope(self) -> GatewayEnvelope:
+        return GatewayEnvelope()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         first = self.transport is None
@@ -116,14 +138,16 @@ class GatewaySMTP(SMTP):  # type: ignore[misc]  # aiosmtpd is untyped
     async def _handle_client(self) -> None:
         if self._over_limit:
             await self.push("421 4.7.0 Too many connections from your address, try again later")
-            self.transport.close()
+            if self.transport is not None:
+                self.transport.close()
             return
         await super()._handle_client()
 
     def _close_with(self, reply: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(reply)
-            self.transport.close()
+        transport = self.transport
+        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+            transport.write(reply)
+            transport.close()
 
     def _timeout_cb(self) -> None:
         self._close_with(b"421 4.4.2 Idle timeout, closing connection\r\n")
@@ -139,10 +163,11 @@ class GatewaySMTP(SMTP):  # type: ignore[misc]  # aiosmtpd is untyped
             return None, None
         return split
 
-    async def push(self, status: str | bytes) -> None:
+    async def push(self, status: AnyStr) -> None:
         if isinstance(status, str):
-            status = _STOCK_REPLIES.get(status, status)
-        await super().push(status)
+            await super().push(_STOCK_REPLIES.get(status, status))
+        else:
+            await super().push(status)
 
 
 def _peer_common_name(server: GatewaySMTP) -> str | None:
@@ -172,20 +197,20 @@ class GatewayHandler:
             return AuthResult(success=False, handled=False)
         return AuthResult(success=True, auth_data=sender)
 
-    def _sender(self, server: GatewaySMTP, session: Session) -> Sender | None:
-        if session.authenticated and isinstance(session.auth_data, Sender):
-            return session.auth_data
+    def _sender(self, server: GatewaySMTP, session: GatewaySession) -> Sender | None:
+        if session.sender is not None:
+            return session.sender
+        data: object = session.auth_data
+        if session.authenticated and isinstance(data, Sender):
+            session.sender = data
+            return data
         cn = _peer_common_name(server)
         if cn is not None:
-            sender = self.auth.by_certificate(cn)
-            if sender is not None:
-                session.authenticated = True
-                session.auth_data = sender
-                return sender
-        return None
+            session.sender = self.auth.by_certificate(cn)
+        return session.sender
 
     async def handle_MAIL(
-        self, server: GatewaySMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+        self, server: GatewaySMTP, session: GatewaySession, envelope: GatewayEnvelope, address: str, options: list[str]
     ) -> str:
         sender = self._sender(server, session)
         if sender is not None and "email" not in sender.channels:
@@ -195,18 +220,18 @@ class GatewayHandler:
             return parsed.reply.replace("destination", "sender")
         envelope.mail_from = parsed.address
         envelope.mail_options.extend(options)
-        envelope.optgate_rcpts = []
+        envelope.optgate_rcpts.clear()
         return "250 2.1.0 Sender ok"
 
     async def handle_RCPT(
-        self, server: GatewaySMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+        self, server: GatewaySMTP, session: GatewaySession, envelope: GatewayEnvelope, address: str, options: list[str]
     ) -> str:
         if self._sender(server, session) is None:
             return "530 5.7.0 Authentication required"
         parsed = parse_email(address, smtputf8=bool(envelope.smtp_utf8))
         if isinstance(parsed, AddressProblem):
             return parsed.reply
-        rcpts: list[EmailAddress] = envelope.optgate_rcpts
+        rcpts = envelope.optgate_rcpts
         if any(r.address == parsed.address for r in rcpts):
             return "250 2.1.5 Recipient ok (duplicate ignored)"
         if len(rcpts) >= self.limits.max_recipients:
@@ -216,10 +241,12 @@ class GatewayHandler:
         envelope.rcpt_options.extend(options)
         return "250 2.1.5 Recipient ok"
 
-    async def handle_DATA(self, server: GatewaySMTP, session: Session, envelope: Envelope) -> str:
+    async def handle_DATA(
+        self, server: GatewaySMTP, session: GatewaySession, envelope: GatewayEnvelope
+    ) -> str:
         sender = self._sender(server, session)
-        if sender is None:  # unreachable: RCPT already required it
-            return "530 5.7.0 Authentication required"
+        if sender is None or envelope.mail_from is None or envelope.original_content is None:
+            return "503 5.5.1 No valid transaction"  # unreachable: RCPT required a sender
         submission = Submission(
             sender=sender,
             mail_from=envelope.mail_from,
