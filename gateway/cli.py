@@ -28,7 +28,13 @@ from gateway.config import Config
 from gateway.core import keys as keys_mod
 from gateway.core.addresses import AddressProblem, parse_email, parse_phone
 from gateway.core.records import Record, pseudonym
-from gateway.errors import AuditStreamBusy, ConfigError, KeyringError, OptgateError, StoreUnavailable
+from gateway.errors import (
+    AuditStreamBusy,
+    ConfigError,
+    KeyringError,
+    OptgateError,
+    StoreUnavailable,
+)
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -59,7 +65,9 @@ def _recipient_key(cfg: Config, channel: str, address: str) -> str:
 
 @contextlib.asynccontextmanager
 async def _cli_audit(cfg: Config, ring: keys_mod.Keyring) -> AsyncIterator[AuditWriter]:
-    writer = AuditWriter(cfg.audit_dir, instance=cfg.instance, stream=f"{cfg.instance}-cli", keyring=ring)
+    writer = AuditWriter(
+        cfg.audit_dir, instance=cfg.instance, stream=f"{cfg.instance}-cli", keyring=ring
+    )
     deadline = time.monotonic() + CLI_AUDIT_LOCK_WAIT_S
     while True:
         try:
@@ -127,8 +135,18 @@ async def _optout(cfg: Config, args: argparse.Namespace) -> int:
 
 def _record_json(channel: str, record: Record | None) -> dict[str, object]:
     if record is None:
-        return {"channel": channel, "all": False, "categories": [], "updated_at": None, "source": None}
-    ts = datetime.fromtimestamp(record.updated_at, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+        return {
+            "channel": channel,
+            "all": False,
+            "categories": [],
+            "updated_at": None,
+            "source": None,
+        }
+    ts = (
+        datetime.fromtimestamp(record.updated_at, UTC)
+        .isoformat(timespec="seconds")
+        .replace("+00:00", "Z")
+    )
     return {
         "channel": channel,
         "all": record.all,
@@ -192,7 +210,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
         recipient = pseudonym(ring, channel, _recipient_key(cfg, channel, args.recipient))
     since = _since(args.since) if args.since else None
     out = sys.stdout.buffer
-    for entry in audit_verify.search(cfg.audit_dir, recipient=recipient, decision=args.decision, since=since):
+    for entry in audit_verify.search(
+        cfg.audit_dir, recipient=recipient, decision=args.decision, since=since
+    ):
         out.write(orjson.dumps(entry) + b"\n")
     out.flush()
     return 0
@@ -210,14 +230,18 @@ def cmd_keys(args: argparse.Namespace) -> int:
         return 0
     ring = keys_mod.rotate(keyfile.load(path))
     keyfile.save(path, ring)
-    current = ", ".join(f"{name}={ks.current[0]}" for name, ks in
-                        (("record", ring.record), ("token", ring.token), ("audit", ring.audit)))
+    current = ", ".join(
+        f"{name}={ks.current[0]}"
+        for name, ks in (("record", ring.record), ("token", ring.token), ("audit", ring.audit))
+    )
     print(f"rotated {path}: new keys {current}; send SIGHUP to running gateways")
     return 0
 
 
 def cmd_senders(args: argparse.Namespace) -> int:
-    password = getpass.getpass("password: ") if sys.stdin.isatty() else sys.stdin.readline().rstrip("\r\n")
+    password = (
+        getpass.getpass("password: ") if sys.stdin.isatty() else sys.stdin.readline().rstrip("\r\n")
+    )
     if not password:
         _fail("empty password")
     print(senders.hash_password(password))
@@ -235,7 +259,9 @@ def cmd_rules(args: argparse.Namespace) -> int:
     cfg_dir = Path(args.dir) if args.dir else rules_io.choose_dir(None, Path.cwd())
     rules = rules_io.load_dir(cfg_dir)
     names = ", ".join(sorted(rules.categories))
-    print(f"ok: {cfg_dir}: {len(rules.categories)} categories ({names}); version {rules.version[:12]}")
+    print(
+        f"ok: {cfg_dir}: {len(rules.categories)} categories ({names}); version {rules.version[:12]}"
+    )
     return 0
 
 
@@ -249,7 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def with_config(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        sp.add_argument("--config", metavar="FILE", help="config file (default: $OPTGATE_CONFIG, ./optgate.toml)")
+        sp.add_argument(
+            "--config",
+            metavar="FILE",
+            help="config file (default: $OPTGATE_CONFIG, ./optgate.toml)",
+        )
         return sp
 
     s = with_config(sub.add_parser("serve", help="run the gateway"))
@@ -273,8 +303,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     au = sub.add_parser("audit", help="verify and search the audit log")
     ausub = au.add_subparsers(dest="action", required=True, metavar="ACTION")
-    v = with_config(ausub.add_parser("verify", help="check the hash chain; exit 1 naming FILE:LINE of the first break"))
-    v.add_argument("path", nargs="?", metavar="PATH", help="a file or directory (default: audit.dir)")
+    v = with_config(
+        ausub.add_parser(
+            "verify", help="check the hash chain; exit 1 naming FILE:LINE of the first break"
+        )
+    )
+    v.add_argument(
+        "path", nargs="?", metavar="PATH", help="a file or directory (default: audit.dir)"
+    )
     v.set_defaults(func=cmd_audit)
     se = with_config(ausub.add_parser("search", help="print matching entries as JSON lines"))
     se.add_argument("--recipient", metavar="ADDRESS", help="pseudonymised before searching")
@@ -285,14 +321,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     k = sub.add_parser("keys", help="create or rotate the key file")
     ksub = k.add_subparsers(dest="action", required=True, metavar="ACTION")
-    for action, text in (("init", "create the key file (0600)"), ("rotate", "add new record, token and audit keys")):
+    for action, text in (
+        ("init", "create the key file (0600)"),
+        ("rotate", "add new record, token and audit keys"),
+    ):
         with_config(ksub.add_parser(action, help=text)).set_defaults(func=cmd_keys)
 
     sn = sub.add_parser("senders", help="sender credentials")
     snsub = sn.add_subparsers(dest="action", required=True, metavar="ACTION")
-    snsub.add_parser("hash-password", help="read a password on stdin, print a password_hash").set_defaults(
-        func=cmd_senders
-    )
+    snsub.add_parser(
+        "hash-password", help="read a password on stdin, print a password_hash"
+    ).set_defaults(func=cmd_senders)
 
     c = sub.add_parser("certs", help="TLS material")
     csub = c.add_subparsers(dest="action", required=True, metavar="ACTION")

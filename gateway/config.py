@@ -166,7 +166,9 @@ class _Reader:
         self.doc = doc
         self.problems: list[str] = []
 
-    def table(self, name: str, schema: dict[str, type | tuple[type, ...]], value: Any) -> dict[str, Any]:
+    def table(
+        self, name: str, schema: dict[str, type | tuple[type, ...]], value: Any
+    ) -> dict[str, Any]:
         if not isinstance(value, dict):
             self.problems.append(f"[{name}] must be a table")
             return {}
@@ -274,7 +276,10 @@ def build(doc: dict[str, Any], *, path: Path | None, base_dir: Path) -> Config:
         values[key] = smtp.get(key, default)
         if values[key] < 1:
             p.append(f"[smtp] {key} must be at least 1")
-    for key, fdefault in (("idle_timeout_s", IDLE_TIMEOUT_S), ("session_timeout_s", SESSION_TIMEOUT_S)):
+    for key, fdefault in (
+        ("idle_timeout_s", IDLE_TIMEOUT_S),
+        ("session_timeout_s", SESSION_TIMEOUT_S),
+    ):
         values[key] = float(smtp.get(key, fdefault))
         if values[key] <= 0:
             p.append(f"[smtp] {key} must be positive")
@@ -290,7 +295,10 @@ def build(doc: dict[str, Any], *, path: Path | None, base_dir: Path) -> Config:
         if parsed is not None:
             values[key] = parsed
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,47}", values["instance"]):
-        p.append("[gateway] instance must be 1-48 letters, digits, '.', '_' or '-' (it names the audit stream)")
+        p.append(
+            "[gateway] instance must be 1-48 letters, digits, '.', '_' or '-'"
+            " (it names the audit stream)"
+        )
     if not 1 <= values["redis_timeout_ms"] <= 60_000:
         p.append("[redis] timeout_ms must be between 1 and 60000")
     scheme = urlsplit(values["redis_url"]).scheme if values["redis_url"] else ""
@@ -301,7 +309,10 @@ def build(doc: dict[str, Any], *, path: Path | None, base_dir: Path) -> Config:
     if up_scheme == "outbox":
         values["upstream_email_url"] = f"outbox:{resolve(up_url.removeprefix('outbox:'))}"
     elif up_scheme not in ("smtp", "smtps"):
-        p.append(f"[upstream.email] url: expected outbox:DIR, smtp://HOST:PORT or smtps://HOST:PORT, got {up_url!r}")
+        p.append(
+            "[upstream.email] url: expected outbox:DIR, smtp://HOST:PORT or smtps://HOST:PORT,"
+            f" got {up_url!r}"
+        )
     elif not urlsplit(up_url).hostname:
         p.append(f"[upstream.email] url: no host in {up_url!r}")
     if values["upstream_email_pool_size"] < 1:
@@ -370,5 +381,9 @@ def _dkim(items: Any, p: list[str], resolve: Any) -> list[DkimKey]:
         if missing:
             p.append(f"dkim[{i}]: missing {', '.join(missing)}")
             continue
-        out.append(DkimKey(domain=d["domain"].lower(), selector=d["selector"], key_file=resolve(d["key_file"])))
+        out.append(
+            DkimKey(
+                domain=d["domain"].lower(), selector=d["selector"], key_file=resolve(d["key_file"])
+            )
+        )
     return out

@@ -1,16 +1,16 @@
 """The exception tree. Policy outcomes are values (`core.policy.Decision`), never exceptions.
 
-    OptgateError
-    ├── ConfigError            bad config, rules or key file; carries every problem found
-    ├── KeyringError           key file missing, unreadable, or not matching the store
-    ├── StoreError
-    │   ├── StoreUnavailable   (also ConnectionError) down, slow past its budget, erroring
-    │   └── RecordCorrupt      a value that does not decrypt under any known key
-    ├── AuditError             (also OSError) the audit log cannot be written durably
-    │   └── AuditStreamBusy    another process holds this audit stream
-    └── UpstreamError
-        ├── UpstreamUnavailable    (also ConnectionError) connect, TLS policy, timeout
-        └── UpstreamRejected       the provider answered with a non-2xx reply
+OptgateError
+├── ConfigError            bad config, rules or key file; carries every problem found
+├── KeyringError           key file missing, unreadable, or not matching the store
+├── StoreError
+│   ├── StoreUnavailable   (also ConnectionError) down, slow past its budget, erroring
+│   └── RecordCorrupt      a value that does not decrypt under any known key
+├── AuditError             (also OSError) the audit log cannot be written durably
+│   └── AuditStreamBusy    another process holds this audit stream
+└── UpstreamError
+    ├── UpstreamUnavailable    (also ConnectionError) connect, TLS policy, timeout
+    └── UpstreamRejected       the provider answered with a non-2xx reply
 """
 
 from __future__ import annotations

@@ -44,8 +44,13 @@ def _check_hash(stored: str, password: bytes) -> bool:
             return False
         expected = base64.b64decode(digest)
         got = hashlib.scrypt(
-            password, salt=base64.b64decode(salt), n=int(n), r=int(r), p=int(p),
-            maxmem=SCRYPT_MAXMEM, dklen=len(expected),
+            password,
+            salt=base64.b64decode(salt),
+            n=int(n),
+            r=int(r),
+            p=int(p),
+            maxmem=SCRYPT_MAXMEM,
+            dklen=len(expected),
         )
     except (ValueError, TypeError):
         return False
@@ -74,8 +79,11 @@ class Authenticator:
             return None
         if secret.plain is not None:
             return sender if hmac.compare_digest(password, secret.plain) else None
-        assert secret.hashed is not None
-        token = hmac.new(self._cache_key, name.encode() + b"\x00" + password, hashlib.sha256).digest()
+        if secret.hashed is None:
+            return None
+        token = hmac.new(
+            self._cache_key, name.encode() + b"\x00" + password, hashlib.sha256
+        ).digest()
         if token in self._verified:
             return sender
         if _check_hash(secret.hashed, password):

@@ -26,7 +26,13 @@ from gateway.core.rules import Rules
 from gateway.errors import ConfigError, KeyringError, OptgateError
 from gateway.smtp import upstream as upstream_mod
 from gateway.smtp.flow import EmailFlow
-from gateway.smtp.server import COMMAND_CALL_LIMIT, ConnectionLimiter, GatewayHandler, GatewaySMTP, Limits
+from gateway.smtp.server import (
+    COMMAND_CALL_LIMIT,
+    ConnectionLimiter,
+    GatewayHandler,
+    GatewaySMTP,
+    Limits,
+)
 from gateway.store.embedded import EmbeddedRedis
 from gateway.store.redis_store import OptOutStore
 
@@ -74,12 +80,14 @@ class Gateway:
 
     @property
     def rules(self) -> Rules:
-        assert self._rules is not None
+        if self._rules is None:
+            raise RuntimeError("gateway not started")
         return self._rules
 
     @property
     def keyring(self) -> Keyring:
-        assert self._ring is not None
+        if self._ring is None:
+            raise RuntimeError("gateway not started")
         return self._ring
 
     def rules_dir(self) -> Path:
@@ -93,7 +101,11 @@ class Gateway:
             log.info("keys_created", path=str(cfg.keys_file))
         auth, self.dev_sender_created = senders.build(cfg)
         if tls.ensure_dev_certs(cfg.tls_cert, cfg.tls_key):
-            log.info("dev_certificates_created", cert=str(cfg.tls_cert), ca=str(cfg.tls_cert.parent / "ca.pem"))
+            log.info(
+                "dev_certificates_created",
+                cert=str(cfg.tls_cert),
+                ca=str(cfg.tls_cert.parent / "ca.pem"),
+            )
         ctx = tls.server_context(cfg.tls_cert, cfg.tls_key, client_ca=cfg.tls_client_ca)
 
         self.store, embedded = await open_store(cfg, self._ring)
@@ -105,7 +117,10 @@ class Gateway:
             log.warning("store_durability", detail=warning)
 
         self.audit = AuditWriter(
-            cfg.audit_dir, instance=cfg.instance, stream=self.stream or cfg.instance, keyring=self._ring
+            cfg.audit_dir,
+            instance=cfg.instance,
+            stream=self.stream or cfg.instance,
+            keyring=self._ring,
         )
         await self.audit.open()
         self._closers.append(self.audit.close)
@@ -123,7 +138,9 @@ class Gateway:
         handler = GatewayHandler(
             flow=flow,
             auth=auth,
-            limits=Limits(max_recipients=cfg.max_recipients, session_timeout_s=cfg.session_timeout_s),
+            limits=Limits(
+                max_recipients=cfg.max_recipients, session_timeout_s=cfg.session_timeout_s
+            ),
         )
         limiter = ConnectionLimiter(cfg.max_connections_per_client)
         loop = asyncio.get_running_loop()
@@ -151,25 +168,32 @@ class Gateway:
             lambda: factory(implicit=False), cfg.smtp_listen.host, cfg.smtp_listen.port
         )
         implicit = await loop.create_server(
-            lambda: factory(implicit=True), cfg.smtp_listen_tls.host, cfg.smtp_listen_tls.port, ssl=ctx
+            lambda: factory(implicit=True),
+            cfg.smtp_listen_tls.host,
+            cfg.smtp_listen_tls.port,
+            ssl=ctx,
         )
         self._servers = [starttls, implicit]
         self.ports.smtp = starttls.sockets[0].getsockname()[1]
         self.ports.smtps = implicit.sockets[0].getsockname()[1]
         await self.audit.append(
-            [{"event": "start", "rules_version": self.rules.version, "keys": self._ring.audit.current[0]}]
+            [
+                {
+                    "event": "start",
+                    "rules_version": self.rules.version,
+                    "keys": self._ring.audit.current[0],
+                }
+            ]
         )
-        log.info("listening", smtp=self.ports.smtp, smtps=self.ports.smtps, rules=self.rules.version[:12])
+        log.info(
+            "listening", smtp=self.ports.smtp, smtps=self.ports.smtps, rules=self.rules.version[:12]
+        )
 
     async def reload(self) -> bool:
         """Re-read rules and keys (SIGHUP). On any problem keep the old ones and say why."""
         try:
             new_rules = rules_io.load_dir(self.rules_dir())
-            new_ring = keyfile.load(self.cfg.keys_file)
-            if new_ring.fingerprint != self.keyring.fingerprint:
-                raise KeyringError("the pseudonym key changed; refusing (it would orphan every record)")
-            if self.audit is not None:
-                self.audit.set_keyring(new_ring)  # refuses a ring that cannot continue the chain
+            new_ring = self._reloaded_keyring()
         except (ConfigError, KeyringError) as exc:
             log.error("reload_failed", why=str(exc))
             await self._audit_reload(ok=False, why=str(exc)[:500])
@@ -179,12 +203,27 @@ class Gateway:
         await self._audit_reload(ok=True, why="")
         return True
 
+    def _reloaded_keyring(self) -> Keyring:
+        ring = keyfile.load(self.cfg.keys_file)
+        if ring.fingerprint != self.keyring.fingerprint:
+            raise KeyringError("the pseudonym key changed; refusing (it would orphan every record)")
+        if self.audit is not None:
+            self.audit.set_keyring(ring)  # refuses a ring that cannot continue the chain
+        return ring
+
     async def _audit_reload(self, *, ok: bool, why: str) -> None:
         if self.audit is None:
             return
         with contextlib.suppress(OptgateError):
             await self.audit.append(
-                [{"event": "config_reload", "ok": ok, "why": why, "rules_version": self.rules.version}]
+                [
+                    {
+                        "event": "config_reload",
+                        "ok": ok,
+                        "why": why,
+                        "rules_version": self.rules.version,
+                    }
+                ]
             )
 
     async def stop(self, grace_s: float = GRACE_S) -> None:

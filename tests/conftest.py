@@ -43,10 +43,18 @@ def gateway_doc(tmp_path: Path, pki: TestPki, sink_port: int, **overrides: Any) 
         "http": {"listen": "127.0.0.1:0"},
         "redis": {"timeout_ms": 250},
         "upstream": {
-            "email": {"url": f"smtp://127.0.0.1:{sink_port}", "ca_file": str(pki.ca_pem), "timeout_s": 5}
+            "email": {
+                "url": f"smtp://127.0.0.1:{sink_port}",
+                "ca_file": str(pki.ca_pem),
+                "timeout_s": 5,
+            }
         },
         "senders": [
-            {"name": "app", "password_env": "OPTGATE_TEST_APP", "default_category": "appointment-reminder"},
+            {
+                "name": "app",
+                "password_env": "OPTGATE_TEST_APP",
+                "default_category": "appointment-reminder",
+            },
             {"name": "bulk", "password_env": "OPTGATE_TEST_APP", "channels": ["email"]},
         ],
     }
@@ -90,7 +98,12 @@ class Running:
         return smtp
 
     async def send(
-        self, rcpts: list[str], *, category: str | None = None, user: str = "app", body: str = "Hello.",
+        self,
+        rcpts: list[str],
+        *,
+        category: str | None = None,
+        user: str = "app",
+        body: str = "Hello.",
         headers: dict[str, str] | None = None,
     ) -> tuple[int, str]:
         data = message(rcpts, category=category, body=body, headers=headers)
@@ -100,11 +113,11 @@ class Running:
             for r in rcpts:
                 await smtp.rcpt(r)
             code, text = await smtp.data(data)
-            return code, text
         except aiosmtplib.SMTPResponseException as exc:
             return exc.code, exc.message
         finally:
             smtp.close()
+        return code, text
 
     def audit_entries(self) -> list[dict[str, Any]]:
         out = []
@@ -117,7 +130,11 @@ class Running:
 
 
 def message(
-    rcpts: list[str], *, category: str | None = None, body: str = "Hello.", headers: dict[str, str] | None = None
+    rcpts: list[str],
+    *,
+    category: str | None = None,
+    body: str = "Hello.",
+    headers: dict[str, str] | None = None,
 ) -> bytes:
     lines = [
         "From: Clinic <app@sender.example>",

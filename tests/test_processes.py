@@ -65,12 +65,16 @@ def write_config(path: Path, doc: dict[str, Any]) -> Path:
     return path
 
 
-def optgate(*args: str, config: Path | None = None, input: str | None = None) -> subprocess.CompletedProcess[str]:
+def optgate(
+    *args: str, config: Path | None = None, input: str | None = None
+) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-m", "gateway", *args]
     if config is not None:
         cmd += ["--config", str(config)]
     env = {**os.environ, "OPTGATE_TEST_APP": APP_PASSWORD}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env, input=input, check=False)
+    return subprocess.run(
+        cmd, capture_output=True, text=True, timeout=60, env=env, input=input, check=False
+    )
 
 
 class ServeProcess:
@@ -80,7 +84,9 @@ class ServeProcess:
         self.fh = log.open("wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gateway", "serve", "--config", str(config)],
-            stdout=self.fh, stderr=subprocess.STDOUT, env=env,
+            stdout=self.fh,
+            stderr=subprocess.STDOUT,
+            env=env,
         )
 
     async def wait_ready(self) -> None:
@@ -89,10 +95,11 @@ class ServeProcess:
             assert self.proc.poll() is None, self.log.read_text()
             try:
                 _, w = await asyncio.open_connection("127.0.0.1", self.port)
-                w.close()
-                return
             except OSError:
                 await asyncio.sleep(0.1)
+                continue
+            w.close()
+            return
         raise AssertionError(f"gateway did not start:\n{self.log.read_text()}")
 
     def stop(self) -> None:
@@ -113,7 +120,9 @@ def base_doc(tmp_path: Path, pki: TestPki, sink: Sink, instance: str, smtp: int)
         "smtp": {"listen": f"127.0.0.1:{smtp}", "listen_tls": f"127.0.0.1:{free_port()}"},
         "http": {"listen": f"127.0.0.1:{free_port()}"},
         "upstream": {},
-        "senders": [{"name": "app", "password_env": "OPTGATE_TEST_APP", "default_category": "marketing"}],
+        "senders": [
+            {"name": "app", "password_env": "OPTGATE_TEST_APP", "default_category": "marketing"}
+        ],
     }
 
 
@@ -132,11 +141,15 @@ def served() -> Iterator[list[ServeProcess]]:
         p.stop()
 
 
-async def send(pki: TestPki, port: int, rcpts: list[str], category: str = "marketing") -> tuple[int, str]:
+async def send(
+    pki: TestPki, port: int, rcpts: list[str], category: str = "marketing"
+) -> tuple[int, str]:
     import ssl
 
     ctx = ssl.create_default_context(cafile=str(pki.ca_pem))
-    smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=True, tls_context=ctx, timeout=10)
+    smtp = aiosmtplib.SMTP(
+        hostname="127.0.0.1", port=port, start_tls=True, tls_context=ctx, timeout=10
+    )
     await smtp.connect()
     try:
         await smtp.login("app", APP_PASSWORD)
@@ -151,31 +164,58 @@ async def send(pki: TestPki, port: int, rcpts: list[str], category: str = "marke
 
 
 @pytest.fixture
-async def two_gateways(tmp_path: Path, pki: TestPki, sink: Sink, served: list[ServeProcess]) -> AsyncIterator[list[ServeProcess]]:
+async def two_gateways(
+    tmp_path: Path, pki: TestPki, sink: Sink, served: list[ServeProcess]
+) -> AsyncIterator[list[ServeProcess]]:
     for name in ("gw-a", "gw-b"):
         port = free_port()
-        cfg = write_config(tmp_path / f"{name}.toml", with_upstream(base_doc(tmp_path, pki, sink, name, port), sink, pki))
+        cfg = write_config(
+            tmp_path / f"{name}.toml",
+            with_upstream(base_doc(tmp_path, pki, sink, name, port), sink, pki),
+        )
         served.append(ServeProcess(cfg, port, tmp_path / f"{name}.log"))
         await served[-1].wait_ready()
     yield served
 
 
-async def test_optout_via_cli_is_enforced_by_every_process(two_gateways: list[ServeProcess], pki: TestPki, sink: Sink) -> None:
+async def test_optout_via_cli_is_enforced_by_every_process(
+    two_gateways: list[ServeProcess], pki: TestPki, sink: Sink
+) -> None:
     a, b = two_gateways
     for gw in (a, b):
         code, _ = await send(pki, gw.port, ["pat@example.org"])
         assert code == 250
     assert len(sink.messages) == 2
-    out = optgate("optout", "add", "--channel", "email", "--category", "marketing", "Pat@Example.org", config=a.config)
+    out = optgate(
+        "optout",
+        "add",
+        "--channel",
+        "email",
+        "--category",
+        "marketing",
+        "Pat@Example.org",
+        config=a.config,
+    )
     assert out.returncode == 0, out.stderr
     assert orjson.loads(out.stdout)["categories"] == ["marketing"]
     for gw in (a, b):
         code, text = await send(pki, gw.port, ["pat@example.org"])
         assert code == 250 and "1 of 1 recipients suppressed" in text
     assert len(sink.messages) == 2
-    got = orjson.loads(optgate("optout", "get", "--channel", "email", "pat@example.org", config=b.config).stdout)
+    got = orjson.loads(
+        optgate("optout", "get", "--channel", "email", "pat@example.org", config=b.config).stdout
+    )
     assert got["categories"] == ["marketing"] and got["source"] == "cli" and got["all"] is False
-    out = optgate("optout", "remove", "--channel", "email", "--category", "marketing", "pat@example.org", config=b.config)
+    out = optgate(
+        "optout",
+        "remove",
+        "--channel",
+        "email",
+        "--category",
+        "marketing",
+        "pat@example.org",
+        config=b.config,
+    )
     assert out.returncode == 0
     code, text = await send(pki, b.port, ["pat@example.org"])
     assert "0 of 1" in text and len(sink.messages) == 3
@@ -186,14 +226,16 @@ CANARIES = ["Canary.Patient+7F3A@Canary-Clinic.example", "zz.canary.q9x@Canary-C
 
 def forms(address: str) -> set[bytes]:
     out: set[bytes] = set()
-    for a in {address, address.lower(), address.split("+")[0], "zz.canary.q9x"}:
+    for a in {address, address.lower(), address.split("+", maxsplit=1)[0], "zz.canary.q9x"}:
         raw = a.encode()
         out |= {raw, base64.b64encode(raw), raw.hex().encode(), a.replace("@", "%40").encode()}
     out.add(b"canary-clinic")
     return out
 
 
-async def test_phi_canary_appears_nowhere(two_gateways: list[ServeProcess], tmp_path: Path, pki: TestPki, sink: Sink) -> None:
+async def test_phi_canary_appears_nowhere(
+    two_gateways: list[ServeProcess], tmp_path: Path, pki: TestPki, sink: Sink
+) -> None:
     a, b = two_gateways
     out = optgate("optout", "add", "--channel", "email", "--all", CANARIES[1], config=a.config)
     assert out.returncode == 0, out.stderr
@@ -231,7 +273,10 @@ async def test_phi_canary_appears_nowhere(two_gateways: list[ServeProcess], tmp_
 
 def test_bad_config_names_every_problem_and_exits_2(tmp_path: Path) -> None:
     cfg = tmp_path / "bad.toml"
-    cfg.write_text('[smtp]\nmax_recipients = "many"\nbogus = 1\n[redis]\nurl = "http://x"\n[[senders]]\nname = "a"\n')
+    cfg.write_text(
+        '[smtp]\nmax_recipients = "many"\nbogus = 1\n'
+        '[redis]\nurl = "http://x"\n[[senders]]\nname = "a"\n'
+    )
     out = optgate("serve", config=cfg)
     assert out.returncode == 2
     assert "Traceback" not in out.stderr
@@ -239,13 +284,17 @@ def test_bad_config_names_every_problem_and_exits_2(tmp_path: Path) -> None:
         assert fragment in out.stderr
     bad_rules = tmp_path / "rules"
     bad_rules.mkdir()
-    (bad_rules / "x.toml").write_text('[defaults]\ncategory = "nope"\n[[categories]]\nname = "Bad Name"\n')
+    (bad_rules / "x.toml").write_text(
+        '[defaults]\ncategory = "nope"\n[[categories]]\nname = "Bad Name"\n'
+    )
     out = optgate("rules", "check", str(bad_rules))
     assert out.returncode == 2 and "Traceback" not in out.stderr and "x.toml" in out.stderr
     assert optgate("rules", "check").returncode == 0
 
 
-async def test_sighup_reload_keeps_old_rules_on_error(tmp_path: Path, pki: TestPki, sink: Sink, served: list[ServeProcess]) -> None:
+async def test_sighup_reload_keeps_old_rules_on_error(
+    tmp_path: Path, pki: TestPki, sink: Sink, served: list[ServeProcess]
+) -> None:
     rules_dir = tmp_path / "rules"
     rules_dir.mkdir()
     shipped = Path(__file__).resolve().parent.parent / "rules"
@@ -258,7 +307,10 @@ async def test_sighup_reload_keeps_old_rules_on_error(tmp_path: Path, pki: TestP
     gw = ServeProcess(cfg, port, tmp_path / "gw.log")
     served.append(gw)
     await gw.wait_ready()
-    extra = '[[categories]]\nname = "newsletter"\nopt_out = true\nunsubscribe = true\nchannels = ["email"]\nbasis = "test"\n'
+    extra = (
+        '[[categories]]\nname = "newsletter"\nopt_out = true\nunsubscribe = true\n'
+        'channels = ["email"]\nbasis = "test"\n'
+    )
     (rules_dir / "zz.toml").write_text("[[categories]\nbroken")
     gw.proc.send_signal(signal.SIGHUP)
     await asyncio.sleep(1.0)
@@ -274,7 +326,11 @@ async def test_sighup_reload_keeps_old_rules_on_error(tmp_path: Path, pki: TestP
     gw.stop()
     log = gw.log.read_text()
     assert "reload_failed" in log and "zz.toml" in log
-    events = [orjson.loads(line) for f in (tmp_path / "var" / "audit").glob("*.jsonl") for line in f.read_bytes().splitlines()]
+    events = [
+        orjson.loads(line)
+        for f in (tmp_path / "var" / "audit").glob("*.jsonl")
+        for line in f.read_bytes().splitlines()
+    ]
     assert [e["ok"] for e in events if e["event"] == "config_reload"] == [False, True]
 
 
@@ -286,7 +342,10 @@ def test_keys_init_audit_verify_and_hash_password(tmp_path: Path) -> None:
     assert key_file.stat().st_mode & 0o777 == 0o600
     assert optgate("keys", "init", config=cfg).returncode == 2  # never overwrites keys
     for addr in ("a@example.org", "b@example.org", "c@example.org"):
-        assert optgate("optout", "add", "--channel", "email", "--all", addr, config=cfg).returncode == 0
+        assert (
+            optgate("optout", "add", "--channel", "email", "--all", addr, config=cfg).returncode
+            == 0
+        )
     assert optgate("audit", "verify", config=cfg).returncode == 0
     [f] = list((tmp_path / "var" / "audit").glob("*.jsonl"))
     lines = f.read_bytes().splitlines(keepends=True)
@@ -295,5 +354,14 @@ def test_keys_init_audit_verify_and_hash_password(tmp_path: Path) -> None:
     assert out.returncode == 1 and out.stdout.startswith(f"{f}:2:")
     out = optgate("senders", "hash-password", input="s3cret\n")
     assert out.returncode == 0 and out.stdout.startswith("scrypt$")
-    out = optgate("optout", "add", "--channel", "email", "--category", "emergency-alert", "a@example.org", config=cfg)
+    out = optgate(
+        "optout",
+        "add",
+        "--channel",
+        "email",
+        "--category",
+        "emergency-alert",
+        "a@example.org",
+        config=cfg,
+    )
     assert out.returncode == 2 and "cannot be opted out" in out.stderr

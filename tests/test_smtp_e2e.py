@@ -22,7 +22,9 @@ async def opt_out(r: Running, address: str, *categories: str, all: bool = False)
     assert isinstance(parsed, EmailAddress)
     assert r.gw.store is not None
     p = pseudonym(r.gw.keyring, "email", parsed.key_form)
-    await r.gw.store.opt_out("email", p, categories=categories, all=all, source="test", now=time.time())
+    await r.gw.store.opt_out(
+        "email", p, categories=categories, all=all, source="test", now=time.time()
+    )
 
 
 def pseud(r: Running, address: str) -> str:
@@ -42,7 +44,9 @@ async def test_allowed_message_is_forwarded_after_upstream_accepts(gateway: Runn
     assert b"X-Internal-Trace" not in got.data
     assert b"Subject: Your appointment" in got.data
     decisions = gateway.decisions()
-    assert [(d["decision"], d["category"], d["sender"]) for d in decisions] == [("allow", "marketing", "app")]
+    assert [(d["decision"], d["category"], d["sender"]) for d in decisions] == [
+        ("allow", "marketing", "app")
+    ]
     d = decisions[0]
     assert d["recipient"] == pseud(gateway, "pat@example.org")
     assert d["message_id"] == "<test-1@sender.example>"
@@ -64,7 +68,9 @@ async def test_implicit_tls_listener_works_too(gateway: Running) -> None:
 async def test_opted_out_recipients_are_removed_and_counted(gateway: Running) -> None:
     await opt_out(gateway, "b@example.org", "marketing")
     await opt_out(gateway, "c@example.org", all=True)
-    code, text = await gateway.send(["a@example.org", "b@example.org", "c@example.org"], category="marketing")
+    code, text = await gateway.send(
+        ["a@example.org", "b@example.org", "c@example.org"], category="marketing"
+    )
     assert code == 250
     assert "2 of 3 recipients suppressed" in text
     assert "example.org" not in text  # never an address in a reply
@@ -84,11 +90,15 @@ async def test_category_opt_out_only_covers_that_category(gateway: Running) -> N
 
 async def test_category_from_sender_default_then_rules_default(gateway: Running) -> None:
     await opt_out(gateway, "b@example.org", "appointment-reminder")
-    code, text = await gateway.send(["b@example.org"])  # sender "app" defaults to appointment-reminder
+    code, text = await gateway.send(
+        ["b@example.org"]
+    )  # sender "app" defaults to appointment-reminder
     assert code == 250 and "1 of 1" in text
     assert gateway.sink.messages == []
     await opt_out(gateway, "m@example.org", "marketing")
-    code, text = await gateway.send(["m@example.org"], user="bulk")  # no sender default -> rules default
+    code, text = await gateway.send(
+        ["m@example.org"], user="bulk"
+    )  # no sender default -> rules default
     assert code == 250 and "1 of 1" in text
     assert gateway.sink.messages == []
     assert {d["category"] for d in gateway.decisions()} == {"appointment-reminder", "marketing"}
@@ -98,7 +108,9 @@ async def test_unknown_category_is_rejected_and_audited(gateway: Running) -> Non
     code, text = await gateway.send(["pat@example.org"], category="no-such-thing")
     assert (code, text.split()[0]) == (550, "5.7.1")
     assert gateway.sink.messages == []
-    assert [(d["decision"], d["reason"]) for d in gateway.decisions()] == [("reject", "unknown-category")]
+    assert [(d["decision"], d["reason"]) for d in gateway.decisions()] == [
+        ("reject", "unknown-category")
+    ]
 
 
 async def test_all_suppressed_reject_mode_answers_550(make_gateway) -> None:  # type: ignore[no-untyped-def]
@@ -126,7 +138,9 @@ async def test_all_suppressed_reject_mode_answers_550(make_gateway) -> None:  # 
         "<evil%z.example@y.example>",
     ],
 )
-async def test_address_forms_that_could_reach_another_mailbox_are_refused(gateway: Running, rcpt_arg: str) -> None:
+async def test_address_forms_that_could_reach_another_mailbox_are_refused(
+    gateway: Running, rcpt_arg: str
+) -> None:
     raw = await RawSMTP.connect(gateway.gw.ports.smtp)
     try:
         await raw.ready(gateway.client_context(), "app", APP_PASSWORD)
@@ -162,10 +176,16 @@ async def test_crlf_injected_rcpt_never_becomes_a_second_command(gateway: Runnin
 
 @pytest.mark.parametrize(
     ("address", "expected"),
-    [("b\x00@y.example", "553 5.1.3"), ("b\x7f@y.example", "553 5.1.3"), ("b\x01@y.example", "553 5.1.3"),
-     ("álice@y.example", "553 5.6.7")],
+    [
+        ("b\x00@y.example", "553 5.1.3"),
+        ("b\x7f@y.example", "553 5.1.3"),
+        ("b\x01@y.example", "553 5.1.3"),
+        ("álice@y.example", "553 5.6.7"),
+    ],
 )
-async def test_control_and_non_ascii_addresses(gateway: Running, address: str, expected: str) -> None:
+async def test_control_and_non_ascii_addresses(
+    gateway: Running, address: str, expected: str
+) -> None:
     raw = await RawSMTP.connect(gateway.gw.ports.smtp)
     try:
         await raw.ready(gateway.client_context(), "app", APP_PASSWORD)
@@ -188,7 +208,12 @@ async def test_smtputf8_recipient_is_accepted_with_the_parameter(gateway: Runnin
 
 async def test_domain_case_and_local_part_case_are_keyed_together(gateway: Running) -> None:
     await opt_out(gateway, "Bob@Example.COM", "marketing")
-    for variant in ("bob@example.com", "BOB@EXAMPLE.COM", "Bob@example.com", "bob+news@example.com"):
+    for variant in (
+        "bob@example.com",
+        "BOB@EXAMPLE.COM",
+        "Bob@example.com",
+        "bob+news@example.com",
+    ):
         code, text = await gateway.send([variant], category="marketing")
         assert code == 250 and "1 of 1 recipients suppressed" in text, variant
     assert gateway.sink.messages == []
@@ -245,7 +270,11 @@ async def test_upstream_without_starttls_gets_nothing(make_gateway, pki) -> None
     plain = Sink(pki=pki, tls=False)
     await plain.start()
     try:
-        r = await make_gateway(upstream={"email": {"url": f"smtp://127.0.0.1:{plain.port}", "ca_file": str(pki.ca_pem)}})
+        r = await make_gateway(
+            upstream={
+                "email": {"url": f"smtp://127.0.0.1:{plain.port}", "ca_file": str(pki.ca_pem)}
+            }
+        )
         code, text = await r.send(["pat@example.org"], category="marketing")
         assert code == 451 and text.startswith("4.7.0")
         assert plain.messages == []
@@ -313,7 +342,10 @@ async def test_store_down_then_restarted(gateway: Running) -> None:
 # --- TLS 1.3 only -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("command", ["MAIL FROM:<a@b.example>", "AUTH PLAIN AGFwcABzZWNyZXQ=", "RCPT TO:<a@b.example>", "DATA"])
+@pytest.mark.parametrize(
+    "command",
+    ["MAIL FROM:<a@b.example>", "AUTH PLAIN AGFwcABzZWNyZXQ=", "RCPT TO:<a@b.example>", "DATA"],
+)
 async def test_commands_before_starttls_get_530(gateway: Running, command: str) -> None:
     raw = await RawSMTP.connect(gateway.gw.ports.smtp)
     try:
@@ -381,7 +413,9 @@ async def test_wrong_password_is_refused(gateway: Running) -> None:
     "vector",
     [b"\n.\n", b"\n.\r", b"\r.\n", b"\r.\r", b"\n.\r\n", b"\r.\r\n", b"\r\n\x00.\r\n"],
 )
-async def test_smuggling_vectors_never_make_a_second_message(gateway: Running, vector: bytes) -> None:
+async def test_smuggling_vectors_never_make_a_second_message(
+    gateway: Running, vector: bytes
+) -> None:
     raw = await RawSMTP.connect(gateway.gw.ports.smtp)
     smuggled = (
         b"MAIL FROM:<app@sender.example>\r\nRCPT TO:<evil@z.example>\r\nDATA\r\n"
@@ -414,7 +448,9 @@ async def test_size_limits(make_gateway) -> None:  # type: ignore[no-untyped-def
         assert (code, text.split()[1]) == (552, "5.3.4")
         await raw.cmd("MAIL FROM:<app@sender.example>")
         await raw.cmd("RCPT TO:<ok@y.example>")
-        code, text = await raw.data(message(["ok@y.example"], body="x" * 900 + ("\r\n" + "y" * 900) * 20) + b".\r\n")
+        code, text = await raw.data(
+            message(["ok@y.example"], body="x" * 900 + ("\r\n" + "y" * 900) * 20) + b".\r\n"
+        )
         assert (code, text.split()[1]) == (552, "5.3.4")
         await raw.cmd("MAIL FROM:<app@sender.example>")
         await raw.cmd("RCPT TO:<ok@y.example>")
@@ -479,7 +515,9 @@ async def test_pooled_client_sends_many_transactions_on_one_connection(gateway: 
     smtp = await gateway.client()
     try:
         for i in range(30):
-            await smtp.sendmail("app@sender.example", [f"p{i}@example.org"], message([f"p{i}@example.org"]))
+            await smtp.sendmail(
+                "app@sender.example", [f"p{i}@example.org"], message([f"p{i}@example.org"])
+            )
     finally:
         smtp.close()
     assert len(gateway.sink.messages) == 30

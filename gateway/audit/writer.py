@@ -366,7 +366,7 @@ class AuditWriter:
 
 async def bench(directory: Path, writers: int, seconds: float) -> float:
     """Entries per second with `writers` concurrent appenders of one entry each, real fsync."""
-    from gateway.core.keys import generate  # noqa: PLC0415 - only the benchmark needs it
+    from gateway.core.keys import generate
 
     writer = AuditWriter(directory, instance="bench", stream="bench", keyring=generate())
     await writer.open()

@@ -29,7 +29,9 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # RFC 5322 atext without "%" and "!" (historic source-routing hacks that relays interpret).
 _ATEXT_ASCII = r"A-Za-z0-9#$&'*+/=?^_`{|}~\-"
 _DOT_ATOM_ASCII = re.compile(rf"[{_ATEXT_ASCII}]+(?:\.[{_ATEXT_ASCII}]+)*")
-_DOT_ATOM_UTF8 = re.compile(rf"[{_ATEXT_ASCII}\u0080-\U0010ffff]+(?:\.[{_ATEXT_ASCII}\u0080-\U0010ffff]+)*")
+_DOT_ATOM_UTF8 = re.compile(
+    rf"[{_ATEXT_ASCII}\u0080-\U0010ffff]+(?:\.[{_ATEXT_ASCII}\u0080-\U0010ffff]+)*"
+)
 _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 
 
@@ -41,7 +43,9 @@ class EmailAddress:
     utf8: bool  # needs SMTPUTF8 upstream
 
     def key_forms(self) -> tuple[str, ...]:
-        return (self.key_form,) if self.base_key_form is None else (self.key_form, self.base_key_form)
+        return (
+            (self.key_form,) if self.base_key_form is None else (self.key_form, self.base_key_form)
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -53,7 +57,9 @@ BAD_SYNTAX = AddressProblem(reply="553 5.1.3 Bad destination mailbox address syn
 CONTROL_CHARS = AddressProblem(reply="553 5.1.3 Control characters are not allowed in addresses")
 NEEDS_SMTPUTF8 = AddressProblem(reply="553 5.6.7 Non-ASCII address requires the SMTPUTF8 parameter")
 TOO_LONG = AddressProblem(reply="553 5.1.3 Address too long")
-ROUTING = AddressProblem(reply="553 5.1.3 Source routes, quoted local parts and % or ! routing are not accepted")
+ROUTING = AddressProblem(
+    reply="553 5.1.3 Source routes, quoted local parts and % or ! routing are not accepted"
+)
 
 
 def _key_local(local: str) -> str:

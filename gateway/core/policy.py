@@ -28,10 +28,14 @@ class Decision:
     reason: str  # short machine-readable reason
 
 
-NOT_OPT_OUTABLE = Decision(verdict=Verdict.ALLOW, rule="category.opt_out=false", reason="no-lookup-needed")
+NOT_OPT_OUTABLE = Decision(
+    verdict=Verdict.ALLOW, rule="category.opt_out=false", reason="no-lookup-needed"
+)
 NOT_OPTED_OUT = Decision(verdict=Verdict.ALLOW, rule="optout.none", reason="not-opted-out")
 OPTED_OUT_ALL = Decision(verdict=Verdict.SUPPRESS, rule="optout.all", reason="opted-out-all")
-OPTED_OUT_CATEGORY = Decision(verdict=Verdict.SUPPRESS, rule="optout.category", reason="opted-out-category")
+OPTED_OUT_CATEGORY = Decision(
+    verdict=Verdict.SUPPRESS, rule="optout.category", reason="opted-out-category"
+)
 RECORD_CORRUPT = Decision(verdict=Verdict.DEFER, rule="store.record", reason="record-corrupt")
 STORE_UNAVAILABLE = Decision(verdict=Verdict.DEFER, rule="store.lookup", reason="store-unavailable")
 

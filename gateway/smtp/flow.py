@@ -42,7 +42,9 @@ class Store(Protocol):
         self, channel: str, pseudonyms: Sequence[str], *, digest: str, candidates: Sequence[str]
     ) -> tuple[list[State], set[str]]: ...
 
-    async def remember_delivered(self, digest: str, pseudonyms: Sequence[str], ttl_s: int = ...) -> None: ...
+    async def remember_delivered(
+        self, digest: str, pseudonyms: Sequence[str], ttl_s: int = ...
+    ) -> None: ...
 
 
 class Audit(Protocol):
@@ -99,7 +101,9 @@ class EmailFlow:
         rules = self._rules()
         base = {"channel": CHANNEL, "sender": sub.sender.name, "txn": txn}
 
-        async def reject_all(reply: str, reason: str, category: str = "", message_id: str = "") -> str:
+        async def reject_all(
+            reply: str, reason: str, category: str = "", message_id: str = ""
+        ) -> str:
             d = policy.reject(reason, rule=f"smtp.{reason}")
             await self._decisions(base, rcpts, [d] * len(rcpts), category, message_id)
             return reply
@@ -115,7 +119,9 @@ class EmailFlow:
         if isinstance(chosen, str):
             return await reject_all(chosen, "unknown-category", message_id=message_id)
         category = chosen
-        digest = msg.submission_digest(message_id=message_id, mail_from=sub.mail_from, data=sub.data)
+        digest = msg.submission_digest(
+            message_id=message_id, mail_from=sub.mail_from, data=sub.data
+        )
 
         try:
             decisions, delivered = await self._decide(category, rcpts, digest)
@@ -149,7 +155,15 @@ class EmailFlow:
             )
         ]
         outcomes = [await self._upstream.deliver(c) for c in copies]
-        return await self._conclude(base, category, message_id, digest, to_send, outcomes, summary)
+        return await self._conclude(
+            base=base,
+            category=category,
+            message_id=message_id,
+            digest=digest,
+            sent=to_send,
+            outcomes=outcomes,
+            summary=summary,
+        )
 
     def _rcpt(self, ring: Keyring, address: EmailAddress) -> _Rcpt:
         keys = tuple(pseudonym(ring, CHANNEL, k) for k in address.key_forms())
@@ -218,6 +232,7 @@ class EmailFlow:
 
     async def _conclude(
         self,
+        *,
         base: dict[str, str],
         category: Category,
         message_id: str,

