@@ -86,6 +86,12 @@ class Config:
     upstream_email_pool_size: int = 8
     upstream_email_timeout_s: float = 30.0
     sms_default_region: str = "US"
+    upstream_sms_url: str = ""
+    upstream_sms_account_sid: str = ""
+    upstream_sms_auth_token_env: str = ""
+    upstream_sms_ca_file: Path | None = None
+    upstream_sms_timeout_s: float = 10.0
+    sms_inbound_forward_url: str = ""
     senders: tuple[Sender, ...] = ()
     audit_dir: Path = Path("var/audit")
     rules_dir: Path | None = None
@@ -146,6 +152,7 @@ _UPSTREAM_SMS: dict[str, type | tuple[type, ...]] = {
     "auth_token_env": str,
     "ca_file": str,
     "inbound_forward_url": str,
+    "timeout_s": (int, float),
 }
 _SENDER: dict[str, type | tuple[type, ...]] = {
     "name": str,
@@ -233,7 +240,7 @@ def build(doc: dict[str, Any], *, path: Path | None, base_dir: Path) -> Config:
         if key not in ("email", "sms"):
             p.append(f"[upstream] unknown table {key!r}")
     up_email = r.table("upstream.email", _UPSTREAM_EMAIL, upstream.get("email", {}))
-    r.table("upstream.sms", _UPSTREAM_SMS, upstream.get("sms", {}))
+    up_sms = r.table("upstream.sms", _UPSTREAM_SMS, upstream.get("sms", {}))
     known = {*_SCHEMA, "upstream", "senders", "dkim"}
     for key in doc:
         if key not in known:
@@ -266,6 +273,22 @@ def build(doc: dict[str, Any], *, path: Path | None, base_dir: Path) -> Config:
         "upstream_email_pool_size": up_email.get("pool_size", 8),
         "upstream_email_timeout_s": float(up_email.get("timeout_s", 30.0)),
     }
+    values["upstream_sms_url"] = up_sms.get("url", "").rstrip("/")
+    values["upstream_sms_account_sid"] = up_sms.get("account_sid", "")
+    values["upstream_sms_auth_token_env"] = up_sms.get("auth_token_env", "")
+    values["upstream_sms_ca_file"] = resolve(up_sms["ca_file"]) if up_sms.get("ca_file") else None
+    values["upstream_sms_timeout_s"] = float(up_sms.get("timeout_s", 10.0))
+    values["sms_inbound_forward_url"] = up_sms.get("inbound_forward_url", "")
+    if values["upstream_sms_url"] and urlsplit(values["upstream_sms_url"]).scheme != "https":
+        p.append("[upstream.sms] url must be https:// (TLS 1.3 only)")
+    if values["upstream_sms_url"] and not values["upstream_sms_account_sid"]:
+        p.append("[upstream.sms] account_sid is required when url is set")
+    token_env = values["upstream_sms_auth_token_env"]
+    if token_env and not os.environ.get(token_env):
+        p.append(f"[upstream.sms] environment variable {token_env} is not set")
+    fwd = values["sms_inbound_forward_url"]
+    if fwd and urlsplit(fwd).scheme != "https":
+        p.append("[upstream.sms] inbound_forward_url must be https://")
     if "dir" in t["rules"]:
         values["rules_dir"] = resolve(t["rules"]["dir"])
     for key, default in (

@@ -45,6 +45,11 @@ GRACE_S = 10.0  # how long open sessions may finish after SIGTERM
 class Ports:
     smtp: int = 0
     smtps: int = 0
+    http: int = 0
+
+
+# Route modules mounted on the HTTPS listener; each exposes setup(app, deps).
+HTTP_MODULES: list[str] = []
 
 
 async def open_store(cfg: Config, ring: Keyring) -> tuple[OptOutStore, EmbeddedRedis | None]:
@@ -174,6 +179,7 @@ class Gateway:
             ssl=ctx,
         )
         self._servers = [starttls, implicit]
+        await self._start_http(ctx, auth)
         self.ports.smtp = starttls.sockets[0].getsockname()[1]
         self.ports.smtps = implicit.sockets[0].getsockname()[1]
         await self.audit.append(
@@ -186,8 +192,32 @@ class Gateway:
             ]
         )
         log.info(
-            "listening", smtp=self.ports.smtp, smtps=self.ports.smtps, rules=self.rules.version[:12]
+            "listening",
+            smtp=self.ports.smtp,
+            smtps=self.ports.smtps,
+            https=self.ports.http,
+            rules=self.rules.version[:12],
         )
+
+    async def _start_http(self, ctx: Any, auth: Any) -> None:
+        import importlib
+
+        from gateway.http import app as http_app
+
+        deps = http_app.HttpDeps(
+            cfg=self.cfg,
+            store=self.store,
+            audit=self.audit,
+            rules=lambda: self.rules,
+            keyring=lambda: self.keyring,
+            senders=auth,
+        )
+        modules = [importlib.import_module(name).setup for name in HTTP_MODULES]
+        app = http_app.build_app(deps, modules)
+        runner, self.ports.http = await http_app.start_site(
+            app, host=self.cfg.http_listen.host, port=self.cfg.http_listen.port, ssl_context=ctx
+        )
+        self._closers.append(runner.cleanup)
 
     async def reload(self) -> bool:
         """Re-read rules and keys (SIGHUP). On any problem keep the old ones and say why."""

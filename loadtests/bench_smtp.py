@@ -415,7 +415,8 @@ class Client:
         smtp = aiosmtplib.SMTP(
             hostname="127.0.0.1",
             port=self.spec.port,
-            start_tls=True,
+            use_tls=self.spec.implicit,
+            start_tls=not self.spec.implicit,
             tls_context=self.ctx,
             local_hostname="client.bench",
             timeout=SMTP_TIMEOUT_S,

@@ -1,0 +1,158 @@
+"""The HTTPS application (aiohttp, TLS 1.3 only): shared plumbing for every route module.
+
+- Errors are RFC 9457 problem documents (`problem()`), never a traceback: an unexpected
+  exception becomes a 500 problem with no detail, and is logged by class name only.
+- The access log names the route template (`/u/{token}`), never the path: paths carry
+  unsubscribe tokens and, on admin routes, addresses (threats.md S17).
+- Security headers on every response; no cookies are ever set.
+- Route modules expose `setup(app: web.Application, deps: HttpDeps) -> None`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+from aiohttp.typedefs import Handler
+
+from gateway.config import Config
+from gateway.core.keys import Keyring
+from gateway.core.rules import Rules
+
+log = structlog.get_logger("optgate.http")
+
+MAX_BODY_BYTES = 64 * 1024  # SMS bodies and unsubscribe forms are tiny; bulk import overrides
+PROBLEM_TYPE = "application/problem+json"
+
+SECURITY_HEADERS = {
+    "Cache-Control": "no-store",
+    "Referrer-Policy": "no-referrer",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Strict-Transport-Security": "max-age=31536000",
+    "Content-Security-Policy": "default-src 'none'; style-src 'self' 'unsafe-inline'; "
+    "form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HttpDeps:
+    """What route modules may use. Getters, because SIGHUP swaps rules and keys."""
+
+    cfg: Config
+    store: Any  # gateway.store.redis_store.OptOutStore (Any: keeps this module import-light)
+    audit: Any  # gateway.audit.writer.AuditWriter
+    rules: Callable[[], Rules]
+    keyring: Callable[[], Keyring]
+    senders: Any  # gateway.senders.Authenticator
+
+
+DEPS_KEY = web.AppKey("deps", HttpDeps)
+
+
+def problem(
+    status: int,
+    title: str,
+    *,
+    detail: str = "",
+    type_: str = "about:blank",
+    headers: dict[str, str] | None = None,
+    **extra: Any,
+) -> web.Response:
+    """An RFC 9457 problem document. `detail` must never quote an address or token."""
+    body: dict[str, Any] = {"type": type_, "title": title, "status": status}
+    if detail:
+        body["detail"] = detail
+    body.update(extra)
+    return web.json_response(body, status=status, content_type=PROBLEM_TYPE, headers=headers)
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400 or exc.content_type in (PROBLEM_TYPE, "application/json", "text/html"):
+            raise
+        return problem(
+            exc.status,
+            exc.reason,
+            headers={k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")},
+        )
+    except Exception as exc:  # noqa: BLE001 - the one place an unexpected failure becomes a 500
+        log.error("http_handler_error", route=_route(request), error=type(exc).__name__)
+        return problem(500, "Internal Server Error")
+    return response
+
+
+@web.middleware
+async def _security_headers(request: web.Request, handler: Handler) -> web.StreamResponse:
+    response = await handler(request)
+    for k, v in SECURITY_HEADERS.items():
+        response.headers.setdefault(k, v)
+    return response
+
+
+def _route(request: web.BaseRequest) -> str:
+    match = getattr(request, "match_info", None)
+    route = getattr(match, "route", None)
+    resource = getattr(route, "resource", None)
+    return resource.canonical if resource is not None else "-"
+
+
+class AccessLogger(AbstractAccessLogger):
+    """Method, route template, status, size, duration: no path, query, client IP or agent."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time_s: float) -> None:
+        self.logger.info(
+            "%s %s %s %s %.1fms",
+            request.method,
+            _route(request),
+            response.status,
+            response.body_length,
+            time_s * 1000,
+        )
+
+
+ACCESS_LOGGER = "optgate.access"  # not aiohttp.access: that one is floored at WARNING
+
+
+async def start_site(
+    app: web.Application, *, host: str, port: int, ssl_context: Any
+) -> tuple[web.AppRunner, int]:
+    """Serve `app` over TLS on host:port (0 = any free port). Returns (runner, bound port)."""
+    runner = web.AppRunner(
+        app,
+        access_log_class=AccessLogger,
+        access_log=logging.getLogger(ACCESS_LOGGER),
+        handle_signals=False,
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, ssl_context=ssl_context, reuse_address=True)
+    await site.start()
+    server = site._server  # aiohttp exposes no public accessor for the bound port
+    bound = port
+    sockets = getattr(server, "sockets", None)
+    if sockets:
+        bound = int(sockets[0].getsockname()[1])
+    return runner, bound
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+def build_app(
+    deps: HttpDeps, modules: Sequence[Callable[[web.Application, HttpDeps], None]] = ()
+) -> web.Application:
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_security_headers, _errors])
+    app[DEPS_KEY] = deps
+    app.router.add_get("/healthz", healthz)
+    for setup in modules:
+        setup(app, deps)
+    return app
