@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import getpass
 import re
+import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -172,19 +173,27 @@ def _since(text: str) -> datetime:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    if args.workers not in (None, 1):
-        _fail("--workers above 1 is not available in this version; run one process per core")
-    cfg = _config(args)
-    from gateway import service
+    from gateway import service, supervisor
 
+    # Until the event loop installs its handlers, a reload request must not end the process.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    cfg = _config(args)
     try:
         import uvloop
 
         uvloop.install()
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
         pass
-    asyncio.run(service.serve(cfg))
-    return 0
+    if args.worker_index is not None:
+        asyncio.run(service.serve(cfg, worker=args.worker_index))
+        return 0
+    workers = supervisor.default_workers() if args.workers is None else args.workers
+    if workers < 1:
+        _fail("--workers must be at least 1")
+    if workers == 1:
+        asyncio.run(service.serve(cfg))
+        return 0
+    return asyncio.run(supervisor.Supervisor(cfg, workers, args.config).run())
 
 
 def cmd_optout(args: argparse.Namespace) -> int:
@@ -283,7 +292,13 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     s = with_config(sub.add_parser("serve", help="run the gateway"))
-    s.add_argument("--workers", type=int, metavar="N", help="worker processes (this version: 1)")
+    s.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="worker processes sharing the ports (default: CPU count)",
+    )
+    s.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
     s.set_defaults(func=cmd_serve)
 
     o = sub.add_parser("optout", help="manage opt-outs (works with or without a running server)")

@@ -74,6 +74,7 @@ async def open_store(cfg: Config, ring: Keyring) -> tuple[OptOutStore, EmbeddedR
 class Gateway:
     cfg: Config
     stream: str = ""
+    reuse_port: bool = False  # set for workers sharing the listeners (SO_REUSEPORT)
     ports: Ports = field(default_factory=Ports)
     _rules: Rules | None = None
     _ring: Keyring | None = None
@@ -170,13 +171,17 @@ class Gateway:
             )
 
         starttls = await loop.create_server(
-            lambda: factory(implicit=False), cfg.smtp_listen.host, cfg.smtp_listen.port
+            lambda: factory(implicit=False),
+            cfg.smtp_listen.host,
+            cfg.smtp_listen.port,
+            reuse_port=self.reuse_port or None,
         )
         implicit = await loop.create_server(
             lambda: factory(implicit=True),
             cfg.smtp_listen_tls.host,
             cfg.smtp_listen_tls.port,
             ssl=ctx,
+            reuse_port=self.reuse_port or None,
         )
         self._servers = [starttls, implicit]
         await self._start_http(ctx, auth)
@@ -215,7 +220,11 @@ class Gateway:
         modules = [importlib.import_module(name).setup for name in HTTP_MODULES]
         app = http_app.build_app(deps, modules)
         runner, self.ports.http = await http_app.start_site(
-            app, host=self.cfg.http_listen.host, port=self.cfg.http_listen.port, ssl_context=ctx
+            app,
+            host=self.cfg.http_listen.host,
+            port=self.cfg.http_listen.port,
+            ssl_context=ctx,
+            reuse_port=self.reuse_port,
         )
         self._closers.append(runner.cleanup)
 
@@ -270,16 +279,41 @@ class Gateway:
         self._closers = []
 
 
-async def serve(cfg: Config) -> None:
-    gw = Gateway(cfg)
-    await gw.start()
-    if gw.dev_sender_created:
-        log.info("dev_sender", name=senders.DEV_SENDER, password_file=str(cfg.dev_sender_secret))
+async def serve(cfg: Config, *, worker: int | None = None) -> None:
+    """Run one gateway process; `worker` is its index under `optgate serve --workers N`."""
+    if worker is None:
+        gw = Gateway(cfg)
+    else:
+        gw = Gateway(cfg, stream=f"{cfg.instance}-w{worker}", reuse_port=True)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    started = False
+    hup_pending = False
+    reloads: set[asyncio.Task[bool]] = set()
+
+    def reload_now() -> None:
+        task = asyncio.ensure_future(gw.reload())
+        reloads.add(task)  # keep a reference until it finishes
+        task.add_done_callback(reloads.discard)
+
+    def on_hup() -> None:
+        nonlocal hup_pending
+        if started:
+            reload_now()
+        else:
+            hup_pending = True  # a reload asked for during start-up runs right after it
+
+    # Handlers go in before the listeners open: a signal during start-up must neither kill
+    # the process (SIGHUP's default action) nor be lost.
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(gw.reload()))
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    await gw.start()
+    started = True
+    if hup_pending:
+        reload_now()
+    if gw.dev_sender_created and worker is None:
+        log.info("dev_sender", name=senders.DEV_SENDER, password_file=str(cfg.dev_sender_secret))
     try:
         await stop.wait()
     finally:

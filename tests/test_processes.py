@@ -326,12 +326,9 @@ async def test_sighup_reload_keeps_old_rules_on_error(
     gw.stop()
     log = gw.log.read_text()
     assert "reload_failed" in log and "zz.toml" in log
-    events = [
-        orjson.loads(line)
-        for f in (tmp_path / "var" / "audit").glob("*.jsonl")
-        for line in f.read_bytes().splitlines()
-    ]
-    assert [e["ok"] for e in events if e["event"] == "config_reload"] == [False, True]
+    for f in (tmp_path / "var" / "audit").glob("*.jsonl"):  # one stream per worker
+        events = [orjson.loads(line) for line in f.read_bytes().splitlines()]
+        assert [e["ok"] for e in events if e["event"] == "config_reload"] == [False, True]
 
 
 def test_keys_init_audit_verify_and_hash_password(tmp_path: Path) -> None:
@@ -365,3 +362,55 @@ def test_keys_init_audit_verify_and_hash_password(tmp_path: Path) -> None:
         config=cfg,
     )
     assert out.returncode == 2 and "cannot be opted out" in out.stderr
+
+
+async def test_workers_share_ports_restart_and_stop_cleanly(
+    tmp_path: Path, pki: TestPki, sink: Sink, served: list[ServeProcess]
+) -> None:
+    port = free_port()
+    cfg = write_config(
+        tmp_path / "gw.toml", with_upstream(base_doc(tmp_path, pki, sink, "gw-w", port), sink, pki)
+    )
+    gw = ServeProcess(cfg, port, tmp_path / "gw.log")
+    gw.proc.kill()  # replace the single-process start with a two-worker one
+    gw.proc.wait()
+    gw.fh.close()
+    env = {**os.environ, "OPTGATE_TEST_APP": APP_PASSWORD}
+    gw.fh = gw.log.open("wb")
+    gw.proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve", "--workers", "2", "--config", str(cfg)],
+        stdout=gw.fh,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    served.append(gw)
+    await gw.wait_ready()
+    await asyncio.sleep(1.0)  # let the second worker bind too
+    for i in range(16):
+        code, _ = await send(pki, port, [f"p{i}@example.org"])
+        assert code == 250
+    audit = tmp_path / "var" / "audit"
+    streams = {f.name.rsplit("-", 3)[0] for f in audit.glob("*.jsonl")}
+    assert streams == {"gw-w-w0", "gw-w-w1"}  # the kernel spread connections over both
+    worker_pids = [
+        int(p)
+        for p in subprocess.check_output(
+            ["pgrep", "-P", str(gw.proc.pid), "-f", "worker-index"]
+        ).split()
+    ]
+    os.kill(worker_pids[0], signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and gw.log.read_text().count("worker_started") < 3:
+        await asyncio.sleep(0.2)
+    await asyncio.sleep(2.0)  # the replacement worker binds after its imports
+    for i in range(6):
+        code, _ = await send(pki, port, [f"q{i}@example.org"])
+        assert code == 250  # still served throughout
+    gw.stop()
+    assert gw.proc.returncode == 0
+    log = gw.log.read_text()
+    assert "worker_exited" in log and log.count("worker_started") >= 3
+    pid_file = tmp_path / "var" / "redis" / "server.pid"
+    assert not pid_file.exists()  # the embedded store was stopped with the service
+    out = optgate("audit", "verify", config=cfg)
+    assert out.returncode == 0, out.stdout

@@ -123,7 +123,7 @@ ACCESS_LOGGER = "optgate.access"  # not aiohttp.access: that one is floored at W
 
 
 async def start_site(
-    app: web.Application, *, host: str, port: int, ssl_context: Any
+    app: web.Application, *, host: str, port: int, ssl_context: Any, reuse_port: bool = False
 ) -> tuple[web.AppRunner, int]:
     """Serve `app` over TLS on host:port (0 = any free port). Returns (runner, bound port)."""
     runner = web.AppRunner(
@@ -133,7 +133,14 @@ async def start_site(
         handle_signals=False,
     )
     await runner.setup()
-    site = web.TCPSite(runner, host, port, ssl_context=ssl_context, reuse_address=True)
+    site = web.TCPSite(
+        runner,
+        host,
+        port,
+        ssl_context=ssl_context,
+        reuse_address=True,
+        reuse_port=reuse_port or None,
+    )
     await site.start()
     server = site._server  # aiohttp exposes no public accessor for the bound port
     bound = port
