@@ -20,9 +20,9 @@ import structlog
 
 from gateway import config as config_mod
 from gateway.errors import ConfigError, UpstreamUnavailable
+from gateway.smtp.outbox import OutboxUpstream
 from gateway.smtp.upstream import (
     Copy,
-    OutboxUpstream,
     Outcome,
     SmtpUpstream,
     from_config,

@@ -27,15 +27,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import re
 import ssl
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from types import MappingProxyType
 from typing import Literal, Protocol
@@ -455,86 +452,10 @@ def _require_tls13(smtp: aiosmtplib.SMTP) -> None:
         raise _Broken(*_TLS_POLICY, detail=f"tls-version:{version}")
 
 
-class OutboxUpstream:
-    """A folder standing in for the provider: each copy becomes `<uuid>.eml` and `<uuid>.json`.
-
-    The `.json` envelope is renamed into place last, so its presence means the pair is
-    complete and durable; readers should ignore dot-files (temporary names).
-    """
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-
-    async def deliver(self, copy: Copy) -> Outcome:
-        tally = _Tally()
-        rcpts = _prevalidate(copy, tally)
-        if rcpts:
-            envelope = {
-                "mail_from": copy.mail_from,
-                "rcpts": rcpts,
-                "smtputf8": copy.smtputf8,
-                "received_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
-            }
-            body = json.dumps(envelope, ensure_ascii=False).encode("utf-8")
-            try:
-                await asyncio.to_thread(
-                    _write_pair, self.directory, uuid.uuid4().hex, copy.data, body
-                )
-            except OSError as exc:
-                log.exception("outbox_write_failed", errno=exc.errno)
-                tally.fail(rcpts, 451, "4.3.0 Outbox write failed")
-            else:
-                tally.accepted.extend(rcpts)
-        return tally.outcome()
-
-    async def check(self) -> None:
-        def writable() -> bool:
-            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            return os.access(self.directory, os.W_OK | os.X_OK)
-
-        try:
-            ok = await asyncio.to_thread(writable)
-        except OSError:
-            ok = False
-        if not ok:
-            raise UpstreamUnavailable("Outbox not writable", enhanced="4.3.0")
-
-    async def close(self) -> None:
-        return None
-
-
-def _write_pair(directory: Path, name: str, data: bytes, envelope: bytes) -> None:
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    done: list[Path] = []
-    try:
-        for suffix, payload in ((".eml", data), (".json", envelope)):
-            tmp, final = directory / f".{name}{suffix}.tmp", directory / f"{name}{suffix}"
-            done.append(tmp)
-            fd = os.open(
-                tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600
-            )
-            with open(fd, "wb") as f:
-                os.fchmod(fd, 0o600)  # exact, whatever the umask
-                f.write(payload)
-                f.flush()
-                os.fsync(fd)
-            os.replace(tmp, final)
-            done.append(final)
-            # Per rename, so that a durable .json never names an .eml lost in a crash.
-            dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-    except BaseException:
-        for path in done:
-            with contextlib.suppress(OSError):
-                path.unlink(missing_ok=True)
-        raise
-
-
 def from_config(cfg: Config) -> Upstream:
     if cfg.outbox_dir is not None:
+        from gateway.smtp.outbox import OutboxUpstream
+
         return OutboxUpstream(cfg.outbox_dir)
     env = cfg.upstream_email_password_env
     if env and env not in os.environ:
