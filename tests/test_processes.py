@@ -14,123 +14,26 @@ import base64
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
 
-import aiosmtplib
 import orjson
 import pytest
 import redis
 
-from tests.conftest import APP_PASSWORD, message
+from tests.support.processes import (
+    ServeProcess,
+    base_doc,
+    free_port,
+    optgate,
+    send,
+    with_upstream,
+    write_config,
+)
 from tests.support.smtp_sink import Sink, TestPki
 
 pytestmark = pytest.mark.slow
-
-START_TIMEOUT_S = 20.0
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def toml_value(v: Any) -> str:
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, list):
-        return "[" + ", ".join(toml_value(x) for x in v) + "]"
-    return str(v)
-
-
-def write_config(path: Path, doc: dict[str, Any]) -> Path:
-    lines: list[str] = []
-    for section, values in doc.items():
-        if isinstance(values, list):
-            for item in values:
-                lines.append(f"[[{section}]]")
-                lines += [f"{k} = {toml_value(v)}" for k, v in item.items()]
-        else:
-            lines.append(f"[{section}]")
-            lines += [f"{k} = {toml_value(v)}" for k, v in values.items()]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def optgate(
-    *args: str, config: Path | None = None, input: str | None = None
-) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "gateway", *args]
-    if config is not None:
-        cmd += ["--config", str(config)]
-    env = {**os.environ, "OPTGATE_TEST_APP": APP_PASSWORD}
-    return subprocess.run(
-        cmd, capture_output=True, text=True, timeout=60, env=env, input=input, check=False
-    )
-
-
-class ServeProcess:
-    def __init__(self, config: Path, port: int, log: Path) -> None:
-        self.config, self.port, self.log = config, port, log
-        env = {**os.environ, "OPTGATE_TEST_APP": APP_PASSWORD}
-        self.fh = log.open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "serve", "--config", str(config)],
-            stdout=self.fh,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-
-    async def wait_ready(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.log.read_text()
-            try:
-                _, w = await asyncio.open_connection("127.0.0.1", self.port)
-            except OSError:
-                await asyncio.sleep(0.1)
-                continue
-            w.close()
-            return
-        raise AssertionError(f"gateway did not start:\n{self.log.read_text()}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.fh.close()
-
-
-def base_doc(tmp_path: Path, pki: TestPki, sink: Sink, instance: str, smtp: int) -> dict[str, Any]:
-    return {
-        "gateway": {"instance": instance, "data_dir": str(tmp_path / "var")},
-        "tls": {"cert": str(pki.cert_pem), "key": str(pki.key_pem)},
-        "smtp": {"listen": f"127.0.0.1:{smtp}", "listen_tls": f"127.0.0.1:{free_port()}"},
-        "http": {"listen": f"127.0.0.1:{free_port()}"},
-        "upstream": {},
-        "senders": [
-            {"name": "app", "password_env": "OPTGATE_TEST_APP", "default_category": "marketing"}
-        ],
-    }
-
-
-def with_upstream(doc: dict[str, Any], sink: Sink, pki: TestPki) -> dict[str, Any]:
-    doc = dict(doc)
-    del doc["upstream"]
-    doc["upstream.email"] = {"url": f"smtp://127.0.0.1:{sink.port}", "ca_file": str(pki.ca_pem)}
-    return doc
 
 
 @pytest.fixture
@@ -139,28 +42,6 @@ def served() -> Iterator[list[ServeProcess]]:
     yield procs
     for p in procs:
         p.stop()
-
-
-async def send(
-    pki: TestPki, port: int, rcpts: list[str], category: str = "marketing"
-) -> tuple[int, str]:
-    import ssl
-
-    ctx = ssl.create_default_context(cafile=str(pki.ca_pem))
-    smtp = aiosmtplib.SMTP(
-        hostname="127.0.0.1", port=port, start_tls=True, tls_context=ctx, timeout=10
-    )
-    await smtp.connect()
-    try:
-        await smtp.login("app", APP_PASSWORD)
-        await smtp.mail("app@sender.example")
-        for r in rcpts:
-            await smtp.rcpt(r)
-        return await smtp.data(message(rcpts, category=category))
-    except aiosmtplib.SMTPResponseException as exc:
-        return exc.code, exc.message
-    finally:
-        smtp.close()
 
 
 @pytest.fixture
@@ -371,18 +252,7 @@ async def test_workers_share_ports_restart_and_stop_cleanly(
     cfg = write_config(
         tmp_path / "gw.toml", with_upstream(base_doc(tmp_path, pki, sink, "gw-w", port), sink, pki)
     )
-    gw = ServeProcess(cfg, port, tmp_path / "gw.log")
-    gw.proc.kill()  # replace the single-process start with a two-worker one
-    gw.proc.wait()
-    gw.fh.close()
-    env = {**os.environ, "OPTGATE_TEST_APP": APP_PASSWORD}
-    gw.fh = gw.log.open("wb")
-    gw.proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "serve", "--workers", "2", "--config", str(cfg)],
-        stdout=gw.fh,
-        stderr=subprocess.STDOUT,
-        env=env,
-    )
+    gw = ServeProcess(cfg, port, tmp_path / "gw.log", workers=2)
     served.append(gw)
     await gw.wait_ready()
     await asyncio.sleep(1.0)  # let the second worker bind too

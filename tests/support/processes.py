@@ -1,0 +1,149 @@
+"""Running `optgate` as real processes in tests: config files, `serve` subprocesses, the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiosmtplib
+
+from tests.conftest import APP_PASSWORD, message
+from tests.support.smtp_sink import Sink, TestPki
+
+START_TIMEOUT_S = 20.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def toml_value(v: Any) -> str:
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, list):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    return str(v)
+
+
+def write_config(path: Path, doc: dict[str, Any]) -> Path:
+    lines: list[str] = []
+    for section, values in doc.items():
+        if isinstance(values, list):
+            for item in values:
+                lines.append(f"[[{section}]]")
+                lines += [f"{k} = {toml_value(v)}" for k, v in item.items()]
+        else:
+            lines.append(f"[{section}]")
+            lines += [f"{k} = {toml_value(v)}" for k, v in values.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def optgate(
+    *args: str, config: Path | None = None, input: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "gateway", *args]
+    if config is not None:
+        cmd += ["--config", str(config)]
+    env = {**os.environ, "OPTGATE_TEST_APP": APP_PASSWORD}
+    return subprocess.run(
+        cmd, capture_output=True, text=True, timeout=60, env=env, input=input, check=False
+    )
+
+
+class ServeProcess:
+    def __init__(self, config: Path, port: int, log: Path, *, workers: int = 1) -> None:
+        self.config, self.port, self.log = config, port, log
+        env = {**os.environ, "OPTGATE_TEST_APP": APP_PASSWORD}
+        self.fh = log.open("wb")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "gateway",
+                "serve",
+                "--workers",
+                str(workers),
+                "--config",
+                str(config),
+            ],
+            stdout=self.fh,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+
+    async def wait_ready(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.log.read_text()
+            try:
+                _, w = await asyncio.open_connection("127.0.0.1", self.port)
+            except OSError:
+                await asyncio.sleep(0.1)
+                continue
+            w.close()
+            return
+        raise AssertionError(f"gateway did not start:\n{self.log.read_text()}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.fh.close()
+
+
+def base_doc(tmp_path: Path, pki: TestPki, sink: Sink, instance: str, smtp: int) -> dict[str, Any]:
+    return {
+        "gateway": {"instance": instance, "data_dir": str(tmp_path / "var")},
+        "tls": {"cert": str(pki.cert_pem), "key": str(pki.key_pem)},
+        "smtp": {"listen": f"127.0.0.1:{smtp}", "listen_tls": f"127.0.0.1:{free_port()}"},
+        "http": {"listen": f"127.0.0.1:{free_port()}"},
+        "upstream": {},
+        "senders": [
+            {"name": "app", "password_env": "OPTGATE_TEST_APP", "default_category": "marketing"}
+        ],
+    }
+
+
+def with_upstream(doc: dict[str, Any], sink: Sink, pki: TestPki) -> dict[str, Any]:
+    doc = dict(doc)
+    del doc["upstream"]
+    doc["upstream.email"] = {"url": f"smtp://127.0.0.1:{sink.port}", "ca_file": str(pki.ca_pem)}
+    return doc
+
+
+async def send(
+    pki: TestPki, port: int, rcpts: list[str], category: str = "marketing"
+) -> tuple[int, str]:
+
+    ctx = ssl.create_default_context(cafile=str(pki.ca_pem))
+    smtp = aiosmtplib.SMTP(
+        hostname="127.0.0.1", port=port, start_tls=True, tls_context=ctx, timeout=10
+    )
+    await smtp.connect()
+    try:
+        await smtp.login("app", APP_PASSWORD)
+        await smtp.mail("app@sender.example")
+        for r in rcpts:
+            await smtp.rcpt(r)
+        return await smtp.data(message(rcpts, category=category))
+    except aiosmtplib.SMTPResponseException as exc:
+        return exc.code, exc.message
+    finally:
+        smtp.close()
