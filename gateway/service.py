@@ -248,6 +248,8 @@ class Gateway:
             raise KeyringError("the pseudonym key changed; refusing (it would orphan every record)")
         if self.audit is not None:
             self.audit.set_keyring(ring)  # refuses a ring that cannot continue the chain
+        if self.store is not None:
+            self.store.set_keyring(ring)
         return ring
 
     async def _audit_reload(self, *, ok: bool, why: str) -> None:

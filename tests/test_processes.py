@@ -284,3 +284,43 @@ async def test_workers_share_ports_restart_and_stop_cleanly(
     assert not pid_file.exists()  # the embedded store was stopped with the service
     out = optgate("audit", "verify", config=cfg)
     assert out.returncode == 0, out.stdout
+
+
+async def test_keys_rotate_and_sighup_keep_records_and_chain(
+    tmp_path: Path, pki: TestPki, sink: Sink, served: list[ServeProcess]
+) -> None:
+    port = free_port()
+    cfg = write_config(
+        tmp_path / "gw.toml", with_upstream(base_doc(tmp_path, pki, sink, "gw-k", port), sink, pki)
+    )
+    gw = ServeProcess(cfg, port, tmp_path / "gw.log")
+    served.append(gw)
+    await gw.wait_ready()
+    assert (
+        optgate(
+            "optout", "add", "--channel", "email", "--all", "old@example.org", config=cfg
+        ).returncode
+        == 0
+    )
+    out = optgate("keys", "rotate", config=cfg)
+    assert out.returncode == 0 and "audit=a2" in out.stdout
+    gw.proc.send_signal(signal.SIGHUP)
+    await asyncio.sleep(1.0)
+    code, text = await send(pki, port, ["old@example.org"])
+    assert code == 250 and "1 of 1" in text  # a record sealed under r1 still decrypts
+    assert (
+        optgate(
+            "optout", "add", "--channel", "email", "--all", "new@example.org", config=cfg
+        ).returncode
+        == 0
+    )
+    code, text = await send(pki, port, ["new@example.org"])
+    assert "1 of 1" in text  # and one sealed under r2 too
+    gw.stop()
+    entries = [
+        orjson.loads(line)
+        for f in sorted((tmp_path / "var" / "audit").glob("gw-k-2*.jsonl"))
+        for line in f.read_bytes().splitlines()
+    ]
+    assert entries[0]["kid"] == "a1" and entries[-1]["kid"] == "a2"
+    assert optgate("audit", "verify", config=cfg).returncode == 0

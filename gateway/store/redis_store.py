@@ -129,6 +129,12 @@ class OptOutStore:
         self._write_s = max(self._timeout_s, WRITE_BUDGET_S)
         self._waitaof: bool | None = None  # learnt from the server's first WAITAOF reply
 
+    def set_keyring(self, ring: Keyring) -> None:
+        """Use a rotated keyring (SIGHUP): new writes seal under its current record key."""
+        if ring.fingerprint != self._ring.fingerprint:
+            raise KeyringError("the pseudonym key changed; refusing (it would orphan every record)")
+        self._ring = ring
+
     @classmethod
     def from_url(cls, url: str, *, keyring: Keyring, timeout_ms: int) -> OptOutStore:
         """redis://, rediss://, unix://, redis+cluster://h:p[,h:p], rediss+cluster://."""
