@@ -13,7 +13,8 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-# A CR not followed by LF, or an LF not preceded by CR: the SMTP smuggling primitives
+# A CR not followed by LF, or an LF not preceded by CR: the SMTP smuggling primitives.
+# The definition; `has_bare_cr_or_lf` computes the same answer faster (tested).
 # (CVE-2023-51764/5/6). aiosmtpd ends DATA only on CRLF.CRLF but keeps these bytes.
 _BARE_CR_OR_LF = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 _FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+")
@@ -21,7 +22,10 @@ MAX_HEADER_FIELDS = 1000  # far above real mail; bounds work on hostile input
 
 
 def has_bare_cr_or_lf(data: bytes) -> bool:
-    return _BARE_CR_OR_LF.search(data) is not None
+    # Counting is ~10x faster than the regex on large messages (bytes.count is C): every CR
+    # and every LF must belong to a CRLF pair. The regex stays as the readable definition.
+    pairs = data.count(b"\r\n")
+    return data.count(b"\r") != pairs or data.count(b"\n") != pairs
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

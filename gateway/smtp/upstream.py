@@ -41,7 +41,6 @@ from urllib.parse import urlsplit
 import aiosmtplib
 import structlog
 from aiosmtplib.email import quote_address
-from aiosmtplib.protocol import normalize_message_line_endings
 
 from gateway.config import Config
 from gateway.errors import ConfigError, UpstreamUnavailable
@@ -325,7 +324,8 @@ class SmtpUpstream:
             return True
         options: list[str] = []
         if smtp.supports_extension("size"):
-            options.append(f"SIZE={len(normalize_message_line_endings(copy.data))}")
+            # Advisory only; the flow has already refused bare CR/LF, so no normalising pass.
+            options.append(f"SIZE={len(copy.data)}")
         if copy.smtputf8:
             options.append("SMTPUTF8")
         if not copy.data.isascii() and smtp.supports_extension("8bitmime"):

@@ -1,0 +1,109 @@
+"""The pure decision core, without sockets: addresses, message checks, policy."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from gateway.core import message, policy
+from gateway.core.addresses import (
+    AddressProblem,
+    EmailAddress,
+    parse_email,
+    parse_phone,
+    split_path,
+)
+from gateway.core.records import CORRUPT, Record
+from gateway.core.rules import Category
+
+MARKETING = Category(
+    name="marketing", opt_out=True, unsubscribe=True, channels=("email", "sms"), basis=""
+)
+EMERGENCY = Category(
+    name="emergency-alert", opt_out=False, unsubscribe=False, channels=("email",), basis=""
+)
+
+
+def test_fast_bare_cr_lf_check_matches_the_regex_definition() -> None:
+    rng = random.Random(7)
+    for _ in range(20_000):
+        data = bytes(rng.choice(b"a\r\n.") for _ in range(rng.randrange(0, 14)))
+        assert message.has_bare_cr_or_lf(data) == (message._BARE_CR_OR_LF.search(data) is not None)
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("Bob@Example.COM", ("Bob@example.com", "bob@example.com", None)),
+        ("bob+news@x.example", ("bob+news@x.example", "bob+news@x.example", "bob@x.example")),
+        ("a@bücher.example", ("a@xn--bcher-kva.example", "a@xn--bcher-kva.example", None)),
+        ("\u212aelvin@x.example", ("Kelvin@x.example", "kelvin@x.example", None)),  # Kelvin sign
+    ],
+)
+def test_canonical_forms(path: str, expected: tuple[str, str, str | None]) -> None:
+    parsed = parse_email(path, smtputf8=True)
+    assert isinstance(parsed, EmailAddress)
+    assert (parsed.address, parsed.key_form, parsed.base_key_form) == expected
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        '"b"@y',
+        "@r:b@y",
+        "b%e@y",
+        "b!e@y",
+        "b@y@z",
+        "b.@y",
+        ".b@y",
+        "b..c@y",
+        "b@[1.2.3.4]",
+        "b@-y",
+        "",
+        "b@",
+    ],
+)
+def test_refused_forms(path: str) -> None:
+    assert isinstance(parse_email(path, smtputf8=True), AddressProblem)
+
+
+@pytest.mark.parametrize(
+    "arg", ['"b@y" <evil@z>', "Bob <b@y>, evil@z", "<b@y>,<e@z>", "<b@y", '<"b@y" <e@z>>']
+)
+def test_split_path_refuses_anything_but_one_path(arg: str) -> None:
+    split = split_path(arg)
+    assert split is None or isinstance(parse_email(split[0], smtputf8=False), AddressProblem)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "+1 202 555 0173",
+        "12025550173",
+        "(202) 555-0173",
+        "＋１ ２０２ ５５５ ０１７３",
+        "tel:+1-202-555-0173",
+    ],
+)
+def test_phone_forms_share_one_key(text: str) -> None:
+    phone = parse_phone(text, region="US")
+    assert phone is not None and phone.e164 == "+12025550173"
+
+
+def test_policy_decisions() -> None:
+    assert policy.decide(EMERGENCY, [CORRUPT]).verdict is policy.Verdict.ALLOW
+    assert policy.decide(MARKETING, [None, None]) == policy.NOT_OPTED_OUT
+    assert (
+        policy.decide(MARKETING, [Record(categories=frozenset({"marketing"}))])
+        == policy.OPTED_OUT_CATEGORY
+    )
+    assert (
+        policy.decide(MARKETING, [Record(categories=frozenset({"billing"}))])
+        == policy.NOT_OPTED_OUT
+    )
+    assert (
+        policy.decide(MARKETING, [None, Record(all=True)]) == policy.OPTED_OUT_ALL
+    )  # base address
+    assert policy.decide(MARKETING, [CORRUPT, None]) == policy.RECORD_CORRUPT  # doubt: defer
+    assert policy.decide(MARKETING, [CORRUPT, Record(all=True)]) == policy.OPTED_OUT_ALL
