@@ -99,6 +99,7 @@ async def _optout(cfg: Config, args: argparse.Namespace) -> int:
     ring, _ = keyfile.load_or_create(cfg.keys_file)
     pseud = pseudonym(ring, args.channel, key_form)
     store, embedded = await open_store(cfg, ring)
+    store.stream_addresses = any(h.include_address for h in cfg.sync.webhooks)  # issue 5
     try:
         if args.action == "get":
             record = await store.get(args.channel, pseud)
@@ -220,7 +221,15 @@ def cmd_audit(args: argparse.Namespace) -> int:
     since = _since(args.since) if args.since else None
     out = sys.stdout.buffer
     for entry in audit_verify.search(
-        cfg.audit_dir, recipient=recipient, decision=args.decision, since=since
+        cfg.audit_dir,
+        recipient=recipient,
+        decision=args.decision,
+        since=since,
+        until=_since(args.until) if args.until else None,
+        channel=args.channel,
+        category=args.category,
+        sender=args.sender,
+        event=args.event,
     ):
         out.write(orjson.dumps(entry) + b"\n")
     out.flush()
@@ -332,6 +341,10 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--channel", choices=("email", "sms"))
     se.add_argument("--decision", choices=("allow", "suppress", "defer", "reject"))
     se.add_argument("--since", metavar="T", help="ISO-8601 time, or 30m/24h/7d ago")
+    se.add_argument("--until", metavar="T", help="ISO-8601 time, or 30m/24h/7d ago (exclusive)")
+    se.add_argument("--category", metavar="NAME")
+    se.add_argument("--sender", metavar="NAME")
+    se.add_argument("--event", metavar="NAME", help="decision, optout, optin, auth_failure...")
     se.set_defaults(func=cmd_audit)
 
     k = sub.add_parser("keys", help="create or rotate the key file")
@@ -359,6 +372,10 @@ def build_parser() -> argparse.ArgumentParser:
     rc = rsub.add_parser("check", help="validate a rules folder")
     rc.add_argument("dir", nargs="?", metavar="DIR")
     rc.set_defaults(func=cmd_rules)
+
+    from gateway import cli_admin  # issue 5: audit tail, keys api-key, sync
+
+    cli_admin.extend(sub, ausub, ksub, with_config)
     return p
 
 

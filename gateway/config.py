@@ -16,6 +16,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from gateway.errors import ConfigError
+from gateway.sync.settings import SyncSettings
+from gateway.sync.settings import parse as parse_sync
 
 DEFAULT_CONFIG_NAME = "optgate.toml"
 
@@ -26,6 +28,9 @@ IDLE_TIMEOUT_S = 300.0  # RFC 5321 §4.5.3.2.7 server timeout
 SESSION_TIMEOUT_S = 900.0  # bounds a client that keeps a session alive with NOOPs
 MAX_CONNECTIONS_PER_CLIENT = 50  # Postfix smtpd_client_connection_count_limit
 REDIS_TIMEOUT_MS = 250  # a lookup slower than this fails closed (451 4.3.0)
+AUDIT_RETENTION_DAYS = 2190  # six years: HIPAA 45 CFR 164.316(b)(2)(i)
+AUDIT_MAX_FILE_BYTES = 64 * 1024 * 1024  # a day of a busy gateway, still quick to verify
+IMPORT_BATCH = 500  # import lines per store round trip and audit fsync
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -94,6 +99,10 @@ class Config:
     sms_inbound_forward_url: str = ""
     senders: tuple[Sender, ...] = ()
     audit_dir: Path = Path("var/audit")
+    audit_retention_days: int = AUDIT_RETENTION_DAYS
+    audit_max_file_bytes: int = AUDIT_MAX_FILE_BYTES
+    import_batch: int = IMPORT_BATCH
+    sync: SyncSettings = field(default_factory=SyncSettings)
     rules_dir: Path | None = None
     dkim: tuple[DkimKey, ...] = ()
 
@@ -135,7 +144,8 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "http": {"listen": str},
     "redis": {"url": str, "timeout_ms": int},
     "sms": {"default_region": str},
-    "audit": {"dir": str, "retention_days": int},
+    "audit": {"dir": str, "retention_days": int, "max_file_bytes": int},
+    "admin": {"import_batch": int},
     "rules": {"dir": str},
 }
 _UPSTREAM_EMAIL: dict[str, type | tuple[type, ...]] = {
@@ -241,7 +251,7 @@ def build(doc: dict[str, Any], *, path: Path | None, base_dir: Path) -> Config:
             p.append(f"[upstream] unknown table {key!r}")
     up_email = r.table("upstream.email", _UPSTREAM_EMAIL, upstream.get("email", {}))
     up_sms = r.table("upstream.sms", _UPSTREAM_SMS, upstream.get("sms", {}))
-    known = {*_SCHEMA, "upstream", "senders", "dkim"}
+    known = {*_SCHEMA, "upstream", "senders", "dkim", "sync"}
     for key in doc:
         if key not in known:
             p.append(f"unknown table [{key}]")
@@ -342,6 +352,17 @@ def build(doc: dict[str, Any], *, path: Path | None, base_dir: Path) -> Config:
         p.append("[upstream.email] pool_size must be at least 1")
     values["senders"] = tuple(_senders(doc.get("senders", []), p))
     values["dkim"] = tuple(_dkim(doc.get("dkim", []), p, resolve))
+    values["sync"] = parse_sync(doc.get("sync", {}), p, resolve)
+    for key, conf_key, floor, default in (
+        ("audit_retention_days", "retention_days", 1, AUDIT_RETENTION_DAYS),
+        ("audit_max_file_bytes", "max_file_bytes", 4096, AUDIT_MAX_FILE_BYTES),
+    ):
+        values[key] = t["audit"].get(conf_key, default)
+        if values[key] < floor:
+            p.append(f"[audit] {conf_key} must be at least {floor}")
+    values["import_batch"] = t["admin"].get("import_batch", IMPORT_BATCH)
+    if not 1 <= values["import_batch"] <= 10_000:
+        p.append("[admin] import_batch must be between 1 and 10000")
     if p:
         where = f"config file {path}" if path else "built-in config"
         raise ConfigError([f"{where}: {problem}" for problem in p])

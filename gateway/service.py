@@ -21,9 +21,11 @@ from gateway import keyfile, senders, tls
 from gateway import rules as rules_io
 from gateway.audit.writer import AuditWriter
 from gateway.config import Config
+from gateway.core import tokens
 from gateway.core.keys import Keyring
 from gateway.core.rules import Rules
 from gateway.errors import ConfigError, KeyringError, OptgateError
+from gateway.smtp import dkim
 from gateway.smtp import upstream as upstream_mod
 from gateway.smtp.flow import EmailFlow
 from gateway.smtp.server import (
@@ -35,6 +37,7 @@ from gateway.smtp.server import (
 )
 from gateway.store.embedded import EmbeddedRedis
 from gateway.store.redis_store import OptOutStore
+from gateway.unsubscribe import Unsubscriber
 
 log = structlog.get_logger("optgate")
 
@@ -49,7 +52,13 @@ class Ports:
 
 
 # Route modules mounted on the HTTPS listener; each exposes setup(app, deps).
-HTTP_MODULES: list[str] = []
+HTTP_MODULES: list[str] = [
+    "gateway.http.sms",
+    "gateway.http.unsubscribe",
+    "gateway.http.health",  # issue 5: /readyz, /metrics
+    "gateway.http.admin",  # issue 5: /v1 admin API
+    "gateway.http.openapi",  # issue 5: /openapi.json
+]
 
 
 async def open_store(cfg: Config, ring: Keyring) -> tuple[OptOutStore, EmbeddedRedis | None]:
@@ -113,6 +122,8 @@ class Gateway:
                 ca=str(cfg.tls_cert.parent / "ca.pem"),
             )
         ctx = tls.server_context(cfg.tls_cert, cfg.tls_key, client_ca=cfg.tls_client_ca)
+        links = tokens.Links(public_url=cfg.public_url, domain=cfg.unsubscribe_domain)
+        dkim_keys = dkim.load_keys(cfg.dkim)  # read once; a key that cannot sign stops here
 
         self.store, embedded = await open_store(cfg, self._ring)
         if embedded is not None:
@@ -132,6 +143,10 @@ class Gateway:
         self._closers.append(self.audit.close)
         upstream = upstream_mod.from_config(cfg)
         self._closers.append(upstream.close)
+        signer = dkim.Signer(dkim_keys) if dkim_keys else None
+        if signer is not None:
+            await signer.start()
+            self._closers.append(signer.close)
 
         flow = EmailFlow(
             store=self.store,
@@ -140,6 +155,14 @@ class Gateway:
             rules=lambda: self.rules,
             keyring=lambda: self.keyring,
             suppressed_reply=cfg.suppressed_reply,
+            links=links,
+            signer=signer,
+        )
+        unsubscribe = Unsubscriber(
+            store=self.store,
+            audit=self.audit,
+            keyring=lambda: self.keyring,
+            rules=lambda: self.rules,
         )
         handler = GatewayHandler(
             flow=flow,
@@ -147,6 +170,8 @@ class Gateway:
             limits=Limits(
                 max_recipients=cfg.max_recipients, session_timeout_s=cfg.session_timeout_s
             ),
+            unsubscribe=unsubscribe,
+            links=links,
         )
         limiter = ConnectionLimiter(cfg.max_connections_per_client)
         loop = asyncio.get_running_loop()
@@ -196,6 +221,7 @@ class Gateway:
                 }
             ]
         )
+        await self._start_background()
         log.info(
             "listening",
             smtp=self.ports.smtp,
@@ -203,6 +229,32 @@ class Gateway:
             https=self.ports.http,
             rules=self.rules.version[:12],
         )
+
+    async def _start_background(self) -> None:
+        """Issue 5: audit rotation by size and retention pruning, and the sync worker that
+        delivers the change stream to [[sync.webhooks]]. Stopped first (closers run in
+        reverse), while the audit log and the store are still open."""
+        from gateway.audit.retention import RetentionTask
+        from gateway.sync.worker import SyncWorker
+
+        if self.audit is None or self.store is None:
+            return
+        self.audit.max_file_bytes = self.cfg.audit_max_file_bytes
+        self.store.stream_addresses = any(h.include_address for h in self.cfg.sync.webhooks)
+        retention = RetentionTask(
+            self.audit, retention_days=self.cfg.audit_retention_days, keyring=lambda: self.keyring
+        )
+        retention.start()
+        self._closers.append(retention.stop)
+        worker = SyncWorker(
+            settings=self.cfg.sync,
+            store=self.store,
+            audit=self.audit,
+            keyring=lambda: self.keyring,
+            consumer=self.audit.stream,
+        )
+        worker.start()
+        self._closers.append(worker.stop)
 
     async def _start_http(self, ctx: Any, auth: Any) -> None:
         import importlib

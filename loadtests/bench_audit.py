@@ -16,9 +16,10 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
+from importlib import metadata
 from pathlib import Path
 
-import psutil
+import psutil  # type: ignore[import-untyped]
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
@@ -27,7 +28,7 @@ from gateway.audit.writer import bench
 try:
     import uvloop
 except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-    uvloop = None
+    uvloop = None  # type: ignore[assignment]
 
 
 def fs_type(path: Path) -> str:
@@ -66,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("--writers and --seconds must be positive")
     parent = args.dir.resolve() if args.dir else None
     directory = Path(tempfile.mkdtemp(prefix="optgate-audit-bench-", dir=parent))
-    loop = f"uvloop {uvloop.__version__}" if uvloop else "asyncio"
+    loop = f"uvloop {metadata.version('uvloop')}" if uvloop else "asyncio"
     where = f"{directory} ({fs_type(directory)})"
     print(f"audit writer bench: {args.seconds:g} s per run, {loop}, {where}")
     print(f"{'writers':>8} {'entries/s':>12}")

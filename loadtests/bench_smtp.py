@@ -3,8 +3,8 @@
 One invocation measures, on the same load and side by side:
 
 1. harness limit: the client straight to the TLS sink;
-2. optgate, 1 worker: client -> `python -m gateway serve` (a subprocess with a generated
-   config, embedded Valkey) -> the same kind of sink;
+2. optgate, 1 worker (--workers N for more): client -> `python -m gateway serve` (a
+   subprocess with a generated config, embedded Valkey) -> the same kind of sink;
 3. with --bare-relay: client -> a minimal aiosmtpd -> SMISMEMBER -> pooled aiosmtplib relay
    written here (its own valkey-server) -> the sink, for context.
 
@@ -46,12 +46,13 @@ from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from email.utils import formatdate
+from importlib import metadata
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, TypeVar
 
 import aiosmtplib
-import psutil
+import psutil  # type: ignore[import-untyped]
 import redis
 import redis.asyncio as aioredis
 import trustme
@@ -61,7 +62,7 @@ from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword, Session
 try:
     import uvloop
 except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-    uvloop = None
+    uvloop = None  # type: ignore[assignment]
 
 T = TypeVar("T")
 
@@ -73,8 +74,8 @@ MAIL_FROM = "bench@sender.example"
 RCPT_DOMAIN = "rcpt.example"
 OPTOUT_SET = "bench:optout:email"  # the bare relay's opt-out set
 SIZES = {"2KB": 2 * 1024, "50KB": 50 * 1024}
+# "optgate" is relabelled in main() when --workers is not 1.
 TARGET_LABELS = {"limit": "harness limit", "optgate": "optgate 1 worker", "relay": "bare relay"}
-SUT_ROLE = {"limit": "sink", "optgate": "gateway", "relay": "relay"}
 GATEWAY_START_TIMEOUT_S = 60.0
 GATEWAY_STOP_TIMEOUT_S = 25.0  # the gateway gives open sessions 10 s, then closes its pool
 VALKEY_EXIT_TIMEOUT_S = 10.0
@@ -173,10 +174,37 @@ def cpu_seconds(proc: psutil.Process) -> float | None:
     return float(t.user + t.system)
 
 
-def machine_busy_seconds() -> float:
-    """CPU seconds the whole machine spent busy since boot, all cores summed."""
+def machine_cpu() -> dict[str, float]:
+    """Machine CPU seconds since boot, all cores summed: busy, irq (+softirq), steal.
+
+    Loopback TCP is mostly processed in softirq context, which Linux does not charge to any
+    process: it shows here as irq."""
     t = psutil.cpu_times()
-    return float(sum(t) - t.idle - getattr(t, "iowait", 0.0))
+    irq = float(getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0))
+    steal = float(getattr(t, "steal", 0.0))
+    return {"busy": float(t.user + t.nice + t.system) + irq + steal, "irq": irq, "steal": steal}
+
+
+def all_process_cpu(exclude: set[int]) -> dict[int, tuple[str, float]]:
+    """pid -> (name, user+system seconds) of every process (kernel threads too) but exclude."""
+    out: dict[int, tuple[str, float]] = {}
+    for proc in psutil.process_iter(["name", "cpu_times"]):
+        times = proc.info["cpu_times"]
+        if proc.pid not in exclude and times is not None:
+            out[proc.pid] = (proc.info["name"] or "?", float(times.user + times.system))
+    return out
+
+
+def top_others(
+    before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], n: int = 3
+) -> list[tuple[str, float]]:
+    """The n processes outside the benchmark that used the most CPU between two scans."""
+    used: dict[str, float] = {}
+    for pid, (name, cpu) in after.items():
+        start = before.get(pid, (name, 0.0))[1]
+        if cpu - start > 0:
+            used[name] = used.get(name, 0.0) + cpu - start
+    return sorted(used.items(), key=lambda item: item[1], reverse=True)[:n]
 
 
 # --------------------------------------------------------------------------- sink
@@ -313,7 +341,8 @@ class RelayHandler:
         allowed = [r for r, opted_out in zip(rcpts, flags, strict=True) if not opted_out]
         if not allowed:
             return "250 2.0.0 Ok: suppressed"
-        return await self.pool.send(envelope.mail_from, allowed, envelope.original_content)
+        data = envelope.original_content or b""
+        return await self.pool.send(envelope.mail_from or "", allowed, data)
 
 
 @dataclass(frozen=True)
@@ -359,7 +388,7 @@ class ClientSpec:
     allowed: tuple[str, ...]
     opted_out: tuple[str, ...]
     optout_share: float
-    watch: tuple[tuple[str, int], ...]  # (role, pid): CPU sampled at the window's edges
+    watch: tuple[tuple[str, int], ...]  # (role, pid): CPU sampled at the window's edges, summed
     run_id: str
 
 
@@ -373,7 +402,8 @@ class ClientResult:
     error_samples: Counter[str] = field(default_factory=Counter)
     replies: Counter[str] = field(default_factory=Counter)
     cpu_s: dict[str, float] = field(default_factory=dict)  # role -> CPU seconds in the window
-    busy_s: float = 0.0  # whole machine, all cores
+    machine_s: dict[str, float] = field(default_factory=dict)  # busy, irq, steal: all cores
+    others: list[tuple[str, float]] = field(default_factory=list)  # outside the bench: CPU s
     cut: int = 0  # sessions still busy DRAIN_S after the window, cancelled
 
 
@@ -423,8 +453,7 @@ class Client:
         )
         await smtp.connect()
         try:
-            if not self.spec.implicit:  # aiosmtplib's auth_* do not send EHLO again after STARTTLS
-                await smtp.ehlo()
+            await smtp.ehlo()  # aiosmtplib's auth_* send no EHLO themselves (needed after STARTTLS)
             await smtp.auth_plain(SENDER, self.spec.password)
         except BaseException:
             smtp.close()
@@ -508,21 +537,24 @@ class Client:
         return smtp
 
     async def _sample(self) -> None:
-        procs = {role: psutil.Process(pid) for role, pid in self.spec.watch}
-        procs["client"] = psutil.Process()
+        procs = [(role, psutil.Process(pid)) for role, pid in self.spec.watch]
+        procs.append(("client", psutil.Process()))
         await asyncio.sleep(max(0.0, self.begin - time.perf_counter()))
-        before = {role: cpu_seconds(p) for role, p in procs.items()}
-        busy0, t0 = machine_busy_seconds(), time.perf_counter()
+        ours = {p.pid for _, p in procs}
+        before = [cpu_seconds(p) for _, p in procs]
+        machine0, t0 = machine_cpu(), time.perf_counter()
         if self.out is not None:
             self.out.send("begin")
+        others0 = all_process_cpu(ours)
         await asyncio.sleep(max(0.0, self.end - time.perf_counter()))
-        after = {role: cpu_seconds(p) for role, p in procs.items()}
-        self.result.busy_s = machine_busy_seconds() - busy0
+        after = [cpu_seconds(p) for _, p in procs]
+        machine1 = machine_cpu()
         self.result.window_s = time.perf_counter() - t0
-        for role, b in before.items():
-            a = after[role]
-            if a is not None and b is not None:
-                self.result.cpu_s[role] = a - b
+        self.result.machine_s = {k: machine1[k] - machine0[k] for k in machine0}
+        self.result.others = top_others(others0, all_process_cpu(ours))
+        for (role, _), b, a in zip(procs, before, after, strict=True):
+            if a is not None and b is not None:  # a role may have several processes
+                self.result.cpu_s[role] = self.result.cpu_s.get(role, 0.0) + a - b
 
     async def run(self) -> ClientResult:
         start = time.perf_counter()
@@ -617,7 +649,10 @@ def toml_str(value: str) -> str:
 class GatewayProcess:
     """`python -m gateway serve --config FILE` with a config written here, and its CLI."""
 
-    def __init__(self, root: Path, pki: Pki, sink_port: int, pool_size: int, password: str) -> None:
+    def __init__(
+        self, root: Path, pki: Pki, *, sink_port: int, pool_size: int, password: str, workers: int
+    ) -> None:
+        self.workers = workers
         self.dir = root / "gateway"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.config = self.dir / "optgate.toml"
@@ -680,7 +715,7 @@ class GatewayProcess:
         started = time.monotonic()
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                self.command("serve", "--config", str(self.config)),
+                self.command("serve", "--workers", str(self.workers), "--config", str(self.config)),
                 cwd=self.dir,
                 env=self.env,
                 stdin=subprocess.DEVNULL,
@@ -695,11 +730,24 @@ class GatewayProcess:
                 )
             if self._banner():
                 self.valkey = self._valkey()
-                return time.monotonic() - started
+                if len(self.worker_pids()) >= self.workers:
+                    return time.monotonic() - started
             time.sleep(0.1)
         raise RuntimeError(
             f"gateway not ready after {GATEWAY_START_TIMEOUT_S:.0f} s:\n{self.log_tail()}"
         )
+
+    def worker_pids(self) -> list[int]:
+        """The processes serving SMTP: the gateway itself, or its workers (not valkey)."""
+        assert self.proc is not None
+        if self.workers == 1:
+            return [self.proc.pid]
+        valkey = self.valkey.pid if self.valkey else -1
+        try:
+            children = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.Error:
+            return []
+        return [c.pid for c in children if c.pid != valkey]
 
     def _banner(self) -> bool:
         try:
@@ -913,6 +961,8 @@ class ThreadProfile:
     own: Counter[tuple[str, str]] = field(default_factory=Counter)
     inclusive: Counter[tuple[str, str]] = field(default_factory=Counter)
     areas: Counter[str] = field(default_factory=Counter)
+    # leaf -> the nearest gateway/ function above it: which of our calls led there
+    via: dict[tuple[str, str], Counter[str]] = field(default_factory=dict)
 
 
 def read_profile(raw: Path) -> dict[str, ThreadProfile]:
@@ -934,6 +984,8 @@ def read_profile(raw: Path) -> dict[str, ThreadProfile]:
         t.areas[area_of(keys[-1][1])] += count
         for key in set(keys):
             t.inclusive[key] += count
+        caller = next((k[0] for k in reversed(keys[:-1]) if k[1].startswith("gateway/")), "")
+        t.via.setdefault(keys[-1], Counter())[caller] += count
     return threads
 
 
@@ -957,13 +1009,18 @@ def summarize_profile(raw: Path, top: int, window_samples: float) -> str:
         f"\n{main_name} (the event loop), top {top} functions by own time"
         f" (% of its {main.samples} samples; total = inclusive):"
     )
-    out.append(f"{'self%':>6} {'total%':>7}  function (file)")
+    out.append(f"{'self%':>6} {'total%':>7}  function (file) <- nearest gateway caller")
     for key, n in main.own.most_common(top):
         note = f"  [{NOTES[key]}]" if key in NOTES else ""
+        caller = main.via[key].most_common(1)[0][0]
+        via = f" <- {caller}" if caller else ""
         pct, incl = 100 * n / main.samples, 100 * main.inclusive[key] / main.samples
-        out.append(f"{pct:6.1f} {incl:7.1f}  {key[0]} ({key[1]}){note}")
+        out.append(f"{pct:6.1f} {incl:7.1f}  {key[0]} ({key[1]}){via}{note}")
     out.append(f"\n{main_name} own time by component:")
     out += [f"{100 * n / main.samples:6.1f}  {name}" for name, n in main.areas.most_common(12)]
+    ours = [(k, n) for k, n in main.inclusive.most_common() if k[1].startswith("gateway/")]
+    out.append(f"\n{main_name}, gateway functions by inclusive time:")
+    out += [f"{100 * n / main.samples:6.1f}  {k[0]} ({k[1]})" for k, n in ours[:12]]
     for name, t in threads.items():
         if name != main_name:
             leaves = ", ".join(
@@ -980,7 +1037,8 @@ def profile(gw: GatewayProcess, spec: ClientSpec, out_dir: Path, *, native: bool
         return "py-spy not found: .venv/bin/pip install py-spy"
     raw, log_path = out_dir / "gateway-profile.txt", out_dir / "py-spy.log"
     duration = max(1, math.floor(spec.seconds))
-    cmd = [py_spy, "record", "--pid", str(gw.pid), "--duration", str(duration), "--rate"]
+    pid = gw.worker_pids()[0]  # with several workers: the first one
+    cmd = [py_spy, "record", "--pid", str(pid), "--duration", str(duration), "--rate"]
     cmd += [str(PROFILE_HZ), "--format", "raw", "--threads", "--output", str(raw)]
     cmd += ["--native"] if native else []
     spies: list[subprocess.Popen[bytes]] = []
@@ -1061,8 +1119,9 @@ def render(header: list[str], body: list[list[str]]) -> str:
 def table_row(r: Row, ncpu: int, per_message: bool, first: bool) -> list[str]:
     res = r.result
     window = res.window_s * ncpu
-    busy = 100 * res.busy_s / window if window else math.nan
-    other = 100 * max(0.0, res.busy_s - sum(res.cpu_s.values())) / window if window else math.nan
+    m = {k: 100 * v / window for k, v in res.machine_s.items()} if window else {}
+    ours = 100 * sum(res.cpu_s.values()) / window if window else math.nan
+    other = max(0.0, m.get("busy", math.nan) - ours - m.get("irq", 0.0) - m.get("steal", 0.0))
     sut = r.cpu_per_k("gateway") if r.target == "optgate" else r.cpu_per_k("relay")
     cells = [r.case if first else "", TARGET_LABELS[r.target], f"{r.rate:.0f}"]
     cells += [fmt(r.p(0.5)), fmt(r.p(0.99))]
@@ -1070,7 +1129,8 @@ def table_row(r: Row, ncpu: int, per_message: bool, first: bool) -> list[str]:
         cells.append(fmt(r.p(0.99, res.connect_ms), ".1f"))
     cells += [str(res.errors), fmt(sut, ".3f"), fmt(r.cpu_per_k("valkey"), ".3f")]
     cells += [fmt(r.cpu_per_k("sink"), ".3f"), fmt(r.cpu_per_k("client"), ".3f")]
-    cells += [fmt(r.total_cpu_per_k, ".3f"), f"{busy:.0f}%", f"{other:.0f}%"]
+    cells.append(fmt(r.total_cpu_per_k, ".3f"))
+    cells += [fmt(v, ".0f") + "%" for v in (m.get("busy"), m.get("irq"), m.get("steal"), other)]
     cells.append(f"{r.sink_messages}/{r.sink_rcpts}")
     return cells
 
@@ -1079,7 +1139,7 @@ def print_table(rows: list[Row], ncpu: int, per_message: bool) -> None:
     header = ["case", "target", "msg/s", "p50 ms", "p99 ms"]
     header += ["connp99"] if per_message else []
     header += ["err", "CPU/1k: gw|relay", "valkey", "sink", "client", "total"]
-    header += ["busy", "other", "sink got msgs/rcpts"]
+    header += ["busy", "irq", "steal", "other", "sink got msgs/rcpts"]
     body = [
         table_row(r, ncpu, per_message, i == 0 or rows[i - 1].case != r.case)
         for i, r in enumerate(rows)
@@ -1122,6 +1182,15 @@ def print_errors(rows: list[Row]) -> None:
             )
 
 
+def print_others(rows: list[Row]) -> None:
+    print("  outside the benchmark, busiest processes per window (% of one core; kernel threads")
+    print("  such as jbd2 (fsync journal), kworker and ksoftirqd (loopback) work for the bench):")
+    for r in rows:
+        window = r.result.window_s or r.seconds
+        top = ", ".join(f"{name} {100 * cpu / window:.0f}%" for name, cpu in r.result.others)
+        print(f"    {r.case} / {TARGET_LABELS[r.target]}: {top or '-'}")
+
+
 def print_replies(rows: list[Row]) -> None:
     for r in rows:
         if r.target != "limit":
@@ -1154,6 +1223,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="connect, STARTTLS and AUTH for every message instead of reusing sessions",
     )
+    p.add_argument("--workers", type=int, default=1, help="gateway worker processes (default 1)")
     p.add_argument(
         "--implicit-tls",
         action="store_true",
@@ -1178,7 +1248,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="share of recipient picks that hit an opted-out address (default 0.1)",
     )
     p.add_argument(
-        "--profile", action="store_true", help="py-spy the gateway in an extra 2KB/1-rcpt run"
+        "--profile",
+        action="store_true",
+        help="py-spy the gateway in one extra run (see --profile-case)",
+    )
+    p.add_argument(
+        "--profile-case",
+        default="2KB:1",
+        help="SIZE:RCPTS of the profiled run (default 2KB:1)",
     )
     p.add_argument(
         "--profile-native", action="store_true", help="with --profile: include native frames"
@@ -1193,15 +1270,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.target_list = [t.strip() for t in args.targets.split(",") if t.strip()]
     if args.bare_relay and "relay" not in args.target_list:
         args.target_list.append("relay")
+    size, _, rcpts = args.profile_case.upper().partition(":")
+    if size not in SIZES or not rcpts.isdigit() or int(rcpts) < 1:
+        p.error("--profile-case: expected e.g. 2KB:1 or 50KB:5")
+    args.profile_size, args.profile_rcpts = size, int(rcpts)
     if args.profile and "optgate" not in args.target_list:
         args.target_list.append("optgate")
     bad = [s for s in args.size_list if s not in SIZES] + [
-        t for t in args.target_list if t not in SUT_ROLE
+        t for t in args.target_list if t not in TARGET_LABELS
     ]
     if bad:
         p.error(f"unknown size or target: {', '.join(bad)}")
-    if args.sessions < 1 or args.seconds <= 0 or not args.rcpt_list or min(args.rcpt_list) < 1:
-        p.error("--sessions, --seconds and --rcpts must be positive")
+    if (
+        args.sessions < 1
+        or args.seconds <= 0
+        or args.workers < 1
+        or not args.rcpt_list
+        or min(args.rcpt_list) < 1
+    ):
+        p.error("--sessions, --seconds, --rcpts and --workers must be positive")
     if args.pool < 2 * (max(args.rcpt_list) + args.optouts):
         p.error("--pool is too small for the recipients per message and --optouts")
     return args
@@ -1236,14 +1323,22 @@ class Bench:
             self._start_relay(sink.pid, sink_port)
 
     def _start_gateway(self, sink_pid: int, sink_port: int) -> None:
-        gw = GatewayProcess(self.root, self.pki, sink_port, self.args.sessions, self.password)
+        gw = GatewayProcess(
+            self.root, self.pki, sink_port=sink_port, pool_size=self.args.sessions,
+            password=self.password, workers=self.args.workers,
+        )  # fmt: skip
         self.gateway = gw
         took = gw.start()
-        print(
-            f"  gateway   pid {gw.pid:<7} python -m gateway serve (1 worker), ready in {took:.1f} s"
-        )
+        print(f"  gateway   pid {gw.pid:<7} python -m gateway serve --workers {gw.workers},"
+              f" ready in {took:.1f} s")  # fmt: skip
+        workers = gw.worker_pids()
+        if gw.workers > 1:
+            print(
+                f"  workers   pids {', '.join(map(str, workers))} (CPU summed with the supervisor)"
+            )
         self.ports["optgate"] = (gw.smtp_port, gw.smtps_port)
-        self.watch["optgate"] = [("gateway", gw.pid), ("sink", sink_pid)]
+        gateway = [("gateway", pid) for pid in dict.fromkeys([gw.pid, *workers])]
+        self.watch["optgate"] = [*gateway, ("sink", sink_pid)]
         if gw.valkey:
             self.watch["optgate"].append(("valkey", gw.valkey.pid))
             print(
@@ -1320,7 +1415,7 @@ class Bench:
 def print_header(args: argparse.Namespace, root: Path, runs: int) -> None:
     mode = "a new connection per message" if args.new_connection_per_message else "persistent"
     pace = f"paced to {args.rate:.0f} msg/s" if args.rate else "as fast as possible"
-    loop = f"uvloop {uvloop.__version__}" if uvloop else "asyncio (no uvloop)"
+    loop = f"uvloop {metadata.version('uvloop')}" if uvloop else "asyncio (no uvloop)"
     print(
         f"SMTP benchmark: {args.sessions} sessions, {mode} connections, {pace}, "
         f"{args.seconds:g} s measured after {args.warmup:g} s warm-up, {runs} runs"
@@ -1340,15 +1435,18 @@ def print_header(args: argparse.Namespace, root: Path, runs: int) -> None:
 def print_legend(per_message: bool) -> None:
     conn = "; connp99: p99 from TCP connect (STARTTLS, AUTH) to it" if per_message else ""
     print(
-        f"\nlatency: MAIL to the final DATA reply{conn}. CPU: user+system seconds of each process "
-        "during the window, per 1,000 messages. busy: the whole machine, % of all cores; other: "
-        "CPU used by processes outside this benchmark. sink got: copies the sink accepted during "
-        "the whole run, warm-up included (optgate does not forward opted-out recipients)."
+        f"\nlatency: MAIL to the final DATA reply{conn}.\n"
+        "CPU/1k: user+system seconds of each process during the window, per 1,000 messages.\n"
+        "busy: the whole machine, % of all cores; irq: softirq+irq (loopback TCP, charged to no\n"
+        "process); steal: taken by the hypervisor; other: the rest, outside this benchmark.\n"
+        "sink got: copies the sink accepted during the whole run, warm-up included (optgate\n"
+        "does not forward opted-out recipients)."
     )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    TARGET_LABELS["optgate"] = f"optgate {args.workers} worker" + ("s" if args.workers > 1 else "")
     root = Path(tempfile.mkdtemp(prefix="optgate-bench-"))
     addresses = [f"user{i:04d}@{RCPT_DOMAIN}" for i in range(args.pool)]
     random.Random(1).shuffle(addresses)
@@ -1370,23 +1468,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             for target in args.target_list:
                 rows.append(bench.measure(case, target, bench.spec(target, size, n)))
         if args.profile and bench.gateway is not None:
-            spec = bench.spec("optgate", SIZES["2KB"], 1)
+            spec = bench.spec("optgate", SIZES[args.profile_size], args.profile_rcpts)
             profile_text = profile(
                 bench.gateway, spec, root, native=args.profile_native, top=args.top
             )
+    except RuntimeError as exc:  # a process that would not start or answer: say which, stop
+        print(f"\nbench_smtp: {exc}", file=sys.stderr)
+        return 2
     finally:
         notes = bench.stop()
+        for note in notes:
+            print(f"shutdown: {note}")
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
     print_table(rows, os.cpu_count() or 1, args.new_connection_per_message)
     print_ratios(rows)
     print_legend(args.new_connection_per_message)
     print_errors(rows)
+    print_others(rows)
     print_replies(rows)
     if profile_text:
-        print("\nprofile of the gateway (optgate, 2KB x1rcpt):\n" + profile_text)
-    for note in notes:
-        print(f"  shutdown: {note}")
+        case = f"{args.profile_size} x{args.profile_rcpts}rcpt"
+        print(f"\nprofile of the gateway (optgate, {case}):\n" + profile_text)
     if args.keep:
         print(f"kept {root}")
     return 1 if any(r.result.errors for r in rows) or notes else 0

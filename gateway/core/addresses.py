@@ -146,16 +146,35 @@ class PhoneNumber:
         return self.e164
 
 
+MAX_PHONE_CHARS = 64  # longest sane written form ("tel:+1 (202) 555-0173 ext. 12345" and spacing)
+# C0/C1 controls and the Unicode line/paragraph separators: never part of a number, and
+# the characters header and log injection use (threats.md A10). Zero-width and format
+# characters are left to `phonenumbers`, which drops them (C5).
+_PHONE_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_E164 = re.compile(r"\+[1-9][0-9]{1,14}")  # ITU-T E.164: at most 15 digits
+
+
 def parse_phone(text: str, *, region: str) -> PhoneNumber | None:
-    """E.164 via `phonenumbers` (never a hand-written digit regex: threats.md C5)."""
+    """E.164 via `phonenumbers` (never a hand-written digit regex: threats.md C5).
+
+    Every spelling of one number gives one string: "+1 555 010 0000", "15550100000",
+    "(555) 010-0000" (with region "US"), full-width and Arabic-Indic digits, "tel:" URIs.
+    An extension is dropped (a text cannot reach one), so it never splits the key. Refused:
+    control characters, numbers that are only locally dialable or of impossible length
+    (`is_possible_number` with reason IS_POSSIBLE, not IS_POSSIBLE_LOCAL_ONLY), and a
+    number without "+" when no default region is configured (ambiguous).
+    """
     import phonenumbers  # local: keeps the SMTP path from importing its metadata
 
-    if _CONTROL.search(text) or len(text) > 64:
+    if not text or _PHONE_FORBIDDEN.search(text) or len(text) > MAX_PHONE_CHARS:
         return None
     try:
         number = phonenumbers.parse(text, region or None)
     except phonenumbers.NumberParseException:
         return None
-    if not phonenumbers.is_possible_number(number):
+    reason = phonenumbers.is_possible_number_with_reason(number)
+    if reason != phonenumbers.ValidationResult.IS_POSSIBLE:
         return None
-    return PhoneNumber(e164=phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164))
+    number.extension = None
+    e164 = phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+    return PhoneNumber(e164=e164) if _E164.fullmatch(e164) else None

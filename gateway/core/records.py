@@ -6,15 +6,19 @@ work for a birthday collision is ample for any recipient list). The key stays ou
 so a dump of the store cannot be reversed by enumerating addresses or phone numbers.
 
 Record values are AES-256-GCM with the Redis key name as associated data: a value copied
-onto another recipient's key fails to authenticate.
+onto another recipient's key fails to authenticate. The sealed body may also carry the
+recipient's canonical address (``"d"``, absent when unknown), so that an authorised export
+can name people; it exists only inside the ciphertext. Readers ignore members they do not
+know, so records written with or without it open under every version.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import orjson
 from cryptography.exceptions import InvalidTag
@@ -26,6 +30,13 @@ from gateway.errors import RecordCorrupt
 PSEUDONYM_BYTES = 16
 NONCE_BYTES = 12  # the GCM standard nonce; random nonces are safe far beyond our write volume
 CHANNELS = ("email", "sms")
+
+
+@functools.lru_cache(maxsize=32)
+def aead(key: bytes) -> AESGCM:
+    """The AES-256-GCM object of `key`, made once (its key schedule is the costly part);
+    the objects are immutable and safe to share between threads."""
+    return AESGCM(key)
 
 
 def pseudonym(ring: Keyring, channel: str, key_form: str) -> str:
@@ -42,6 +53,9 @@ class Record:
     categories: frozenset[str] = frozenset()
     updated_at: float = 0.0
     source: str = ""
+    # The canonical address (email) or E.164 number, when the writer knew it; "" otherwise.
+    # Only ever in the sealed body; never printed (repr) or logged.
+    address: str = field(default="", repr=False)
 
     def suppresses(self, category: str) -> bool:
         return self.all or category in self.categories
@@ -53,16 +67,17 @@ class Record:
 
 def seal(ring: Keyring, key_name: str, record: Record) -> bytes:
     kid, key = ring.record.current
-    body = orjson.dumps(
-        {
-            "a": record.all,
-            "c": sorted(record.categories),
-            "t": round(record.updated_at, 3),
-            "s": record.source,
-        }
-    )
+    doc: dict[str, object] = {
+        "a": record.all,
+        "c": sorted(record.categories),
+        "t": round(record.updated_at, 3),
+        "s": record.source,
+    }
+    if record.address:
+        doc["d"] = record.address
+    body = orjson.dumps(doc)
     nonce = os.urandom(NONCE_BYTES)
-    sealed = AESGCM(key).encrypt(nonce, body, key_name.encode("utf-8"))
+    sealed = aead(key).encrypt(nonce, body, key_name.encode("utf-8"))
     return kid.encode("ascii") + b"." + nonce + sealed
 
 
@@ -72,13 +87,14 @@ def open_record(ring: Keyring, key_name: str, blob: bytes) -> Record:
     if key is None or len(rest) < NONCE_BYTES + 16:
         raise RecordCorrupt("record has an unknown key id or is truncated")
     try:
-        body = AESGCM(key).decrypt(rest[:NONCE_BYTES], rest[NONCE_BYTES:], key_name.encode())
+        body = aead(key).decrypt(rest[:NONCE_BYTES], rest[NONCE_BYTES:], key_name.encode())
         doc = orjson.loads(body)
         return Record(
             all=bool(doc["a"]),
             categories=frozenset(str(c) for c in doc["c"]),
             updated_at=float(doc["t"]),
             source=str(doc["s"]),
+            address=str(doc.get("d", "")),
         )
     except (InvalidTag, orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise RecordCorrupt("record does not authenticate") from exc

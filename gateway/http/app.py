@@ -99,7 +99,9 @@ async def _security_headers(request: web.Request, handler: Handler) -> web.Strea
 
 
 def _route(request: web.BaseRequest) -> str:
-    match = getattr(request, "match_info", None)
+    # Not `request.match_info`: on a request refused before routing (e.g. a NUL byte in a
+    # header) that property asserts, and the access logger would raise instead of logging.
+    match = getattr(request, "_match_info", None)
     route = getattr(match, "route", None)
     resource = getattr(route, "resource", None)
     return resource.canonical if resource is not None else "-"

@@ -1,7 +1,13 @@
 """What happens to one submitted message after DATA: the email enforcement path.
 
     checks -> category -> one store round trip -> decisions -> audit (durable)
-           -> strip headers -> upstream copies -> audit outcomes -> one reply
+           -> strip headers -> [per recipient: List-Unsubscribe] -> [DKIM] -> upstream copies
+           -> audit outcomes -> one reply
+
+Categories with `unsubscribe = true` get one upstream copy per recipient, each carrying
+that recipient's own token (SPEC §3); the copies are built, signed and delivered
+concurrently, at most `COPY_CONCURRENCY` at a time so a large message to many recipients
+never sits in memory once per recipient. Other categories get one copy for everyone.
 
 The SMTP adapter (`server.py`) only translates; everything it answers after DATA comes
 from `EmailFlow.process()`. Nothing is sent unless the decision entries are durable, and
@@ -10,8 +16,11 @@ the reply is `250` only when the upstream accepted every allowed copy (SPEC §2.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import re
 import secrets
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -20,13 +29,14 @@ import structlog
 
 from gateway.config import Sender
 from gateway.core import message as msg
-from gateway.core import policy
+from gateway.core import policy, tokens
 from gateway.core.addresses import EmailAddress
 from gateway.core.keys import Keyring
 from gateway.core.policy import Decision, Verdict
 from gateway.core.records import State, pseudonym
 from gateway.core.rules import Category, Rules
 from gateway.errors import AuditError, StoreUnavailable
+from gateway.smtp.dkim import Signer, SigningFailed, from_domain
 from gateway.smtp.upstream import Copy, Outcome, Upstream
 
 log = structlog.get_logger("optgate.smtp")
@@ -35,6 +45,9 @@ CHANNEL = "email"
 MAX_MESSAGE_ID_CHARS = 998  # RFC 5322 line limit; longer ids are cut for the audit entry
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# Per-recipient copies in flight at once: twice the default upstream pool keeps it busy
+# while bounding memory to this many rewritten copies of one message.
+COPY_CONCURRENCY = 16
 
 
 class Store(Protocol):
@@ -86,6 +99,9 @@ class EmailFlow:
         rules: Callable[[], Rules],
         keyring: Callable[[], Keyring],
         suppressed_reply: str,
+        links: tokens.Links | None = None,
+        signer: Signer | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
         self._upstream = upstream
@@ -93,6 +109,9 @@ class EmailFlow:
         self._rules = rules
         self._keyring = keyring
         self._suppressed_reply = suppressed_reply
+        self._links = links  # None: no List-Unsubscribe (only embedders and old tests)
+        self._signer = signer
+        self._clock = clock
 
     async def process(self, sub: Submission) -> str:
         txn = new_txn()
@@ -145,16 +164,9 @@ class EmailFlow:
         if not to_send:
             return f"250 2.0.0 Ok: already delivered upstream, {summary}"
 
-        data = msg.rewrite(head, strip=rules.strips)
-        copies = [
-            Copy(
-                mail_from=sub.mail_from,
-                rcpts=tuple(r.address.address for r in to_send),
-                data=data,
-                smtputf8=sub.smtputf8 or any(r.address.utf8 for r in to_send),
-            )
-        ]
-        outcomes = [await self._upstream.deliver(c) for c in copies]
+        outcomes = await self._send(
+            sub, head=head, rules=rules, category=category, ring=ring, to_send=to_send
+        )
         return await self._conclude(
             base=base,
             category=category,
@@ -164,6 +176,60 @@ class EmailFlow:
             outcomes=outcomes,
             summary=summary,
         )
+
+    async def _send(
+        self,
+        sub: Submission,
+        *,
+        head: msg.Head,
+        rules: Rules,
+        category: Category,
+        ring: Keyring,
+        to_send: Sequence[_Rcpt],
+    ) -> list[Outcome]:
+        """Build, sign and deliver the copies; one `Outcome` per copy."""
+        domain = from_domain(head.get_all("From"))
+        links = self._links if category.unsubscribe else None
+
+        def copy(rcpts: Sequence[_Rcpt]) -> Copy:
+            prepend: tuple[bytes, ...] = ()
+            if links is not None:
+                (r,) = rcpts
+                token = tokens.mint(
+                    ring.token, pseudonym=r.pseudonym, category=category.name, now=self._clock()
+                )
+                prepend = links.fields(token)
+            return Copy(
+                mail_from=sub.mail_from,
+                rcpts=tuple(r.address.address for r in rcpts),
+                data=msg.rewrite(head, strip=rules.strips, prepend=prepend),
+                smtputf8=sub.smtputf8 or any(r.address.utf8 for r in rcpts),
+            )
+
+        if links is None:
+            return [await self._deliver(copy(to_send), domain)]
+        gate = asyncio.Semaphore(COPY_CONCURRENCY)
+
+        async def one(r: _Rcpt) -> Outcome:
+            async with gate:
+                return await self._deliver(copy([r]), domain)
+
+        return list(await asyncio.gather(*(one(r) for r in to_send)))
+
+    async def _deliver(self, copy: Copy, domain: str | None) -> Outcome:
+        if self._signer is not None:
+            try:
+                copy = dataclasses.replace(copy, data=await self._signer.sign(copy.data, domain))
+            except SigningFailed as exc:
+                log.error("dkim_sign_failed", error=str(exc)[:200], permanent=exc.permanent)
+                if exc.permanent:
+                    failed = {
+                        a: (554, "5.6.0 Message could not be DKIM-signed") for a in copy.rcpts
+                    }
+                    return Outcome(perm_failed=failed)
+                failed = {a: (451, "4.3.0 DKIM signing unavailable") for a in copy.rcpts}
+                return Outcome(temp_failed=failed)
+        return await self._upstream.deliver(copy)
 
     def _rcpt(self, ring: Keyring, address: EmailAddress) -> _Rcpt:
         keys = tuple(pseudonym(ring, CHANNEL, k) for k in address.key_forms())

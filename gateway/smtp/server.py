@@ -7,6 +7,12 @@ Corrections to aiosmtpd's defaults, each for a reason recorded in threats.md §2
 - idle and whole-session time limits answer `421 4.4.2` instead of a silent close (S13);
 - connections per client address are capped (`421 4.7.0`);
 - `mail.log` logs every address at INFO (S14): `service.py` raises it to WARNING.
+
+The unsubscribe mailbox (`unsubscribe@` or `unsubscribe+TOKEN@` the unsubscribe domain,
+any case) is the one recipient accepted without AUTH (SPEC §3, §4). Such a transaction
+holds unsubscribe recipients only; after DATA it records the opt-out (`gateway.unsubscribe`)
+and is never forwarded. A bad token gets `550 5.1.1` (at RCPT when it is in the local part)
+and nothing is ever sent back (no backscatter, threats A20).
 """
 
 from __future__ import annotations
@@ -21,9 +27,12 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from gateway import tls
 from gateway.config import Sender
+from gateway.core import tokens
 from gateway.core.addresses import AddressProblem, EmailAddress, parse_email, split_path
+from gateway.errors import AuditError, RecordCorrupt, StoreUnavailable
 from gateway.senders import Authenticator
 from gateway.smtp.flow import EmailFlow, Submission
+from gateway.unsubscribe import MailResult, Receipt, Unsubscriber
 
 log = structlog.get_logger("optgate.smtp")
 
@@ -95,6 +104,8 @@ class GatewayEnvelope(Envelope):
     def __init__(self) -> None:
         super().__init__()
         self.optgate_rcpts: list[EmailAddress] = []
+        # Unsubscribe mailbox recipients: the token from each local part ("" = in Subject).
+        self.optgate_unsubscribe: list[str] = []
 
 
 class GatewaySMTP(SMTP):
@@ -186,10 +197,20 @@ def _peer_common_name(server: GatewaySMTP) -> str | None:
 class GatewayHandler:
     """aiosmtpd hooks. Every reply after DATA comes from `EmailFlow`."""
 
-    def __init__(self, *, flow: EmailFlow, auth: Authenticator, limits: Limits) -> None:
+    def __init__(
+        self,
+        *,
+        flow: EmailFlow,
+        auth: Authenticator,
+        limits: Limits,
+        unsubscribe: Unsubscriber | None = None,
+        links: tokens.Links | None = None,
+    ) -> None:
         self.flow = flow
         self.auth = auth
         self.limits = limits
+        self.unsubscribe = unsubscribe
+        self.links = links  # where the unsubscribe mailbox is (its domain)
 
     # aiosmtpd calls this synchronously from its AUTH PLAIN/LOGIN implementations.
     def authenticate(
@@ -233,7 +254,26 @@ class GatewayHandler:
         envelope.mail_from = parsed.address
         envelope.mail_options.extend(options)
         envelope.optgate_rcpts.clear()
+        envelope.optgate_unsubscribe.clear()
         return "250 2.1.0 Sender ok"
+
+    def _unsubscribe_rcpt(self, envelope: GatewayEnvelope, address: str) -> str | None:
+        """The reply to an RCPT of the unsubscribe mailbox; None for any other address."""
+        if self.unsubscribe is None or self.links is None or not self.links.is_mailbox(address):
+            return None
+        if envelope.optgate_rcpts:
+            return "452 4.5.3 Send unsubscribe requests in a transaction of their own"
+        local = address.rpartition("@")[0]
+        token = ""
+        if "+" in local:
+            token = local.partition("+")[2].lower()
+            if self.unsubscribe.verify(token) is None:
+                return "550 5.1.1 Unknown unsubscribe address"
+        if len(envelope.optgate_unsubscribe) >= self.limits.max_recipients:
+            return "452 4.5.3 Too many recipients"
+        envelope.optgate_unsubscribe.append(token)
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 Unsubscribe address ok"
 
     async def handle_RCPT(
         self,
@@ -243,8 +283,13 @@ class GatewayHandler:
         address: str,
         options: list[str],
     ) -> str:
+        unsubscribe = self._unsubscribe_rcpt(envelope, address)
+        if unsubscribe is not None:
+            return unsubscribe
         if self._sender(server, session) is None:
             return "530 5.7.0 Authentication required"
+        if envelope.optgate_unsubscribe:
+            return "452 4.5.3 Send unsubscribe requests in a transaction of their own"
         parsed = parse_email(address, smtputf8=bool(envelope.smtp_utf8))
         if isinstance(parsed, AddressProblem):
             return parsed.reply
@@ -261,6 +306,8 @@ class GatewayHandler:
     async def handle_DATA(
         self, server: GatewaySMTP, session: GatewaySession, envelope: GatewayEnvelope
     ) -> str:
+        if envelope.optgate_unsubscribe and self.unsubscribe is not None:
+            return await self._unsubscribe_data(self.unsubscribe, envelope)
         sender = self._sender(server, session)
         if sender is None or envelope.mail_from is None or envelope.original_content is None:
             return "503 5.5.1 No valid transaction"  # unreachable: RCPT required a sender
@@ -272,6 +319,21 @@ class GatewayHandler:
             smtputf8=bool(envelope.smtp_utf8),
         )
         return await self.flow.process(submission)
+
+    async def _unsubscribe_data(self, unsub: Unsubscriber, envelope: GatewayEnvelope) -> str:
+        received = Receipt.now()
+        data = envelope.original_content or b""
+        local_tokens = [t for t in envelope.optgate_unsubscribe if t]
+        try:
+            result = await unsub.by_mail(local_tokens, data, received=received)
+        except (StoreUnavailable, RecordCorrupt, AuditError) as exc:
+            log.warning("unsubscribe_unavailable", error=type(exc).__name__)
+            return "451 4.3.0 Temporary failure, try again later"
+        if result is MailResult.DONE:
+            return "250 2.0.0 Ok: unsubscribed"
+        if result is MailResult.MALFORMED:
+            return "554 5.6.0 Malformed message"
+        return "550 5.1.1 Unknown unsubscribe address"
 
     async def handle_exception(self, error: Exception) -> str:
         # Never a traceback to the client; the sender retries (nothing was answered 250).

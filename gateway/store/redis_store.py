@@ -10,9 +10,8 @@ defaults to 10 with backoff and 5 s socket timeouts: seconds, not ``redis.timeou
 redis-py disconnects a connection whose read was cancelled, so a late reply is never
 read as the answer to a later call (tested).
 
-A write is a compare-and-set (read, merge, a Lua script that writes only if the value is
-unchanged) followed, on the same connection in the same round trip, by ``WAITAOF 1 0``
-where the server has it: an opt-out is acknowledged once it is fsynced to the AOF.
+Writes (compare-and-set, each confirmed fsynced with ``WAITAOF``, and the change-stream
+entry that records each one) are the ``RecordWrites`` half, in ``store.writes``.
 """
 
 from __future__ import annotations
@@ -20,10 +19,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import re
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from typing import Any, Final, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
@@ -33,35 +31,32 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 from gateway.core.keys import Keyring
-from gateway.core.records import CHANNELS, CORRUPT, Corrupt, Record, State, open_record, seal
+from gateway.core.records import CORRUPT, Corrupt, Record, State, open_record
 from gateway.errors import KeyringError, RecordCorrupt, StoreUnavailable
+from gateway.store.names import RECORD_PREFIX, check_hex, record_key
+from gateway.store.writes import CAS_ATTEMPTS, RecordWrites, Written
 
 KEYRING_KEY = "og:meta:keyring"
-_RECORD_PREFIX: Final = {"email": "og:e:", "sms": "og:s:"}
-_HEX = re.compile(r"[0-9a-f]{16,128}")
 
-# Concurrent writers of one recipient are rare (a double click, a keyword SMS racing an
-# unsubscribe click); n writers in lock-step need n rounds. Beyond this, fail the write.
-CAS_ATTEMPTS = 8
 # A write may wait for an fsync: WAITAOF on an `appendfsync everysec` server waits for the
 # next once-a-second fsync. Writes come from unsubscribe/admin requests, never from an SMTP
 # session, so they get this budget even when the lookup budget (timeout_ms) is smaller.
 WRITE_BUDGET_S = 2.0
-# The server must answer WAITAOF before our own budget cuts the call: leave this much.
-WAITAOF_MARGIN_S = 0.5
 
-# KEYS[1] = record key, ARGV[1] = the value read ("" = absent), ARGV[2] = new value
-# ("" = delete). Returns 1 when written, 0 when someone else wrote first.
-_CAS_SCRIPT = """
-local cur = redis.call('GET', KEYS[1]) or ''
-if cur ~= ARGV[1] then return 0 end
-if ARGV[2] == '' then redis.call('DEL', KEYS[1]) else redis.call('SET', KEYS[1], ARGV[2]) end
-return 1
-"""
 
-__all__ = ["CORRUPT", "Corrupt", "OptOutStore", "State", "record_key"]
+__all__ = [
+    "CAS_ATTEMPTS",
+    "CORRUPT",
+    "RECORD_PREFIX",
+    "Corrupt",
+    "OptOutStore",
+    "State",
+    "Written",
+    "record_key",
+]
 Client = aioredis.Redis | RedisCluster
-_R = TypeVar("_R", bound=Record | None)
+
+
 
 
 def client_name() -> str:
@@ -69,23 +64,8 @@ def client_name() -> str:
     return f"optgate-{os.getpid()}"
 
 
-def _check_hex(value: str, what: str) -> str:
-    # Also a PHI guard: a caller can never put an address into a key name by mistake.
-    if not _HEX.fullmatch(value):
-        raise ValueError(f"{what} must be lowercase hex, 16-128 characters")
-    return value
-
-
-def record_key(channel: str, pseudonym: str) -> str:
-    """The Redis key (and AEAD associated data) of one recipient's record."""
-    prefix = _RECORD_PREFIX.get(channel)
-    if prefix is None:
-        raise ValueError(f"channel must be one of {CHANNELS}")
-    return prefix + _check_hex(pseudonym, "pseudonym")
-
-
 def _delivered_key(digest: str, pseudonym: str) -> str:
-    return f"og:d:{_check_hex(digest, 'digest')}:{_check_hex(pseudonym, 'pseudonym')}"
+    return f"og:d:{check_hex(digest, 'digest')}:{check_hex(pseudonym, 'pseudonym')}"
 
 
 def _as_bytes(value: bytes | str | None) -> bytes | None:
@@ -119,7 +99,7 @@ def _cluster_client(url: str, options: dict[str, Any]) -> RedisCluster:
     )
 
 
-class OptOutStore:
+class OptOutStore(RecordWrites):
     """Opt-out records and delivered markers on one Redis/Valkey deployment."""
 
     def __init__(self, client: Client, *, keyring: Keyring, timeout_ms: int) -> None:
@@ -157,6 +137,26 @@ class OptOutStore:
         else:
             raise ValueError(f"unsupported redis URL scheme {scheme!r}")
         return cls(client, keyring=keyring, timeout_ms=timeout_ms)
+
+    @property
+    def client(self) -> Client:
+        """The redis-py client, for the store package's other modules (bulk, streams)."""
+        return self._client
+
+    @property
+    def keyring(self) -> Keyring:
+        return self._ring
+
+    @property
+    def write_budget_s(self) -> float:
+        return self._write_s
+
+    def guard(self, what: str, budget_s: float | None = None) -> Any:
+        """`_guard` for sibling modules; `budget_s` defaults to the write budget."""
+        return self._guard(what, self._write_s if budget_s is None else budget_s)
+
+    def pipeline(self) -> Any:
+        return self._pipeline()
 
     @contextlib.asynccontextmanager
     async def _guard(self, what: str, budget_s: float) -> AsyncIterator[None]:
@@ -231,121 +231,6 @@ class OptOutStore:
         async with self._guard("get", self._timeout_s):
             blob = _as_bytes(await self._client.get(key))
         return None if blob is None else open_record(self._ring, key, blob)
-
-    async def opt_out(
-        self,
-        channel: str,
-        pseudonym: str,
-        *,
-        categories: Iterable[str] = (),
-        all: bool = False,
-        source: str,
-        now: float,
-    ) -> Record:
-        """Add categories (or everything) to the record; durable when it returns."""
-        cats = frozenset(categories)
-        if not all and not cats:
-            raise ValueError("opt_out needs at least one category or all=True")
-
-        def merge(current: Record | None) -> Record:
-            base = current or Record()
-            cats_after = base.categories | cats
-            return Record(all=base.all or all, categories=cats_after, updated_at=now, source=source)
-
-        return await self._update(channel, pseudonym, merge)
-
-    async def opt_in(
-        self,
-        channel: str,
-        pseudonym: str,
-        *,
-        categories: Iterable[str] = (),
-        all: bool = False,
-        source: str,
-        now: float,
-    ) -> Record | None:
-        """Remove categories, or everything with all=True; an empty record is deleted.
-
-        Removing single categories leaves a blanket opt-out (``all``) in place: lifting it
-        takes an explicit ``all=True``, so a narrow opt-in never widens what is sent.
-        """
-        cats = frozenset(categories)
-        if not all and not cats:
-            raise ValueError("opt_in needs at least one category or all=True")
-
-        def remove(current: Record | None) -> Record | None:
-            if current is None or all:
-                return None
-            left = current.categories - cats
-            after = Record(all=current.all, categories=left, updated_at=now, source=source)
-            return None if after.empty else after
-
-        # With all=True the current value does not matter, so even a corrupt record can be
-        # cleared; any other change to a corrupt record raises RecordCorrupt.
-        return await self._update(channel, pseudonym, remove, replace_corrupt=all)
-
-    async def _update(
-        self,
-        channel: str,
-        pseudonym: str,
-        change: Callable[[Record | None], _R],
-        *,
-        replace_corrupt: bool = False,
-    ) -> _R:
-        key = record_key(channel, pseudonym)
-        async with self._guard("opt-out write", self._write_s):
-            for _ in range(CAS_ATTEMPTS):
-                raw = _as_bytes(await self._client.get(key))
-                current: Record | None = None
-                if raw is not None:
-                    try:
-                        current = open_record(self._ring, key, raw)
-                    except RecordCorrupt:
-                        if not replace_corrupt:
-                            raise
-                new = change(current)
-                if raw is None and new is None:
-                    return new  # nothing stored, nothing to remove
-                blob = b"" if new is None else seal(self._ring, key, new)
-                if await self._compare_and_set(key, raw or b"", blob):
-                    return new
-        raise StoreUnavailable(
-            f"opt-out store: the record changed concurrently {CAS_ATTEMPTS} times; try again"
-        )
-
-    async def _compare_and_set(self, key: str, expected: bytes, blob: bytes) -> bool:
-        # WAITAOF counts this connection's writes, so it must travel on the connection that
-        # wrote: one pipeline gives that (a Cluster pipeline holds one connection per node,
-        # and target_nodes puts WAITAOF on the key's node). A WATCH/MULTI transaction
-        # cannot: redis-py hands its connection back to the pool when EXEC returns.
-        wait_ms = max(int((self._write_s - WAITAOF_MARGIN_S) * 1000), 100)
-        pipe = self._pipeline()
-        pipe.execute_command("EVAL", _CAS_SCRIPT, 1, key, expected, blob)
-        if self._waitaof is not False:
-            on_node = {}
-            if isinstance(self._client, RedisCluster):
-                on_node = {"target_nodes": self._client.get_node_from_key(key)}
-            pipe.execute_command("WAITAOF", 1, 0, wait_ms, **on_node)
-        results: list[Any] = await pipe.execute(raise_on_error=False)
-        if isinstance(results[0], Exception):
-            raise results[0]
-        if len(results) > 1:
-            self._check_waitaof(results[1], wait_ms)
-        return bool(results[0])
-
-    def _check_waitaof(self, reply: Any, wait_ms: int) -> None:
-        if isinstance(reply, ResponseError) and "unknown command" in str(reply).lower():
-            self._waitaof = False  # Redis < 7.2: durability_warning() told the operator
-            return
-        if isinstance(reply, Exception):
-            raise StoreUnavailable(
-                f"opt-out store: the write is not confirmed durable ({str(reply)[:200]})"
-            ) from reply
-        self._waitaof = True
-        if not reply or int(reply[0]) < 1:
-            raise StoreUnavailable(
-                f"opt-out store: the write did not reach the AOF within {wait_ms} ms"
-            )
 
     async def check_keyring(self) -> None:
         """Refuse a store that was written under a different pseudonym key."""

@@ -1,0 +1,321 @@
+"""The admin API (SPEC §6): opt-outs, bulk import/export, audit search, API keys.
+
+Every route takes ``Authorization: Bearer <key>`` (`gateway.apikeys`): no or a bad key is
+``401``, a key whose role may not call the route is ``403`` (both audited as
+``auth_failure``). Roles: ``preferences`` (opt-outs, import, export), ``auditor`` (audit
+search), ``admin`` (everything, and API keys). Every call that passes is audited with
+the key's id before it is answered; a change is acknowledged only once it is durable in
+the store and in the audit log (SPEC §2.2). Store or audit log down: ``503`` with
+``Retry-After``.
+
+Paths may carry an address (``/v1/optouts/email/pat@example.org``): the access log names
+the route template only, and no problem document ever quotes an address.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import orjson
+import structlog
+from aiohttp import web
+
+from gateway import apikeys, metrics
+from gateway.apikeys import ApiKey
+from gateway.core.addresses import AddressProblem, parse_email, parse_phone
+from gateway.core.records import CHANNELS, Record, pseudonym
+from gateway.errors import AuditError, RecordCorrupt, StoreUnavailable
+from gateway.http.app import DEPS_KEY, HttpDeps, problem
+from gateway.store.redis_store import Written
+
+log = structlog.get_logger("optgate.http.admin")
+
+RETRY_AFTER_S: Final = "1"
+SOURCE_RE: Final = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # a system's name, never a person's
+
+AdminHandler = Callable[[web.Request, ApiKey], Awaitable[web.StreamResponse]]
+
+
+_ABSENT: Final = object()  # a member not given at all (null is given, and invalid)
+
+
+def member(doc: dict[str, Any] | Any, name: str) -> Any:
+    """`doc[name]`, or a marker that validators take as "not given"."""
+    return doc.get(name, _ABSENT) if hasattr(doc, "get") else _ABSENT
+
+
+class BadInput(ValueError):
+    """A request field is invalid; the message is safe to show (it never quotes input)."""
+
+
+def unavailable(what: str) -> web.Response:
+    return problem(
+        503, "Service Unavailable", detail=f"{what} is unavailable; retry shortly",
+        headers={"Retry-After": RETRY_AFTER_S},
+    )  # fmt: skip
+
+
+def route_of(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "-"
+
+
+async def audit(deps: HttpDeps, events: list[dict[str, Any]]) -> None:
+    await deps.audit.append(events)
+
+
+async def _denied(
+    deps: HttpDeps, request: web.Request, status: int, reason: str, kid: str
+) -> web.Response:
+    event = {
+        "event": "auth_failure",
+        "interface": "admin",
+        "route": route_of(request),
+        "method": request.method,
+        "reason": reason,
+        "key_id": kid,
+    }
+    try:
+        await audit(deps, [event])
+    except AuditError:
+        log.error("auth_failure_not_audited", route=event["route"])  # still denied
+    if status == 401:
+        return problem(
+            401, "Unauthorized", detail="a valid API key is required",
+            headers={"WWW-Authenticate": 'Bearer realm="optgate"'},
+        )  # fmt: skip
+    return problem(403, "Forbidden", detail="this API key's role may not call this route")
+
+
+def requires(role: str) -> Callable[[AdminHandler], Callable[[web.Request], Awaitable[Any]]]:
+    """Wrap a handler so it runs only for a key whose role permits `role`."""
+
+    def wrap(handler: AdminHandler) -> Callable[[web.Request], Awaitable[Any]]:
+        async def guarded(request: web.Request) -> web.StreamResponse:
+            deps = request.app[DEPS_KEY]
+            scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+            token = token.strip()
+            if scheme.lower() != "bearer" or not token:
+                return await _denied(deps, request, 401, "missing", "")
+            try:
+                key = await apikeys.verify(deps.store, deps.keyring(), token)
+            except StoreUnavailable:
+                return unavailable("the opt-out store")
+            if key is None:
+                return await _denied(deps, request, 401, "bad key", apikeys.key_id_of(token))
+            if not apikeys.permits(key.role, role):
+                return await _denied(deps, request, 403, "role", key.kid)
+            try:
+                return await handler(request, key)
+            except BadInput as exc:
+                return problem(400, "Bad Request", detail=str(exc))
+            except StoreUnavailable:
+                metrics.store_error("admin")
+                return unavailable("the opt-out store")
+            except AuditError:
+                return unavailable("the audit log")
+
+        guarded.__name__ = handler.__name__
+        guarded.__doc__ = handler.__doc__
+        return guarded
+
+    return wrap
+
+
+# -- shared validation -----------------------------------------------------------------
+
+
+def channel_of(value: Any) -> str:
+    if value not in CHANNELS:
+        raise BadInput("channel must be email or sms")
+    return str(value)
+
+
+def canonical(deps: HttpDeps, channel: str, address: Any) -> tuple[str, str]:
+    """(canonical address, the form its pseudonym is made from); BadInput if invalid."""
+    if not isinstance(address, str) or not address:
+        raise BadInput("address is required")
+    if channel == "email":
+        parsed = parse_email(address, smtputf8=True)
+        if isinstance(parsed, AddressProblem):
+            raise BadInput("not a valid email address")
+        return parsed.address, parsed.key_form
+    phone = parse_phone(address, region=deps.cfg.sms_default_region)
+    if phone is None:
+        raise BadInput("not a valid phone number")
+    return phone.e164, phone.key_form
+
+
+def categories_of(deps: HttpDeps, channel: str, value: Any) -> frozenset[str]:
+    if value is _ABSENT:
+        return frozenset()
+    if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
+        raise BadInput("categories must be a list of category names")
+    rules = deps.rules()
+    for name in value:
+        cat = rules.category(name)
+        if cat is None:
+            raise BadInput("unknown category")
+        if not cat.opt_out:
+            raise BadInput(f"category {name} cannot be opted out of (opt_out = false)")
+        if not cat.allows(channel):
+            raise BadInput(f"category {name} does not apply to channel {channel}")
+    return frozenset(value)
+
+
+def source_of(value: Any, default: str) -> str:
+    if value is _ABSENT:
+        return default
+    if not isinstance(value, str) or not SOURCE_RE.fullmatch(value):
+        raise BadInput("source must be 1-64 letters, digits or _ . : -")
+    return value
+
+
+def record_json(channel: str, pseud: str, record: Record | None) -> dict[str, Any]:
+    """The SPEC §12 shape (as `optgate optout get`), plus the recipient's pseudonym."""
+    when = None
+    if record is not None:
+        when = datetime.fromtimestamp(record.updated_at, UTC).isoformat(timespec="seconds")
+        when = when.replace("+00:00", "Z")
+    return {
+        "channel": channel,
+        "recipient": pseud,
+        "all": bool(record and record.all),
+        "categories": sorted(record.categories) if record else [],
+        "updated_at": when,
+        "source": record.source if record else None,
+    }
+
+
+def change_events(
+    written: Written, *, channel: str, pseud: str, source: str, key: ApiKey, via: str
+) -> list[dict[str, Any]]:
+    """The audit entries of one write: an ``optout`` for what was added, an ``optin`` for
+    what was removed (one call may do both); a write that changed nothing is an
+    ``optout`` re-affirming the state (or an ``optin`` of nothing)."""
+    b, a = written.before or Record(), written.after or Record()
+    base = {"channel": channel, "recipient": pseud, "source": source, "key_id": key.kid}
+    base.update(via=via, change=written.change_id)
+    added, removed = sorted(a.categories - b.categories), sorted(b.categories - a.categories)
+    all_on, all_off = a.all and not b.all, b.all and not a.all
+    events = []
+    if added or all_on:
+        events.append({"event": "optout", "categories": added, "all": all_on, **base})
+    if removed or all_off:
+        events.append({"event": "optin", "categories": removed, "all": all_off, **base})
+    if not events:
+        kind = "optout" if not a.empty else "optin"
+        events.append({"event": kind, "categories": sorted(a.categories), "all": a.all, **base})
+    return events
+
+
+def count_change(events: list[dict[str, Any]], source: str, started: float) -> None:
+    for e in events:
+        metrics.optout_change(str(e["event"]), source)
+    if any(e["event"] == "optout" for e in events):
+        metrics.optout_effect_seconds("api", time.monotonic() - started)
+
+
+# -- single opt-outs -------------------------------------------------------------------
+
+
+async def _target(request: web.Request) -> tuple[HttpDeps, str, str, str]:
+    deps = request.app[DEPS_KEY]
+    try:
+        channel = channel_of(request.match_info["channel"])
+    except BadInput:
+        raise web.HTTPNotFound() from None
+    address, key_form = canonical(deps, channel, request.match_info["address"])
+    return deps, channel, address, pseudonym(deps.keyring(), channel, key_form)
+
+
+@requires("preferences")
+async def get_optout(request: web.Request, key: ApiKey) -> web.Response:
+    """One address's opt-out state."""
+    deps, channel, _, pseud = await _target(request)
+    try:
+        record = await deps.store.get(channel, pseud)
+    except RecordCorrupt:
+        return problem(500, "Internal Server Error", detail="the stored record is unreadable")
+    await audit(deps, [audit_access(key, "optout.get", channel=channel, recipient=pseud)])
+    return web.json_response(record_json(channel, pseud, record))
+
+
+async def json_body(request: web.Request) -> dict[str, Any]:
+    try:
+        body = orjson.loads(await request.read())
+    except orjson.JSONDecodeError:
+        raise BadInput("the body must be a JSON object") from None
+    if not isinstance(body, dict):
+        raise BadInput("the body must be a JSON object")
+    return body
+
+
+@requires("preferences")
+async def put_optout(request: web.Request, key: ApiKey) -> web.Response:
+    """Set an address's opt-outs to exactly the given categories (or all)."""
+    started = time.monotonic()
+    deps, channel, address, pseud = await _target(request)
+    body = await json_body(request)
+    unknown = set(body) - {"categories", "all", "source"}
+    if unknown:
+        raise BadInput("unknown member in the body (allowed: categories, all, source)")
+    everything = body.get("all", False)
+    if not isinstance(everything, bool):
+        raise BadInput("all must be true or false")
+    cats = categories_of(deps, channel, member(body, "categories"))
+    source = source_of(member(body, "source"), "api")
+    written = await deps.store.replace(
+        channel, pseud, categories=cats, all=everything, source=source, now=time.time(),
+        address=address,
+    )  # fmt: skip
+    events = change_events(
+        written, channel=channel, pseud=pseud, source=source, key=key, via="api"
+    )
+    await audit(deps, events)
+    count_change(events, source, started)
+    return web.json_response(record_json(channel, pseud, written.after))
+
+
+@requires("preferences")
+async def delete_optout(request: web.Request, key: ApiKey) -> web.Response:
+    """Opt an address back in to everything (removes its record)."""
+    deps, channel, _, pseud = await _target(request)
+    source = source_of(member(request.query, "source"), "api")
+    written = await deps.store.replace(channel, pseud, source=source, now=time.time())
+    events = change_events(
+        written, channel=channel, pseud=pseud, source=source, key=key, via="api"
+    )
+    await audit(deps, events)
+    count_change(events, source, time.monotonic())
+    return web.json_response(record_json(channel, pseud, None))
+
+
+def audit_access(key: ApiKey, action: str, **fields: Any) -> dict[str, Any]:
+    return {
+        "event": "admin_access",
+        "action": action,
+        "key_id": key.kid,
+        "role": key.role,
+        **fields,
+    }
+
+
+def setup(app: web.Application, deps: HttpDeps) -> None:
+    from gateway.http import admin_bulk, admin_review
+
+    r = app.router
+    r.add_post("/v1/optouts:import", admin_bulk.import_optouts)
+    r.add_get("/v1/optouts:export", admin_bulk.export_optouts)
+    single = "/v1/optouts/{channel}/{address:.+}"
+    r.add_get(single, get_optout)
+    r.add_put(single, put_optout)
+    r.add_delete(single, delete_optout)
+    r.add_get("/v1/audit", admin_review.search_audit)
+    r.add_get("/v1/api-keys", admin_review.list_api_keys)
+    r.add_post("/v1/api-keys", admin_review.create_api_key)
+    r.add_delete("/v1/api-keys/{key_id}", admin_review.revoke_api_key)

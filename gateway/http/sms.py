@@ -1,0 +1,355 @@
+"""SMS routes on the HTTPS listener: they translate, `gateway.sms` decides.
+
+    POST /2010-04-01/Accounts/{AccountSid}/Messages.json   Twilio-compatible send
+    POST /v1/messages/sms                                  native JSON send
+    POST /sms/inbound                                      the provider's inbound webhook
+
+The Twilio route answers every error in Twilio's own body shape (`code`, `message`,
+`more_info`, `status`), so the official SDK raises `TwilioRestException` with the code an
+application already handles (21610 for an opted-out recipient). The native route answers
+RFC 9457 problems; an opted-out recipient is `422` with type `PROBLEM_BASE + "opted-out"`:
+the request was well formed and authorised, the recipient's consent is what refuses it,
+so it is neither a malformed request (400) nor a permission problem (403, which clients
+treat as a credentials fault), and resending it unchanged will not help (unlike 409/503).
+
+Input is checked before anything is looked up or sent: sender credentials (HTTP Basic),
+content type, size (the app's 64 KiB limit), encoding and fields (`gateway.sms.message`).
+No handler logs a number, a body or a path (the access log names the route template).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl
+
+import orjson
+import structlog
+from aiohttp import web
+
+from gateway.config import Sender
+from gateway.errors import AuditError
+from gateway.http.app import DEPS_KEY, HttpDeps, problem
+from gateway.sms import message, signature
+from gateway.sms.flow import Failed, Result, Sent, SmsFlow
+from gateway.sms.inbound import Forwarder, Inbound
+from gateway.sms.message import Refusal
+from gateway.sms.provider import HttpsClient, Provider
+from gateway.sms.queue import InboundQueue
+
+log = structlog.get_logger("optgate.http.sms")
+
+TWILIO_ROUTE = "/2010-04-01/Accounts/{AccountSid}/Messages.json"
+NATIVE_ROUTE = "/v1/messages/sms"
+INBOUND_ROUTE = "/sms/inbound"
+PROBLEM_BASE = "urn:optgate:problem:"  # stable identifiers, not links (RFC 9457 §3.1.1)
+RETRY_AFTER_S = "5"  # store or audit trouble: a restart or failover takes seconds
+MAX_FORM_FIELDS = 64  # a Twilio send has under 20 parameters; inbound webhooks about 30
+FORM = "application/x-www-form-urlencoded"
+JSON = "application/json"
+REALM = 'Basic realm="optgate"'
+WORKER_STOP_S = 5.0  # the retry worker's last Redis call or forward may take this long
+MAX_AUTH_CHARS = 2048  # base64 of a sender name and a password (senders.MAX_PASSWORD_BYTES)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SmsServices:
+    """What the handlers use, made once per app by `setup`."""
+
+    flow: SmsFlow
+    inbound: Inbound
+    queue: InboundQueue
+    token: bytes  # the provider's auth token: signs and verifies webhooks; b"" = none
+
+
+SERVICES = web.AppKey("sms_services", SmsServices)
+
+
+# --- shared input checks -----------------------------------------------------------------
+
+
+def basic_credentials(header: str) -> tuple[str, bytes] | None:
+    """(user, password) from an `Authorization: Basic` header (RFC 7617), else None."""
+    scheme, _, encoded = header.partition(" ")
+    if scheme.lower() != "basic" or len(encoded) > MAX_AUTH_CHARS:
+        return None
+    try:
+        user, colon, password = base64.b64decode(encoded.strip(), validate=True).partition(b":")
+        name = user.decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    return (name, password) if colon else None
+
+
+def _sender(request: web.Request, deps: HttpDeps) -> Sender | None:
+    creds = basic_credentials(request.headers.get("Authorization", ""))
+    if creds is None:
+        return None
+    sender: Sender | None = deps.senders.check(*creds)
+    return sender
+
+
+async def _audit_auth_failure(deps: HttpDeps, route: str, reason: str, sender: str) -> None:
+    known = sender if sender in deps.senders.senders else ""
+    event = {"event": "auth_failure", "channel": "sms", "route": route, "reason": reason}
+    with contextlib.suppress(AuditError):
+        await deps.audit.append([{**event, "sender": known}])
+
+
+async def _body(request: web.Request, content_type: str) -> bytes | int:
+    """The request body, or the status refusing it (415 wrong type, 413 too large)."""
+    if request.content_type != content_type:
+        return 415
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        return 413
+
+
+def _form(body: bytes) -> list[tuple[str, str]] | None:
+    try:
+        return parse_qsl(
+            body.decode("utf-8"),
+            keep_blank_values=True,
+            strict_parsing=True,
+            errors="strict",
+            max_num_fields=MAX_FORM_FIELDS,
+        )
+    except ValueError:  # also UnicodeDecodeError
+        return None
+
+
+# --- Twilio-compatible send ----------------------------------------------------------------
+
+
+def _twilio(
+    status: int, code: int, text: str, headers: dict[str, str] | None = None
+) -> web.Response:
+    body = Refusal(code=code, message=text).twilio_body(status)
+    return web.json_response(body, status=status, headers=headers)
+
+
+async def twilio_send(request: web.Request) -> web.Response:
+    deps = request.app[DEPS_KEY]
+    sender = _sender(request, deps)
+    if sender is None:
+        await _audit_auth_failure(deps, TWILIO_ROUTE, "bad-credentials", "")
+        return _twilio(401, 20003, "Authenticate", {"WWW-Authenticate": REALM})
+    if request.match_info["AccountSid"] != sender.name:
+        await _audit_auth_failure(deps, TWILIO_ROUTE, "foreign-account-sid", sender.name)
+        return _twilio(403, 20003, "The AccountSid in the URL is not the authenticated sender.")
+    if "sms" not in sender.channels:
+        return _twilio(403, 20003, "This sender may not send SMS.")
+    body = await _body(request, FORM)
+    if isinstance(body, int):
+        text = "Request body too large." if body == 413 else f"Content-Type must be {FORM}."
+        return _twilio(body, 20001, text)
+    pairs = _form(body)
+    if pairs is None:
+        return _twilio(400, 20001, "The request body is not a valid UTF-8 form.")
+    out = message.from_twilio_form(pairs, region=deps.cfg.sms_default_region)
+    if isinstance(out, Refusal):
+        return web.json_response(out.twilio_body(400), status=400)
+    result = await request.app[SERVICES].flow.send(sender, out)
+    return _twilio_result(result)
+
+
+def _twilio_result(result: Result) -> web.Response:
+    if isinstance(result, Sent):
+        reply = result.reply
+        if reply.status >= 500 or reply.json() is None:
+            return _twilio(502, 20500, "The SMS provider failed; the message was not accepted.")
+        headers = {"Retry-After": reply.retry_after} if reply.retry_after.isdigit() else None
+        return web.Response(
+            status=reply.status, body=reply.body, content_type=JSON, headers=headers
+        )
+    if isinstance(result, Failed):
+        text = (
+            "The SMS provider did not answer in time; the message may have been sent."
+            if result.outcome == "unknown"
+            else "The SMS provider could not be reached; the message was not sent."
+        )
+        return _twilio(result.status, 20500, text)
+    if result.refusal is not None:
+        return web.json_response(result.refusal.twilio_body(400), status=400)
+    if result.kind == "not-configured":
+        return _twilio(503, 20503, "No SMS provider is configured on this gateway.")
+    return _twilio(
+        503,
+        20503,
+        "The opt-out store is unavailable; nothing was sent. Try again later.",
+        {"Retry-After": RETRY_AFTER_S},
+    )
+
+
+# --- native JSON send ------------------------------------------------------------------------
+
+
+def _problem(status: int, kind: str, title: str, **extra: Any) -> web.Response:
+    return problem(status, title, type_=PROBLEM_BASE + kind, **extra)
+
+
+async def native_send(request: web.Request) -> web.Response:
+    deps = request.app[DEPS_KEY]
+    sender = _sender(request, deps)
+    if sender is None:
+        await _audit_auth_failure(deps, NATIVE_ROUTE, "bad-credentials", "")
+        return problem(401, "Unauthorized", headers={"WWW-Authenticate": REALM})
+    if "sms" not in sender.channels:
+        return problem(403, "Forbidden", detail="This sender may not send SMS.")
+    body = await _body(request, JSON)
+    if isinstance(body, int):
+        return problem(body, "Content Too Large" if body == 413 else "Unsupported Media Type")
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return problem(400, "Bad Request", detail="The body is not valid JSON.")
+    parsed = message.from_native(doc, region=deps.cfg.sms_default_region)
+    if isinstance(parsed, Refusal):
+        return _problem(
+            422, "invalid-field", "Invalid field", detail=parsed.message, field=parsed.field
+        )
+    out, category = parsed
+    result = await request.app[SERVICES].flow.send(sender, out, category)
+    return _native_result(result)
+
+
+def _native_result(result: Result) -> web.Response:
+    if isinstance(result, Sent):
+        reply = result.reply
+        doc = reply.json() or {}
+        if 200 <= reply.status < 300:
+            status = doc.get("status")
+            status = status if isinstance(status, str) else ""
+            return web.json_response({"id": reply.sid or result.txn, "status": status}, status=201)
+        if reply.status == 400 and reply.error_code == message.OPTED_OUT.code:
+            return _problem(422, "opted-out", "Recipient has opted out", txn=result.txn)
+        if reply.status == 429:
+            retry = reply.retry_after if reply.retry_after.isdigit() else RETRY_AFTER_S
+            return problem(503, "Provider rate limit", headers={"Retry-After": retry})
+        if reply.status < 500:
+            return _problem(
+                422,
+                "provider-rejected",
+                "The SMS provider refused the message",
+                provider_status=reply.status,
+                provider_code=reply.error_code,
+                txn=result.txn,
+            )
+        return _problem(502, "provider-failed", "The SMS provider failed", txn=result.txn)
+    if isinstance(result, Failed):
+        return _problem(
+            result.status, "provider-unreachable", "The SMS provider gave no answer",
+            outcome=result.outcome, txn=result.txn,
+        )  # fmt: skip
+    if result.kind == "opted-out":
+        return _problem(422, "opted-out", "Recipient has opted out", txn=result.txn)
+    if result.refusal is not None:
+        return _problem(
+            422,
+            "invalid-field",
+            "Invalid field",
+            detail=result.refusal.message,
+            field=result.refusal.field,
+        )
+    if result.kind == "not-configured":
+        return problem(503, "Service Unavailable", detail="No SMS provider is configured.")
+    return problem(
+        503,
+        "Service Unavailable",
+        detail="The opt-out store is unavailable; nothing was sent.",
+        headers={"Retry-After": RETRY_AFTER_S},
+    )
+
+
+# --- inbound webhook -------------------------------------------------------------------------
+
+
+async def inbound(request: web.Request) -> web.Response:
+    deps = request.app[DEPS_KEY]
+    services = request.app[SERVICES]
+    body = await _body(request, FORM)
+    if isinstance(body, int):
+        return problem(body, "Content Too Large" if body == 413 else "Unsupported Media Type")
+    pairs = _form(body)
+    if pairs is None or len({k for k, _ in pairs}) != len(pairs):
+        return problem(400, "Bad Request", detail="Expected a form with each field once.")
+    token = services.token
+    if not token:
+        return problem(503, "Service Unavailable", detail="No SMS provider is configured.")
+    url = deps.cfg.public_url + request.rel_url.path_qs
+    given = request.headers.get(signature.HEADER, "")
+    account = dict(pairs).get("AccountSid", deps.cfg.upstream_sms_account_sid)
+    if not signature.verify(token, signature.candidate_urls(url), pairs, given) or (
+        account != deps.cfg.upstream_sms_account_sid
+    ):
+        await _audit_auth_failure(deps, INBOUND_ROUTE, "bad-signature", "")
+        return problem(403, "Forbidden", detail="The request signature does not verify.")
+    reply = await services.inbound.handle(pairs)
+    if reply.status != 200:
+        headers = {"Retry-After": RETRY_AFTER_S} if reply.status == 503 else None
+        return problem(reply.status, "Inbound text not accepted", detail=reply.detail,
+                       headers=headers)  # fmt: skip
+    return web.Response(text=reply.twiml, content_type="text/xml", charset="utf-8")
+
+
+# --- wiring ------------------------------------------------------------------------------------
+
+
+def setup(app: web.Application, deps: HttpDeps) -> None:
+    """Mount the SMS routes. The HTTPS client and the inbound retry worker live as long as
+    the app: made on startup (inside the loop), closed and cancelled on cleanup."""
+    cfg = deps.cfg
+    env = cfg.upstream_sms_auth_token_env
+    token = os.environ.get(env, "") if env else ""
+    client = HttpsClient(ca_file=cfg.upstream_sms_ca_file, timeout_s=cfg.upstream_sms_timeout_s)
+    provider = None
+    if cfg.upstream_sms_url and token:
+        provider = Provider(
+            client,
+            base_url=cfg.upstream_sms_url,
+            account_sid=cfg.upstream_sms_account_sid,
+            auth_token=token,
+        )
+    forwarder = None
+    if cfg.sms_inbound_forward_url and token:
+        forwarder = Forwarder(client, url=cfg.sms_inbound_forward_url, token=token.encode())
+    # The store's own client: the queue shares its connection pool, budgets and TLS.
+    queue = InboundQueue(
+        deps.store._client, keyring=deps.keyring, consumer=f"{cfg.instance}-{os.getpid()}"
+    )
+    flow = SmsFlow(
+        store=deps.store, audit=deps.audit, rules=deps.rules, keyring=deps.keyring,
+        provider=provider,
+    )  # fmt: skip
+    handler = Inbound(
+        store=deps.store, audit=deps.audit, rules=deps.rules, keyring=deps.keyring,
+        region=cfg.sms_default_region, forwarder=forwarder, queue=queue,
+    )  # fmt: skip
+    app[SERVICES] = SmsServices(flow=flow, inbound=handler, queue=queue, token=token.encode())
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        await client.start()
+        stop = asyncio.Event()
+        worker = None
+        if forwarder is not None:
+            worker = asyncio.create_task(
+                queue.run(forwarder, handler.report, stop), name="sms-inbound-queue"
+            )
+        yield
+        stop.set()
+        if worker is not None:
+            worker.cancel()  # an entry in flight stays pending: any instance retries it
+            await asyncio.wait({worker}, timeout=WORKER_STOP_S)
+        await client.close()
+
+    app.cleanup_ctx.append(lifecycle)
+    app.router.add_post(TWILIO_ROUTE, twilio_send)
+    app.router.add_post(NATIVE_ROUTE, native_send)
+    app.router.add_post(INBOUND_ROUTE, inbound)

@@ -1,0 +1,248 @@
+"""One outgoing text: the SMS enforcement path, shared by both send APIs.
+
+    category -> footer -> one store lookup -> decision -> audit (durable) -> provider
+             -> audit outcome -> a `Result` value the route renders
+
+It mirrors `gateway.smtp.flow`: the "decision" entry is durable before anything is sent
+(SPEC §2.6), a failed lookup fails closed (SPEC §2.1), and a "delivery" entry records what
+the provider did. The routes only translate: they render a `Result` as Twilio's reply or
+as an RFC 9457 problem, and never decide anything themselves.
+
+A provider error 21610 ("unsubscribed recipient": the number texted STOP to the provider
+directly) is copied into the local store as an opt-out of everything on SMS, so the next
+send is stopped here without asking the provider (threats.md B6).
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+import structlog
+
+from gateway.config import Sender
+from gateway.core import policy
+from gateway.core.keys import Keyring
+from gateway.core.policy import Decision, Verdict
+from gateway.core.records import State, pseudonym
+from gateway.core.rules import Rules
+from gateway.errors import AuditError, StoreUnavailable
+from gateway.sms import message
+from gateway.sms.message import Outgoing, Refusal
+from gateway.sms.provider import Provider, ProviderError, Reply
+
+log = structlog.get_logger("optgate.sms")
+
+CHANNEL = "sms"
+UNSUBSCRIBED = 21610  # Twilio: "Attempt to send to unsubscribed recipient"
+PROVIDER_OPT_OUT_SOURCE = "provider-21610"
+
+RefusedKind = Literal[
+    "opted-out",
+    "store-unavailable",  # also a record that does not decrypt: doubt fails closed
+    "audit-unavailable",
+    "unknown-category",
+    "not-sms-category",
+    "body-too-long",
+    "not-configured",
+]
+
+
+class Store(Protocol):
+    async def lookup(self, channel: str, pseudonyms: Sequence[str]) -> list[State]: ...
+
+    async def opt_out(
+        self,
+        channel: str,
+        pseudonym: str,
+        *,
+        categories: Sequence[str] = ...,
+        all: bool = ...,
+        source: str,
+        now: float,
+    ) -> Any: ...
+
+
+class Audit(Protocol):
+    async def append(self, events: Sequence[dict[str, Any]]) -> None: ...
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Sent:
+    """The provider answered (any status); `reply` is what it said."""
+
+    txn: str
+    reply: Reply
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Refused:
+    """Nothing was sent. `refusal` carries Twilio's code for the same fault."""
+
+    txn: str
+    kind: RefusedKind
+    refusal: Refusal | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Failed:
+    """The provider gave no usable answer: `status` 502/504, `outcome` failed/unknown."""
+
+    txn: str
+    status: int
+    outcome: str
+
+
+Result = Sent | Refused | Failed
+
+
+def outcome_of(status: int) -> str:
+    """The audit word for a provider reply."""
+    return "accepted" if 200 <= status < 300 else "rejected" if status < 500 else "failed"
+
+
+class SmsFlow:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        audit: Audit,
+        rules: Callable[[], Rules],
+        keyring: Callable[[], Keyring],
+        provider: Provider | None,
+    ) -> None:
+        self._store = store
+        self._audit = audit
+        self._rules = rules
+        self._keyring = keyring
+        self._provider = provider
+
+    async def send(self, sender: Sender, out: Outgoing, category_name: str = "") -> Result:
+        """Decide and, when allowed, send `out` for `sender`. Never raises for a policy
+        outcome or a store, audit or provider failure: each is a `Result`."""
+        txn = secrets.token_hex(8)
+        if self._provider is None:
+            return Refused(txn=txn, kind="not-configured")
+        rules = self._rules()
+        recipient = pseudonym(self._keyring(), CHANNEL, out.to.key_form)
+        base = {"channel": CHANNEL, "sender": sender.name, "txn": txn, "recipient": recipient}
+        name = category_name or sender.default_category or rules.default_category
+        category = rules.category(name)
+        if category is None or not category.allows(CHANNEL):
+            kind: RefusedKind = "unknown-category" if category is None else "not-sms-category"
+            await self._reject(base, kind, "" if category is None else category.name)
+            refusal = message.UNKNOWN_CATEGORY if category is None else message.NOT_SMS_CATEGORY
+            return Refused(txn=txn, kind=kind, refusal=refusal)
+        body = message.with_footer(out.body, rules, unsubscribe=category.unsubscribe)
+        if isinstance(body, Refusal):
+            await self._reject(base, "body-too-long", category.name)
+            return Refused(txn=txn, kind="body-too-long", refusal=body)
+        base["category"] = category.name
+
+        decision = policy.NOT_OPT_OUTABLE
+        if category.opt_out:
+            try:
+                states = await self._store.lookup(CHANNEL, [recipient])
+                decision = policy.decide(category, states)
+            except StoreUnavailable:
+                log.warning("store_unavailable", txn=txn, channel=CHANNEL)
+                decision = policy.STORE_UNAVAILABLE
+        try:
+            await self._audit.append([_decision(base, decision)])
+        except AuditError:
+            log.error("audit_unavailable", txn=txn, channel=CHANNEL)
+            return Refused(txn=txn, kind="audit-unavailable")
+        if decision.verdict is Verdict.SUPPRESS:
+            return Refused(txn=txn, kind="opted-out", refusal=message.OPTED_OUT)
+        if decision.verdict is not Verdict.ALLOW:
+            return Refused(txn=txn, kind="store-unavailable")
+
+        try:
+            reply = await self._provider.send(out.form(body))
+        except ProviderError as exc:
+            log.warning("sms_provider_error", txn=txn, status=exc.status, outcome=exc.outcome)
+            await self._outcome(base, outcome=exc.outcome, code=exc.status)
+            return Failed(txn=txn, status=exc.status, outcome=exc.outcome)
+        await self._outcome(
+            base,
+            outcome=outcome_of(reply.status),
+            code=reply.status,
+            message_id=reply.sid,
+            provider_code=reply.error_code,
+        )
+        if reply.status == 400 and reply.error_code == UNSUBSCRIBED:
+            await self._copy_provider_opt_out(base, recipient)
+        return Sent(txn=txn, reply=reply)
+
+    async def _reject(self, base: dict[str, str], reason: str, category: str) -> None:
+        d = policy.reject(reason, rule=f"sms.{reason}")
+        try:
+            await self._audit.append([_decision({**base, "category": category}, d)])
+        except AuditError:
+            log.error("audit_unavailable", txn=base["txn"], channel=CHANNEL)
+
+    async def _outcome(
+        self,
+        base: dict[str, str],
+        *,
+        outcome: str,
+        code: int,
+        message_id: str = "",
+        provider_code: int | None = None,
+    ) -> None:
+        event: dict[str, Any] = {
+            "event": "delivery",
+            **base,
+            "message_id": message_id,
+            "outcome": outcome,
+            "code": code,
+        }
+        if provider_code is not None:
+            event["provider_code"] = provider_code
+        try:
+            await self._audit.append([event])
+        except AuditError:
+            # The decision is durable and the provider has (or may have) the text; failing
+            # the request now would only make the application send it twice.
+            log.error("audit_outcome_write_failed", txn=base["txn"], channel=CHANNEL)
+
+    async def _copy_provider_opt_out(self, base: dict[str, str], recipient: str) -> None:
+        try:
+            await self._store.opt_out(
+                CHANNEL, recipient, all=True, source=PROVIDER_OPT_OUT_SOURCE, now=time.time()
+            )
+            await self._audit.append(
+                [
+                    {
+                        "event": "optout",
+                        "channel": CHANNEL,
+                        "recipient": recipient,
+                        "categories": [],
+                        "all": True,
+                        "source": PROVIDER_OPT_OUT_SOURCE,
+                        "txn": base["txn"],
+                    }
+                ]
+            )
+        except (StoreUnavailable, AuditError):
+            # The provider keeps refusing this number, so nothing is lost: the copy is
+            # attempted again on the next send.
+            log.warning("provider_opt_out_not_copied", txn=base["txn"])
+
+
+def _decision(base: dict[str, str], d: Decision) -> dict[str, Any]:
+    return {
+        "event": "decision",
+        "decision": d.verdict.value,
+        "channel": base["channel"],
+        "category": base.get("category", ""),
+        "sender": base["sender"],
+        "recipient": base["recipient"],
+        "message_id": "",  # the provider's id is not known yet; the delivery entry has it
+        "txn": base["txn"],
+        "rule": d.rule,
+        "reason": d.reason,
+    }

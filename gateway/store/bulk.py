@@ -1,0 +1,232 @@
+"""Bulk store access for the admin API: batched opt-out writes (import) and a scan (export).
+
+Import: one batch is one MGET, then one pipeline of compare-and-set scripts, each over
+`SCRIPT_CHUNK` records (each record with its change-stream entry, as a single write
+does), closed by one ``WAITAOF``: two round trips and one fsync for hundreds of
+records, with the same guarantees as ``OptOutStore.opt_out`` for each record. A record
+another writer changed between the read and the write loses its compare-and-set and goes
+through the single-record path, which retries. On a Cluster (where a script cannot reach
+the stream's slot) records go through the single-record path, many at a time.
+
+Export: ``SCAN`` over the record keys (every primary of a Cluster), one MGET per page,
+values decrypted one page at a time, so memory stays one page whatever the store holds.
+``SCAN`` may return a key twice while the server resizes its table; an import of an
+export is idempotent, so a repeated line is harmless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import NoScriptError
+
+from gateway.core.records import CORRUPT, Record, State, open_record, seal
+from gateway.errors import RecordCorrupt, StoreUnavailable
+from gateway.store import changes
+from gateway.store.names import RECORD_PREFIX, record_key
+from gateway.store.redis_store import OptOutStore
+from gateway.store.writes import CAS_SCRIPT, CAS_SHA
+
+SCAN_COUNT: Final = 1000  # keys per SCAN page: one MGET of about 100 KB
+# Records per script call. A script runs atomically, holding the server for its length
+# (about 2 us per record): 64 keeps that well under a lookup's budget, so an import never
+# stalls the SMTP path's lookups, while sparing the client a command per record.
+SCRIPT_CHUNK: Final = 64
+CLUSTER_CONCURRENCY: Final = 64  # single-record writes in flight per batch on a Cluster
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OptOutItem:
+    """One opt-out to add (import line); `address` is kept sealed in the record."""
+
+    channel: str
+    pseudonym: str
+    categories: frozenset[str]
+    all: bool
+    source: str
+    address: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ItemResult:
+    """What became of one item: written (`after`, `change_id`) or `error`."""
+
+    before: Record | None = None
+    after: Record | None = None
+    change_id: str = ""
+    error: str = ""
+
+
+def _merge(item: OptOutItem, current: Record | None, now: float) -> Record:
+    base = current or Record()
+    return Record(
+        all=base.all or item.all,
+        categories=base.categories | item.categories,
+        updated_at=now,
+        source=item.source,
+        address=item.address or base.address,
+    )
+
+
+async def _one(store: OptOutStore, item: OptOutItem, now: float) -> ItemResult:
+    try:
+        before = await store.get(item.channel, item.pseudonym)
+        after = await store.opt_out(
+            item.channel,
+            item.pseudonym,
+            categories=item.categories,
+            all=item.all,
+            source=item.source,
+            now=now,
+            address=item.address,
+        )
+    except RecordCorrupt:
+        return ItemResult(error="the stored record does not authenticate; it was not changed")
+    return ItemResult(before=before, after=after)
+
+
+async def opt_out_many(
+    store: OptOutStore, items: Sequence[OptOutItem], *, now: float
+) -> list[ItemResult]:
+    """Add every item's opt-out, durably; one result per item, in order.
+
+    Keys must be distinct within one call. Raises StoreUnavailable when the batch could
+    not be written or confirmed durable (then none of it was acknowledged).
+    """
+    if not items:
+        return []
+    if isinstance(store.client, RedisCluster):
+        done: list[ItemResult] = []
+        for i in range(0, len(items), CLUSTER_CONCURRENCY):
+            chunk = items[i : i + CLUSTER_CONCURRENCY]
+            done += await asyncio.gather(*(_one(store, it, now) for it in chunk))
+        return done
+    ring = store.keyring
+    keys = [record_key(it.channel, it.pseudonym) for it in items]
+    if len(set(keys)) != len(keys):
+        raise ValueError("opt_out_many needs distinct records in one batch")
+    async with store.guard("import read"):
+        raw_values: list[Any] = list(await store.client.mget(keys))
+    if len(raw_values) != len(keys):
+        raise StoreUnavailable("opt-out store: the reply does not match the request")
+    results: list[ItemResult | None] = [None] * len(items)
+    befores: list[Record | None] = [None] * len(items)
+    afters: list[Record | None] = [None] * len(items)
+    writes: list[tuple[int, list[Any]]] = []  # (item index, [key, expected, new, e, ad])
+    with_address = store.stream_addresses
+    for i, (item, key, raw) in enumerate(zip(items, keys, raw_values, strict=True)):
+        current = None
+        if raw is not None:
+            try:
+                current = open_record(ring, key, raw)
+            except RecordCorrupt:
+                results[i] = ItemResult(
+                    error="the stored record does not authenticate; it was not changed"
+                )
+                continue
+        after = _merge(item, current, now)
+        e, ad = changes.encode(
+            ring,
+            channel=item.channel,
+            pseudonym=item.pseudonym,
+            before=current,
+            after=after,
+            intent="optout",
+            source=item.source,
+            now=now,
+            address=after.address if with_address else "",
+        )
+        writes.append((i, [key, raw or b"", seal(ring, key, after), e, ad]))
+        befores[i], afters[i] = current, after
+    replies = await _run_cas(store, [w for _, w in writes])
+    for (i, _), reply in zip(writes, replies, strict=True):
+        if reply:  # written: the entry id
+            change_id = reply.decode() if isinstance(reply, bytes) else str(reply)
+            results[i] = ItemResult(before=befores[i], after=afters[i], change_id=change_id)
+        else:  # someone else wrote first: the single-record path retries
+            results[i] = await _one(store, items[i], now)
+    return [r if r is not None else ItemResult(error="not written") for r in results]
+
+
+async def _run_cas(store: OptOutStore, writes: list[list[Any]]) -> list[Any]:
+    """The compare-and-sets of `writes`, `SCRIPT_CHUNK` per script call, in one pipeline
+    closed by one WAITAOF; one reply per write (0, or the entry id)."""
+    if not writes:
+        return []
+    chunks = [writes[i : i + SCRIPT_CHUNK] for i in range(0, len(writes), SCRIPT_CHUNK)]
+    async with store.guard("import write"):
+        replies = await _run_chunks(store, chunks)
+        missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+        if missing:  # a fresh or restarted server: load the script, run what did not run
+            await store.client.script_load(CAS_SCRIPT)
+            again = await _run_chunks(store, [chunks[i] for i in missing])
+            for i, reply in zip(missing, again, strict=True):
+                replies[i] = reply
+    out: list[Any] = []
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply
+        out += reply
+    return out
+
+
+async def _run_chunks(store: OptOutStore, chunks: list[list[list[Any]]]) -> list[Any]:
+    pipe = store.pipeline()
+    for chunk in chunks:
+        keys = [w[0] for w in chunk]
+        argv = [arg for w in chunk for arg in w[1:]]
+        pipe.execute_command("EVALSHA", CAS_SHA, len(keys) + 1, changes.STREAM_KEY, *keys, *argv)
+    store.add_waitaof(pipe, changes.STREAM_KEY)
+    replies: list[Any] = await pipe.execute(raise_on_error=False)
+    if len(replies) > len(chunks):
+        store.check_waitaof(replies[len(chunks)])
+    return replies[: len(chunks)]
+
+
+async def scan(
+    store: OptOutStore, channels: Sequence[str]
+) -> AsyncIterator[tuple[str, str, State]]:
+    """(channel, pseudonym, record or CORRUPT) for every record of `channels`."""
+    client = store.client
+    targets: list[dict[str, Any]] = [{}]
+    if isinstance(client, RedisCluster):
+        targets = [{"target_nodes": node} for node in client.get_primaries()]
+    ring = store.keyring
+    for channel in channels:
+        prefix = RECORD_PREFIX[channel]
+        for target in targets:
+            cursor: int | bytes = 0
+            while True:
+                async with store.guard("export scan"):
+                    cursor, keys = await client.execute_command(
+                        "SCAN", cursor, "MATCH", prefix + "*", "COUNT", SCAN_COUNT, **target
+                    )
+                    names = [k.decode() if isinstance(k, bytes) else str(k) for k in keys]
+                    values = await _values(store, names)
+                for name, blob in zip(names, values, strict=True):
+                    if blob is None:
+                        continue  # removed since the scan saw it
+                    try:
+                        state: State = open_record(ring, name, blob)
+                    except RecordCorrupt:
+                        state = CORRUPT
+                    yield channel, name[len(prefix) :], state
+                if int(cursor) == 0:
+                    break
+
+
+async def _values(store: OptOutStore, names: list[str]) -> list[bytes | None]:
+    if not names:
+        return []
+    if isinstance(store.client, RedisCluster):
+        pipe = store.pipeline()
+        for name in names:
+            pipe.execute_command("GET", name)
+        values: list[Any] = await pipe.execute()
+    else:
+        values = list(await store.client.mget(names))
+    return [v.encode() if isinstance(v, str) else v for v in values]

@@ -1,0 +1,361 @@
+"""Writes to the opt-out store: compare-and-set, fsync confirmation, and the change stream.
+
+A write is a compare-and-set (read, merge, a Lua script that writes only if the value is
+unchanged) followed, on the same connection in the same round trip, by ``WAITAOF 1 0``
+where the server has it: an opt-out is acknowledged once it is fsynced to the AOF.
+
+Every write also appends one entry to the change stream (``store.changes``). On a
+standalone server (and the embedded one) the same Lua script does it, so record and entry
+are one atomic, fsynced write. On a Cluster the stream's key lives in another slot than
+the record, where no script or MULTI may span both: the entry follows in a second round
+trip with its own ``WAITAOF`` on the stream's node. The crash window is that second round
+trip (at most ``WRITE_BUDGET_S``): a gateway that dies inside it has written the record
+but not its entry, and has not acknowledged the change, so the caller retries and the
+retry writes the entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ResponseError
+
+from gateway.core.keys import Keyring
+from gateway.core.records import Record, open_record, seal
+from gateway.errors import RecordCorrupt, StoreUnavailable
+from gateway.store import changes
+from gateway.store.names import record_key
+
+if TYPE_CHECKING:
+    from gateway.store.redis_store import Client
+
+# Concurrent writers of one recipient are rare (a double click, a keyword SMS racing an
+# unsubscribe click); n writers in lock-step need n rounds. Beyond this, fail the write.
+CAS_ATTEMPTS: Final = 8
+# The server must answer WAITAOF before our own budget cuts the call: leave this much.
+WAITAOF_MARGIN_S: Final = 0.5
+
+# Standalone: KEYS[1] = the change stream, KEYS[2..n+1] = records; ARGV = 4 per record:
+# the value read ("" = absent), the new value ("" = delete), the entry's "e" and "ad"
+# ("" = none). Each record is a compare-and-set; returns, per record, 0 when someone else
+# wrote first, else its entry's id. One script runs atomically, so a record and its entry
+# are written together or not at all.
+CAS_SCRIPT = """
+local out = {}
+for i = 2, #KEYS do
+  local j = (i - 2) * 4
+  local cur = redis.call('GET', KEYS[i]) or ''
+  if cur ~= ARGV[j + 1] then
+    out[#out + 1] = 0
+  else
+    if ARGV[j + 2] == '' then redis.call('DEL', KEYS[i])
+    else redis.call('SET', KEYS[i], ARGV[j + 2]) end
+    if ARGV[j + 4] == '' then
+      out[#out + 1] = redis.call('XADD', KEYS[1], '*', 'e', ARGV[j + 3])
+    else
+      out[#out + 1] = redis.call('XADD', KEYS[1], '*', 'e', ARGV[j + 3], 'ad', ARGV[j + 4])
+    end
+  end
+end
+return out
+"""
+CAS_SHA: Final = hashlib.sha1(CAS_SCRIPT.encode()).hexdigest()  # noqa: S324 - the script's name
+# Cluster: one record, no stream (another slot); returns 1 when written, 0 otherwise.
+CAS_ONE_SCRIPT = """
+local cur = redis.call('GET', KEYS[1]) or ''
+if cur ~= ARGV[1] then return 0 end
+if ARGV[2] == '' then redis.call('DEL', KEYS[1]) else redis.call('SET', KEYS[1], ARGV[2]) end
+return 1
+"""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Written:
+    """One acknowledged write: the record before and after, and its change-stream id."""
+
+    before: Record | None
+    after: Record | None
+    change_id: str
+
+
+def _as_bytes(value: bytes | str | None) -> bytes | None:
+    return value.encode() if isinstance(value, str) else value
+
+
+def _address_of(record: Record | None) -> str:
+    """The address an entry carries: the record's after the change, or before an opt-in
+    that deleted it (a receiver must learn who opted back in)."""
+    return record.address if record is not None else ""
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value or "")
+
+
+class RecordWrites:
+    """The write half of `OptOutStore` (a mixin: it owns no connection of its own)."""
+
+    _client: Client
+    _ring: Keyring
+    _write_s: float
+    _waitaof: bool | None
+    # Whether change-stream entries carry the sealed address. Needed only by webhooks
+    # configured with include_address; the gateway sets it from [[sync.webhooks]], so
+    # otherwise no entry holds an address even sealed (less to protect, and less memory).
+    stream_addresses: bool = True
+
+    def _guard(self, what: str, budget_s: float) -> AbstractAsyncContextManager[None]:
+        raise NotImplementedError
+
+    def _pipeline(self) -> Any:
+        raise NotImplementedError
+
+    async def opt_out(
+        self,
+        channel: str,
+        pseudonym: str,
+        *,
+        categories: Iterable[str] = (),
+        all: bool = False,
+        source: str,
+        now: float,
+        address: str = "",
+    ) -> Record:
+        """Add categories (or everything) to the record; durable when it returns.
+
+        `address` (canonical email or E.164), when the caller knows it, is kept sealed in
+        the record for exports; a write without one keeps the address already stored.
+        """
+        cats = frozenset(categories)
+        if not all and not cats:
+            raise ValueError("opt_out needs at least one category or all=True")
+
+        def merge(current: Record | None) -> Record:
+            base = current or Record()
+            return Record(
+                all=base.all or all,
+                categories=base.categories | cats,
+                updated_at=now,
+                source=source,
+                address=address or base.address,
+            )
+
+        written = await self._write(
+            channel, pseudonym, merge, intent="optout", source=source, now=now
+        )
+        if written.after is None:  # merge never deletes; a bug if it did
+            raise RuntimeError("opt_out removed a record")
+        return written.after
+
+    async def opt_in(
+        self,
+        channel: str,
+        pseudonym: str,
+        *,
+        categories: Iterable[str] = (),
+        all: bool = False,
+        source: str,
+        now: float,
+    ) -> Record | None:
+        """Remove categories, or everything with all=True; an empty record is deleted.
+
+        Removing single categories leaves a blanket opt-out (``all``) in place: lifting it
+        takes an explicit ``all=True``, so a narrow opt-in never widens what is sent.
+        """
+        cats = frozenset(categories)
+        if not all and not cats:
+            raise ValueError("opt_in needs at least one category or all=True")
+
+        def remove(current: Record | None) -> Record | None:
+            if current is None or all:
+                return None
+            left = current.categories - cats
+            after = Record(
+                all=current.all,
+                categories=left,
+                updated_at=now,
+                source=source,
+                address=current.address,
+            )
+            return None if after.empty else after
+
+        # With all=True the current value does not matter, so even a corrupt record can be
+        # cleared; any other change to a corrupt record raises RecordCorrupt.
+        written = await self._write(
+            channel, pseudonym, remove, intent="optin", source=source, now=now, replace_corrupt=all
+        )
+        return written.after
+
+    async def replace(
+        self,
+        channel: str,
+        pseudonym: str,
+        *,
+        categories: Iterable[str] = (),
+        all: bool = False,
+        source: str,
+        now: float,
+        address: str = "",
+    ) -> Written:
+        """Set the record to exactly `all`/`categories` (nothing = delete it): PUT semantics.
+
+        Returns the state before and after, so the caller can audit what was added
+        (an opt-out) and what was removed (an opt-in).
+        """
+        cats = frozenset(categories)
+
+        def put(current: Record | None) -> Record | None:
+            after = Record(
+                all=all,
+                categories=cats,
+                updated_at=now,
+                source=source,
+                address=address or (current.address if current else ""),
+            )
+            return None if after.empty else after
+
+        return await self._write(
+            channel, pseudonym, put, intent="optout", source=source, now=now, replace_corrupt=True
+        )
+
+    async def _write(
+        self,
+        channel: str,
+        pseudonym: str,
+        change: Callable[[Record | None], Record | None],
+        *,
+        intent: str,
+        source: str,
+        now: float,
+        replace_corrupt: bool = False,
+    ) -> Written:
+        key = record_key(channel, pseudonym)
+        async with self._guard("opt-out write", self._write_s):
+            for _ in range(CAS_ATTEMPTS):
+                raw = _as_bytes(await self._client.get(key))
+                current: Record | None = None
+                if raw is not None:
+                    try:
+                        current = open_record(self._ring, key, raw)
+                    except RecordCorrupt:
+                        if not replace_corrupt:
+                            raise
+                new = change(current)
+                if raw is None and new is None:
+                    return Written(before=None, after=None, change_id="")  # nothing to remove
+                blob = b"" if new is None else seal(self._ring, key, new)
+                entry = changes.encode(
+                    self._ring,
+                    channel=channel,
+                    pseudonym=pseudonym,
+                    before=current,
+                    after=new,
+                    intent=intent,
+                    source=source,
+                    now=now,
+                    address=_address_of(new or current) if self.stream_addresses else "",
+                )
+                change_id = await self._compare_and_set(key, raw or b"", blob, entry)
+                if change_id is not None:
+                    return Written(before=current, after=new, change_id=change_id)
+        raise StoreUnavailable(
+            f"opt-out store: the record changed concurrently {CAS_ATTEMPTS} times; try again"
+        )
+
+    @property
+    def clustered(self) -> bool:
+        return isinstance(self._client, RedisCluster)
+
+    def _waitaof_ms(self) -> int:
+        return max(int((self._write_s - WAITAOF_MARGIN_S) * 1000), 100)
+
+    def add_waitaof(self, pipe: Any, key: str) -> None:
+        """Queue ``WAITAOF 1 0`` on `key`'s node, unless the server is known to lack it."""
+        if self._waitaof is False:
+            return
+        on_node = {}
+        if isinstance(self._client, RedisCluster):
+            on_node = {"target_nodes": self._client.get_node_from_key(key)}
+        pipe.execute_command("WAITAOF", 1, 0, self._waitaof_ms(), **on_node)
+
+    async def _compare_and_set(
+        self, key: str, expected: bytes, blob: bytes, entry: tuple[bytes, bytes]
+    ) -> str | None:
+        """Write `blob` if `key` still holds `expected`, with its stream entry; durable.
+
+        Returns the entry id, or None when someone else wrote first.
+        """
+        # WAITAOF counts this connection's writes, so it must travel on the connection that
+        # wrote: one pipeline gives that (a Cluster pipeline holds one connection per node,
+        # and target_nodes puts WAITAOF on the key's node). A WATCH/MULTI transaction
+        # cannot: redis-py hands its connection back to the pool when EXEC returns.
+        together = not isinstance(self._client, RedisCluster)
+        pipe = self._pipeline()
+        if together:
+            args = (changes.STREAM_KEY, key, expected, blob, entry[0], entry[1])
+            pipe.execute_command("EVAL", CAS_SCRIPT, 2, *args)
+        else:
+            pipe.execute_command("EVAL", CAS_ONE_SCRIPT, 1, key, expected, blob)
+        self.add_waitaof(pipe, key)
+        results: list[Any] = await pipe.execute(raise_on_error=False)
+        if isinstance(results[0], Exception):
+            raise results[0]
+        if len(results) > 1:
+            self.check_waitaof(results[1])
+        if together:
+            written = results[0][0]
+            return None if written == 0 else _text(written)
+        if not results[0]:
+            return None
+        # Cluster: the record is durable; now its entry, with its own WAITAOF (the window
+        # the module docstring states).
+        return await self.append_change(changes.entry_fields(entry))
+
+    async def append_change(self, fields: list[bytes]) -> str:
+        """XADD one entry (flat field list) to the change stream; wait for its fsync."""
+        pipe = self._pipeline()
+        pipe.execute_command("XADD", changes.STREAM_KEY, "*", *fields)
+        self.add_waitaof(pipe, changes.STREAM_KEY)
+        results: list[Any] = await pipe.execute(raise_on_error=False)
+        if isinstance(results[0], Exception):
+            raise results[0]
+        if len(results) > 1:
+            self.check_waitaof(results[1])
+        return _text(results[0])
+
+    async def append_change_durably(self, fields: list[bytes]) -> str:
+        """`append_change` as a call of its own (bounded, errors translated)."""
+        async with self._guard("change stream append", self._write_s):
+            return await self.append_change(fields)
+
+    async def write_durably(self, key: str, *command: Any) -> Any:
+        """Run one write command on `key` and wait for its fsync (WAITAOF); its reply."""
+        async with self._guard("write", self._write_s):
+            pipe = self._pipeline()
+            pipe.execute_command(*command)
+            self.add_waitaof(pipe, key)
+            results: list[Any] = await pipe.execute(raise_on_error=False)
+            if isinstance(results[0], Exception):
+                raise results[0]
+            if len(results) > 1:
+                self.check_waitaof(results[1])
+            return results[0]
+
+    def check_waitaof(self, reply: Any) -> None:
+        if isinstance(reply, ResponseError) and "unknown command" in str(reply).lower():
+            self._waitaof = False  # Redis < 7.2: durability_warning() told the operator
+            return
+        if isinstance(reply, Exception):
+            raise StoreUnavailable(
+                f"opt-out store: the write is not confirmed durable ({str(reply)[:200]})"
+            ) from reply
+        self._waitaof = True
+        if not reply or int(reply[0]) < 1:
+            raise StoreUnavailable(
+                f"opt-out store: the write did not reach the AOF within {self._waitaof_ms()} ms"
+            )

@@ -1,0 +1,1 @@
+"""Downstream sync: the change stream delivered to webhooks (SPEC §5)."""

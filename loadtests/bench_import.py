@@ -1,0 +1,246 @@
+"""Bulk import throughput and Redis memory per opt-out record (issue 5).
+
+Starts a real `optgate serve` (its own process, embedded Valkey with appendfsync always),
+makes a `preferences` API key, writes N NDJSON opt-out lines to a file, then streams that
+file to ``POST /v1/optouts:import`` over HTTPS and times it. Redis memory is read with
+``INFO memory`` (used_memory) before and after; the change stream's own share is read
+with ``MEMORY USAGE og:changes``, and again once the sync worker has trimmed the stream
+(no webhook is configured, so it keeps `[sync] stream_retain` entries).
+
+    .venv/bin/python loadtests/bench_import.py                 # 1,000,000 records
+    .venv/bin/python loadtests/bench_import.py --records 100000 --batch 1000
+
+Targets (issue 5): at least 20,000 records/s and under 150 bytes of Redis memory per record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import redis
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
+
+TARGET_RATE = 20_000  # records/s
+TARGET_BYTES = 150  # Redis bytes/record
+CATEGORIES = ("marketing", "fundraising", "research", "billing")
+TRIM_WAIT_S = 25.0  # the sync worker trims every 10 s
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_lines(path: Path, n: int) -> int:
+    """N distinct opt-outs, email and sms mixed, one to three categories or all."""
+    size = 0
+    with path.open("wb") as f:
+        for i in range(n):
+            if i % 4 == 3:
+                doc: dict[str, Any] = {"channel": "sms", "address": f"+1202{i % 10**7:07d}"}
+            else:
+                doc = {"channel": "email", "address": f"patient{i}@clinic{i % 97}.example.org"}
+            if i % 10 == 0:
+                doc["all"] = True
+            else:
+                doc["categories"] = list(CATEGORIES[: 1 + i % 3])
+            doc["source"] = "bench"
+            line = orjson.dumps(doc) + b"\n"
+            size += len(line)
+            f.write(line)
+    return size
+
+
+def redis_client(home: Path) -> redis.Redis:
+    return redis.Redis(unix_socket_path=str(home / "var" / "redis" / "redis.sock"))
+
+
+def memory(r: redis.Redis) -> tuple[int, int, int]:
+    """(used_memory, stream bytes, record keys)."""
+    used = int(r.info("memory")["used_memory"])
+    stream = int(r.memory_usage("og:changes", samples=0) or 0)
+    keys = int(r.dbsize())
+    return used, stream, keys
+
+
+def stop_embedded(home: Path) -> None:
+    """Shut the embedded server down if the gateway left it running (it was killed)."""
+    try:
+        leftover = redis_client(home)
+        leftover.shutdown()
+    except (redis.RedisError, OSError):
+        pass  # already gone, as it should be
+
+
+async def wait_ready(port: int, ca: Path, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 30
+    async with aiohttp.ClientSession() as s:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise SystemExit("the gateway exited during start")
+            ctx = ssl.create_default_context(cafile=str(ca))
+            try:
+                async with s.get(f"https://127.0.0.1:{port}/readyz", ssl=ctx) as r:
+                    if r.status == 200:
+                        return
+            except (aiohttp.ClientError, OSError):
+                pass
+            await asyncio.sleep(0.2)
+    raise SystemExit("the gateway did not become ready")
+
+
+def split(path: Path, parts: int) -> list[Path]:
+    """`path` cut into `parts` files of whole lines (one per parallel import stream)."""
+    if parts == 1:
+        return [path]
+    lines = path.read_bytes().splitlines(keepends=True)
+    step = -(-len(lines) // parts)
+    out = []
+    for i in range(parts):
+        part = path.with_suffix(f".{i}.ndjson")
+        part.write_bytes(b"".join(lines[i * step : (i + 1) * step]))
+        out.append(part)
+    return out
+
+
+async def stream_files(
+    paths: list[Path], url: str, key: str, ca: Path
+) -> tuple[float, dict[str, Any]]:
+    """POST each file on its own connection, all at once; (seconds, summed results)."""
+    ctx = ssl.create_default_context(cafile=str(ca))
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/x-ndjson"}
+    timeout = aiohttp.ClientTimeout(total=None)
+
+    async def body(path: Path) -> Any:
+        with path.open("rb") as f:
+            while chunk := f.read(256 * 1024):
+                yield chunk
+
+    async def one(path: Path) -> dict[str, Any]:
+        # One session per stream: its own connection, so SO_REUSEPORT may hand each
+        # stream to a different worker.
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as s,
+            s.post(url, data=body(path), headers=headers, ssl=ctx) as resp,
+        ):
+            result: dict[str, Any] = await resp.json(content_type=None)
+            if resp.status != 200:
+                raise SystemExit(f"import failed: {resp.status} {result}")
+            return result
+
+    start = time.perf_counter()
+    results = await asyncio.gather(*(one(p) for p in paths))
+    elapsed = time.perf_counter() - start
+    total = {k: sum(int(r[k]) for r in results) for k in ("applied", "rejected")}
+    return elapsed, total
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--records", type=int, default=1_000_000)
+    p.add_argument("--batch", type=int, default=500, help="[admin] import_batch")
+    p.add_argument("--workers", type=int, default=1, help="optgate serve --workers N")
+    p.add_argument(
+        "--streams", type=int, default=1, help="parallel import requests (the file split)"
+    )
+    p.add_argument("--dir", type=Path, help="work directory (default: a new temp dir)")
+    p.add_argument("--keep", action="store_true", help="keep the work directory")
+    args = p.parse_args(argv)
+
+    home = Path(tempfile.mkdtemp(prefix="og-bench-import-", dir=args.dir))
+    port = free_port()
+    cfg = home / "optgate.toml"
+    cfg.write_text(
+        '[gateway]\ninstance = "bench"\ndata_dir = "var"\n'
+        '[smtp]\nlisten = "127.0.0.1:0"\nlisten_tls = "127.0.0.1:0"\n'
+        f'[http]\nlisten = "127.0.0.1:{port}"\n'
+        f"[admin]\nimport_batch = {args.batch}\n"
+    )
+    optgate = [sys.executable, "-m", "gateway"]
+    made = subprocess.run(
+        [*optgate, "keys", "api-key", "create", "--role", "preferences", "--config", str(cfg)],
+        cwd=home, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    key = made.stdout.strip()
+    data = home / "optouts.ndjson"
+    size = write_lines(data, args.records)
+    say(
+        f"records      {args.records:,} ({size / 1e6:.1f} MB of NDJSON), batch {args.batch}, "
+        f"{args.workers} worker(s), {args.streams} stream(s), {os.cpu_count()} CPUs"
+    )
+    parts = split(data, args.streams)
+    log = (home / "serve.log").open("wb")
+    proc = subprocess.Popen(
+        [*optgate, "serve", "--workers", str(args.workers), "--config", str(cfg)],
+        cwd=home, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        ca = home / "certs" / "ca.pem"
+        deadline = time.monotonic() + 30
+        while not ca.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)  # the gateway makes its development CA on its first start
+        asyncio.run(wait_ready(port, ca, proc))
+        r = redis_client(home)
+        before = memory(r)
+        url = f"https://127.0.0.1:{port}/v1/optouts:import"
+        elapsed, result = asyncio.run(stream_files(parts, url, key, ca))
+        after = memory(r)
+        applied = int(result["applied"])
+        rate = applied / elapsed
+        used = (after[0] - before[0]) / applied
+        stream = (after[1] - before[1]) / applied
+        say(f"applied      {applied:,} (rejected {result['rejected']}) in {elapsed:.1f} s")
+        say(f"throughput   {rate:,.0f} records/s   (target >= {TARGET_RATE:,})")
+        say(f"redis        {used:.0f} bytes/record all told, of which change stream "
+              f"{stream:.0f}; records alone {used - stream:.0f}")  # fmt: skip
+        time.sleep(TRIM_WAIT_S)
+        trimmed = memory(r)
+        settled = (trimmed[0] - before[0]) / applied
+        say(f"after trim   {settled:.0f} bytes/record (stream kept "
+              f"{int(r.xlen('og:changes')):,} entries)   (target < {TARGET_BYTES})")  # fmt: skip
+        audit = sum(f.stat().st_size for f in (home / "var" / "audit").glob("*.jsonl"))
+        say(f"audit log    {audit / 1e6:.0f} MB ({audit / applied:.0f} bytes/record)")
+        ok = rate >= TARGET_RATE and settled < TARGET_BYTES
+        say("targets      " + ("met" if ok else "NOT met"))
+        r.close()  # the embedded server stops with the last client: not this one
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+        stop_embedded(home)
+        if not args.keep:
+            shutil.rmtree(home, ignore_errors=True)
+        else:
+            say(f"kept {home}")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    raise SystemExit(main())
