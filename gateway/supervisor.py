@@ -27,6 +27,8 @@ import structlog
 from gateway import keyfile, senders, tls
 from gateway import rules as rules_io
 from gateway.config import Config
+from gateway.core import tokens
+from gateway.smtp import dkim
 from gateway.service import GRACE_S, open_store
 
 log = structlog.get_logger("optgate.supervisor")
@@ -149,6 +151,8 @@ def prepare(cfg: Config) -> None:
         log.info("dev_sender", name=senders.DEV_SENDER, password_file=str(cfg.dev_sender_secret))
     tls.ensure_dev_certs(cfg.tls_cert, cfg.tls_key)
     tls.server_context(cfg.tls_cert, cfg.tls_key, client_ca=cfg.tls_client_ca)
+    tokens.Links(public_url=cfg.public_url, domain=cfg.unsubscribe_domain)
+    dkim.load_keys(cfg.dkim)  # a key that cannot sign stops the service before any worker
 
 
 def default_workers() -> int:
