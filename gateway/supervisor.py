@@ -28,8 +28,8 @@ from gateway import keyfile, senders, tls
 from gateway import rules as rules_io
 from gateway.config import Config
 from gateway.core import tokens
-from gateway.smtp import dkim
 from gateway.service import GRACE_S, open_store
+from gateway.smtp import dkim
 
 log = structlog.get_logger("optgate.supervisor")
 
