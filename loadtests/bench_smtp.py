@@ -7,6 +7,9 @@ One invocation measures, on the same load and side by side:
    subprocess with a generated config, embedded Valkey) -> the same kind of sink;
 3. with --bare-relay: client -> a minimal aiosmtpd -> SMISMEMBER -> pooled aiosmtplib relay
    written here (its own valkey-server) -> the sink, for context.
+4. with --postfix: client -> a private Postfix instance (postfix.py; plaintext, no AUTH, as
+   the issue's reference figure) -> the sink's plaintext listener, and the plaintext limit;
+5. with --compare-workers: optgate with os.cpu_count() workers too, and the 1 -> N scaling.
 
 Every process is separate so that no two share an interpreter: the client (N concurrent
 aiosmtplib sessions, STARTTLS + AUTH PLAIN once per connection, TLS 1.3), the sink (aiosmtpd,
@@ -58,6 +61,7 @@ import redis.asyncio as aioredis
 import trustme
 from aiosmtpd.smtp import SMTP as SMTPServer
 from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword, Session
+from postfix import Postfix, ensure_installed
 
 try:
     import uvloop
@@ -74,8 +78,16 @@ MAIL_FROM = "bench@sender.example"
 RCPT_DOMAIN = "rcpt.example"
 OPTOUT_SET = "bench:optout:email"  # the bare relay's opt-out set
 SIZES = {"2KB": 2 * 1024, "50KB": 50 * 1024}
-# "optgate" is relabelled in main() when --workers is not 1.
-TARGET_LABELS = {"limit": "harness limit", "optgate": "optgate 1 worker", "relay": "bare relay"}
+# "optgate" and "optgate-n" are relabelled in main() with their worker counts.
+TARGET_LABELS = {
+    "limit": "harness limit",
+    "limit-plain": "limit plaintext",
+    "postfix": "Postfix",
+    "optgate": "optgate 1 worker",
+    "optgate-n": "optgate N workers",
+    "relay": "bare relay",
+}
+POSTFIX_DRAIN_S = 60.0  # after a Postfix run: how long to wait for its queue to empty
 GATEWAY_START_TIMEOUT_S = 60.0
 GATEWAY_STOP_TIMEOUT_S = 25.0  # the gateway gives open sessions 10 s, then closes its pool
 VALKEY_EXIT_TIMEOUT_S = 10.0
@@ -174,6 +186,23 @@ def cpu_seconds(proc: psutil.Process) -> float | None:
     return float(t.user + t.system)
 
 
+def tree_cpu(pid: int) -> dict[int, float]:
+    """pid -> user+system seconds of a process and all its live descendants; key -pid: the
+    children it has reaped (Postfix's daemons exit after max_use requests: still counted)."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+        reaped = root.cpu_times()
+    except psutil.Error:
+        return {}
+    out = {-pid: float(reaped.children_user + reaped.children_system)}
+    for proc in procs:
+        cpu = cpu_seconds(proc)
+        if cpu is not None:
+            out[proc.pid] = cpu
+    return out
+
+
 def machine_cpu() -> dict[str, float]:
     """Machine CPU seconds since boot, all cores summed: busy, irq (+softirq), steal.
 
@@ -234,10 +263,12 @@ class Listener:
     password: str
     name: str
 
-    def factory(self, *, implicit: bool) -> Callable[[], SMTPServer]:
+    def factory(self, *, implicit: bool, plaintext: bool = False) -> Callable[[], SMTPServer]:
         authenticate = make_authenticator(self.password)
 
         def factory() -> SMTPServer:
+            if plaintext:  # the sink's third listener, for Postfix: no TLS, no AUTH needed
+                return SMTPServer(self.handler, hostname=self.name, ident=f"{self.name} ESMTP")
             return SMTPServer(
                 self.handler,
                 hostname=self.name,  # fixed: the default resolves the FQDN per connection
@@ -265,8 +296,11 @@ class SinkHandler:
         return "250 2.0.0 Ok: accepted by sink"
 
 
-async def serve_until_sigterm(listener: Listener, port_out: Connection) -> None:
-    """Listen on two free ports (STARTTLS, implicit TLS), send them back, serve until SIGTERM."""
+async def serve_until_sigterm(
+    listener: Listener, port_out: Connection, *, plaintext: bool = False
+) -> None:
+    """Listen on free ports (STARTTLS, implicit TLS and, with plaintext, one without TLS),
+    send them back, serve until SIGTERM."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -274,10 +308,14 @@ async def serve_until_sigterm(listener: Listener, port_out: Connection) -> None:
     tls = await loop.create_server(
         listener.factory(implicit=True), "127.0.0.1", 0, ssl=server_context(listener.pki)
     )
-    port_out.send((plain.sockets[0].getsockname()[1], tls.sockets[0].getsockname()[1]))
+    servers = [plain, tls]
+    if plaintext:
+        factory = listener.factory(implicit=False, plaintext=True)
+        servers.append(await loop.create_server(factory, "127.0.0.1", 0))
+    port_out.send(tuple(server.sockets[0].getsockname()[1] for server in servers))
     port_out.close()
     await stop.wait()
-    for server in (plain, tls):
+    for server in servers:
         server.close()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(2):
@@ -287,7 +325,9 @@ async def serve_until_sigterm(listener: Listener, port_out: Connection) -> None:
 def sink_main(pki: Pki, password: str, counts: Any, port_out: Connection) -> None:
     quiet_child()
     run_async(
-        serve_until_sigterm(Listener(SinkHandler(counts), pki, password, "sink.bench"), port_out)
+        serve_until_sigterm(
+            Listener(SinkHandler(counts), pki, password, "sink.bench"), port_out, plaintext=True
+        )
     )
 
 
@@ -390,6 +430,9 @@ class ClientSpec:
     optout_share: float
     watch: tuple[tuple[str, int], ...]  # (role, pid): CPU sampled at the window's edges, summed
     run_id: str
+    plaintext: bool = False  # no TLS, no AUTH (Postfix and the sink's plaintext listener)
+    # (role, pid): that process and its descendants at the window's edges (Postfix's master)
+    watch_trees: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass
@@ -445,13 +488,15 @@ class Client:
         smtp = aiosmtplib.SMTP(
             hostname="127.0.0.1",
             port=self.spec.port,
-            use_tls=self.spec.implicit,
-            start_tls=not self.spec.implicit,
+            use_tls=self.spec.implicit and not self.spec.plaintext,
+            start_tls=not (self.spec.implicit or self.spec.plaintext),
             tls_context=self.ctx,
             local_hostname="client.bench",
             timeout=SMTP_TIMEOUT_S,
         )
         await smtp.connect()
+        if self.spec.plaintext:
+            return smtp
         try:
             await smtp.ehlo()  # aiosmtplib's auth_* send no EHLO themselves (needed after STARTTLS)
             await smtp.auth_plain(SENDER, self.spec.password)
@@ -540,7 +585,8 @@ class Client:
         procs = [(role, psutil.Process(pid)) for role, pid in self.spec.watch]
         procs.append(("client", psutil.Process()))
         await asyncio.sleep(max(0.0, self.begin - time.perf_counter()))
-        ours = {p.pid for _, p in procs}
+        trees0 = {role: tree_cpu(pid) for role, pid in self.spec.watch_trees}
+        ours = {p.pid for _, p in procs} | {pid for t in trees0.values() for pid in t}
         before = [cpu_seconds(p) for _, p in procs]
         machine0, t0 = machine_cpu(), time.perf_counter()
         if self.out is not None:
@@ -548,13 +594,19 @@ class Client:
         others0 = all_process_cpu(ours)
         await asyncio.sleep(max(0.0, self.end - time.perf_counter()))
         after = [cpu_seconds(p) for _, p in procs]
+        trees1 = {role: tree_cpu(pid) for role, pid in self.spec.watch_trees}
         machine1 = machine_cpu()
+        ours |= {pid for t in trees1.values() for pid in t}
         self.result.window_s = time.perf_counter() - t0
         self.result.machine_s = {k: machine1[k] - machine0[k] for k in machine0}
         self.result.others = top_others(others0, all_process_cpu(ours))
         for (role, _), b, a in zip(procs, before, after, strict=True):
             if a is not None and b is not None:  # a role may have several processes
                 self.result.cpu_s[role] = self.result.cpu_s.get(role, 0.0) + a - b
+        for role, t1 in trees1.items():  # processes born in the window count from zero
+            t0 = trees0[role]
+            used = sum(cpu - t0.get(pid, 0.0) for pid, cpu in t1.items())
+            self.result.cpu_s[role] = self.result.cpu_s.get(role, 0.0) + used
 
     async def run(self) -> ClientResult:
         start = time.perf_counter()
@@ -603,8 +655,8 @@ class Child:
 
 def start_child(
     role: str, target: Callable[..., None], *args: Any
-) -> tuple[Child, tuple[int, int]]:
-    """Start a server process that sends back its ports (STARTTLS, implicit TLS)."""
+) -> tuple[Child, tuple[int, ...]]:
+    """Start a server process that sends back its ports (STARTTLS, implicit TLS[, plain])."""
     receive, send = MP.Pipe(duplex=False)
     process = MP.Process(target=target, args=(*args, send), name=f"bench-{role}", daemon=True)
     process.start()
@@ -613,8 +665,7 @@ def start_child(
     if not receive.poll(30):
         child.stop()
         raise RuntimeError(f"{role} did not start within 30 s")
-    plain, tls = receive.recv()
-    return child, (int(plain), int(tls))
+    return child, tuple(int(port) for port in receive.recv())
 
 
 def run_client(spec: ClientSpec, on_begin: Callable[[], None] | None = None) -> ClientResult:
@@ -650,10 +701,11 @@ class GatewayProcess:
     """`python -m gateway serve --config FILE` with a config written here, and its CLI."""
 
     def __init__(
-        self, root: Path, pki: Pki, *, sink_port: int, pool_size: int, password: str, workers: int
-    ) -> None:
+        self, root: Path, pki: Pki, *, sink_port: int, pool_size: int, password: str, workers: int,
+        name: str = "gateway",
+    ) -> None:  # fmt: skip
         self.workers = workers
-        self.dir = root / "gateway"
+        self.dir = root / name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.config = self.dir / "optgate.toml"
         self.data_dir = self.dir / "var"
@@ -1078,6 +1130,7 @@ class Row:
     seconds: float
     sink_messages: int
     sink_rcpts: int
+    note: str = ""
 
     @property
     def rate(self) -> float:
@@ -1122,7 +1175,7 @@ def table_row(r: Row, ncpu: int, per_message: bool, first: bool) -> list[str]:
     m = {k: 100 * v / window for k, v in res.machine_s.items()} if window else {}
     ours = 100 * sum(res.cpu_s.values()) / window if window else math.nan
     other = max(0.0, m.get("busy", math.nan) - ours - m.get("irq", 0.0) - m.get("steal", 0.0))
-    sut = r.cpu_per_k("gateway") if r.target == "optgate" else r.cpu_per_k("relay")
+    sut = r.cpu_per_k({"optgate": "gateway", "optgate-n": "gateway"}.get(r.target, r.target))
     cells = [r.case if first else "", TARGET_LABELS[r.target], f"{r.rate:.0f}"]
     cells += [fmt(r.p(0.5)), fmt(r.p(0.99))]
     if per_message:
@@ -1138,7 +1191,7 @@ def table_row(r: Row, ncpu: int, per_message: bool, first: bool) -> list[str]:
 def print_table(rows: list[Row], ncpu: int, per_message: bool) -> None:
     header = ["case", "target", "msg/s", "p50 ms", "p99 ms"]
     header += ["connp99"] if per_message else []
-    header += ["err", "CPU/1k: gw|relay", "valkey", "sink", "client", "total"]
+    header += ["err", "CPU/1k: server", "valkey", "sink", "client", "total"]
     header += ["busy", "irq", "steal", "other", "sink got msgs/rcpts"]
     body = [
         table_row(r, ncpu, per_message, i == 0 or rows[i - 1].case != r.case)
@@ -1147,29 +1200,62 @@ def print_table(rows: list[Row], ncpu: int, per_message: bool) -> None:
     print("\n" + render(header, body))
 
 
+def ratio_row(case: str, other: Row, base: Row) -> list[str]:
+    return [
+        case,
+        TARGET_LABELS[other.target],
+        f"{other.rate / base.rate:.2f}x",
+        fmt(other.p(0.5) / base.p(0.5), ".1f") + "x",
+        fmt(other.p(0.99) / base.p(0.99), ".1f") + "x",
+        fmt(other.total_cpu_per_k / base.total_cpu_per_k, ".1f") + "x",
+        fmt(other.p(0.99) - base.p(0.99)),
+    ]
+
+
 def print_ratios(rows: list[Row]) -> None:
     by = {(r.case, r.target): r for r in rows}
+    cases = list(dict.fromkeys(r.case for r in rows))
+    servers = ("postfix", "optgate", "optgate-n", "relay")
     body: list[list[str]] = []
-    for case in dict.fromkeys(r.case for r in rows):
-        limit = by.get((case, "limit"))
-        for target in ("optgate", "relay"):
+    for case in cases:  # Postfix (plaintext) against the plaintext limit, the rest against TLS
+        for target in servers:
+            base = by.get((case, "limit-plain" if target == "postfix" else "limit"))
             other = by.get((case, target))
-            if limit is None or other is None or not limit.rate:
-                continue
-            body.append(
-                [
-                    case,
-                    TARGET_LABELS[target],
-                    f"{other.rate / limit.rate:.2f}x",
-                    fmt(other.p(0.5) / limit.p(0.5), ".1f") + "x",
-                    fmt(other.p(0.99) / limit.p(0.99), ".1f") + "x",
-                    fmt(other.total_cpu_per_k / limit.total_cpu_per_k, ".1f") + "x",
-                    fmt(other.p(0.99) - limit.p(0.99)),
-                ]
-            )
+            if base is not None and other is not None and base.rate:
+                body.append(ratio_row(case, other, base))
     if body:
         header = ["vs harness limit", "target", "msg/s", "p50", "p99", "CPU/msg", "p99 added ms"]
         print("\n" + render(header, body))
+        print("  (Postfix against the plaintext limit, the others against the TLS + AUTH limit)")
+    body = []
+    for case in cases:
+        postfix = by.get((case, "postfix"))
+        for target in servers[1:]:
+            other = by.get((case, target))
+            if postfix is not None and other is not None and postfix.rate:
+                body.append(ratio_row(case, other, postfix))
+    if body:
+        header = ["vs Postfix", "target", "msg/s", "p50", "p99", "CPU/msg", "p99 - Postfix p99"]
+        print("\n" + render(header, body))
+        print("  (optgate and the relay with STARTTLS + AUTH, Postfix plaintext without AUTH)")
+    for case in cases:
+        one, many = by.get((case, "optgate")), by.get((case, "optgate-n"))
+        if one is None or many is None or not one.rate:
+            continue
+        print(
+            f"\nscaling {case}: {TARGET_LABELS['optgate']} -> {TARGET_LABELS['optgate-n']}:"
+            f" {many.rate / one.rate:.2f}x msg/s"
+        )
+        for r in (one, many):
+            window = r.result.window_s or r.seconds
+            share = {k: 100 * v / window for k, v in r.result.cpu_s.items()}
+            used = ", ".join(f"{k} {v:.0f}%" for k, v in share.items())
+            print(f"  {TARGET_LABELS[r.target]}: % of one core: {used}")
+        print(
+            f"  the client, the sink, valkey-server and the gateway share the same"
+            f" {os.cpu_count()} cores (nothing pinned): the client does not leave a core free,"
+            " so this is not the issue's 'client leaves a core free' scaling figure."
+        )
 
 
 def print_errors(rows: list[Row]) -> None:
@@ -1180,6 +1266,12 @@ def print_errors(rows: list[Row]) -> None:
                 f"  errors in {r.case} / {TARGET_LABELS[r.target]}: {r.result.errors} ({samples})"
                 + (f"; {r.result.cut} sessions cut after the drain time" if r.result.cut else "")
             )
+
+
+def print_notes(rows: list[Row]) -> None:
+    for r in rows:
+        if r.note:
+            print(f"  {r.case} / {TARGET_LABELS[r.target]}: {r.note}")
 
 
 def print_others(rows: list[Row]) -> None:
@@ -1218,6 +1310,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--targets", default="limit,optgate", help="limit,optgate,relay (default limit,optgate)"
     )
     p.add_argument("--bare-relay", action="store_true", help="also run the bare aiosmtpd relay")
+    p.add_argument(
+        "--postfix",
+        action="store_true",
+        help="also run Postfix relaying to the sink, plaintext (and the plaintext limit);"
+        " installs postfix with apt-get when missing and root",
+    )
+    p.add_argument(
+        "--compare-workers",
+        action="store_true",
+        help="also run optgate with os.cpu_count() workers beside the --workers run",
+    )
     p.add_argument(
         "--new-connection-per-message",
         action="store_true",
@@ -1270,6 +1373,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.target_list = [t.strip() for t in args.targets.split(",") if t.strip()]
     if args.bare_relay and "relay" not in args.target_list:
         args.target_list.append("relay")
+    if args.postfix:
+        args.target_list += ["limit-plain", "postfix"]
+    args.n_workers = os.cpu_count() or 1
+    if args.compare_workers and args.n_workers != args.workers:
+        args.target_list.append("optgate-n")
+    order = list(TARGET_LABELS)
+    args.target_list = sorted(
+        set(args.target_list), key=lambda t: order.index(t) if t in order else 0
+    )
     size, _, rcpts = args.profile_case.upper().partition(":")
     if size not in SIZES or not rcpts.isdigit() or int(rcpts) < 1:
         p.error("--profile-case: expected e.g. 2KB:1 or 50KB:5")
@@ -1304,9 +1416,12 @@ class Bench:
     children: list[Child] = field(default_factory=list)
     counts: Any = None
     gateway: GatewayProcess | None = None
+    gateway_n: GatewayProcess | None = None
     bare: BareValkey | None = None
-    ports: dict[str, tuple[int, int]] = field(default_factory=dict)  # STARTTLS, implicit
+    postfix: Postfix | None = None
+    ports: dict[str, tuple[int, ...]] = field(default_factory=dict)  # STARTTLS, implicit
     watch: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
+    trees: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
 
     def start(self) -> None:
         self.pki = make_pki(self.root / "pki")
@@ -1315,19 +1430,70 @@ class Bench:
         sink_port = ports[0]  # the gateway and the relay forward with STARTTLS
         self.children.append(sink)
         self.ports["limit"] = ports
-        self.watch["limit"] = [("sink", sink.pid)]
-        print(f"  sink      pid {sink.pid:<7} aiosmtpd, STARTTLS required, TLS 1.3, counts only")
+        self.ports["limit-plain"] = (ports[2], ports[2])
+        self.watch["limit"] = self.watch["limit-plain"] = [("sink", sink.pid)]
+        print(f"  sink      pid {sink.pid:<7} aiosmtpd, STARTTLS required, TLS 1.3, counts only;")
+        print("                    a third listener without TLS or AUTH for the plaintext rows")
+        if "postfix" in self.args.target_list:
+            self._start_postfix(sink.pid, ports[2])
         if "optgate" in self.args.target_list:
-            self._start_gateway(sink.pid, sink_port)
+            self.gateway = self._start_gateway("optgate", sink.pid, sink_port, self.args.workers)
+        if "optgate-n" in self.args.target_list:
+            self.gateway_n = self._start_gateway(
+                "optgate-n", sink.pid, sink_port, self.args.n_workers
+            )
         if "relay" in self.args.target_list:
             self._start_relay(sink.pid, sink_port)
 
-    def _start_gateway(self, sink_pid: int, sink_port: int) -> None:
+    def _start_postfix(self, sink_pid: int, plain_port: int) -> None:
+        why = ensure_installed()
+        pf = None
+        if not why:
+            pf = Postfix(
+                self.root, port=free_ports(1)[0], sink_port=plain_port,
+                concurrency=self.args.sessions,
+            )  # fmt: skip
+            try:
+                took = pf.start()
+            except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+                why = f"postfix would not start: {exc}"
+                pf.stop()
+        master = pf.master_pid() if pf is not None and not why else None
+        if pf is None or master is None:
+            print(f"  postfix   SKIPPED: {why or 'no master.pid after start'}")
+            self.args.target_list.remove("postfix")
+            return
+        self.postfix = pf
+        self.ports["postfix"] = (pf.port, pf.port)
+        self.watch["postfix"] = [("sink", sink_pid)]
+        self.trees["postfix"] = [("postfix", master)]
+        version = (
+            subprocess.run(
+                ["postconf", "-d", "-h", "mail_version"],
+                capture_output=True,
+                timeout=30,
+                check=False,
+            )
+            .stdout.decode()
+            .strip()
+        )
+        print(
+            f"  postfix   pid {master:<7} Postfix {version} master (+ its children), ready in"
+            f" {took:.1f} s; 127.0.0.1:{pf.port}, plaintext, no AUTH, relayhost"
+            f" [127.0.0.1]:{plain_port} plaintext;"
+        )
+        print(
+            f"                    config, queue and data dirs in {pf.dir};"
+            f" destination concurrency {max(20, self.args.sessions)}; log to {pf.maillog.name}"
+        )
+
+    def _start_gateway(
+        self, target: str, sink_pid: int, sink_port: int, workers: int
+    ) -> GatewayProcess:
         gw = GatewayProcess(
             self.root, self.pki, sink_port=sink_port, pool_size=self.args.sessions,
-            password=self.password, workers=self.args.workers,
+            password=self.password, workers=workers, name=f"gateway-{workers}w",
         )  # fmt: skip
-        self.gateway = gw
         took = gw.start()
         print(f"  gateway   pid {gw.pid:<7} python -m gateway serve --workers {gw.workers},"
               f" ready in {took:.1f} s")  # fmt: skip
@@ -1336,11 +1502,11 @@ class Bench:
             print(
                 f"  workers   pids {', '.join(map(str, workers))} (CPU summed with the supervisor)"
             )
-        self.ports["optgate"] = (gw.smtp_port, gw.smtps_port)
+        self.ports[target] = (gw.smtp_port, gw.smtps_port)
         gateway = [("gateway", pid) for pid in dict.fromkeys([gw.pid, *workers])]
-        self.watch["optgate"] = [*gateway, ("sink", sink_pid)]
+        self.watch[target] = [*gateway, ("sink", sink_pid)]
         if gw.valkey:
-            self.watch["optgate"].append(("valkey", gw.valkey.pid))
+            self.watch[target].append(("valkey", gw.valkey.pid))
             print(
                 f"  valkey    pid {gw.valkey.pid:<7} embedded valkey-server started by the gateway"
             )
@@ -1350,6 +1516,7 @@ class Bench:
             took = gw.optout(self.opted_out)
             n = len(self.opted_out)
             print(f"            {n} addresses opted out (optgate optout add, {took:.1f} s)")
+        return gw
 
     def _start_relay(self, sink_pid: int, sink_port: int) -> None:
         self.bare = BareValkey(self.root / "bare-valkey")
@@ -1370,8 +1537,11 @@ class Bench:
                 child.stop()
         if self.bare is not None:
             self.bare.stop()
-        if self.gateway is not None:
-            notes.extend(self.gateway.stop())
+        if self.postfix is not None:
+            notes.extend(self.postfix.stop())
+        for gw in (self.gateway, self.gateway_n):
+            if gw is not None:
+                notes.extend(gw.stop())
         for child in self.children:
             child.stop()
         return notes
@@ -1395,6 +1565,8 @@ class Bench:
             optout_share=a.optout_share,
             watch=tuple(self.watch[target]),
             run_id=secrets.token_hex(4),
+            plaintext=target in ("postfix", "limit-plain"),
+            watch_trees=tuple(self.trees.get(target, ())),
         )
 
     def measure(self, case: str, target: str, spec: ClientSpec) -> Row:
@@ -1403,6 +1575,8 @@ class Bench:
         row = Row(
             case, target, result, spec.seconds, self.counts[0] - sunk[0], self.counts[1] - sunk[1]
         )
+        if target == "postfix" and self.postfix is not None:
+            row.note = self._drain_postfix(row, sunk)
         print(
             f"  {case:<11} {TARGET_LABELS[target]:<17} {row.rate:7.0f} msg/s"
             f"  p50 {fmt(row.p(0.5), '.2f')} ms  p99 {fmt(row.p(0.99), '.2f')} ms"
@@ -1410,6 +1584,22 @@ class Bench:
             flush=True,
         )
         return row
+
+    def _drain_postfix(self, row: Row, sunk: tuple[int, int]) -> str:
+        """Postfix queues: wait (bounded) until its queue is empty; the sink counts before/after."""
+        assert self.postfix is not None
+        at_end, queued = row.sink_messages, self.postfix.queued()
+        started = time.monotonic()
+        while queued and time.monotonic() - started < POSTFIX_DRAIN_S:
+            time.sleep(0.2)
+            queued = self.postfix.queued()
+        row.sink_messages, row.sink_rcpts = self.counts[0] - sunk[0], self.counts[1] - sunk[1]
+        left = f", {queued} STILL QUEUED after {POSTFIX_DRAIN_S:.0f} s" if queued else ""
+        return (
+            f"the sink had {at_end} messages when the client finished, {row.sink_messages} after"
+            f" the queue drained ({time.monotonic() - started:.1f} s{left}); the client had"
+            " 250 replies for its measured window only (warm-up and drain not counted)"
+        )
 
 
 def print_header(args: argparse.Namespace, root: Path, runs: int) -> None:
@@ -1447,6 +1637,7 @@ def print_legend(per_message: bool) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     TARGET_LABELS["optgate"] = f"optgate {args.workers} worker" + ("s" if args.workers > 1 else "")
+    TARGET_LABELS["optgate-n"] = f"optgate {args.n_workers} workers"
     root = Path(tempfile.mkdtemp(prefix="optgate-bench-"))
     addresses = [f"user{i:04d}@{RCPT_DOMAIN}" for i in range(args.pool)]
     random.Random(1).shuffle(addresses)
@@ -1485,6 +1676,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print_ratios(rows)
     print_legend(args.new_connection_per_message)
     print_errors(rows)
+    print_notes(rows)
     print_others(rows)
     print_replies(rows)
     if profile_text:
