@@ -402,8 +402,13 @@ async def test_wrong_password_is_refused(gateway: Running) -> None:
         await raw.cmd("MAIL FROM:<app@sender.example>")
         code, text = await raw.cmd("RCPT TO:<pat@example.org>")
         assert (code, text.split()[1]) == (530, "5.7.0")
+        await raw.login("pat@example.org", "guess")  # a login that is not a sender name
     finally:
         raw.close()
+    await asyncio.sleep(0.2)
+    failures = [e for e in gateway.audit_entries() if e["event"] == "auth_failed"]
+    assert [f["sender"] for f in failures] == ["app", "unknown"]
+    assert "pat@example.org" not in str(gateway.audit_entries())
 
 
 # --- smuggling and limits ---------------------------------------------------------------------

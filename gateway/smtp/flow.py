@@ -113,6 +113,10 @@ class EmailFlow:
         self._signer = signer
         self._clock = clock
 
+    @property
+    def audit(self) -> Audit:
+        return self._audit
+
     async def process(self, sub: Submission) -> str:
         txn = new_txn()
         ring = self._keyring()

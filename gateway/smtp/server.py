@@ -211,6 +211,7 @@ class GatewayHandler:
         self.limits = limits
         self.unsubscribe = unsubscribe
         self.links = links  # where the unsubscribe mailbox is (its domain)
+        self._background: set[asyncio.Task[None]] = set()
 
     # aiosmtpd calls this synchronously from its AUTH PLAIN/LOGIN implementations.
     def authenticate(
@@ -222,8 +223,31 @@ class GatewayHandler:
         sender = self.auth.check(name, auth_data.password)
         if sender is None:
             log.info("auth_failed", mechanism=mechanism)
+            self._audit_auth_failure(name, mechanism)
             return AuthResult(success=False, handled=False)
         return AuthResult(success=True, auth_data=sender)
+
+    def _audit_auth_failure(self, name: str, mechanism: str) -> None:
+        """SPEC §7: auth failures are audited. aiosmtpd calls `authenticate` synchronously, so
+        the entry is appended in the background; the client gets 535 either way. A login
+        that is not a configured sender is recorded as "unknown": it may be an address."""
+        known = name if name in self.auth.senders else "unknown"
+        event = {
+            "event": "auth_failed",
+            "channel": "email",
+            "sender": known,
+            "mechanism": mechanism,
+        }
+
+        async def write() -> None:
+            try:
+                await self.flow.audit.append([event])
+            except AuditError:
+                log.error("audit_auth_failure_write_failed")
+
+        task = asyncio.get_running_loop().create_task(write())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _sender(self, server: GatewaySMTP, session: GatewaySession) -> Sender | None:
         if session.sender is not None:
