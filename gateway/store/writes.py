@@ -109,11 +109,9 @@ class RecordWrites:
     # otherwise no entry holds an address even sealed (less to protect, and less memory).
     stream_addresses: bool = True
 
-    def _guard(self, what: str, budget_s: float) -> AbstractAsyncContextManager[None]:
-        raise NotImplementedError
-
-    def _pipeline(self) -> Any:
-        raise NotImplementedError
+    # Provided by the class this is mixed into (`OptOutStore`).
+    _guard: Callable[[str, float], AbstractAsyncContextManager[None]]
+    _pipeline: Callable[[], Any]
 
     async def opt_out(
         self,
