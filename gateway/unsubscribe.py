@@ -33,6 +33,7 @@ from typing import Any, Literal, Protocol
 
 import structlog
 
+from gateway import metrics
 from gateway.audit.writer import iso_ts
 from gateway.core import message as msg
 from gateway.core import tokens
@@ -191,6 +192,8 @@ class Unsubscriber:
             ]
         )
         EFFECT.observe(effect_s)
+        metrics.optout_effect_seconds(source, effect_s)
+        metrics.optout_change("optout", source)
         log.info("optout", source=source, scope=len(scope), effect_ms=round(effect_s * 1000, 1))
         return record
 

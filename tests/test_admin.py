@@ -273,7 +273,7 @@ async def test_import_with_one_bad_line_applies_the_rest(api: Api) -> None:
 
     # CSV: header, then the same semantics; categories separated by ';'.
     csv_body = (
-        b"channel,address,categories,all\n"
+        b"\xef\xbb\xbfchannel,address,categories,all\n"
         b"email,five@example.org,marketing;research,false\n"
         b"email,six@example.org,,maybe\n"
         b"email,seven@example.org,,true\n"

@@ -116,3 +116,23 @@ async def test_readyz_is_503_when_the_store_or_upstream_is_down(
     status, body, _ = await get(running, "/readyz")
     assert status == 503 and orjson.loads(body)["checks"]["upstream.email"] == "unavailable"
     await running.sink.start()
+
+
+async def test_email_path_feeds_metrics_without_addresses(gateway: Running) -> None:
+    def value(name: str, **labels: str) -> float:
+        return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
+
+    before_allow = value(
+        "optgate_decisions_total", kind="allow", channel="email", category="marketing"
+    )
+    before_lookups = value("optgate_lookup_seconds_count", channel="email")
+    code, _ = await gateway.send(["metrics.canary@example.org"], category="marketing")
+    assert code == 250
+    assert (
+        value("optgate_decisions_total", kind="allow", channel="email", category="marketing")
+        == before_allow + 1
+    )
+    assert value("optgate_lookup_seconds_count", channel="email") == before_lookups + 1
+    status, body, _ = await get(gateway, "/metrics")
+    assert status == 200 and "optgate_upstream_seconds" in body
+    assert "canary" not in body and "example.org" not in body

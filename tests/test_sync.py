@@ -84,6 +84,10 @@ async def test_each_change_is_delivered_signed_and_without_the_address(
     assert second["opted_out"] == {"all": False, "categories": []}
     assert "address" not in first and b"example.org" not in receiver.requests[0].body
     assert first["id"] != second["id"] and not first["replay"]
+    # No webhook wants addresses: the entries carry none, not even sealed.
+    entries = await gw.store.client.xrange(changes.STREAM_KEY)
+    assert entries and all(set(fields) == {b"e"} for _, fields in entries)
+    assert not any(b"example.org" in fields[b"e"] for _, fields in entries)
     assert receiver.delivered[0].headers["Optgate-Delivery"] == first["id"]
 
 

@@ -11,7 +11,6 @@ deletion (``AuditWriter.prune``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable
 from typing import Final
 
@@ -27,6 +26,7 @@ log = structlog.get_logger("optgate.audit.retention")
 
 PRUNE_INTERVAL_S: Final = 3600.0  # files are per day: hourly is plenty, and cheap
 FIRST_PRUNE_S: Final = 60.0  # after start, once the gateway is serving
+STOP_S: Final = 5.0
 
 
 async def prune_directory(
@@ -105,6 +105,6 @@ class RetentionTask:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            # Bounded: a prune stuck on a slow disk must not hold up the gateway's stop.
+            await asyncio.wait([self._task], timeout=STOP_S)
             self._task = None

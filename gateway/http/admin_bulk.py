@@ -121,6 +121,8 @@ class _Reader:
         except (csv.Error, StopIteration):
             raise admin.BadInput("not a CSV record") from None
         if self.header is None:
+            if row:
+                row[0] = row[0].lstrip("\ufeff")  # the byte-order mark spreadsheets write
             header = [c.strip().lower() for c in row]
             if not {"channel", "address"} <= set(header):
                 raise admin.BadInput("the CSV header must name channel and address")

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 import structlog
 
+from gateway import metrics
 from gateway.config import Sender
 from gateway.core import message as msg
 from gateway.core import policy, tokens
@@ -233,7 +234,13 @@ class EmailFlow:
                     return Outcome(perm_failed=failed)
                 failed = {a: (451, "4.3.0 DKIM signing unavailable") for a in copy.rcpts}
                 return Outcome(temp_failed=failed)
-        return await self._upstream.deliver(copy)
+        with metrics.upstream_latency(CHANNEL):
+            outcome = await self._upstream.deliver(copy)
+        if outcome.temp_failed:
+            metrics.upstream_error(CHANNEL, "deferred")
+        if outcome.perm_failed:
+            metrics.upstream_error(CHANNEL, "rejected")
+        return outcome
 
     def _rcpt(self, ring: Keyring, address: EmailAddress) -> _Rcpt:
         keys = tuple(pseudonym(ring, CHANNEL, k) for k in address.key_forms())
@@ -266,9 +273,14 @@ class EmailFlow:
                 delivered = set()
             return [policy.NOT_OPT_OUTABLE] * len(rcpts), delivered
         flat = [p for r in rcpts for p in r.key_pseudonyms]
-        states, delivered = await self._store.lookup_message(
-            CHANNEL, flat, digest=digest, candidates=[r.pseudonym for r in rcpts]
-        )
+        try:
+            with metrics.lookup_latency(CHANNEL):
+                states, delivered = await self._store.lookup_message(
+                    CHANNEL, flat, digest=digest, candidates=[r.pseudonym for r in rcpts]
+                )
+        except StoreUnavailable:
+            metrics.store_error("lookup")
+            raise
         decisions: list[Decision] = []
         i = 0
         for r in rcpts:
@@ -299,6 +311,8 @@ class EmailFlow:
             for r, d in zip(rcpts, decisions, strict=True)
         ]
         await self._audit.append(events)
+        for d in decisions:
+            metrics.decision(d.verdict.value, CHANNEL, category or "-")
 
     async def _conclude(
         self,

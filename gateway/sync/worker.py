@@ -42,6 +42,7 @@ log = structlog.get_logger("optgate.sync")
 BLOCK_MS: Final = 1000  # a read waits this long for new entries (below the socket timeout)
 STORE_RETRY_S: Final = 1.0  # after a store failure, before trying again
 HOUSEKEEPING_S: Final = 10.0  # gauges and stream trimming
+STOP_S: Final = 5.0  # how long stop() waits for cancelled tasks and HTTPS sessions
 
 
 class AuditSink(Protocol):
@@ -88,15 +89,20 @@ class SyncWorker:
         self._tasks.append(asyncio.create_task(self._housekeep(), name="sync-housekeeping"))
 
     async def stop(self) -> None:
-        """Cancel deliveries in flight (they stay pending: a successor delivers them)."""
+        """Cancel deliveries in flight (they stay pending: a successor delivers them).
+        Bounded: a task that does not end within `STOP_S` is left behind and logged, so
+        the gateway's shutdown never waits on a webhook."""
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if self._tasks:
+            _, stuck = await asyncio.wait(self._tasks, timeout=STOP_S)
+            if stuck:
+                log.error("sync_stop_timeout", tasks=len(stuck))
         self._tasks = []
         for client in self._clients.values():
-            await client.close()
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(STOP_S):
+                    await client.close()
 
     # -- the loop per webhook --------------------------------------------------------------
 
