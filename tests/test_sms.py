@@ -49,8 +49,8 @@ async def test_allowed_text_reaches_the_provider_once_with_e164_and_the_sdk_gets
     assert got.field("Body") == "Your appointment is at 10:00."  # no footer: not unsubscribe
     assert got.tls_version == "TLSv1.3"
     assert got.path == f"/2010-04-01/Accounts/{g.stub.account_sid}/Messages.json"  # its own creds
-    entries = [e for e in g.running.audit_entries() if e["event"] in ("decision", "delivery")]
-    decision, delivery = entries
+    (delivery,) = await g.settled("delivery", 1)
+    (decision,) = events(g, "decision")
     assert decision["decision"] == "allow" and decision["channel"] == "sms"
     assert decision["category"] == "appointment-reminder" and decision["sender"] == "app"
     assert decision["recipient"] == g.pseudonym(NUMBER) and decision["rule"] == "optout.none"
@@ -168,7 +168,7 @@ async def test_provider_timeout_is_504_and_audited_as_unknown(g: SmsGateway) -> 
     g.stub.delay_s = 3.0  # the gateway's upstream timeout is 2 s
     exc = await g.rejected(NUMBER)
     assert exc.status == 504
-    (delivery,) = events(g, "delivery")
+    (delivery,) = await g.settled("delivery", 1)
     assert (delivery["outcome"], delivery["code"]) == ("unknown", 504)
 
 
@@ -176,7 +176,7 @@ async def test_provider_down_is_502_and_audited_as_failed(g: SmsGateway) -> None
     await g.stub.stop()
     exc = await g.rejected(NUMBER)
     assert exc.status == 502
-    (delivery,) = events(g, "delivery")
+    (delivery,) = await g.settled("delivery", 1)
     assert (delivery["outcome"], delivery["code"]) == ("failed", 502)
 
 
@@ -184,7 +184,7 @@ async def test_provider_dropping_the_connection_is_502_unknown(g: SmsGateway) ->
     g.stub.drop = True
     exc = await g.rejected(NUMBER)
     assert exc.status == 502
-    assert [d["outcome"] for d in events(g, "delivery")] == ["unknown"]
+    assert [d["outcome"] for d in await g.settled("delivery", 1)] == ["unknown"]
 
 
 async def test_provider_5xx_is_502_and_429_passes_through(g: SmsGateway) -> None:
@@ -202,7 +202,7 @@ async def test_provider_5xx_is_502_and_429_passes_through(g: SmsGateway) -> None
         "/v1/messages/sms", json={"to": NUMBER, "from": "+15005550006", "body": "hi"}
     )
     assert status == 503 and headers["Retry-After"] == "7"
-    assert [d["outcome"] for d in events(g, "delivery")] == [
+    assert [d["outcome"] for d in await g.settled("delivery", 4)] == [
         "failed",
         "rejected",
         "rejected",

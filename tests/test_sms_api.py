@@ -10,9 +10,11 @@ import signal
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 import pytest
 import redis
 
+from tests.conftest import APP_PASSWORD
 from tests.support.sms_provider import (
     SmsGateway,
     sms_gateway,
@@ -96,8 +98,6 @@ async def test_native_auth_and_channel(g: SmsGateway) -> None:
     status, headers, _ = await g.post(NATIVE, json=OK_JSON, auth=("app", "wrong"))
     assert status == 401 and headers["WWW-Authenticate"].startswith("Basic")
     assert (await g.post(NATIVE, json=OK_JSON, auth=None))[0] == 401
-    from tests.conftest import APP_PASSWORD
-
     assert (await g.post(NATIVE, json=OK_JSON, auth=("bulk", APP_PASSWORD)))[0] == 403
     assert g.stub.requests == []
 
@@ -176,8 +176,6 @@ async def test_bad_input_table_is_4xx_and_nothing_is_forwarded(
 ) -> None:
     headers = kwargs.pop("headers", None)
     if headers:
-        import aiohttp
-
         async with aiohttp.ClientSession() as s:
             async with s.post(
                 g.base_url + path, data=kwargs["data"], headers=headers,
@@ -231,19 +229,24 @@ async def test_phone_numbers_and_texts_appear_in_no_file_key_value_or_log(
     await g.post(
         NATIVE, json={"to": "１２０２５５５０１４２", "from": "+15005550006", "body": CANARY_BODY}
     )
+    await g.inbound({"From": CANARY_E164, "Body": "HELP"})
+    await g.inbound({"From": CANARY_E164, "Body": "START"})  # opt-in: nothing to lift
     await g.inbound({"From": CANARY_E164, "Body": "STOP"})  # opt-out record + audit
     await g.rejected(CANARY, body=CANARY_BODY)  # suppressed
     await g.post(NATIVE, json={"to": CANARY, "from": "+15005550006", "body": CANARY_BODY})
-    await g.inbound({"From": CANARY_E164, "Body": "HELP"})
     g.stub.hook_status = 503  # an inbound text kept in the retry queue
     await g.inbound({"From": CANARY_E164, "Body": CANARY_BODY})
     await g.inbound({"From": CANARY_E164, "Body": "STOP"}, signature="bad")  # auth failure
     await g.rejected(CANARY + "\r\nX: 1")  # bad input
-    g.stub.delay_s = 3.0
-    await g.inbound({"From": CANARY_E164, "Body": "START"})
-    await g.rejected(CANARY, body=CANARY_BODY)  # provider timeout (504)
+    g.stub.delay_s = 3.0  # provider timeout (504) on a send that is allowed despite the opt-out
+    await g.rejected(CANARY, body=CANARY_BODY, client=g.twilio("alerts"))
     await asyncio.sleep(0.2)
     assert len(g.stub.requests) >= 2 and g.stub.hooks  # the canaries did go upstream
+
+    async with aiohttp.ClientSession() as s:
+        async with s.get(g.base_url + "/metrics", ssl=g.running.client_context()) as resp:
+            scraped = await resp.read()
+    assert b'channel="sms"' in scraped  # the SMS path did count its decisions
 
     data_dir = g.running.cfg.data_dir
     r = redis.Redis(unix_socket_path=str(data_dir / "redis" / "redis.sock"))
@@ -254,7 +257,7 @@ async def test_phone_numbers_and_texts_appear_in_no_file_key_value_or_log(
         dump = b"".join(k + b"\0" + (r.dump(k) or b"") for k in keys)
     finally:
         r.close()
-    blobs: list[tuple[str, bytes]] = [("redis", dump)]
+    blobs: list[tuple[str, bytes]] = [("redis", dump), ("metrics", scraped)]
     for path in data_dir.rglob("*"):
         if path.is_file() and not path.name.endswith(".sock"):
             blobs.append((str(path), path.read_bytes()))

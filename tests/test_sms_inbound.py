@@ -71,6 +71,10 @@ async def test_stop_opts_out_everything_with_one_confirmation_and_start_restores
     assert optout["matched"] == "STOP" and optout["rule"] == "sms.keyword"
     assert optout["source"] == "sms-keyword" and optout["all"] is True
     assert optout["recipient"] == g.pseudonym(PATIENT) and optout["channel"] == "sms"
+    assert g.running.gw.store is not None
+    record = await g.running.gw.store.get("sms", g.pseudonym(PATIENT))
+    assert record is not None and record.all and record.source == "sms-keyword"
+    assert record.address == PATIENT  # sealed in the record, for the preferences export
 
     status, text = await g.inbound({"From": PATIENT, "Body": "START"})
     assert status == 200 and text.count("<Message>") == 1 and "opted back in" in text
@@ -186,8 +190,7 @@ async def test_failed_forward_is_kept_encrypted_and_retried_until_delivered(
     dump = redis_dump(g.running.cfg.data_dir)
     assert b"og:q:sms-inbound" in dump
     assert b"q7x9" not in dump and PATIENT.encode() not in dump and b"5550100077" not in dump
-    await asyncio.sleep(0.6)
-    assert len(g.stub.hooks) >= 2  # retried while failing
+    await wait_for(lambda: len(g.stub.hooks) >= 2)  # retried while failing
     g.stub.hook_status = 200
     await wait_for(lambda: any(e["action"] == "forwarded" for e in events(g, "sms_inbound")))
     actions = [(e["action"], e.get("attempts")) for e in events(g, "sms_inbound")]

@@ -285,9 +285,10 @@ async def inbound(request: web.Request) -> web.Response:
         return problem(503, "Service Unavailable", detail="No SMS provider is configured.")
     url = deps.cfg.public_url + request.rel_url.path_qs
     given = request.headers.get(signature.HEADER, "")
-    account = dict(pairs).get("AccountSid", deps.cfg.upstream_sms_account_sid)
+    ours = deps.cfg.upstream_sms_account_sid
+    account = dict(pairs).get("AccountSid", ours)
     if not signature.verify(token, signature.candidate_urls(url), pairs, given) or (
-        account != deps.cfg.upstream_sms_account_sid
+        ours and account != ours  # signed by this token, but for another (sub)account
     ):
         await _audit_auth_failure(deps, INBOUND_ROUTE, "bad-signature", "")
         return problem(403, "Forbidden", detail="The request signature does not verify.")
@@ -320,9 +321,9 @@ def setup(app: web.Application, deps: HttpDeps) -> None:
     forwarder = None
     if cfg.sms_inbound_forward_url and token:
         forwarder = Forwarder(client, url=cfg.sms_inbound_forward_url, token=token.encode())
-    # The store's own client: the queue shares its connection pool, budgets and TLS.
+    # The store's own client: the queue shares its connection pool and TLS settings.
     queue = InboundQueue(
-        deps.store._client, keyring=deps.keyring, consumer=f"{cfg.instance}-{os.getpid()}"
+        deps.store.client, keyring=deps.keyring, consumer=f"{cfg.instance}-{os.getpid()}"
     )
     flow = SmsFlow(
         store=deps.store, audit=deps.audit, rules=deps.rules, keyring=deps.keyring,
@@ -347,6 +348,7 @@ def setup(app: web.Application, deps: HttpDeps) -> None:
         if worker is not None:
             worker.cancel()  # an entry in flight stays pending: any instance retries it
             await asyncio.wait({worker}, timeout=WORKER_STOP_S)
+        await flow.drain()  # outcome entries still being written, before the audit closes
         await client.close()
 
     app.cleanup_ctx.append(lifecycle)

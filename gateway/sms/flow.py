@@ -15,6 +15,7 @@ send is stopped here without asking the provider (threats.md B6).
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -23,6 +24,7 @@ from typing import Any, Literal, Protocol
 
 import structlog
 
+from gateway import metrics
 from gateway.config import Sender
 from gateway.core import policy
 from gateway.core.keys import Keyring
@@ -63,6 +65,7 @@ class Store(Protocol):
         all: bool = ...,
         source: str,
         now: float,
+        address: str = ...,
     ) -> Any: ...
 
 
@@ -119,6 +122,7 @@ class SmsFlow:
         self._rules = rules
         self._keyring = keyring
         self._provider = provider
+        self._outcomes: set[asyncio.Task[None]] = set()
 
     async def send(self, sender: Sender, out: Outgoing, category_name: str = "") -> Result:
         """Decide and, when allowed, send `out` for `sender`. Never raises for a policy
@@ -145,36 +149,43 @@ class SmsFlow:
         decision = policy.NOT_OPT_OUTABLE
         if category.opt_out:
             try:
-                states = await self._store.lookup(CHANNEL, [recipient])
+                with metrics.lookup_latency(CHANNEL):
+                    states = await self._store.lookup(CHANNEL, [recipient])
                 decision = policy.decide(category, states)
             except StoreUnavailable:
                 log.warning("store_unavailable", txn=txn, channel=CHANNEL)
+                metrics.store_error("lookup")
                 decision = policy.STORE_UNAVAILABLE
         try:
             await self._audit.append([_decision(base, decision)])
         except AuditError:
             log.error("audit_unavailable", txn=txn, channel=CHANNEL)
             return Refused(txn=txn, kind="audit-unavailable")
+        metrics.decision(decision.verdict.value, CHANNEL, category.name)
         if decision.verdict is Verdict.SUPPRESS:
             return Refused(txn=txn, kind="opted-out", refusal=message.OPTED_OUT)
         if decision.verdict is not Verdict.ALLOW:
             return Refused(txn=txn, kind="store-unavailable")
 
         try:
-            reply = await self._provider.send(out.form(body))
+            with metrics.upstream_latency(CHANNEL):
+                reply = await self._provider.send(out.form(body))
         except ProviderError as exc:
             log.warning("sms_provider_error", txn=txn, status=exc.status, outcome=exc.outcome)
-            await self._outcome(base, outcome=exc.outcome, code=exc.status)
+            metrics.upstream_error(CHANNEL, "timeout" if exc.status == 504 else "unavailable")
+            self._record_outcome(base, outcome=exc.outcome, code=exc.status)
             return Failed(txn=txn, status=exc.status, outcome=exc.outcome)
-        await self._outcome(
+        self._record_outcome(
             base,
             outcome=outcome_of(reply.status),
             code=reply.status,
             message_id=reply.sid,
             provider_code=reply.error_code,
         )
+        if reply.status >= 400:
+            metrics.upstream_error(CHANNEL, "rejected" if reply.status < 500 else "failed")
         if reply.status == 400 and reply.error_code == UNSUBSCRIBED:
-            await self._copy_provider_opt_out(base, recipient)
+            await self._copy_provider_opt_out(base, recipient, out.to.e164)
         return Sent(txn=txn, reply=reply)
 
     async def _reject(self, base: dict[str, str], reason: str, category: str) -> None:
@@ -183,8 +194,10 @@ class SmsFlow:
             await self._audit.append([_decision({**base, "category": category}, d)])
         except AuditError:
             log.error("audit_unavailable", txn=base["txn"], channel=CHANNEL)
+            return
+        metrics.decision(d.verdict.value, CHANNEL, category)
 
-    async def _outcome(
+    def _record_outcome(
         self,
         base: dict[str, str],
         *,
@@ -193,6 +206,13 @@ class SmsFlow:
         message_id: str = "",
         provider_code: int | None = None,
     ) -> None:
+        """Append the "delivery" entry without waiting for its fsync.
+
+        The decision entry was durable before the provider was called (SPEC §2.6); this
+        one records what the provider did, and waiting for it would add a group-commit
+        round to every reply. It is sealed into the chain at once (in order) and written
+        with the next batch; `drain()` waits for the last ones on shutdown.
+        """
         event: dict[str, Any] = {
             "event": "delivery",
             **base,
@@ -202,18 +222,34 @@ class SmsFlow:
         }
         if provider_code is not None:
             event["provider_code"] = provider_code
+        task = asyncio.create_task(self._append_outcome(event))
+        self._outcomes.add(task)
+        task.add_done_callback(self._outcomes.discard)
+
+    async def _append_outcome(self, event: dict[str, Any]) -> None:
         try:
             await self._audit.append([event])
         except AuditError:
-            # The decision is durable and the provider has (or may have) the text; failing
-            # the request now would only make the application send it twice.
-            log.error("audit_outcome_write_failed", txn=base["txn"], channel=CHANNEL)
+            # The decision is durable and the provider has (or may have) the text; the
+            # writer now refuses appends, so the next send fails closed.
+            log.error("audit_outcome_write_failed", txn=event["txn"], channel=CHANNEL)
 
-    async def _copy_provider_opt_out(self, base: dict[str, str], recipient: str) -> None:
+    async def drain(self) -> None:
+        """Wait for outcome entries still being written (before the audit log closes)."""
+        if self._outcomes:
+            await asyncio.wait(set(self._outcomes))
+
+    async def _copy_provider_opt_out(self, base: dict[str, str], recipient: str, e164: str) -> None:
         try:
             await self._store.opt_out(
-                CHANNEL, recipient, all=True, source=PROVIDER_OPT_OUT_SOURCE, now=time.time()
+                CHANNEL,
+                recipient,
+                all=True,
+                source=PROVIDER_OPT_OUT_SOURCE,
+                now=time.time(),
+                address=e164,  # sealed in the record, for the preferences export
             )
+            metrics.optout_change("optout", PROVIDER_OPT_OUT_SOURCE)
             await self._audit.append(
                 [
                     {

@@ -31,6 +31,7 @@ from xml.sax.saxutils import escape
 
 import structlog
 
+from gateway import metrics
 from gateway.core.addresses import parse_phone
 from gateway.core.keys import Keyring
 from gateway.core.records import pseudonym
@@ -160,10 +161,16 @@ class Inbound:
         if match.kind == "help":
             event = {"event": "sms_inbound", **base, "action": "help", "rule": rule}
             return await self._audited(event, match, twiml_message(rules.sms_help))
+        started = time.monotonic()
         try:
             if match.kind == "stop":
                 await self._store.opt_out(
-                    CHANNEL, base["recipient"], all=True, source=SOURCE, now=time.time()
+                    CHANNEL,
+                    base["recipient"],
+                    all=True,
+                    source=SOURCE,
+                    now=time.time(),
+                    address=phone.e164,  # sealed in the record, for the preferences export
                 )
             else:
                 await self._store.opt_in(
@@ -171,6 +178,7 @@ class Inbound:
                 )
         except StoreUnavailable:
             log.warning("store_unavailable", channel=CHANNEL, action=match.kind)
+            metrics.store_error("write")
             return UNAVAILABLE
         except RecordCorrupt:
             # Sends to this number are already deferred (a record in doubt fails closed);
@@ -186,7 +194,12 @@ class Inbound:
             "rule": rule,
         }
         text = rules.sms_stop_reply if match.kind == "stop" else rules.sms_start_reply
-        return await self._audited(event, match, twiml_message(text))
+        reply = await self._audited(event, match, twiml_message(text))
+        if reply.status == 200:
+            metrics.optout_change(event["event"], SOURCE)
+            if match.kind == "stop":
+                metrics.optout_effect_seconds(SOURCE, time.monotonic() - started)
+        return reply
 
     async def _audited(
         self, event: dict[str, Any], match: KeywordMatch, twiml: str

@@ -134,6 +134,7 @@ REFUSED = {
 }
 
 
+@functools.lru_cache(maxsize=1024)  # an application sends from a handful of numbers
 def check_sender_id(value: str, region: str) -> bool:
     """A From the provider could use: a phone number, a short code or an alphanumeric id."""
     if len(value) > MAX_FROM_CHARS or _CONTROL.search(value):

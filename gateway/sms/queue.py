@@ -163,9 +163,10 @@ class InboundQueue:
     async def run(self, deliver: Deliver, report: Report, stop: asyncio.Event) -> None:
         """The worker: forward entries that are due until `stop` is set (or cancelled).
 
-        `stop` as well as cancellation: a cancel that lands as an `asyncio.timeout` expires
-        is turned into TimeoutError and un-cancelled (CPython 3.11), which a loop that
-        handles store timeouts would then survive forever.
+        `stop` as well as cancellation: a cancel can be swallowed on its way (CPython 3.11's
+        `asyncio.wait_for` when the awaited future completes at the same moment, gh-86296,
+        or library code that catches it), and a loop that survives store errors would then
+        run on; the flag ends it at its next turn whatever happened to the cancel.
         """
         delay = TICK_S
         while not stop.is_set():
@@ -200,7 +201,10 @@ class InboundQueue:
                     STREAM, GROUP, self.consumer, wait_ms, [row["message_id"]]
                 )
             for entry_id, fields in claimed:
-                await self._attempt(entry_id, fields or {}, attempts + 1, deliver, report)
+                if not fields:  # deleted meanwhile: another instance delivered it
+                    await self._remove(entry_id)
+                    continue
+                await self._attempt(entry_id, fields, attempts + 1, deliver, report)
 
     async def _attempt(
         self, entry_id: Any, fields: dict[Any, Any], attempts: int, deliver: Deliver, report: Report

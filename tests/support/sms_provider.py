@@ -226,6 +226,17 @@ class SmsGateway:
         kw.setdefault("from_", "+15005550006")
         return await asyncio.to_thread(client.messages.create, to=to, body=body, **kw)
 
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [e for e in self.running.audit_entries() if e["event"] == name]
+
+    async def settled(self, name: str, count: int, timeout_s: float = 5.0) -> list[dict[str, Any]]:
+        """Audit entries `name`, once there are `count` of them. "delivery" entries are
+        written after the reply (the gateway does not wait for their fsync)."""
+        deadline = time.monotonic() + timeout_s
+        while len(found := self.events(name)) < count and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        return found
+
     async def rejected(self, to: str, **kw: Any) -> TwilioRestException:
         with pytest.raises(TwilioRestException) as info:
             await self.send(to, **kw)
