@@ -15,6 +15,7 @@ import pytest
 from gateway import metrics
 from gateway.core.keys import generate
 from gateway.core.records import pseudonym
+from gateway.errors import StoreUnavailable
 from gateway.store import changes
 from gateway.store.streams import ChangeFeed
 from gateway.sync.settings import SyncSettings
@@ -301,3 +302,27 @@ async def test_trim_drops_only_acknowledged_entries(gateway: Running) -> None:
         return int(ms), int(seq)
 
     assert len([i for i in remaining if order(i) > order(got[-1][0])]) == 20  # unread stay
+
+
+async def test_stop_is_not_swallowed_when_a_cancel_surfaces_as_store_error() -> None:
+    """redis-py can turn a cancel inside a call into a connection error (StoreUnavailable);
+    the housekeeping loop must still end when its task is cancelled."""
+    store: Any = _NoStore()
+    worker = SyncWorker(
+        settings=SyncSettings(), store=store, audit=None, keyring=generate, consumer="c"
+    )
+    entered = asyncio.Event()
+
+    async def housekeeping() -> None:
+        entered.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            raise StoreUnavailable("connection closed") from None
+
+    worker.housekeeping = housekeeping  # type: ignore[method-assign]
+    task = asyncio.create_task(worker._housekeep())
+    await entered.wait()
+    task.cancel()
+    done, _ = await asyncio.wait([task], timeout=2)
+    assert task in done and task.cancelled()

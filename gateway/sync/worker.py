@@ -45,6 +45,14 @@ HOUSEKEEPING_S: Final = 10.0  # gauges and stream trimming
 STOP_S: Final = 5.0  # how long stop() waits for cancelled tasks and HTTPS sessions
 
 
+def _stop_if_cancelled() -> None:
+    """A cancel that arrives inside a store call can surface as StoreUnavailable (redis-py
+    drops the connection); a loop that catches that must not swallow its own shutdown."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 class AuditSink(Protocol):
     """What the worker needs of the audit writer."""
 
@@ -136,6 +144,7 @@ class SyncWorker:
                     )
                 await asyncio.gather(*(self._deliver(hook, e) for e in entries))
             except StoreUnavailable as exc:
+                _stop_if_cancelled()
                 metrics.store_error("sync")
                 log.warning("sync_store_unavailable", webhook=hook.name, why=str(exc)[:200])
                 await self._sleep(STORE_RETRY_S)
@@ -220,5 +229,6 @@ class SyncWorker:
             try:
                 await self.housekeeping()
             except StoreUnavailable as exc:
+                _stop_if_cancelled()
                 log.warning("sync_housekeeping_failed", why=str(exc)[:200])
             await self._sleep(self._housekeeping_s)
