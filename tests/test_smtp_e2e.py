@@ -527,3 +527,19 @@ async def test_pooled_client_sends_many_transactions_on_one_connection(gateway: 
         smtp.close()
     assert len(gateway.sink.messages) == 30
     assert gateway.sink.connections <= gateway.cfg.upstream_email_pool_size
+
+
+async def test_audit_failure_fails_closed_and_sends_nothing(gateway: Running) -> None:
+    """SPEC §2.6: a decision is durable before it is acted on. If the audit log cannot be
+    made durable, nothing is forwarded and the sender is told to retry."""
+    assert gateway.gw.audit is not None
+
+    def eio(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    gateway.gw.audit._disk._fsync_fn = eio  # the disk seam: a real writer whose fsync fails
+    code, text = await gateway.send(["pat@example.org"], category="emergency-alert")
+    assert (code, text.split()[0]) == (451, "4.3.0")
+    code, _ = await gateway.send(["pat@example.org"], category="marketing")
+    assert code == 451  # the writer stays refused: still fail closed
+    assert gateway.sink.messages == []
