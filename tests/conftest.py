@@ -7,7 +7,7 @@ import ssl
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiosmtplib
 import orjson
@@ -17,6 +17,9 @@ from gateway import config as config_mod
 from gateway import logs
 from gateway.service import Gateway
 from tests.support.smtp_sink import Sink, TestPki, make_test_pki
+
+if TYPE_CHECKING:
+    from tests.support.sms_provider import SmsGateway
 
 APP_PASSWORD = "app-secret-for-tests"
 logs.silence_phi_loggers()
@@ -177,3 +180,14 @@ async def make_gateway(
 async def gateway(make_gateway: GatewayFactory) -> Running:
     running: Running = await make_gateway()
     return running
+
+
+@pytest.fixture
+async def g(
+    make_gateway: GatewayFactory, pki: TestPki, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[SmsGateway]:
+    """A running gateway wired to a TLS 1.3 stub SMS provider (the SMS tests' fixture)."""
+    from tests.support.sms_provider import sms_gateway
+
+    async with sms_gateway(make_gateway, pki, monkeypatch) as gateway:
+        yield gateway

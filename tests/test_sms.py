@@ -9,7 +9,6 @@ import asyncio
 import os
 import signal
 import ssl
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -20,15 +19,6 @@ from tests.support.sms_provider import (
     store_pid,
 )
 from tests.support.smtp_sink import TestPki
-
-
-@pytest.fixture
-async def g(
-    make_gateway: Any, pki: TestPki, monkeypatch: pytest.MonkeyPatch
-) -> AsyncIterator[SmsGateway]:
-    async with sms_gateway(make_gateway, pki, monkeypatch) as gateway:
-        yield gateway
-
 
 NUMBER = "+15550100000"
 SPELLINGS = ["+1 555 010 0000", "15550100000", "(555) 010-0000", "１５５５０１０００００", NUMBER]

@@ -7,7 +7,6 @@ import base64
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -17,19 +16,8 @@ import redis
 from tests.conftest import APP_PASSWORD
 from tests.support.sms_provider import (
     SmsGateway,
-    sms_gateway,
     store_pid,
 )
-from tests.support.smtp_sink import TestPki
-
-
-@pytest.fixture
-async def g(
-    make_gateway: Any, pki: TestPki, monkeypatch: pytest.MonkeyPatch
-) -> AsyncIterator[SmsGateway]:
-    async with sms_gateway(make_gateway, pki, monkeypatch) as gateway:
-        yield gateway
-
 
 NUMBER = "+15550100000"
 TWILIO = "/2010-04-01/Accounts/app/Messages.json"

@@ -8,9 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import redis
@@ -19,19 +17,8 @@ from twilio.request_validator import RequestValidator
 from gateway.sms import queue as queue_mod
 from tests.support.sms_provider import (
     SmsGateway,
-    sms_gateway,
     store_pid,
 )
-from tests.support.smtp_sink import TestPki
-
-
-@pytest.fixture
-async def g(
-    make_gateway: Any, pki: TestPki, monkeypatch: pytest.MonkeyPatch
-) -> AsyncIterator[SmsGateway]:
-    async with sms_gateway(make_gateway, pki, monkeypatch) as gateway:
-        yield gateway
-
 
 PATIENT = "+15550100077"
 EMPTY = '<?xml version="1.0" encoding="UTF-8"?><Response/>'
