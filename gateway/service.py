@@ -71,6 +71,9 @@ async def open_store(cfg: Config, ring: Keyring) -> tuple[OptOutStore, EmbeddedR
     store = OptOutStore.from_url(url, keyring=ring, timeout_ms=cfg.redis_timeout_ms)
     try:
         await store.check_keyring()
+        moved = await store.migrate_layout()
+        if moved:
+            log.info("store layout: records moved into hash buckets", records=moved)
     except BaseException:
         await store.close()
         if embedded is not None:
@@ -132,6 +135,9 @@ class Gateway:
         warning = await self.store.durability_warning()
         if warning:
             log.warning("store_durability", detail=warning)
+        hint = await self.store.memory_hint()
+        if hint:
+            log.info("store_memory", detail=hint)
 
         self.audit = AuditWriter(
             cfg.audit_dir,

@@ -25,10 +25,12 @@ import redis
 from redis.crc import key_slot
 
 from gateway.core.keys import Keyring, generate, to_document
-from gateway.core.records import Record
+from gateway.core.records import Record, aead, open_record, pack, seal, unpack
 from gateway.errors import ConfigError, KeyringError, RecordCorrupt, StoreUnavailable
+from gateway.store import bulk
 from gateway.store import embedded as embedded_mod
 from gateway.store.embedded import PID_NAME, SOCKET_NAME, EmbeddedRedis
+from gateway.store.names import LAYOUT, LAYOUT_KEY, record_slot
 from gateway.store.redis_store import CORRUPT, WRITE_BUDGET_S, OptOutStore, record_key
 from tests.support.redis_servers import (
     Cluster,
@@ -146,7 +148,7 @@ async def test_opt_out_merges_and_opt_in_removes(store: OptOutStore, valkey: Red
     narrowed = await store.opt_in("email", p, categories=["marketing"], source="admin", now=4.0)
     assert narrowed is not None and narrowed.all and narrowed.categories == {"research"}
     assert await store.opt_in("email", p, all=True, source="admin", now=5.0) is None
-    assert valkey.admin.exists(record_key("email", p)) == 0
+    assert valkey.admin.exists(record_slot("email", p)[0]) == 0  # an empty bucket goes too
 
     # Removing the last category deletes the key; an opt-in of nothing writes nothing.
     await store.opt_out("sms", p, categories=["billing"], source="api", now=6.0)
@@ -164,8 +166,11 @@ async def test_keys_and_values_hold_no_plaintext(store: OptOutStore, valkey: Red
     await store.opt_out("email", p, categories=["marketing"], source="api-patient", now=1.0)
     await store.remember_delivered("ab" * 16, [p])
     keys = sorted(valkey.admin.keys("*"))
-    assert keys == sorted([b"og:changes", f"og:e:{p}".encode(), f"og:d:{'ab' * 16}:{p}".encode()])
-    blob = valkey.admin.get(f"og:e:{p}")
+    bucket, field = record_slot("email", p)
+    assert bucket == f"og:e:{p[:4]}" and field == bytes.fromhex(p[4:])
+    assert keys == sorted([b"og:changes", bucket.encode(), f"og:d:{'ab' * 16}:{p}".encode()])
+    assert valkey.admin.hkeys(bucket) == [field]
+    blob = valkey.admin.hget(bucket, field)
     assert blob is not None and b"marketing" not in blob and b"patient" not in blob
     # An address or phone number can never become part of a key name.
     for bad in ("alice@example.org", "+15551234567", p.upper(), p + ":x"):
@@ -191,7 +196,7 @@ async def test_concurrent_writers_lose_no_update(store: OptOutStore, valkey: Red
 # ------------------------------------------------------------------------------- lookups
 
 
-async def test_lookup_of_five_is_one_mget_in_one_round_trip(
+async def test_lookup_of_five_is_one_command_in_one_round_trip(
     store: OptOutStore, valkey: RedisServer
 ) -> None:
     ps = [pseudo() for _ in range(5)]
@@ -201,8 +206,8 @@ async def test_lookup_of_five_is_one_mget_in_one_round_trip(
     valkey.reset_stats()
     assert await store.lookup("email", ps) == [a, None, None, b, None]
     info = valkey.info("stats", "commandstats")
-    assert stat_calls(info, "mget") == 1
-    assert stat_calls(info, "get") == 0
+    assert stat_calls(info, "evalsha") == 1  # one read script for all five
+    assert stat_calls(info, "get") == stat_calls(info, "mget") == 0
     # One read event for the lookup, one for this INFO: one round trip.
     assert info["total_reads_processed"] == 2
 
@@ -214,8 +219,11 @@ async def test_copied_or_renamed_value_reads_corrupt(
     a, b, c = pseudo(), pseudo(), pseudo()
     rec_a = await store.opt_out("email", a, categories=["marketing"], source="api", now=1.0)
     await store.opt_out("email", b, all=True, source="api", now=1.0)
-    valkey.admin.copy(f"og:e:{a}", f"og:e:{c}")
-    valkey.admin.rename(f"og:e:{b}", f"og:s:{b}")  # same pseudonym, other channel
+    a_at, b_at, c_at = record_slot("email", a), record_slot("email", b), record_slot("email", c)
+    valkey.admin.hset(c_at[0], c_at[1], valkey.admin.hget(*a_at))
+    b_sms = record_slot("sms", b)  # same pseudonym, other channel
+    valkey.admin.hset(b_sms[0], b_sms[1], valkey.admin.hget(*b_at))
+    valkey.admin.hdel(*b_at)
     assert await store.lookup("email", [a, c]) == [rec_a, CORRUPT]
     assert await store.lookup("sms", [b]) == [CORRUPT]
     with pytest.raises(RecordCorrupt):
@@ -233,10 +241,73 @@ async def test_one_flipped_byte_reads_corrupt_and_spares_the_others(
     a, b = pseudo(), pseudo()
     await store.opt_out("email", a, categories=["marketing"], source="api", now=1.0)
     rec_b = await store.opt_out("email", b, categories=["billing"], source="api", now=1.0)
-    blob = valkey.admin.get(f"og:e:{a}")
+    at = record_slot("email", a)
+    blob = valkey.admin.hget(*at)
     assert isinstance(blob, bytes)
-    valkey.admin.setrange(f"og:e:{a}", 20, bytes([blob[20] ^ 0x01]))
+    valkey.admin.hset(*at, blob[:20] + bytes([blob[20] ^ 0x01]) + blob[21:])
     assert await store.lookup("email", [a, b]) == [CORRUPT, rec_b]
+
+
+def legacy_value(ring: Keyring, name: str, doc: dict[str, object]) -> bytes:
+    """A record as versions before buckets sealed it: a JSON body, one key per record."""
+    kid, key = ring.record.current
+    nonce = os.urandom(12)
+    sealed = aead(key).encrypt(nonce, json.dumps(doc).encode(), name.encode())
+    return kid.encode() + b"." + nonce + sealed
+
+
+def test_record_body_round_trips_and_reads_the_json_form(ring: Keyring) -> None:
+    name = record_key("email", pseudo())
+    for rec in (
+        Record(all=True, updated_at=1763912345.678, source="sms-stop"),
+        Record(
+            categories=frozenset({"marketing", "research"}),
+            updated_at=2.5,
+            source="click",
+            address="zoë@exämple.org",
+        ),
+        Record(categories=frozenset({"billing"}), updated_at=0.0, source="", address=""),
+    ):
+        assert unpack(pack(rec)) == rec
+        assert open_record(ring, name, seal(ring, name, rec)) == rec
+    doc = {"a": False, "c": ["marketing"], "t": 3.25, "s": "api", "d": "pat@example.org"}
+    old = open_record(ring, name, legacy_value(ring, name, doc))
+    assert old.address == "pat@example.org" and old.categories == {"marketing"}
+    assert (old.all, old.updated_at, old.source) == (False, 3.25, "api")
+    body = pack(Record(categories=frozenset({"marketing"}), source="api", address="x@y.org"))
+    for broken in (body[:9], body[:12], b"\x02" + body[1:], b""):
+        with pytest.raises((ValueError, IndexError)):
+            unpack(broken)
+    # a sealed record of the packed form is smaller than the JSON one was
+    rec = Record(categories=frozenset({"marketing"}), updated_at=1763912345.678, source="import",
+                 address="patient123456@clinic42.example.org")  # fmt: skip
+    assert len(seal(ring, name, rec)) <= 100
+
+
+async def test_records_of_the_one_key_layout_move_into_buckets(
+    store: OptOutStore, valkey: RedisServer, ring: Keyring
+) -> None:
+    a, b, c = pseudo(), pseudo(), pseudo()
+    doc = {"a": False, "c": ["marketing"], "t": 1.0, "s": "api", "d": "pat@example.org"}
+    valkey.admin.set(record_key("email", a), legacy_value(ring, record_key("email", a), doc))
+    everything = doc | {"a": True}
+    valkey.admin.set(record_key("sms", b), legacy_value(ring, record_key("sms", b), everything))
+    # c was already written by this version while an old key lingered: the bucket wins
+    newer = await store.opt_out("email", c, categories=["research"], source="api", now=5.0)
+    valkey.admin.set(record_key("email", c), legacy_value(ring, record_key("email", c), doc))
+
+    assert await store.migrate_layout() == 3
+    assert valkey.admin.get(LAYOUT_KEY) == LAYOUT
+    assert valkey.admin.keys("og:[es]:" + "?" * 32) == []
+    email = await store.lookup("email", [a, c])
+    assert email[0] is not None and not isinstance(email[0], type(CORRUPT))
+    assert email[0].categories == {"marketing"} and email[0].address == "pat@example.org"
+    assert email[1] == newer
+    sms = await store.get("sms", b)
+    assert sms is not None and sms.all
+    # once marked, a later start does not scan again
+    valkey.admin.set(record_key("email", a), b"left alone")
+    assert await store.migrate_layout() == 0
 
 
 async def test_keyring_mismatch_refuses_the_store(store: OptOutStore, valkey: RedisServer) -> None:
@@ -417,7 +488,7 @@ def _spread(cluster: Cluster, per_node: int) -> list[str]:
     chosen: list[str] = []
     while any(wanted.values()):
         p = pseudo()
-        port = cluster.node_for_slot(key_slot(f"og:e:{p}".encode())).port
+        port = cluster.node_for_slot(key_slot(record_slot("email", p)[0].encode())).port
         if wanted[port]:
             wanted[port] -= 1
             chosen.append(p)
@@ -438,9 +509,9 @@ async def test_cluster_lookup_costs_one_round_trip_per_node(
         for node in cluster.nodes:
             info = node.info("stats", "commandstats")
             used = {k for k in info if k.startswith("cmdstat_")}
-            assert used <= {"cmdstat_get", "cmdstat_config|resetstat"}, used
-            assert stat_calls(info, "get") == 4
-            # The node read the 4 pipelined GETs in one read event (+1 for this INFO).
+            assert used <= {"cmdstat_hget", "cmdstat_config|resetstat"}, used
+            assert stat_calls(info, "hget") == 4
+            # The node read the 4 pipelined HGETs in one read event (+1 for this INFO).
             assert info["total_reads_processed"] == 2, node.port
     finally:
         await s.close()
@@ -466,6 +537,29 @@ async def test_cluster_opt_out_is_seen_by_another_store(cluster: Cluster, ring: 
     finally:
         await a.close()
         await b.close()
+
+
+async def test_cluster_migrates_old_keys_and_exports_every_record(
+    cluster: Cluster, ring: Keyring
+) -> None:
+    s = OptOutStore.from_url(cluster.url, keyring=ring, timeout_ms=TIMEOUT_MS)
+    try:
+        for node in cluster.nodes:
+            node.admin.flushall()
+        ps = _spread(cluster, per_node=2)
+        doc = {"a": True, "c": [], "t": 1.0, "s": "api"}
+        for p in ps[:3]:  # kept one key per record by an older version
+            name = record_key("email", p)
+            node = cluster.node_for_slot(key_slot(name.encode()))
+            node.admin.set(name, legacy_value(ring, name, doc))
+        for p in ps[3:]:
+            await s.opt_out("email", p, categories=["marketing"], source="api", now=2.0)
+        assert await s.migrate_layout() == 3
+        exported = {p: st async for ch, p, st in bulk.scan(s, ["email", "sms"])}
+        assert set(exported) == set(ps)
+        assert all(isinstance(r, Record) and r.all for p, r in exported.items() if p in ps[:3])
+    finally:
+        await s.close()
 
 
 async def test_cluster_paused_node_fails_within_budget(cluster: Cluster, ring: Keyring) -> None:

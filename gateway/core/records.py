@@ -5,11 +5,18 @@ key, truncated to 128 bits (RFC 2104 §5 permits truncation to half the output; 
 work for a birthday collision is ample for any recipient list). The key stays outside Redis,
 so a dump of the store cannot be reversed by enumerating addresses or phone numbers.
 
-Record values are AES-256-GCM with the Redis key name as associated data: a value copied
-onto another recipient's key fails to authenticate. The sealed body may also carry the
-recipient's canonical address (``"d"``, absent when unknown), so that an authorised export
-can name people; it exists only inside the ciphertext. Readers ignore members they do not
-know, so records written with or without it open under every version.
+Record values are AES-256-GCM with the record's logical name (``og:e:<pseudonym>``, see
+``store.names``) as associated data: a value copied onto another recipient fails to
+authenticate. The sealed body may also carry the recipient's canonical address (absent
+when unknown), so that an authorised export can name people; it exists only inside the
+ciphertext.
+
+The body is packed (a million records must fit in little memory, issue 5):
+
+    0x01 | flags (bit 0: all) | updated_at, ms, 6 bytes big-endian
+         | len + source | count | (len + category)... | address (the rest, UTF-8)
+
+Bodies written before it are JSON (``{"a", "c", "t", "s", "d"}``); they still open.
 """
 
 from __future__ import annotations
@@ -65,19 +72,78 @@ class Record:
         return not self.all and not self.categories
 
 
+BODY_VERSION = 1
+_MS_BYTES = 6  # milliseconds since 1970 fit six bytes until the year 10889
+
+
+def _short(text: str, what: str) -> bytes:
+    raw = text.encode("utf-8")
+    if len(raw) > 255:
+        raise ValueError(f"record {what} is longer than 255 bytes")
+    return bytes([len(raw)]) + raw
+
+
+def pack(record: Record) -> bytes:
+    """The plaintext body of `record` (the format above)."""
+    cats = sorted(record.categories)
+    if len(cats) > 255:
+        raise ValueError("a record holds at most 255 categories")
+    ms = max(round(record.updated_at * 1000), 0)
+    return b"".join(
+        [
+            bytes([BODY_VERSION, 1 if record.all else 0]),
+            ms.to_bytes(_MS_BYTES, "big"),
+            _short(record.source, "source"),
+            bytes([len(cats)]),
+            *(_short(c, "category") for c in cats),
+            record.address.encode("utf-8"),
+        ]
+    )
+
+
+def unpack(body: bytes) -> Record:
+    """The record of a packed or (older) JSON body; ValueError/IndexError when malformed."""
+    if body[:1] == b"{":
+        doc = orjson.loads(body)
+        return Record(
+            all=bool(doc["a"]),
+            categories=frozenset(str(c) for c in doc["c"]),
+            updated_at=float(doc["t"]),
+            source=str(doc["s"]),
+            address=str(doc.get("d", "")),
+        )
+    if body[0] != BODY_VERSION:
+        raise ValueError("unknown record body version")
+    view = memoryview(body)
+    at = 2 + _MS_BYTES
+    ms = int.from_bytes(view[2:at], "big")
+
+    def short() -> str:
+        nonlocal at
+        n = view[at]
+        text = bytes(view[at + 1 : at + 1 + n]).decode("utf-8")
+        if len(text.encode("utf-8")) != n:
+            raise ValueError("record body is truncated")
+        at += 1 + n
+        return text
+
+    source = short()
+    count = view[at]
+    at += 1
+    cats = frozenset(short() for _ in range(count))
+    return Record(
+        all=bool(view[1] & 1),
+        categories=cats,
+        updated_at=ms / 1000,
+        source=source,
+        address=bytes(view[at:]).decode("utf-8"),
+    )
+
+
 def seal(ring: Keyring, key_name: str, record: Record) -> bytes:
     kid, key = ring.record.current
-    doc: dict[str, object] = {
-        "a": record.all,
-        "c": sorted(record.categories),
-        "t": round(record.updated_at, 3),
-        "s": record.source,
-    }
-    if record.address:
-        doc["d"] = record.address
-    body = orjson.dumps(doc)
     nonce = os.urandom(NONCE_BYTES)
-    sealed = aead(key).encrypt(nonce, body, key_name.encode("utf-8"))
+    sealed = aead(key).encrypt(nonce, pack(record), key_name.encode("utf-8"))
     return kid.encode("ascii") + b"." + nonce + sealed
 
 
@@ -88,15 +154,8 @@ def open_record(ring: Keyring, key_name: str, blob: bytes) -> Record:
         raise RecordCorrupt("record has an unknown key id or is truncated")
     try:
         body = aead(key).decrypt(rest[:NONCE_BYTES], rest[NONCE_BYTES:], key_name.encode())
-        doc = orjson.loads(body)
-        return Record(
-            all=bool(doc["a"]),
-            categories=frozenset(str(c) for c in doc["c"]),
-            updated_at=float(doc["t"]),
-            source=str(doc["s"]),
-            address=str(doc.get("d", "")),
-        )
-    except (InvalidTag, orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        return unpack(body)
+    except (InvalidTag, orjson.JSONDecodeError, KeyError, TypeError, ValueError, IndexError) as exc:
         raise RecordCorrupt("record does not authenticate") from exc
 
 

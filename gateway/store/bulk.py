@@ -1,17 +1,18 @@
 """Bulk store access for the admin API: batched opt-out writes (import) and a scan (export).
 
-Import: one batch is one MGET, then one pipeline of compare-and-set scripts, each over
-`SCRIPT_CHUNK` records (each record with its change-stream entry, as a single write
-does), closed by one ``WAITAOF``: two round trips and one fsync for hundreds of
-records, with the same guarantees as ``OptOutStore.opt_out`` for each record. A record
-another writer changed between the read and the write loses its compare-and-set and goes
-through the single-record path, which retries. On a Cluster (where a script cannot reach
-the stream's slot) records go through the single-record path, many at a time.
+Import: one batch is one read (a script, as a lookup's), then one pipeline of
+compare-and-set scripts, each over `SCRIPT_CHUNK` records (each record with its
+change-stream entry, as a single write does), closed by one ``WAITAOF``: two round trips
+and one fsync for hundreds of records, with the same guarantees as
+``OptOutStore.opt_out`` for each record. A record another writer changed between the read
+and the write loses its compare-and-set and goes through the single-record path, which
+retries. On a Cluster (where a script cannot reach the stream's slot) records go through
+the single-record path, many at a time.
 
-Export: ``SCAN`` over the record keys (every primary of a Cluster), one MGET per page,
-values decrypted one page at a time, so memory stays one page whatever the store holds.
-``SCAN`` may return a key twice while the server resizes its table; an import of an
-export is idempotent, so a repeated line is harmless.
+Export: ``SCAN`` over the record buckets (every primary of a Cluster), ``HGETALL`` of a
+page's buckets in one pipeline, values decrypted one page at a time, so memory stays one
+page whatever the store holds. ``SCAN`` may return a key twice while the server resizes
+its table; an import of an export is idempotent, so a repeated line is harmless.
 """
 
 from __future__ import annotations
@@ -25,13 +26,14 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError
 
 from gateway.core.records import CORRUPT, Record, State, open_record, seal
-from gateway.errors import RecordCorrupt, StoreUnavailable
+from gateway.errors import RecordCorrupt
 from gateway.store import changes
-from gateway.store.names import RECORD_PREFIX, record_key
+from gateway.store.names import BUCKET_GLOB, RECORD_PREFIX, record_key, record_slot, slot_name
 from gateway.store.redis_store import OptOutStore
 from gateway.store.writes import CAS_SCRIPT, CAS_SHA
 
-SCAN_COUNT: Final = 1000  # keys per SCAN page: one MGET of about 100 KB
+# Buckets per SCAN page: about 15 records each at a million records, up to 512 at 30 million.
+SCAN_COUNT: Final = 100
 # Records per script call. A script runs atomically, holding the server for its length
 # (about 2 us per record): 64 keeps that well under a lookup's budget, so an import never
 # stalls the SMTP path's lookups, while sparing the client a command per record.
@@ -109,16 +111,16 @@ async def opt_out_many(
     keys = [record_key(it.channel, it.pseudonym) for it in items]
     if len(set(keys)) != len(keys):
         raise ValueError("opt_out_many needs distinct records in one batch")
+    slots = [record_slot(it.channel, it.pseudonym) for it in items]
     async with store.guard("import read"):
-        raw_values: list[Any] = list(await store.client.mget(keys))
-    if len(raw_values) != len(keys):
-        raise StoreUnavailable("opt-out store: the reply does not match the request")
+        raw_values = await store.read_many(slots)
     results: list[ItemResult | None] = [None] * len(items)
     befores: list[Record | None] = [None] * len(items)
     afters: list[Record | None] = [None] * len(items)
-    writes: list[tuple[int, list[Any]]] = []  # (item index, [key, expected, new, e, ad])
+    # (item index, [bucket, field, expected, new, e, ad])
+    writes: list[tuple[int, list[Any]]] = []
     with_address = store.stream_addresses
-    for i, (item, key, raw) in enumerate(zip(items, keys, raw_values, strict=True)):
+    for i, (item, key, slot, raw) in enumerate(zip(items, keys, slots, raw_values, strict=True)):
         current = None
         if raw is not None:
             try:
@@ -140,7 +142,7 @@ async def opt_out_many(
             now=now,
             address=after.address if with_address else "",
         )
-        writes.append((i, [key, raw or b"", seal(ring, key, after), e, ad]))
+        writes.append((i, [*slot, raw or b"", seal(ring, key, after), e, ad]))
         befores[i], afters[i] = current, after
     replies = await _run_cas(store, [w for _, w in writes])
     for (i, _), reply in zip(writes, replies, strict=True):
@@ -191,42 +193,44 @@ async def scan(
     store: OptOutStore, channels: Sequence[str]
 ) -> AsyncIterator[tuple[str, str, State]]:
     """(channel, pseudonym, record or CORRUPT) for every record of `channels`."""
-    client = store.client
-    targets: list[dict[str, Any]] = [{}]
-    if isinstance(client, RedisCluster):
-        targets = [{"target_nodes": node} for node in client.get_primaries()]
     ring = store.keyring
     for channel in channels:
-        prefix = RECORD_PREFIX[channel]
-        for target in targets:
-            cursor: int | bytes = 0
+        for target in store.scan_targets():
+            cursor = 0
             while True:
                 async with store.guard("export scan"):
-                    cursor, keys = await client.execute_command(
-                        "SCAN", cursor, "MATCH", prefix + "*", "COUNT", SCAN_COUNT, **target
+                    cursor, keys = await store.scan_page(
+                        cursor, BUCKET_GLOB[channel], SCAN_COUNT, target
                     )
-                    names = [k.decode() if isinstance(k, bytes) else str(k) for k in keys]
-                    values = await _values(store, names)
-                for name, blob in zip(names, values, strict=True):
-                    if blob is None:
-                        continue  # removed since the scan saw it
-                    try:
-                        state: State = open_record(ring, name, blob)
-                    except RecordCorrupt:
-                        state = CORRUPT
-                    yield channel, name[len(prefix) :], state
+                    buckets = [k.decode() if isinstance(k, bytes) else str(k) for k in keys]
+                    contents = await _buckets(store, buckets)
+                for bucket, fields in zip(buckets, contents, strict=True):
+                    for field, blob in sorted(fields.items()):
+                        name = slot_name(bucket, field)
+                        try:
+                            state: State = open_record(ring, name, blob)
+                        except RecordCorrupt:
+                            state = CORRUPT
+                        yield channel, name[len(RECORD_PREFIX[channel]) :], state
                 if int(cursor) == 0:
                     break
 
 
-async def _values(store: OptOutStore, names: list[str]) -> list[bytes | None]:
-    if not names:
+async def _buckets(store: OptOutStore, buckets: list[str]) -> list[dict[bytes, bytes]]:
+    """Every field of each bucket, in one pipeline (a bucket removed since: empty)."""
+    if not buckets:
         return []
-    if isinstance(store.client, RedisCluster):
-        pipe = store.pipeline()
-        for name in names:
-            pipe.execute_command("GET", name)
-        values: list[Any] = await pipe.execute()
-    else:
-        values = list(await store.client.mget(names))
-    return [v.encode() if isinstance(v, str) else v for v in values]
+    pipe = store.pipeline()
+    for bucket in buckets:
+        pipe.execute_command("HGETALL", bucket)
+    replies: list[Any] = await pipe.execute()
+    out: list[dict[bytes, bytes]] = []
+    for reply in replies:
+        # redis-py makes HGETALL a dict; a flat [field, value, ...] list is read the same
+        pairs = reply.items() if isinstance(reply, dict) else zip(*[iter(reply)] * 2, strict=True)
+        out.append({_b(k): _b(v) for k, v in pairs})
+    return out
+
+
+def _b(value: bytes | str) -> bytes:
+    return value.encode() if isinstance(value, str) else value

@@ -95,6 +95,10 @@ def _config(home: Path) -> str:
         "daemonize no",  # detached by start_new_session instead, so we know its pid
         'logfile ""',  # stdout, which we point at server.log
         "timeout 0",  # presence connections stay idle for the life of a gateway
+        # Record buckets (store.names) stay compact listpacks up to 512 records of up to
+        # 512 bytes each: a sealed record is about 100 bytes, more than the default 64.
+        "hash-max-listpack-entries 512",
+        "hash-max-listpack-value 512",
     ]
     return "\n".join(lines) + "\n"
 

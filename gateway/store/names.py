@@ -1,4 +1,15 @@
-"""Key names in the store. Every name holds pseudonyms or digests only, checked to be hex."""
+"""Key names in the store. Every name holds pseudonyms or digests only, checked to be hex.
+
+A record's *logical name* is ``og:e:<pseudonym>`` (``og:s:`` for SMS): the AEAD associated
+data of its value, and the name the rest of the gateway uses. Records are not stored under
+it, though: one Redis key per record costs about 100 bytes of server overhead on top of the
+record itself, so records live in hash buckets. The bucket is the logical prefix plus the
+pseudonym's first `BUCKET_HEX` hex digits (``og:e:3fa2``, 65,536 buckets per channel), the
+field is the rest of the pseudonym as raw bytes. A million records make about 15 fields per
+bucket, which the server keeps as one compact listpack each (the embedded server allows
+512 fields of up to 512 bytes; see ``embedded``), about 40 % of the memory of one key per
+record. Buckets are keys of their own, so a Cluster spreads them over its slots.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +19,11 @@ from typing import Final
 from gateway.core.records import CHANNELS
 
 RECORD_PREFIX: Final = {"email": "og:e:", "sms": "og:s:"}
+BUCKET_HEX: Final = 4
+# SCAN pattern of one channel's buckets (older one-key-per-record names are longer).
+BUCKET_GLOB: Final = {c: p + "[0-9a-f]" * BUCKET_HEX for c, p in RECORD_PREFIX.items()}
+LAYOUT_KEY: Final = "og:meta:layout"
+LAYOUT: Final = b"buckets-1"
 _HEX: Final = re.compile(r"[0-9a-f]{16,128}")
 
 
@@ -22,8 +38,20 @@ def check_hex(value: str, what: str) -> str:
 
 
 def record_key(channel: str, pseudonym: str) -> str:
-    """The Redis key (and AEAD associated data) of one recipient's record."""
+    """The logical name of one recipient's record (its AEAD associated data)."""
     prefix = RECORD_PREFIX.get(channel)
     if prefix is None:
         raise ValueError(f"channel must be one of {CHANNELS}")
     return prefix + check_hex(pseudonym, "pseudonym")
+
+
+def record_slot(channel: str, pseudonym: str) -> tuple[str, bytes]:
+    """(bucket key, field) where the record of `pseudonym` is stored."""
+    name = record_key(channel, pseudonym)
+    cut = len(name) - len(pseudonym) + BUCKET_HEX
+    return name[:cut], bytes.fromhex(pseudonym[BUCKET_HEX:])
+
+
+def slot_name(bucket: str, field: bytes) -> str:
+    """The logical name of the record in `bucket` under `field` (`record_slot` reversed)."""
+    return bucket + field.hex()

@@ -1,7 +1,8 @@
 """The opt-out store: encrypted records in Redis/Valkey, standalone or Cluster.
 
-Keys hold only pseudonyms (``og:e:<p>``/``og:s:<p>`` records, ``og:d:<digest>:<p>`` delivered
-markers), each checked to be hex; values are AES-256-GCM with the key name as associated
+Keys hold only pseudonyms (records in hash buckets ``og:e:<p[:4]>``/``og:s:<p[:4]>`` under the
+rest of the pseudonym, see ``store.names``; ``og:d:<digest>:<p>`` delivered markers), each
+checked to be hex; values are AES-256-GCM with the record's logical name as associated
 data (``core.records``). No address or phone number ever reaches this module.
 
 Every call runs inside ``_guard``: bounded by its budget (``asyncio.timeout``), every
@@ -18,7 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
+import re
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
@@ -28,15 +31,46 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisClusterException, RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
 
 from gateway.core.keys import Keyring
 from gateway.core.records import CORRUPT, Corrupt, Record, State, open_record
 from gateway.errors import KeyringError, RecordCorrupt, StoreUnavailable
-from gateway.store.names import RECORD_PREFIX, check_hex, record_key
+from gateway.store.names import (
+    LAYOUT,
+    LAYOUT_KEY,
+    RECORD_PREFIX,
+    check_hex,
+    record_key,
+    record_slot,
+)
 from gateway.store.writes import CAS_ATTEMPTS, RecordWrites, Written
 
 KEYRING_KEY = "og:meta:keyring"
+
+# Standalone reads: KEYS[1..n] = buckets, ARGV[i] = the field to read in KEYS[i]; the keys
+# after the n-th are plain values (delivered markers). One command for all of a message's
+# recipients, as an MGET would be (a Cluster spreads buckets over slots: there, a pipeline).
+READ_SCRIPT = """
+local out = {}
+local n = #ARGV
+for i = 1, #KEYS do
+  if i <= n then out[i] = redis.call('HGET', KEYS[i], ARGV[i])
+  else out[i] = redis.call('GET', KEYS[i]) end
+end
+return out
+"""
+READ_SHA = hashlib.sha1(READ_SCRIPT.encode()).hexdigest()  # noqa: S324 - the script's name
+
+# Moves records stored one key per record (before buckets) into their buckets: KEYS[1] the
+# old key, KEYS[2] its bucket, ARGV[1] the field. A bucket entry already there is newer
+# (written by this version), so it wins; the old key goes either way.
+MIGRATE_SCRIPT = """
+local v = redis.call('GET', KEYS[1])
+if v then redis.call('HSETNX', KEYS[2], ARGV[1], v) end
+return redis.call('DEL', KEYS[1])
+"""
+MIGRATE_SCAN = 1000
 
 # A write may wait for an fsync: WAITAOF on an `appendfsync everysec` server waits for the
 # next once-a-second fsync. Writes come from unsubscribe/admin requests, never from an SMTP
@@ -183,19 +217,29 @@ class OptOutStore(RecordWrites):
             return self._client.pipeline()
         return self._client.pipeline(transaction=False)
 
-    async def _get_many(self, keys: list[str]) -> list[bytes | None]:
-        """Values of `keys` in one round trip: MGET, or GETs in a pipeline on a Cluster
-        (the keys hash to different slots, which one MGET may not span)."""
+    async def read_many(
+        self, slots: Sequence[tuple[str, bytes]], plain: Sequence[str] = ()
+    ) -> list[bytes | None]:
+        """Values of record `slots` (bucket, field) then of `plain` keys, in one round trip:
+        one script call, or HGET/GETs in a pipeline on a Cluster. The caller bounds it."""
+        keys = [b for b, _ in slots] + list(plain)
         if isinstance(self._client, RedisCluster):
             pipe = self._pipeline()
-            for key in keys:
+            for bucket, field in slots:
+                pipe.execute_command("HGET", bucket, field)
+            for key in plain:
                 pipe.execute_command("GET", key)
             values: list[Any] = await pipe.execute()
         else:
-            values = list(await self._client.mget(keys))
-        if len(values) != len(keys):  # a reply meant for another request: never trust it
+            fields = [f for _, f in slots]
+            try:
+                values = await self._client.evalsha(READ_SHA, len(keys), *keys, *fields)
+            except NoScriptError:  # a fresh or restarted server: EVAL caches it again
+                values = await self._client.eval(READ_SCRIPT, len(keys), *keys, *fields)
+        if not isinstance(values, list) or len(values) != len(keys):
+            # a reply meant for another request: never trust it
             raise StoreUnavailable("opt-out store: the reply does not match the request")
-        return [_as_bytes(v) for v in values]
+        return [_as_bytes(v) if v is not None else None for v in values]
 
     def _open(self, key: str, blob: bytes | None) -> State:
         if blob is None:
@@ -216,11 +260,12 @@ class OptOutStore(RecordWrites):
         """All a message needs, in one round trip: the records of `pseudonyms`, and which
         of `candidates` already got `digest` (a retry after a partial upstream failure)."""
         keys = [record_key(channel, p) for p in pseudonyms]
+        slots = [record_slot(channel, p) for p in pseudonyms]
         marks = [_delivered_key(digest, p) for p in candidates]
         if not keys and not marks:
             return [], set()
         async with self._guard("lookup", self._timeout_s):
-            values = await self._get_many(keys + marks)
+            values = await self.read_many(slots, marks)
         states = [self._open(k, b) for k, b in zip(keys, values[: len(keys)], strict=True)]
         done = {p for p, v in zip(candidates, values[len(keys) :], strict=True) if v is not None}
         return states, done
@@ -228,8 +273,9 @@ class OptOutStore(RecordWrites):
     async def get(self, channel: str, pseudonym: str) -> Record | None:
         """One record; raises RecordCorrupt when it does not decrypt."""
         key = record_key(channel, pseudonym)
+        bucket, field = record_slot(channel, pseudonym)
         async with self._guard("get", self._timeout_s):
-            blob = _as_bytes(await self._client.get(key))
+            blob = _as_bytes(await self._client.hget(bucket, field))
         return None if blob is None else open_record(self._ring, key, blob)
 
     async def check_keyring(self) -> None:
@@ -244,6 +290,86 @@ class OptOutStore(RecordWrites):
                 f"{(stored or b'?').decode('ascii', 'replace')[:32]}, ours {mine.decode()}): "
                 "use that key file, or point [redis] url at a store for this one"
             )
+
+    async def migrate_layout(self) -> int:
+        """Move records kept one key per record (before buckets) into their buckets, once
+        per store; the number moved. Idempotent and safe with several gateways starting
+        at once (each move is one script; a record already in its bucket wins)."""
+        async with self._guard("layout check", self._write_s):
+            if _as_bytes(await self._client.get(LAYOUT_KEY)) == LAYOUT:
+                return 0
+        moved = 0
+        old_name = re.compile(r"og:[es]:[0-9a-f]{32}")
+        for pattern in ("og:e:*", "og:s:*"):
+            for target in self.scan_targets():
+                cursor = 0
+                while True:
+                    async with self._guard("layout migration", self._write_s):
+                        cursor, names = await self.scan_page(
+                            cursor, pattern, MIGRATE_SCAN, target
+                        )
+                        for raw in names:
+                            name = raw.decode() if isinstance(raw, bytes) else str(raw)
+                            if not old_name.fullmatch(name):
+                                continue  # a bucket
+                            channel = "email" if name.startswith("og:e:") else "sms"
+                            bucket, field = record_slot(channel, name[5:])
+                            if isinstance(self._client, RedisCluster):
+                                # old key and bucket are in different slots: copy (durably,
+                                # on the bucket's node), then delete; a crash between leaves
+                                # both, and the next start finishes the move
+                                value = await self._client.get(name)
+                                if value is not None:
+                                    await self.write_durably(
+                                        bucket, "HSETNX", bucket, field, value
+                                    )
+                                await self._client.delete(name)
+                            else:
+                                # one script, so the AOF holds the copy before the delete
+                                await self._client.eval(MIGRATE_SCRIPT, 2, name, bucket, field)
+                            moved += 1
+                    if int(cursor) == 0:
+                        break
+        await self.write_durably(LAYOUT_KEY, "SET", LAYOUT_KEY, LAYOUT)
+        return moved
+
+    async def scan_page(
+        self, cursor: int, pattern: str, count: int, target: dict[str, Any]
+    ) -> tuple[int, list[bytes]]:
+        """One SCAN page on one node (`target`, from `scan_targets`): (next cursor, names).
+        The caller bounds it."""
+        reply = await self._client.execute_command(
+            "SCAN", cursor, "MATCH", pattern, "COUNT", count, **target
+        )
+        nxt, names = reply
+        if isinstance(nxt, dict):  # a Cluster client keys the cursor by node name
+            (nxt,) = nxt.values()
+        return int(nxt), list(names)
+
+    def scan_targets(self) -> list[dict[str, Any]]:
+        """Keyword arguments that send a SCAN to each primary (one target when standalone)."""
+        if isinstance(self._client, RedisCluster):
+            return [{"target_nodes": n} for n in self._client.get_primaries()]
+        return [{}]
+
+    async def memory_hint(self) -> str | None:
+        """A one-line hint when the server keeps record buckets in its larger encoding."""
+        with contextlib.suppress(StoreUnavailable):
+            async with self._guard("config check", self._write_s):
+                replies = await self._on_each_primary("CONFIG", "GET", "hash-max-listpack-*")
+            for reply in replies:
+                if not isinstance(reply, dict):
+                    return None  # CONFIG disabled (managed services): cannot tell
+                conf = {_as_bytes(k): _as_bytes(v) for k, v in reply.items()}
+                value = int(conf.get(b"hash-max-listpack-value") or 0)
+                entries = int(conf.get(b"hash-max-listpack-entries") or 0)
+                if value < 256 or entries < 128:
+                    return (
+                        "the Redis store keeps opt-out buckets in its larger encoding "
+                        f"(hash-max-listpack-value {value}, -entries {entries}): set them to "
+                        "512 and 512 for about half the memory per record"
+                    )
+        return None
 
     async def remember_delivered(
         self, digest: str, pseudonyms: Sequence[str], ttl_s: int = 86400

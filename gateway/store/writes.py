@@ -29,7 +29,7 @@ from gateway.core.keys import Keyring
 from gateway.core.records import Record, open_record, seal
 from gateway.errors import RecordCorrupt, StoreUnavailable
 from gateway.store import changes
-from gateway.store.names import record_key
+from gateway.store.names import record_key, record_slot
 
 if TYPE_CHECKING:
     from gateway.store.redis_store import Client
@@ -40,25 +40,26 @@ CAS_ATTEMPTS: Final = 8
 # The server must answer WAITAOF before our own budget cuts the call: leave this much.
 WAITAOF_MARGIN_S: Final = 0.5
 
-# Standalone: KEYS[1] = the change stream, KEYS[2..n+1] = records; ARGV = 4 per record:
-# the value read ("" = absent), the new value ("" = delete), the entry's "e" and "ad"
-# ("" = none). Each record is a compare-and-set; returns, per record, 0 when someone else
-# wrote first, else its entry's id. One script runs atomically, so a record and its entry
-# are written together or not at all.
+# Standalone: KEYS[1] = the change stream, KEYS[2..n+1] = the records' buckets; ARGV = 5 per
+# record: its field, the value read ("" = absent), the new value ("" = delete), the entry's
+# "e" and "ad" ("" = none). Each record is a compare-and-set; returns, per record, 0 when
+# someone else wrote first, else its entry's id. One script runs atomically, so a record
+# and its entry are written together or not at all. (A bucket left empty is removed by the
+# server itself.)
 CAS_SCRIPT = """
 local out = {}
 for i = 2, #KEYS do
-  local j = (i - 2) * 4
-  local cur = redis.call('GET', KEYS[i]) or ''
-  if cur ~= ARGV[j + 1] then
+  local j = (i - 2) * 5
+  local cur = redis.call('HGET', KEYS[i], ARGV[j + 1]) or ''
+  if cur ~= ARGV[j + 2] then
     out[#out + 1] = 0
   else
-    if ARGV[j + 2] == '' then redis.call('DEL', KEYS[i])
-    else redis.call('SET', KEYS[i], ARGV[j + 2]) end
-    if ARGV[j + 4] == '' then
-      out[#out + 1] = redis.call('XADD', KEYS[1], '*', 'e', ARGV[j + 3])
+    if ARGV[j + 3] == '' then redis.call('HDEL', KEYS[i], ARGV[j + 1])
+    else redis.call('HSET', KEYS[i], ARGV[j + 1], ARGV[j + 3]) end
+    if ARGV[j + 5] == '' then
+      out[#out + 1] = redis.call('XADD', KEYS[1], '*', 'e', ARGV[j + 4])
     else
-      out[#out + 1] = redis.call('XADD', KEYS[1], '*', 'e', ARGV[j + 3], 'ad', ARGV[j + 4])
+      out[#out + 1] = redis.call('XADD', KEYS[1], '*', 'e', ARGV[j + 4], 'ad', ARGV[j + 5])
     end
   end
 end
@@ -67,9 +68,10 @@ return out
 CAS_SHA: Final = hashlib.sha1(CAS_SCRIPT.encode()).hexdigest()  # noqa: S324 - the script's name
 # Cluster: one record, no stream (another slot); returns 1 when written, 0 otherwise.
 CAS_ONE_SCRIPT = """
-local cur = redis.call('GET', KEYS[1]) or ''
-if cur ~= ARGV[1] then return 0 end
-if ARGV[2] == '' then redis.call('DEL', KEYS[1]) else redis.call('SET', KEYS[1], ARGV[2]) end
+local cur = redis.call('HGET', KEYS[1], ARGV[1]) or ''
+if cur ~= ARGV[2] then return 0 end
+if ARGV[3] == '' then redis.call('HDEL', KEYS[1], ARGV[1])
+else redis.call('HSET', KEYS[1], ARGV[1], ARGV[3]) end
 return 1
 """
 
@@ -233,9 +235,10 @@ class RecordWrites:
         replace_corrupt: bool = False,
     ) -> Written:
         key = record_key(channel, pseudonym)
+        bucket, field = record_slot(channel, pseudonym)
         async with self._guard("opt-out write", self._write_s):
             for _ in range(CAS_ATTEMPTS):
-                raw = _as_bytes(await self._client.get(key))
+                raw = _as_bytes(await self._client.hget(bucket, field))
                 current: Record | None = None
                 if raw is not None:
                     try:
@@ -258,7 +261,7 @@ class RecordWrites:
                     now=now,
                     address=_address_of(new or current) if self.stream_addresses else "",
                 )
-                change_id = await self._compare_and_set(key, raw or b"", blob, entry)
+                change_id = await self._compare_and_set(bucket, field, raw or b"", blob, entry)
                 if change_id is not None:
                     return Written(before=current, after=new, change_id=change_id)
         raise StoreUnavailable(
@@ -282,9 +285,10 @@ class RecordWrites:
         pipe.execute_command("WAITAOF", 1, 0, self._waitaof_ms(), **on_node)
 
     async def _compare_and_set(
-        self, key: str, expected: bytes, blob: bytes, entry: tuple[bytes, bytes]
+        self, key: str, field: bytes, expected: bytes, blob: bytes, entry: tuple[bytes, bytes]
     ) -> str | None:
-        """Write `blob` if `key` still holds `expected`, with its stream entry; durable.
+        """Write `blob` if bucket `key` still holds `expected` under `field`, with its
+        stream entry; durable.
 
         Returns the entry id, or None when someone else wrote first.
         """
@@ -295,10 +299,10 @@ class RecordWrites:
         together = not isinstance(self._client, RedisCluster)
         pipe = self._pipeline()
         if together:
-            args = (changes.STREAM_KEY, key, expected, blob, entry[0], entry[1])
+            args = (changes.STREAM_KEY, key, field, expected, blob, entry[0], entry[1])
             pipe.execute_command("EVAL", CAS_SCRIPT, 2, *args)
         else:
-            pipe.execute_command("EVAL", CAS_ONE_SCRIPT, 1, key, expected, blob)
+            pipe.execute_command("EVAL", CAS_ONE_SCRIPT, 1, key, field, expected, blob)
         self.add_waitaof(pipe, key)
         results: list[Any] = await pipe.execute(raise_on_error=False)
         if isinstance(results[0], Exception):
