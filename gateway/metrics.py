@@ -7,23 +7,60 @@ become a label, whatever a caller passes (SPEC §2.4, threats.md G10). Label set
 therefore small and bounded, and nothing here needs a lock (prometheus-client's own
 objects are thread-safe).
 
-With ``serve --workers N`` each worker process has its own registry: a scrape reads the
-worker that answered. Counters are per process, as Prometheus expects of restarts.
+One process (``serve``, ``serve --workers 1``, the tests): `exposition()` reads `REGISTRY`.
+
+``serve --workers N`` uses prometheus-client's multiprocess mode, so a scrape that reaches
+any worker reports the whole service. The supervisor gives each worker
+``PROMETHEUS_MULTIPROC_DIR`` (a private directory it wipes at start: files left by an
+earlier run would be counted again); the library reads it when it is first imported and
+then keeps every value in a per-process file there, and `exposition()` merges the files
+on each scrape. How each kind adds up across workers:
+
+- counters and histograms are summed over every file, those of dead workers included
+  (`process_dead()` removes only "live" gauge files). A killed worker's counts stay in
+  the total, and its replacement (a new pid, a new file) counts on from zero, so a total
+  never goes down and nothing is counted twice; only a supervisor restart resets them,
+  as any process restart does;
+- `OPTOUT_EFFECT_WORST` is the ``max`` over workers, dead ones included: the worst time
+  since the service started, which a worker's restart must not hide;
+- `SYNC_BACKLOG` and `SYNC_DEAD_LETTERS` are ``livemostrecent``: every worker reads the
+  same shared stream, so a sum would multiply them by N; the freshest reading of a live
+  worker is the true value (a dead worker's reading is dropped when it is reaped).
+
+No gauge uses the ``all`` mode, whose ``pid`` label would change with every restart. The
+mode's limits apply here: no custom collectors and no ``Info`` (the multiprocess collector
+cannot export them), and a metric appears only once some worker has written a value.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Final
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 REGISTRY: Final = CollectorRegistry(auto_describe=True)
 CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
+
+# The variable prometheus-client reads, once, when it is first imported; it must therefore
+# be in a worker's environment from the start (the supervisor passes it to the child).
+MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
+_LEGACY_ENV: Final = "prometheus_multiproc_dir"  # the library still honours the old name
+MULTIPROC_DIR: Final = os.environ.get(MULTIPROC_ENV) or os.environ.get(_LEGACY_ENV) or None
 
 # Category names follow the rules' grammar; kinds, channels and operations are fixed words.
 _LABEL_RE: Final = re.compile(r"[a-z][a-z0-9_.-]{0,63}")
@@ -97,9 +134,10 @@ OPTOUT_EFFECT_SECONDS: Final = Histogram(
 )
 OPTOUT_EFFECT_WORST: Final = Gauge(
     "optgate_optout_effect_worst_seconds",
-    "Worst opt-out-to-effect time seen by this process since it started.",
+    "Worst opt-out-to-effect time seen since the service started (max over workers).",
     ["source"],
     registry=REGISTRY,
+    multiprocess_mode="max",
 )
 OPTOUT_CHANGES: Final = Counter(
     "optgate_optout_changes",
@@ -112,12 +150,14 @@ SYNC_BACKLOG: Final = Gauge(
     "Changes not yet delivered to a webhook (unread plus in flight), per webhook.",
     ["webhook"],
     registry=REGISTRY,
+    multiprocess_mode="livemostrecent",
 )
 SYNC_DEAD_LETTERS: Final = Gauge(
     "optgate_sync_dead_letters",
     "Changes waiting in the dead-letter stream, per webhook (alert when above 0).",
     ["webhook"],
     registry=REGISTRY,
+    multiprocess_mode="livemostrecent",
 )
 SYNC_DEAD_LETTERED: Final = Counter(
     "optgate_sync_dead_lettered",
@@ -207,18 +247,55 @@ def optout_change(kind: str, source: str, count: int = 1) -> None:
 
 
 def exposition() -> bytes:
-    """The registry in the Prometheus text format."""
-    return generate_latest(REGISTRY)
+    """This process's registry, or under ``--workers`` every worker's, in the text format."""
+    if MULTIPROC_DIR is None:
+        return generate_latest(REGISTRY)
+    return merged(Path(MULTIPROC_DIR))
+
+
+def merged(directory: Path) -> bytes:
+    """The metrics of every process that wrote into `directory`, merged, in the text format.
+
+    A fresh registry per call, as the library asks: its collector reads the files anew."""
+    registry = CollectorRegistry()
+    # The library's collector is untyped; it only registers itself with `registry`.
+    multiprocess.MultiProcessCollector(registry, path=str(directory))  # type: ignore[no-untyped-call]
+    return generate_latest(registry)
+
+
+def fresh_multiprocess_dir(directory: Path) -> Path:
+    """Empty `directory` (files from an earlier run would be counted again) and make it
+    private (0700: the files name every label, and other users have no business there)."""
+    if directory.is_symlink():
+        directory.unlink()  # rmtree refuses a link; never follow one out of the data dir
+    elif directory.exists():
+        shutil.rmtree(directory)
+    directory.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    directory.mkdir(mode=0o700)
+    directory.chmod(0o700)  # mkdir's mode is filtered by the umask
+    return directory
+
+
+def process_dead(pid: int, directory: Path) -> None:
+    """Tell the multiprocess files that worker `pid` is gone: its "live" gauges are dropped;
+    its counters, histograms and ``max`` gauges stay in the totals."""
+    # Untyped in the library; it removes gauge_live*_<pid>.db files and nothing else.
+    multiprocess.mark_process_dead(pid, str(directory))  # type: ignore[no-untyped-call]
 
 
 __all__ = [
     "CONTENT_TYPE",
+    "MULTIPROC_DIR",
+    "MULTIPROC_ENV",
     "REGISTRY",
     "decision",
     "exposition",
+    "fresh_multiprocess_dir",
     "lookup_latency",
+    "merged",
     "optout_change",
     "optout_effect_seconds",
+    "process_dead",
     "store_error",
     "upstream_error",
     "upstream_latency",

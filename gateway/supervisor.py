@@ -9,6 +9,11 @@ connections), writes its own audit stream (`<instance>-w<i>`), and reads the sha
 Signals: SIGHUP is forwarded to every worker (each reloads rules and keys); SIGTERM/SIGINT
 are forwarded and the supervisor waits up to the grace period before killing. A worker that
 dies is restarted with backoff and logged; one that keeps failing at start ends the service.
+
+Metrics: each start empties ``<data_dir>/metrics/<instance>`` (mode 0700) and hands it to
+every worker as ``PROMETHEUS_MULTIPROC_DIR``, so any worker's ``/metrics`` reports the
+whole service (`gateway.metrics`). Each reaped worker is marked dead there, which drops its
+"live" gauges and keeps its counts in the totals.
 """
 
 from __future__ import annotations
@@ -21,10 +26,11 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import structlog
 
-from gateway import keyfile, senders, tls
+from gateway import keyfile, metrics, senders, tls
 from gateway import rules as rules_io
 from gateway.config import Config
 from gateway.core import tokens
@@ -36,6 +42,7 @@ log = structlog.get_logger("optgate.supervisor")
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 QUICK_EXIT_S = 5.0  # a worker dying sooner than this after start counts as a start failure
 MAX_QUICK_FAILURES = 5  # consecutive start failures before the service gives up
+METRICS_DIR = "metrics"  # under the data dir; one subfolder per instance name
 
 
 @dataclass
@@ -54,15 +61,27 @@ class Supervisor:
     config_arg: str | None
     _workers: list[_Worker] = field(default_factory=list)
     _stopping: bool = False
+    _metrics_dir: Path | None = None
 
     def _spawn(self, w: _Worker) -> None:
         cmd = [sys.executable, "-m", "gateway", "serve", "--worker-index", str(w.index)]
         if self.config_arg:
             cmd += ["--config", self.config_arg]
+        env = dict(os.environ)
+        if self._metrics_dir is not None:
+            # In the child's environment from its first instruction: prometheus-client
+            # picks its multiprocess value store when it is imported.
+            env.pop("prometheus_multiproc_dir", None)
+            env[metrics.MULTIPROC_ENV] = str(self._metrics_dir)
         # Workers inherit stdout/stderr, so their log lines reach the same place.
-        w.proc = subprocess.Popen(cmd)  # noqa: S603 - fixed argv, our own module
+        w.proc = subprocess.Popen(cmd, env=env)  # noqa: S603 - fixed argv, our own module
         w.started_at = time.monotonic()
         log.info("worker_started", worker=w.index, pid=w.proc.pid)
+
+    def _reaped(self, proc: subprocess.Popen[bytes]) -> None:
+        """Bookkeeping for a worker that has exited: its live gauges leave the metrics."""
+        if self._metrics_dir is not None:
+            metrics.process_dead(proc.pid, self._metrics_dir)
 
     def _signal_all(self, sig: int) -> None:
         for w in self._workers:
@@ -74,6 +93,9 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, lambda: self._signal_all(signal.SIGHUP))
         prepare(self.cfg)
+        self._metrics_dir = metrics.fresh_multiprocess_dir(
+            self.cfg.data_dir / METRICS_DIR / self.cfg.instance
+        )
         store, embedded = await open_store(self.cfg, keyfile.load(self.cfg.keys_file))
         try:
             warning = await store.durability_warning()
@@ -115,6 +137,7 @@ class Supervisor:
         for w in self._workers:
             if w.proc is not None:
                 w.proc.wait()
+                self._reaped(w.proc)
         return code
 
     def _reap_and_restart(self) -> bool:
@@ -127,6 +150,7 @@ class Supervisor:
             log.error(
                 "worker_exited", worker=w.index, code=w.proc.returncode, lived_s=round(lived, 1)
             )
+            self._reaped(w.proc)
             w.quick_failures = w.quick_failures + 1 if lived < QUICK_EXIT_S else 0
             if w.quick_failures >= MAX_QUICK_FAILURES:
                 log.error("worker_failing", worker=w.index, failures=w.quick_failures)

@@ -12,7 +12,9 @@ keeps its own single-connection probe of ``[upstream.email]``, so the provider i
 checked without borrowing the sending pool's sessions.
 
 ``/metrics`` is the Prometheus text of `gateway.metrics` (no label carries an address,
-number or token). Both are unauthenticated, like ``/healthz``: they reveal no PHI, and
+number or token). Under ``serve --workers N`` whichever worker the kernel hands the scrape
+to answers for all of them: it merges every worker's multiprocess files, so totals do not
+jump between scrapes. Both are unauthenticated, like ``/healthz``: they reveal no PHI, and
 probes and scrapers hold no API keys.
 """
 
@@ -86,7 +88,8 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics_text(request: web.Request) -> web.Response:
-    body = metrics.exposition()
+    # Off the event loop: with workers this reads a few files per worker ever started.
+    body = await asyncio.to_thread(metrics.exposition)
     return web.Response(body=body, headers={"Content-Type": metrics.CONTENT_TYPE})
 
 
