@@ -1,4 +1,5 @@
-"""The `optgate` command line (SPEC §12). Exit codes: 0 ok, 1 failure, 2 bad usage/config.
+"""The `optgate` command line (SPEC §12). Exit codes: 0 ok, 1 failure, 2 bad usage/config;
+`optout import|export` add 75 (EX_TEMPFAIL) for a store or audit log that failed part-way.
 
 Secrets are never taken from the command line: passwords on stdin, keys in the key file.
 """
@@ -52,16 +53,21 @@ def _config(args: argparse.Namespace) -> Config:
     return config_mod.load(getattr(args, "config", None))
 
 
-def _recipient_key(cfg: Config, channel: str, address: str) -> str:
+def _recipient(cfg: Config, channel: str, address: str) -> tuple[str, str]:
+    """(canonical address, the form its pseudonym is made from); exit 2 if invalid."""
     if channel == "email":
         parsed = parse_email(address, smtputf8=True)
         if isinstance(parsed, AddressProblem):
             _fail(f"not a valid email address: {parsed.reply.split(' ', 2)[2]}")
-        return parsed.key_form
+        return parsed.address, parsed.key_form
     phone = parse_phone(address, region=cfg.sms_default_region)
     if phone is None:
         _fail("not a valid phone number")
-    return phone.key_form
+    return phone.e164, phone.key_form
+
+
+def _recipient_key(cfg: Config, channel: str, address: str) -> str:
+    return _recipient(cfg, channel, address)[1]
 
 
 @contextlib.asynccontextmanager
@@ -95,7 +101,7 @@ async def _optout(cfg: Config, args: argparse.Namespace) -> int:
             _fail(f"unknown category {name!r}")
         if not cat.opt_out:
             _fail(f"category {name!r} cannot be opted out of (opt_out = false)")
-    key_form = _recipient_key(cfg, args.channel, args.address)
+    canonical, key_form = _recipient(cfg, args.channel, args.address)
     ring, _ = keyfile.load_or_create(cfg.keys_file)
     pseud = pseudonym(ring, args.channel, key_form)
     store, embedded = await open_store(cfg, ring)
@@ -107,9 +113,12 @@ async def _optout(cfg: Config, args: argparse.Namespace) -> int:
             return 0
         now = time.time()
         if args.action == "add":
+            # The address is kept (sealed) in the record, as the admin API's PUT keeps it,
+            # so that an export names it and can be imported elsewhere.
             record = await store.opt_out(
-                args.channel, pseud, categories=categories, all=args.all, source="cli", now=now
-            )
+                args.channel, pseud, categories=categories, all=args.all, source="cli",
+                now=now, address=canonical,
+            )  # fmt: skip
         else:
             record = await store.opt_in(
                 args.channel, pseud, categories=categories, all=args.all, source="cli", now=now
@@ -310,7 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
     s.set_defaults(func=cmd_serve)
 
-    o = sub.add_parser("optout", help="manage opt-outs (works with or without a running server)")
+    o = sub.add_parser(
+        "optout",
+        help="add, remove, get, import or export opt-outs (with or without a running server)",
+    )
     osub = o.add_subparsers(dest="action", required=True, metavar="ACTION")
     for action, text in (("add", "opt an address out"), ("remove", "opt an address back in")):
         a = with_config(osub.add_parser(action, help=text))
@@ -324,6 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     gt.add_argument("--channel", required=True, choices=("email", "sms"))
     gt.add_argument("address", metavar="ADDRESS")
     gt.set_defaults(func=cmd_optout, category=None, all=False)
+    from gateway import cli_bulk  # optout import|export
+
+    cli_bulk.add_parsers(osub, with_config)
 
     au = sub.add_parser("audit", help="verify and search the audit log")
     ausub = au.add_subparsers(dest="action", required=True, metavar="ACTION")
