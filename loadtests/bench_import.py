@@ -8,7 +8,10 @@ with ``MEMORY USAGE og:changes``, and again once the sync worker has trimmed the
 (no webhook is configured, so it keeps `[sync] stream_retain` entries).
 
     .venv/bin/python loadtests/bench_import.py                 # 1,000,000 records
-    .venv/bin/python loadtests/bench_import.py --records 100000 --batch 1000
+    .venv/bin/python loadtests/bench_import.py --records 100000 --workers 1 --streams 1
+
+By default the gateway runs as `optgate serve` does, with one worker per CPU, and the file
+is sent as that many parallel requests (one per worker: SO_REUSEPORT spreads connections).
 
 Targets (issue 5): at least 20,000 records/s and under 150 bytes of Redis memory per record.
 """
@@ -162,13 +165,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--records", type=int, default=1_000_000)
     p.add_argument("--batch", type=int, default=500, help="[admin] import_batch")
-    p.add_argument("--workers", type=int, default=1, help="optgate serve --workers N")
+    cpus = os.cpu_count() or 1
     p.add_argument(
-        "--streams", type=int, default=1, help="parallel import requests (the file split)"
+        "--workers", type=int, default=cpus, help="optgate serve --workers N (default: CPUs)"
+    )
+    p.add_argument(
+        "--streams", type=int, help="parallel import requests, the file split (default: workers)"
     )
     p.add_argument("--dir", type=Path, help="work directory (default: a new temp dir)")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
     args = p.parse_args(argv)
+    args.streams = args.streams or args.workers
 
     home = Path(tempfile.mkdtemp(prefix="og-bench-import-", dir=args.dir))
     port = free_port()
