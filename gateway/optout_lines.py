@@ -83,20 +83,14 @@ class Actor:
 
     def changes(self, written: Written, item: bulk.OptOutItem) -> list[dict[str, Any]]:
         """The ``optout`` entries of one imported record (`admin.change_events`)."""
-        events = admin.change_events(
+        by = {"key_id": self.key.kid} if self.key is not None else {"by": "cli"}
+        return admin.change_events(
             written, channel=item.channel, pseud=item.pseudonym, source=item.source,
-            key=self.key or _NO_KEY, via="import",
+            by=by, via="import",
         )  # fmt: skip
-        if self.key is None:
-            for event in events:
-                del event["key_id"]
-                event["by"] = "cli"
-        return events
 
 
 CLI: Final = Actor()
-# `admin.change_events` names a key; for the command line its `key_id` is replaced above.
-_NO_KEY: Final = ApiKey(kid="", role="", created_at=0.0)
 
 
 async def split_lines(chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes | None]:

@@ -192,13 +192,14 @@ def record_json(channel: str, pseud: str, record: Record | None) -> dict[str, An
 
 
 def change_events(
-    written: Written, *, channel: str, pseud: str, source: str, key: ApiKey, via: str
+    written: Written, *, channel: str, pseud: str, source: str, by: dict[str, str], via: str
 ) -> list[dict[str, Any]]:
     """The audit entries of one write: an ``optout`` for what was added, an ``optin`` for
     what was removed (one call may do both); a write that changed nothing is an
-    ``optout`` re-affirming the state (or an ``optin`` of nothing)."""
+    ``optout`` re-affirming the state (or an ``optin`` of nothing). `by` names who made
+    it (``{"key_id": ...}`` for an API key, ``{"by": "cli"}`` for the command line)."""
     b, a = written.before or Record(), written.after or Record()
-    base = {"channel": channel, "recipient": pseud, "source": source, "key_id": key.kid}
+    base = {"channel": channel, "recipient": pseud, "source": source, **by}
     base.update(via=via, change=written.change_id)
     added, removed = sorted(a.categories - b.categories), sorted(b.categories - a.categories)
     all_on, all_off = a.all and not b.all, b.all and not a.all
@@ -274,7 +275,7 @@ async def put_optout(request: web.Request, key: ApiKey) -> web.Response:
         address=address,
     )  # fmt: skip
     events = change_events(
-        written, channel=channel, pseud=pseud, source=source, key=key, via="api"
+        written, channel=channel, pseud=pseud, source=source, by={"key_id": key.kid}, via="api"
     )
     await audit(deps, events)
     count_change(events, source, started)
@@ -288,7 +289,7 @@ async def delete_optout(request: web.Request, key: ApiKey) -> web.Response:
     source = source_of(member(request.query, "source"), "api")
     written = await deps.store.replace(channel, pseud, source=source, now=time.time())
     events = change_events(
-        written, channel=channel, pseud=pseud, source=source, key=key, via="api"
+        written, channel=channel, pseud=pseud, source=source, by={"key_id": key.kid}, via="api"
     )
     await audit(deps, events)
     count_change(events, source, time.monotonic())
