@@ -93,6 +93,15 @@ def _one_of(value: str, allowed: frozenset[str]) -> str:
     return value if value in allowed else OTHER
 
 
+# Webhook names as `[[sync.webhooks]] name` allows them (they may start with a digit).
+_WEBHOOK_RE: Final = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+
+
+def webhook(name: str) -> str:
+    """The label value of a configured webhook's name ("other" for anything else)."""
+    return name if _WEBHOOK_RE.fullmatch(name) and not _DIGIT_RUN.search(name) else OTHER
+
+
 DECISIONS: Final = Counter(
     "optgate_decisions",
     "Per-recipient policy decisions, by kind, channel and category.",

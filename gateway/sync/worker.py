@@ -162,11 +162,12 @@ class SyncWorker:
             attempt += 1
             ok, why = await client.deliver(body, change.id)
             outcome = "ok" if ok else "failed"
-            metrics.SYNC_DELIVERIES.labels(webhook=hook.name, outcome=outcome).inc()
+            label = metrics.webhook(hook.name)
+            metrics.SYNC_DELIVERIES.labels(webhook=label, outcome=outcome).inc()
             if ok:
                 await self._feed.ack(hook.name, [entry_id])
                 lag = max(0.0, time.time() - change.at_ms / 1000)
-                metrics.SYNC_LAG_SECONDS.labels(webhook=hook.name).observe(lag)
+                metrics.SYNC_LAG_SECONDS.labels(webhook=label).observe(lag)
                 return
             log.warning("sync_delivery_failed", webhook=hook.name, attempt=attempt, why=why)
             if attempt >= self.settings.max_attempts:
@@ -195,7 +196,7 @@ class SyncWorker:
         self, hook: Webhook, entry: Entry, change: changes.Change, attempts: int, why: str
     ) -> None:
         dead_id = await self._feed.dead_letter(hook.name, entry, attempts=attempts, error=why)
-        metrics.SYNC_DEAD_LETTERED.labels(webhook=hook.name).inc()
+        metrics.SYNC_DEAD_LETTERED.labels(webhook=metrics.webhook(hook.name)).inc()
         log.error("sync_dead_lettered", webhook=hook.name, attempts=attempts, why=why)
         if self._audit is None:
             return
@@ -220,8 +221,8 @@ class SyncWorker:
         """Refresh the backlog and dead-letter gauges; trim what every group has acked."""
         for hook in self.settings.webhooks:
             state = await self._feed.state(hook.name)
-            metrics.SYNC_BACKLOG.labels(webhook=hook.name).set(state.backlog)
-            metrics.SYNC_DEAD_LETTERS.labels(webhook=hook.name).set(state.dead_letters)
+            metrics.SYNC_BACKLOG.labels(webhook=metrics.webhook(hook.name)).set(state.backlog)
+            metrics.SYNC_DEAD_LETTERS.labels(webhook=metrics.webhook(hook.name)).set(state.dead_letters)
         await self._feed.trim(retain=self.settings.stream_retain)
 
     async def _housekeep(self) -> None:
