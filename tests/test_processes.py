@@ -13,6 +13,7 @@ import asyncio
 import base64
 import os
 import signal
+import ssl
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -324,3 +325,87 @@ async def test_keys_rotate_and_sighup_keep_records_and_chain(
     ]
     assert entries[0]["kid"] == "a1" and entries[-1]["kid"] == "a2"
     assert optgate("audit", "verify", config=cfg).returncode == 0
+
+
+async def test_idle_timeout_closes_every_kind_of_connection_under_serve(
+    tmp_path: Path, pki: TestPki, sink: Sink, served: list[ServeProcess]
+) -> None:
+    """`serve` runs on uvloop, whose transports are not asyncio's classes: the idle limit
+    must still answer 421 and close, before STARTTLS, after it, and on implicit TLS."""
+    port = free_port()
+    doc = with_upstream(base_doc(tmp_path, pki, sink, "gw-idle", port), sink, pki)
+    doc["smtp"]["idle_timeout_s"] = 1
+    proc = ServeProcess(write_config(tmp_path / "idle.toml", doc), port, tmp_path / "idle.log")
+    served.append(proc)
+    await proc.wait_ready()
+    tls_port = int(doc["smtp"]["listen_tls"].rsplit(":", 1)[1])
+    ctx = ssl.create_default_context(cafile=str(pki.ca_pem))
+
+    async def idle_until_closed(reader: asyncio.StreamReader) -> bytes:
+        async with asyncio.timeout(10):
+            return await reader.read()  # everything until the server closes
+
+    # plaintext, before STARTTLS
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    assert (await r.readline()).startswith(b"220")
+    assert b"421 4.4.2" in await idle_until_closed(r)
+    w.close()
+
+    # after STARTTLS (the TLS layer is the loop's own, see smtp.server)
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    await r.readline()
+    w.write(b"EHLO client.example\r\n")
+    while not (await r.readline()).startswith(b"250 "):
+        pass
+    w.write(b"STARTTLS\r\n")
+    assert (await r.readline()).startswith(b"220")
+    await w.start_tls(ctx, server_hostname="127.0.0.1")
+    w.write(b"EHLO client.example\r\n")
+    lines = [await r.readline()]
+    while not lines[-1].startswith(b"250 "):
+        lines.append(await r.readline())
+    assert any(b"AUTH" in line for line in lines)  # the session really is over TLS now
+    assert b"421 4.4.2" in await idle_until_closed(r)
+    w.close()
+
+    # implicit TLS
+    r, w = await asyncio.open_connection(
+        "127.0.0.1", tls_port, ssl=ctx, server_hostname="127.0.0.1"
+    )
+    assert (await r.readline()).startswith(b"220")
+    assert b"421 4.4.2" in await idle_until_closed(r)
+    w.close()
+
+
+async def test_plaintext_pipelined_after_starttls_is_discarded_under_serve(
+    tmp_path: Path, pki: TestPki, sink: Sink, served: list[ServeProcess]
+) -> None:
+    """The same guard as tests/test_smtp_e2e.py's, on serve's loop (uvloop's TLS layer)."""
+    port = free_port()
+    doc = with_upstream(base_doc(tmp_path, pki, sink, "gw-inject", port), sink, pki)
+    proc = ServeProcess(write_config(tmp_path / "inj.toml", doc), port, tmp_path / "inj.log")
+    served.append(proc)
+    await proc.wait_ready()
+    ctx = ssl.create_default_context(cafile=str(pki.ca_pem))
+
+    async def reply(r: asyncio.StreamReader) -> bytes:
+        lines = [await r.readline()]
+        while lines[-1][3:4] == b"-":
+            lines.append(await r.readline())
+        return lines[-1]
+
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    await reply(r)
+    w.write(b"EHLO client.example\r\n")
+    await reply(r)
+    w.write(b"STARTTLS\r\nRSET\r\nMAIL FROM:<evil@z.example>\r\n")
+    assert (await reply(r)).startswith(b"220")
+    await w.start_tls(ctx, server_hostname="127.0.0.1")
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.5):
+            await r.readline()  # no reply to the injected commands ever arrives
+    w.write(b"EHLO client.example\r\n")
+    assert (await reply(r)).startswith(b"250 ")
+    w.write(b"RCPT TO:<a@b.example>\r\n")
+    assert (await reply(r)).startswith(b"503")  # the injected MAIL was never run
+    w.close()
