@@ -543,3 +543,19 @@ async def test_audit_failure_fails_closed_and_sends_nothing(gateway: Running) ->
     code, _ = await gateway.send(["pat@example.org"], category="marketing")
     assert code == 451  # the writer stays refused: still fail closed
     assert gateway.sink.messages == []
+
+
+async def test_bare_lf_command_lines_are_refused_and_not_run(gateway: Running) -> None:
+    """threats S1/A3: aiosmtpd splits commands at a bare LF; we answer 500 5.5.2 instead."""
+    raw = await RawSMTP.connect(gateway.gw.ports.smtp)
+    try:
+        raw.writer.write(b"EHLO client.example\nMAIL FROM:<a@b.example>\n")
+        await raw.writer.drain()
+        assert await raw.reply() == (500, "500 5.5.2 Syntax error: bare <LF> received")
+        assert await raw.reply() == (500, "500 5.5.2 Syntax error: bare <LF> received")
+        with pytest.raises(TimeoutError):
+            await raw.reply(timeout=0.3)  # two lines, two refusals, nothing else
+        code, _ = await raw.cmd("EHLO client.example")
+        assert code == 250  # a proper CRLF line is served as usual
+    finally:
+        raw.close()

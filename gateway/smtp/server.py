@@ -6,6 +6,8 @@ Corrections to aiosmtpd's defaults, each for a reason recorded in threats.md §2
 - its stock replies get enhanced status codes (S12) in `push()`, the one place they pass;
 - idle and whole-session time limits answer `421 4.4.2` instead of a silent close (S13);
 - connections per client address are capped (`421 4.7.0`);
+- a command line ending in a bare LF gets `500 5.5.2` and is not run (S1, threats A3:
+  aiosmtpd splits commands at LF alone, so ``EHLO x\nMAIL FROM:...`` would run both);
 - `mail.log` logs every address at INFO (S14): `service.py` raises it to WARNING;
 - STARTTLS goes through the event loop's ``start_tls`` rather than aiosmtpd's own use of
   asyncio's pure-Python ``SSLProtocol``: under uvloop (``serve``) the TLS layer is then
@@ -119,6 +121,21 @@ class GatewayEnvelope(Envelope):
         self.optgate_unsubscribe: list[str] = []
 
 
+class BareLineFeed(Exception):
+    """A command line ended in LF without CR."""
+
+
+class _CrlfLineReader(asyncio.StreamReader):
+    """aiosmtpd's StreamReader, but a *line* (command, AUTH continuation) must end in CRLF.
+    DATA reads with an explicit CRLF separator and is checked on its own (`flow`)."""
+
+    async def readuntil(self, separator: Any = b"\n") -> bytes:
+        line = await super().readuntil(separator)
+        if separator == b"\n" and line[-2:-1] != b"\r":
+            raise BareLineFeed()
+        return line
+
+
 class GatewaySMTP(SMTP):
     def __init__(
         self,
@@ -129,6 +146,9 @@ class GatewaySMTP(SMTP):
         **kwargs: Any,
     ) -> None:
         super().__init__(handler, **kwargs)
+        reader = getattr(self, "_stream_reader", None)  # asyncio.StreamReaderProtocol
+        if reader is not None:  # made by SMTP.__init__, not yet connected: same state
+            reader.__class__ = _CrlfLineReader
         self._limiter = limiter
         self._session_timeout_s = session_timeout_s
         self._client_host: str | None = None
@@ -433,6 +453,8 @@ class GatewayHandler:
         return "550 5.1.1 Unknown unsubscribe address"
 
     async def handle_exception(self, error: Exception) -> str:
+        if isinstance(error, BareLineFeed):
+            return "500 5.5.2 Syntax error: bare <LF> received"
         # Never a traceback to the client; the sender retries (nothing was answered 250).
         log.error("smtp_session_error", error=type(error).__name__)
         return "451 4.3.0 Internal error, try again later"
