@@ -129,6 +129,7 @@ class Gateway:
         dkim_keys = dkim.load_keys(cfg.dkim)  # read once; a key that cannot sign stops here
 
         self.store, embedded = await open_store(cfg, self._ring)
+        self.store.unknown_key_hook = self._key_file_changed
         if embedded is not None:
             self._closers.append(embedded.release)  # runs last: after the store is closed
         self._closers.append(self.store.close)
@@ -309,6 +310,23 @@ class Gateway:
         if self.store is not None:
             self.store.set_keyring(ring)
         return ring
+
+    async def _key_file_changed(self) -> bool:
+        """The store met a record under a key id we lack: `optgate keys rotate` ran and
+        someone wrote under the new key before this process got SIGHUP. Take the new key
+        file now (keys only; rules wait for SIGHUP) rather than fail closed on that record
+        until an operator signals every instance. True when the keyring changed."""
+        try:
+            ring = self._reloaded_keyring()
+        except (ConfigError, KeyringError) as exc:
+            log.error("key_refresh_failed", why=str(exc))
+            return False
+        if ring == self._ring:
+            return False
+        self._ring = ring
+        log.info("keys_refreshed", why="a record under a newer key id")
+        await self._audit_reload(ok=True, why="key file re-read: a record under a newer key id")
+        return True
 
     async def _audit_reload(self, *, ok: bool, why: str) -> None:
         if self.audit is None:

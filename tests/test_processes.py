@@ -409,3 +409,35 @@ async def test_plaintext_pipelined_after_starttls_is_discarded_under_serve(
     w.write(b"RCPT TO:<a@b.example>\r\n")
     assert (await reply(r)).startswith(b"503")  # the injected MAIL was never run
     w.close()
+
+
+async def test_a_record_under_a_rotated_key_is_read_without_sighup(
+    tmp_path: Path, pki: TestPki, sink: Sink, served: list[ServeProcess]
+) -> None:
+    """`keys rotate`, then an opt-out written under the new record key by the CLI: a
+    gateway that was not signalled re-reads the key file and enforces it (it used to
+    fail closed, 451, on that recipient until SIGHUP)."""
+    port = free_port()
+    cfg = write_config(
+        tmp_path / "gw.toml", with_upstream(base_doc(tmp_path, pki, sink, "gw-r", port), sink, pki)
+    )
+    gw = ServeProcess(cfg, port, tmp_path / "gw.log")
+    served.append(gw)
+    await gw.wait_ready()
+    code, _ = await send(pki, port, ["first@example.org"])  # the gateway is in use
+    assert code == 250
+    assert optgate("keys", "rotate", config=cfg).returncode == 0
+    add = ["optout", "add", "--channel", "email", "--all", "rotated@example.org"]
+    assert optgate(*add, config=cfg).returncode == 0
+    code, text = await send(pki, port, ["rotated@example.org", "other@example.org"])
+    assert code == 250 and "1 of 2" in text, text
+    assert sink.messages[-1].rcpts == ["other@example.org"]
+    gw.stop()
+    entries = [
+        orjson.loads(line)
+        for f in sorted((tmp_path / "var" / "audit").glob("gw-r-2*.jsonl"))
+        for line in f.read_bytes().splitlines()
+    ]
+    reloads = [e for e in entries if e["event"] == "config_reload"]
+    assert len(reloads) == 1 and reloads[0]["ok"] and "newer key id" in reloads[0]["why"]
+    assert optgate("audit", "verify", config=cfg).returncode == 0

@@ -114,6 +114,7 @@ async def opt_out_many(
     slots = [record_slot(it.channel, it.pseudonym) for it in items]
     async with store.guard("import read"):
         raw_values = await store.read_many(slots)
+    await store.refresh_keys(raw_values)
     results: list[ItemResult | None] = [None] * len(items)
     befores: list[Record | None] = [None] * len(items)
     afters: list[Record | None] = [None] * len(items)

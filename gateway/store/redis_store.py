@@ -71,6 +71,7 @@ if v then redis.call('HSETNX', KEYS[2], ARGV[1], v) end
 return redis.call('DEL', KEYS[1])
 """
 MIGRATE_SCAN = 1000
+KEY_REFRESH_S = 1.0  # at most one key-file re-read per second, whatever the traffic
 
 # A write may wait for an fsync: WAITAOF on an `appendfsync everysec` server waits for the
 # next once-a-second fsync. Writes come from unsubscribe/admin requests, never from an SMTP
@@ -142,6 +143,11 @@ class OptOutStore(RecordWrites):
         self._timeout_s = timeout_ms / 1000
         self._write_s = max(self._timeout_s, WRITE_BUDGET_S)
         self._waitaof: bool | None = None  # learnt from the server's first WAITAOF reply
+        # Called when a record names a key id this keyring lacks (another process ran
+        # `keys rotate` and wrote under the new key): re-read the key file, True if the
+        # keyring changed. Rate-limited here; the gateway sets it (service.Gateway).
+        self.unknown_key_hook: Callable[[], Awaitable[bool]] | None = None
+        self._last_key_refresh = -KEY_REFRESH_S
 
     def set_keyring(self, ring: Keyring) -> None:
         """Use a rotated keyring (SIGHUP): new writes seal under its current record key."""
@@ -241,6 +247,24 @@ class OptOutStore(RecordWrites):
             raise StoreUnavailable("opt-out store: the reply does not match the request")
         return [_as_bytes(v) if v is not None else None for v in values]
 
+    def _unknown_kid(self, blob: bytes | None) -> bool:
+        if blob is None:
+            return False
+        kid, dot, _ = blob.partition(b".")
+        return not dot or self._ring.record.get(kid.decode("ascii", "replace")) is None
+
+    async def refresh_keys(self, blobs: Sequence[bytes | None]) -> bool:
+        """When a value in `blobs` names a record key id we lack, let the hook re-read the
+        key file (at most once per `KEY_REFRESH_S`); True when the keyring changed."""
+        hook = self.unknown_key_hook
+        if hook is None or not any(self._unknown_kid(b) for b in blobs):
+            return False
+        now = asyncio.get_running_loop().time()
+        if now - self._last_key_refresh < KEY_REFRESH_S:
+            return False
+        self._last_key_refresh = now
+        return await hook()
+
     def _open(self, key: str, blob: bytes | None) -> State:
         if blob is None:
             return None
@@ -266,7 +290,10 @@ class OptOutStore(RecordWrites):
             return [], set()
         async with self._guard("lookup", self._timeout_s):
             values = await self.read_many(slots, marks)
-        states = [self._open(k, b) for k, b in zip(keys, values[: len(keys)], strict=True)]
+        blobs = values[: len(keys)]
+        states = [self._open(k, b) for k, b in zip(keys, blobs, strict=True)]
+        if any(st is CORRUPT for st in states) and await self.refresh_keys(blobs):
+            states = [self._open(k, b) for k, b in zip(keys, blobs, strict=True)]
         done = {p for p, v in zip(candidates, values[len(keys) :], strict=True) if v is not None}
         return states, done
 
@@ -276,7 +303,10 @@ class OptOutStore(RecordWrites):
         bucket, field = record_slot(channel, pseudonym)
         async with self._guard("get", self._timeout_s):
             blob = _as_bytes(await self._client.hget(bucket, field))
-        return None if blob is None else open_record(self._ring, key, blob)
+        if blob is None:
+            return None
+        await self.refresh_keys([blob])
+        return open_record(self._ring, key, blob)
 
     async def check_keyring(self) -> None:
         """Refuse a store that was written under a different pseudonym key."""

@@ -17,7 +17,7 @@ retry writes the entry.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
@@ -114,6 +114,7 @@ class RecordWrites:
     # Provided by the class this is mixed into (`OptOutStore`).
     _guard: Callable[[str, float], AbstractAsyncContextManager[None]]
     _pipeline: Callable[[], Any]
+    refresh_keys: Callable[[Sequence[bytes | None]], Awaitable[bool]]
 
     async def opt_out(
         self,
@@ -239,6 +240,7 @@ class RecordWrites:
         async with self._guard("opt-out write", self._write_s):
             for _ in range(CAS_ATTEMPTS):
                 raw = _as_bytes(await self._client.hget(bucket, field))
+                await self.refresh_keys([raw])
                 current: Record | None = None
                 if raw is not None:
                     try:
