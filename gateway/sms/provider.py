@@ -4,7 +4,8 @@ One `ClientSession` per process, made when the HTTPS app starts and closed when 
 its connector pools connections to the provider (and to the inbound forward target), so a
 send costs no TCP or TLS handshake once warm. Every call is bounded by an explicit
 `ClientTimeout` (aiohttp's default is 300 s total: threats.md S16), never follows
-redirects, ignores proxy variables from the environment, and reads at most
+redirects, ignores proxy variables from the environment, keeps no cookies (a provider API
+needs none, and nothing it sets should ride along on later calls), and reads at most
 `MAX_REPLY_BYTES` of a reply.
 
 aiohttp's exceptions are translated here and nowhere else, into `ProviderError`, which
@@ -16,8 +17,8 @@ have (a timeout or a dropped connection after the request was written: threats.m
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote, urlencode
@@ -56,13 +57,20 @@ class Reply:
     body: bytes
     content_type: str
     retry_after: str = ""
+    # The body as a JSON object, parsed once: the flow, the audit entry and the route all
+    # read it (sid, error code, status).
+    _doc: dict[str, Any] | None = field(init=False, repr=False, compare=False)
 
-    def json(self) -> dict[str, Any] | None:
+    def __post_init__(self) -> None:
         try:
             doc = orjson.loads(self.body)
         except orjson.JSONDecodeError:
-            return None
-        return doc if isinstance(doc, dict) else None
+            doc = None
+        object.__setattr__(self, "_doc", doc if isinstance(doc, dict) else None)
+
+    def json(self) -> dict[str, Any] | None:
+        """The body when it is a JSON object (shared: read it, do not change it)."""
+        return self._doc
 
     @property
     def sid(self) -> str:
@@ -118,6 +126,7 @@ class HttpsClient:
             connector=connector,
             timeout=self._timeout,
             trust_env=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
             headers={"User-Agent": USER_AGENT},
         )
 
@@ -150,22 +159,32 @@ class HttpsClient:
                 allow_redirects=False,
                 timeout=timeout,
             ) as resp:
-                body = b"".join([chunk async for chunk in _bounded(resp)])
                 return Reply(
                     status=resp.status,
-                    body=body,
+                    body=await _bounded_body(resp),
                     content_type=resp.content_type,
                     retry_after=resp.headers.get("Retry-After", "")[:32],
                 )
 
 
-async def _bounded(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
-    size = 0
-    async for chunk in resp.content.iter_chunked(16 * 1024):
+async def _bounded_body(resp: aiohttp.ClientResponse) -> bytes:
+    """The whole body, refused (502, outcome unknown) past MAX_REPLY_BYTES."""
+    if resp.content_length is not None:
+        # The parser delivers exactly Content-Length bytes, so checking it bounds the read.
+        if resp.content_length > MAX_REPLY_BYTES:
+            raise _too_large()
+        return await resp.read()
+    chunks, size = [], 0
+    while chunk := await resp.content.readany():  # chunked or close-delimited
         size += len(chunk)
         if size > MAX_REPLY_BYTES:
-            raise ProviderError("reply too large", status=502, outcome="unknown")
-        yield chunk
+            raise _too_large()
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large() -> ProviderError:
+    return ProviderError("reply too large", status=502, outcome="unknown")
 
 
 class Provider:
