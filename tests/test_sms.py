@@ -9,6 +9,8 @@ import asyncio
 import os
 import signal
 import ssl
+import threading
+import time
 from typing import Any
 
 import pytest
@@ -149,6 +151,60 @@ async def test_provider_connections_are_pooled(g: SmsGateway) -> None:
     for _ in range(5):
         await g.send(NUMBER)
     assert len(g.stub.requests) == 5 and len(g.stub.transports) == 1
+
+
+# --- the delivery entry: durable before the reply (the email path's policy) -------------------
+
+
+async def test_reply_waits_until_the_delivery_entry_is_durable(g: SmsGateway) -> None:
+    """A message SID the application saw is in the log with its outcome, even if the gateway
+    dies right after answering: the reply waits for the delivery entry's fsync."""
+    audit = g.running.gw.audit
+    assert audit is not None
+    fsync, held, release = audit._disk._fsync_fn, threading.Event(), threading.Event()
+
+    def gated(fd: int) -> None:  # the disk seam; runs on the writer's thread
+        if g.stub.count:  # after the provider was called: the delivery entry's batch
+            held.set()
+            release.wait(10)
+        fsync(fd)
+
+    audit._disk._fsync_fn = gated
+    try:
+        send = asyncio.ensure_future(g.send(NUMBER))
+        deadline = time.monotonic() + 5
+        while not held.is_set() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert held.is_set() and g.stub.count == 1
+        await asyncio.sleep(0.3)
+        assert not send.done()  # provider answered; the entry is written, not yet fsynced
+    finally:
+        release.set()
+    msg = await send
+    (delivery,) = events(g, "delivery")  # on disk when the SDK returned: no polling
+    assert delivery["message_id"] == msg.sid and delivery["outcome"] == "accepted"
+
+
+async def test_delivery_entry_that_cannot_be_written_still_answers_then_fails_closed(
+    g: SmsGateway,
+) -> None:
+    """The provider has the text: answering an error would only make the application send it
+    twice. The writer then refuses appends, so the next send gets 503 and is not sent."""
+    audit = g.running.gw.audit
+    assert audit is not None
+    fsync = audit._disk._fsync_fn
+
+    def eio_after_the_provider(fd: int) -> None:
+        if g.stub.count:
+            raise OSError(5, "Input/output error")
+        fsync(fd)
+
+    audit._disk._fsync_fn = eio_after_the_provider
+    msg = await g.send(NUMBER)
+    assert msg.sid.startswith("SM")
+    exc = await g.rejected(NUMBER)
+    assert (exc.status, exc.code) == (503, 20503)
+    assert g.stub.count == 1
 
 
 # --- provider faults (threats.md B6) -----------------------------------------------------------

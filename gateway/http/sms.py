@@ -348,7 +348,6 @@ def setup(app: web.Application, deps: HttpDeps) -> None:
         if worker is not None:
             worker.cancel()  # an entry in flight stays pending: any instance retries it
             await asyncio.wait({worker}, timeout=WORKER_STOP_S)
-        await flow.drain()  # outcome entries still being written, before the audit closes
         await client.close()
 
     app.cleanup_ctx.append(lifecycle)

@@ -1,12 +1,14 @@
 """One outgoing text: the SMS enforcement path, shared by both send APIs.
 
     category -> footer -> one store lookup -> decision -> audit (durable) -> provider
-             -> audit outcome -> a `Result` value the route renders
+             -> audit outcome (durable) -> a `Result` value the route renders
 
 It mirrors `gateway.smtp.flow`: the "decision" entry is durable before anything is sent
 (SPEC §2.6), a failed lookup fails closed (SPEC §2.1), and a "delivery" entry records what
-the provider did. The routes only translate: they render a `Result` as Twilio's reply or
-as an RFC 9457 problem, and never decide anything themselves.
+the provider did, durable before the application is answered, as the email path's: a reply
+the application saw (a message SID it may show someone) is always in the log with its
+outcome, even if the gateway dies right after answering. The routes only translate: they
+render a `Result` as Twilio's reply or as an RFC 9457 problem, and never decide anything.
 
 A provider error 21610 ("unsubscribed recipient": the number texted STOP to the provider
 directly) is copied into the local store as an opt-out of everything on SMS, so the next
@@ -15,7 +17,6 @@ send is stopped here without asking the provider (threats.md B6).
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -122,7 +123,6 @@ class SmsFlow:
         self._rules = rules
         self._keyring = keyring
         self._provider = provider
-        self._outcomes: set[asyncio.Task[None]] = set()
 
     async def send(self, sender: Sender, out: Outgoing, category_name: str = "") -> Result:
         """Decide and, when allowed, send `out` for `sender`. Never raises for a policy
@@ -173,9 +173,9 @@ class SmsFlow:
         except ProviderError as exc:
             log.warning("sms_provider_error", txn=txn, status=exc.status, outcome=exc.outcome)
             metrics.upstream_error(CHANNEL, "timeout" if exc.status == 504 else "unavailable")
-            self._record_outcome(base, outcome=exc.outcome, code=exc.status)
+            await self._record_outcome(base, outcome=exc.outcome, code=exc.status)
             return Failed(txn=txn, status=exc.status, outcome=exc.outcome)
-        self._record_outcome(
+        await self._record_outcome(
             base,
             outcome=outcome_of(reply.status),
             code=reply.status,
@@ -197,7 +197,7 @@ class SmsFlow:
             return
         metrics.decision(d.verdict.value, CHANNEL, category)
 
-    def _record_outcome(
+    async def _record_outcome(
         self,
         base: dict[str, str],
         *,
@@ -206,12 +206,13 @@ class SmsFlow:
         message_id: str = "",
         provider_code: int | None = None,
     ) -> None:
-        """Append the "delivery" entry without waiting for its fsync.
+        """Append the "delivery" entry and wait until it is durable.
 
-        The decision entry was durable before the provider was called (SPEC §2.6); this
-        one records what the provider did, and waiting for it would add a group-commit
-        round to every reply. It is sealed into the chain at once (in order) and written
-        with the next batch; `drain()` waits for the last ones on shutdown.
+        Waiting costs one more group commit before the reply (the entry shares its fsync
+        with whatever else is pending). A failure is logged, not answered: the decision is
+        durable and the provider has (or may have) the text, so an error would only make
+        the application send it twice; the writer now refuses appends, so the next send
+        fails closed.
         """
         event: dict[str, Any] = {
             "event": "delivery",
@@ -222,22 +223,10 @@ class SmsFlow:
         }
         if provider_code is not None:
             event["provider_code"] = provider_code
-        task = asyncio.create_task(self._append_outcome(event))
-        self._outcomes.add(task)
-        task.add_done_callback(self._outcomes.discard)
-
-    async def _append_outcome(self, event: dict[str, Any]) -> None:
         try:
             await self._audit.append([event])
         except AuditError:
-            # The decision is durable and the provider has (or may have) the text; the
-            # writer now refuses appends, so the next send fails closed.
-            log.error("audit_outcome_write_failed", txn=event["txn"], channel=CHANNEL)
-
-    async def drain(self) -> None:
-        """Wait for outcome entries still being written (before the audit log closes)."""
-        if self._outcomes:
-            await asyncio.wait(set(self._outcomes))
+            log.error("audit_outcome_write_failed", txn=base["txn"], channel=CHANNEL)
 
     async def _copy_provider_opt_out(self, base: dict[str, str], recipient: str, e164: str) -> None:
         try:
