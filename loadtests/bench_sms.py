@@ -54,6 +54,7 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -91,6 +92,7 @@ REQUEST_TIMEOUT_S = 30.0
 CLIENT_START_S = 1.0  # a spawned interpreter importing aiohttp; CPU is sampled after it
 WRK_SLACK_S = 30.0  # wrk ends on its own after -d; this long past it, it is killed
 FSYNC_PROBES = 200  # about 0.1 s on an idle disk; printed as p50/p99
+CONN_SAMPLE_S = 1.0  # into the measured run: wrk has opened all its connections
 
 
 def run_async(main: Any) -> Any:
@@ -301,6 +303,7 @@ class ClientResult:
     outside_s: float = 0.0  # CPU of everything else on the machine over the window
     outside_top: list[tuple[str, float]] = field(default_factory=list)
     steal_s: float = 0.0  # all cores: time the hypervisor ran something else
+    conn_split: list[int] = field(default_factory=list)  # client connections per process
 
 
 async def python_client(spec: ClientSpec) -> ClientResult:
@@ -494,12 +497,18 @@ def run_client(
 ) -> ClientResult:
     """One measured run with the chosen client; CPU of it and of `groups` over the window."""
     window = Window(groups)
+    port = int(spec.url.split(":")[2].split("/")[0])
+    split: list[int] = []
     if kind == "wrk":
         script = wrk_script(spec, scratch)
         run_wrk(spec, script, spec.warmup_s)  # warms pools and caches; not measured
         window.start()
+        counter = threading.Timer(CONN_SAMPLE_S, lambda: split.extend(connections(window, port)))
+        counter.start()
         doc, client_cpu = run_wrk(spec, script, spec.seconds)
+        counter.join()
         result = ClientResult(client=f"wrk -t{spec.threads}", done=int(doc["requests"]))
+        result.conn_split = split
         window.stop(result)
         result.window_s = doc["duration_us"] / 1e6
         result.p50_ms, result.p99_ms = doc["p50_us"] / 1000, doc["p99_us"] / 1000
@@ -514,6 +523,7 @@ def run_client(
     time.sleep(spec.warmup_s + CLIENT_START_S)
     window.start()
     before = cpu_seconds([proc.pid or 0])
+    split = connections(window, port)
     time.sleep(spec.seconds - CLIENT_START_S)
     client_cpu = cpu_seconds([proc.pid or 0]) - before
     result = ClientResult()
@@ -523,8 +533,24 @@ def run_client(
     got.cpu_s, got.cpu_window_s = {**result.cpu_s, "client": client_cpu}, result.cpu_window_s
     got.cpu_parts = result.cpu_parts
     got.load, got.outside_s, got.outside_top = result.load, result.outside_s, result.outside_top
-    got.steal_s = result.steal_s
+    got.steal_s, got.conn_split = result.steal_s, split
     return got
+
+
+def connections(window: Window, port: int) -> list[int]:
+    """Established client connections to `port` held by each of the window's processes
+    that holds any (SO_REUSEPORT spreads the client's few connections over the workers
+    by a hash, so a 10-connection run can be 5 + 5 or 8 + 2)."""
+    counts = []
+    for pid in sorted({p for pids in window.pids.values() for p in pids}):
+        try:
+            conns = psutil.Process(pid).net_connections(kind="tcp")
+        except psutil.Error:
+            continue
+        held = sum(c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port for c in conns)
+        if held:
+            counts.append(held)
+    return counts
 
 
 # --------------------------------------------------------------------------- gateway
@@ -689,7 +715,12 @@ def report(rows: list[tuple[str, ClientResult]], connections: int, fsync_ms: str
         errors = f", client errors: {r.errors}" if r.errors else ""
         print(f"{label:<34} {rate:>7.0f} {r.p50_ms:>7.2f} {r.p99_ms:>7.2f}  {statuses}{errors}")
         w = r.cpu_window_s or 1.0
-        print(f"{'':<34} CPU (% of one core): {cpu_text(r, w)}  [client: {r.client}]")
+        split = (
+            f"; client connections per worker: {' + '.join(map(str, r.conn_split))}"
+            if len(r.conn_split) > 1
+            else ""
+        )
+        print(f"{'':<34} CPU (% of one core): {cpu_text(r, w)}  [client: {r.client}]{split}")
         top = ", ".join(f"{name} {cpu / w * 100:.0f}%" for name, cpu in r.outside_top)
         print(
             f"{'':<34} outside the bench: {r.outside_s / w * 100:.0f}% ({top or '-'}); "
