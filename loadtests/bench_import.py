@@ -11,9 +11,10 @@ with ``MEMORY USAGE og:changes``, and again once the sync worker has trimmed the
     .venv/bin/python loadtests/bench_import.py --records 100000 --workers 1 --streams 1
 
 By default the gateway runs as `optgate serve` does, with one worker per CPU, and the file
-is sent as four parallel requests per worker: SO_REUSEPORT hashes each connection to a
-worker, so with one request per worker both often land on the same one (then the figure
-is one worker's); four per worker makes an idle worker unlikely.
+is sent as import requests of 20,000 lines, four at a time per worker, each on a new
+connection: SO_REUSEPORT hashes each connection to a worker, so a few long requests can
+all land on one worker (then the figure is one worker's); many shorter ones spread out,
+as the requests of several importing clients would. One request is always one worker's.
 
 Targets (issue 5): at least 20,000 records/s and under 150 bytes of Redis memory per record.
 """
@@ -111,27 +112,26 @@ async def wait_ready(port: int, ca: Path, proc: subprocess.Popen[bytes]) -> None
     raise SystemExit("the gateway did not become ready")
 
 
-def split(path: Path, parts: int) -> list[Path]:
-    """`path` cut into `parts` files of whole lines (one per parallel import stream)."""
-    if parts == 1:
-        return [path]
+def split(path: Path, lines_per_part: int) -> list[Path]:
+    """`path` cut into files of `lines_per_part` whole lines (one import request each)."""
     lines = path.read_bytes().splitlines(keepends=True)
-    step = -(-len(lines) // parts)
     out = []
-    for i in range(parts):
-        part = path.with_suffix(f".{i}.ndjson")
-        part.write_bytes(b"".join(lines[i * step : (i + 1) * step]))
+    for i in range(0, len(lines), lines_per_part):
+        part = path.with_suffix(f".{i // lines_per_part}.ndjson")
+        part.write_bytes(b"".join(lines[i : i + lines_per_part]))
         out.append(part)
     return out
 
 
 async def stream_files(
-    paths: list[Path], url: str, key: str, ca: Path
+    paths: list[Path], url: str, key: str, ca: Path, concurrency: int
 ) -> tuple[float, dict[str, Any]]:
-    """POST each file on its own connection, all at once; (seconds, summed results)."""
+    """POST every file, `concurrency` at a time, each on a new connection (so SO_REUSEPORT
+    picks a worker per request, as it would for many importing clients); (seconds, sums)."""
     ctx = ssl.create_default_context(cafile=str(ca))
     headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/x-ndjson"}
     timeout = aiohttp.ClientTimeout(total=None)
+    todo = list(reversed(paths))
 
     async def body(path: Path) -> Any:
         with path.open("rb") as f:
@@ -139,8 +139,6 @@ async def stream_files(
                 yield chunk
 
     async def one(path: Path) -> dict[str, Any]:
-        # One session per stream: its own connection, so SO_REUSEPORT may hand each
-        # stream to a different worker.
         async with (
             aiohttp.ClientSession(timeout=timeout) as s,
             s.post(url, data=body(path), headers=headers, ssl=ctx) as resp,
@@ -150,9 +148,16 @@ async def stream_files(
                 raise SystemExit(f"import failed: {resp.status} {result}")
             return result
 
+    async def lane() -> list[dict[str, Any]]:
+        done = []
+        while todo:
+            done.append(await one(todo.pop()))
+        return done
+
     start = time.perf_counter()
-    results = await asyncio.gather(*(one(p) for p in paths))
+    lanes = await asyncio.gather(*(lane() for _ in range(concurrency)))
     elapsed = time.perf_counter() - start
+    results = [r for lane_results in lanes for r in lane_results]
     total = {k: sum(int(r[k]) for r in results) for k in ("applied", "rejected")}
     return elapsed, total
 
@@ -172,7 +177,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--workers", type=int, default=cpus, help="optgate serve --workers N (default: CPUs)"
     )
     p.add_argument(
-        "--streams", type=int, help="parallel import requests (default: 4 per worker)"
+        "--streams", type=int, help="concurrent import requests (default: 4 per worker)"
+    )
+    p.add_argument(
+        "--request-lines", type=int, default=20_000, help="lines per import request (20,000)"
     )
     p.add_argument("--dir", type=Path, help="work directory (default: a new temp dir)")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
@@ -198,9 +206,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     size = write_lines(data, args.records)
     say(
         f"records      {args.records:,} ({size / 1e6:.1f} MB of NDJSON), batch {args.batch}, "
-        f"{args.workers} worker(s), {args.streams} stream(s), {os.cpu_count()} CPUs"
+        f"{args.workers} worker(s), {args.streams} concurrent requests of {args.request_lines:,} "
+        f"lines, {os.cpu_count()} CPUs"
     )
-    parts = split(data, args.streams)
+    parts = split(data, args.request_lines)
     log = (home / "serve.log").open("wb")
     proc = subprocess.Popen(
         [*optgate, "serve", "--workers", str(args.workers), "--config", str(cfg)],
@@ -215,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         r = redis_client(home)
         before = memory(r)
         url = f"https://127.0.0.1:{port}/v1/optouts:import"
-        elapsed, result = asyncio.run(stream_files(parts, url, key, ca))
+        elapsed, result = asyncio.run(stream_files(parts, url, key, ca, args.streams))
         after = memory(r)
         applied = int(result["applied"])
         rate = applied / elapsed
