@@ -356,6 +356,21 @@ async def test_commands_before_starttls_get_530(gateway: Running, command: str) 
         raw.close()
 
 
+async def test_helo_and_rset_are_served_before_starttls_and_lead_nowhere(gateway: Running) -> None:
+    raw = await RawSMTP.connect(gateway.gw.ports.smtp)
+    try:
+        code, _ = await raw.cmd("HELO client.example")
+        assert code == 250
+        code, _ = await raw.cmd("RSET")
+        assert code == 250
+        for command in ("MAIL FROM:<a@b.example>", "VRFY a@b.example", "EXPN list"):
+            code, text = await raw.cmd(command)
+            assert (code, text.split()[1]) == (530, "5.7.0"), command
+    finally:
+        raw.close()
+    assert gateway.sink.messages == []
+
+
 async def test_tls12_clients_are_refused_on_both_listeners(gateway: Running) -> None:
     import ssl
 

@@ -9,6 +9,9 @@ Corrections to aiosmtpd's defaults, each for a reason recorded in threats.md §2
 - a command line ending in a bare LF gets `500 5.5.2` and is not run (S1, threats A3:
   aiosmtpd splits commands at LF alone, so ``EHLO x\nMAIL FROM:...`` would run both);
 - `mail.log` logs every address at INFO (S14): `service.py` raises it to WARNING;
+- before TLS, HELO and RSET are served too (SPEC §3; aiosmtpd's fixed allow-list has
+  only EHLO, STARTTLS, NOOP and QUIT): neither can reach MAIL, AUTH, RCPT or DATA, which
+  still answer 530, and HELO cannot lead to STARTTLS (that needs EHLO's list);
 - STARTTLS goes through the event loop's ``start_tls`` rather than aiosmtpd's own use of
   asyncio's pure-Python ``SSLProtocol``: under uvloop (``serve``) the TLS layer is then
   uvloop's compiled one, about a sixth of a session's CPU less (loadtests/README.md).
@@ -28,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any, AnyStr
 
 import structlog
+from aiosmtpd import smtp as aiosmtpd_smtp
 from aiosmtpd.smtp import (
     SMTP,
     AuthResult,
@@ -48,6 +52,11 @@ from gateway.smtp.flow import EmailFlow, Submission
 from gateway.unsubscribe import MailResult, Receipt, Unsubscriber
 
 log = structlog.get_logger("optgate.smtp")
+
+# aiosmtpd reads this module-level set for every command before TLS and offers no per-server
+# setting; widening it in place is the one way to serve what SPEC §3 lists. It only ever
+# grows: MAIL, RCPT, DATA, AUTH, VRFY and EXPN stay out (tests/test_smtp_e2e.py).
+aiosmtpd_smtp.ALLOWED_BEFORE_STARTTLS.update({"HELO", "RSET"})
 
 # Per-connection command budgets: bounds NOOP/EHLO/AUTH abuse (threats.md S13, A13) while a
 # pooled client may still send any number of transactions on one connection.
