@@ -8,6 +8,7 @@ and the gateway's own embedded server on a unix socket.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -29,7 +30,7 @@ from gateway.core.records import Record, aead, open_record, pack, seal, unpack
 from gateway.errors import ConfigError, KeyringError, RecordCorrupt, StoreUnavailable
 from gateway.store import bulk
 from gateway.store import embedded as embedded_mod
-from gateway.store.embedded import PID_NAME, SOCKET_NAME, EmbeddedRedis
+from gateway.store.embedded import COMMAND_TIMEOUT_S, PID_NAME, SOCKET_NAME, EmbeddedRedis
 from gateway.store.names import LAYOUT, LAYOUT_KEY, record_slot
 from gateway.store.redis_store import CORRUPT, WRITE_BUDGET_S, OptOutStore, record_key
 from tests.support.redis_servers import (
@@ -633,6 +634,26 @@ async def test_embedded_release_needs_no_particular_close_order(
             await s.lookup("email", [pseudo()])
     finally:
         await s.close()
+
+
+async def test_embedded_busy_at_release_is_still_stopped_by_the_last_to_leave(
+    data_dir: Path,
+) -> None:
+    """A server that misses one answer (an fsync stalled by a loaded disk) is not left
+    running with nobody attached: the last process asks again through a new connection."""
+    embedded = await EmbeddedRedis.ensure(data_dir)
+    os.kill(embedded.pid, signal.SIGSTOP)
+    loop = asyncio.get_running_loop()
+    resume = loop.call_later(
+        COMMAND_TIMEOUT_S + 0.5, os.kill, embedded.pid, signal.SIGCONT
+    )  # during the second attempt
+    try:
+        await embedded.release()
+        _wait_gone(embedded.pid)
+    finally:
+        resume.cancel()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(embedded.pid, signal.SIGCONT)
 
 
 CLI_SCRIPT = """

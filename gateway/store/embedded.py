@@ -31,12 +31,15 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import redis.asyncio as aioredis
+import structlog
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import BusyLoadingError, RedisError
 
 from gateway.errors import ConfigError, StoreUnavailable
 from gateway.store.redis_store import client_name
+
+log = structlog.get_logger("optgate.store.embedded")
 
 SOCKET_NAME = "redis.sock"
 LOCK_NAME = "lock"
@@ -46,6 +49,9 @@ LOG_NAME = "server.log"
 
 START_TIMEOUT_S = 10.0  # a cold start plus loading a small AOF; bounds ensure()
 STOP_TIMEOUT_S = 10.0  # SHUTDOWN fsyncs and exits in milliseconds; this bounds release()
+# A server that is busy (an fsync stalled by a loaded disk) may miss one COMMAND_TIMEOUT_S;
+# the last process to leave asks this often before it leaves the server running.
+LEAVE_ATTEMPTS = 3
 # Another process may be starting or stopping the server while we wait for the lock.
 LOCK_TIMEOUT_S = START_TIMEOUT_S + STOP_TIMEOUT_S + 5.0
 POLL_S = 0.02  # how often we re-check a lock, a starting server or an exiting one
@@ -332,26 +338,24 @@ class EmbeddedRedis:
             _reap()
 
     async def _stop_if_last(self, presence: aioredis.Redis) -> None:
-        client, own_id = presence, self._presence_id
-        try:
-            async with asyncio.timeout(COMMAND_TIMEOUT_S):
-                try:
-                    clients = await client.client_list()
-                except (RedisError, OSError):
-                    # Our presence connection died (the server was restarted under us):
-                    # look again through a fresh one.
-                    client = _admin_client(self.socket_path)
-                    own_id = int(await client.client_id())
-                    clients = await client.client_list()
-                ours = client_name()  # this process's stores are leaving with us
-                if any(int(c["id"]) != own_id and c.get("name") != ours for c in clients):
+        for attempt in range(1, LEAVE_ATTEMPTS + 1):
+            try:
+                # After a timeout the presence connection is gone (redis-py drops a
+                # connection whose reply it stopped waiting for): look through a fresh one.
+                if not await self._shutdown_if_alone(presence, fresh=attempt > 1):
+                    return  # others are attached: they stop it
+                break
+            except TimeoutError:
+                # Busy, not gone: leaving now would strand a server nobody stops.
+                if attempt == LEAVE_ATTEMPTS:
+                    log.warning(
+                        "embedded_store_left_running",
+                        pid=_read_pid(self.home) or self.pid,
+                        reason=f"no answer in {LEAVE_ATTEMPTS} x {COMMAND_TIMEOUT_S:.0f} s",
+                    )
                     return
-                await client.shutdown()
-        except (RedisError, OSError, TimeoutError):
-            return  # no server answers: nothing to stop
-        finally:
-            if client is not presence:
-                await client.aclose()
+            except (RedisError, OSError):
+                return  # no server answers: nothing to stop
         pid = _read_pid(self.home) or self.pid
         deadline = time.monotonic() + STOP_TIMEOUT_S
         while time.monotonic() < deadline:
@@ -361,3 +365,28 @@ class EmbeddedRedis:
                 return
             await asyncio.sleep(POLL_S)
         raise StoreUnavailable(f"the embedded server (pid {pid}) did not exit after SHUTDOWN")
+
+    async def _shutdown_if_alone(self, presence: aioredis.Redis, *, fresh: bool) -> bool:
+        """SHUTDOWN when no other process is attached; False (nothing done) otherwise.
+        Raises TimeoutError when the server does not answer in time."""
+        client, own_id = presence, self._presence_id
+        try:
+            async with asyncio.timeout(COMMAND_TIMEOUT_S):
+                try:
+                    if fresh:
+                        raise ConnectionError("look through a fresh connection")
+                    clients = await client.client_list()
+                except (RedisError, OSError):
+                    # Our presence connection died (the server was restarted under us):
+                    # look again through a fresh one.
+                    client = _admin_client(self.socket_path)
+                    own_id = int(await client.client_id())
+                    clients = await client.client_list()
+                ours = client_name()  # this process's stores are leaving with us
+                if any(int(c["id"]) != own_id and c.get("name") != ours for c in clients):
+                    return False
+                await client.shutdown()
+                return True
+        finally:
+            if client is not presence:
+                await client.aclose()
