@@ -29,7 +29,7 @@ from gateway.audit.writer import AuditWriter
 from gateway.config import Config
 from gateway.core import keys as keys_mod
 from gateway.core.addresses import AddressProblem, parse_email, parse_phone
-from gateway.core.records import Record, pseudonym
+from gateway.core.records import Record, keyed_message_id, pseudonym
 from gateway.errors import (
     AuditStreamBusy,
     ConfigError,
@@ -239,10 +239,21 @@ def cmd_audit(args: argparse.Namespace) -> int:
         category=args.category,
         sender=args.sender,
         event=args.event,
+        message_ids=_message_ids(ring, args.message_id),
     ):
         out.write(orjson.dumps(entry) + b"\n")
     out.flush()
     return 0
+
+
+def _message_ids(ring: keys_mod.Keyring, given: str | None) -> tuple[str, ...]:
+    """A Message-ID as the log may hold it: as given, with or without its angle brackets,
+    or as the keyed digest of any of those (`records.audit_message_id`)."""
+    if not given:
+        return ()
+    bare = given.strip().strip("<>")
+    forms = {given.strip(), bare, f"<{bare}>"}
+    return tuple(forms | {keyed_message_id(ring, f) for f in forms})
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
@@ -353,6 +364,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.set_defaults(func=cmd_audit)
     se = with_config(ausub.add_parser("search", help="print matching entries as JSON lines"))
     se.add_argument("--recipient", metavar="ADDRESS", help="pseudonymised before searching")
+    se.add_argument(
+        "--message-id",
+        metavar="ID",
+        help="the Message-ID header; also finds entries that keep it as a keyed digest",
+    )
     se.add_argument("--channel", choices=("email", "sms"))
     se.add_argument("--decision", choices=("allow", "suppress", "defer", "reject"))
     se.add_argument("--since", metavar="T", help="ISO-8601 time, or 30m/24h/7d ago")

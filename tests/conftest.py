@@ -138,12 +138,13 @@ def message(
     category: str | None = None,
     body: str = "Hello.",
     headers: dict[str, str] | None = None,
+    message_id: str = "<test-1@sender.example>",
 ) -> bytes:
     lines = [
         "From: Clinic <app@sender.example>",
         f"To: {', '.join(rcpts)}",
         "Subject: Your appointment",
-        "Message-ID: <test-1@sender.example>",
+        f"Message-ID: {message_id}",
         "X-Internal-Trace: abc",
     ]
     if category:

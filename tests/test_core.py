@@ -14,7 +14,14 @@ from gateway.core.addresses import (
     parse_phone,
     split_path,
 )
-from gateway.core.records import CORRUPT, Record
+from gateway.core.keys import generate
+from gateway.core.records import (
+    CORRUPT,
+    MESSAGE_ID_PREFIX,
+    Record,
+    audit_message_id,
+    keyed_message_id,
+)
 from gateway.core.rules import Category
 
 MARKETING = Category(
@@ -107,3 +114,29 @@ def test_policy_decisions() -> None:
     )  # base address
     assert policy.decide(MARKETING, [CORRUPT, None]) == policy.RECORD_CORRUPT  # doubt: defer
     assert policy.decide(MARKETING, [CORRUPT, Record(all=True)]) == policy.OPTED_OUT_ALL
+
+
+@pytest.mark.parametrize(
+    ("message_id", "kept"),
+    [
+        ("<20261123101500.4f2a9c@app.example>", True),
+        ("<0a1b2c3d-4e5f-6789-abcd-ef0123456789@mail.app.example>", True),
+        ("<CAB7x=3mQ@mail.gmail.example>", True),  # '=' without an encoded '@'
+        ("", True),
+        ("<pat@example.org.1700000000@app.example>", False),  # an address in id-left
+        ("<reminder.pat%40example.org@app.example>", False),
+        ("<reminder.pat=40example.org@app.example>", False),
+        ("<PAT@EXAMPLE.ORG>", False),  # the recipient itself, any case
+        ("<reminder-patricia.k-20261123@app.example>", False),  # the recipient's local part
+    ],
+)
+def test_audit_keeps_a_message_id_unless_it_may_name_someone(message_id: str, kept: bool) -> None:
+    ring = generate()
+    logged = audit_message_id(ring, message_id, ["patricia.k@example.org", "pat@example.org"])
+    if kept:
+        assert logged == message_id
+    else:
+        assert logged == keyed_message_id(ring, message_id)
+        assert logged.startswith(MESSAGE_ID_PREFIX) and len(logged) == len(MESSAGE_ID_PREFIX) + 32
+        assert "pat" not in logged.removeprefix(MESSAGE_ID_PREFIX)
+        assert keyed_message_id(generate(), message_id) != logged  # keyed, not a plain hash

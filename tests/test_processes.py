@@ -121,8 +121,9 @@ async def test_phi_canary_appears_nowhere(
     a, b = two_gateways
     out = optgate("optout", "add", "--channel", "email", "--all", CANARIES[1], config=a.config)
     assert out.returncode == 0, out.stderr
+    named_id = f"<{CANARIES[0]}.1700000000@app.example>"  # an app that puts one in
     for gw in (a, b):
-        await send(pki, gw.port, CANARIES, category="marketing")
+        await send(pki, gw.port, CANARIES, category="marketing", message_id=named_id)
         await send(pki, gw.port, CANARIES, category="emergency-alert")
     # a rejected and a deferred decision too
     sink.fail_data = (451, "4.3.0 later")
@@ -151,6 +152,12 @@ async def test_phi_canary_appears_nowhere(
         hits += [(where, n) for n in needles if n in low]
     assert hits == []
     assert any(p.suffix == ".jsonl" for p in (tmp_path / "var" / "audit").iterdir())
+    # The keyed Message-ID is still found by the id the application logged.
+    out = optgate("audit", "search", "--message-id", named_id, config=a.config)
+    found = [orjson.loads(line) for line in out.stdout.splitlines()]
+    assert out.returncode == 0 and found
+    assert {e["event"] for e in found} == {"decision", "delivery"}
+    assert all(e["message_id"].startswith("hmac-sha256:") for e in found)
 
 
 def test_bad_config_names_every_problem_and_exits_2(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ Search reads entries without checking macs; run verification to trust what it re
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -244,11 +244,14 @@ def search(
     channel: str | None = None,
     category: str | None = None,
     sender: str | None = None,
+    message_ids: Collection[str] = (),
 ) -> Iterator[dict[str, Any]]:
     """Entries of every stream matching all the given filters, merged in time order.
 
     `recipient` is a pseudonym: the caller pseudonymises an address, the log never holds
-    one. `since` is inclusive, `until` exclusive; naive times are taken as UTC. `category`
+    one. `message_ids`: an entry matches when its `message_id` is any of them (the caller
+    passes a Message-ID and its keyed form, `records.keyed_message_id`). `since` is
+    inclusive, `until` exclusive; naive times are taken as UTC. `category`
     matches a decision's category or one of an opt-out change's categories.
     """
     since = _utc(since)
@@ -268,6 +271,8 @@ def search(
 
     def wanted(entry: dict[str, Any]) -> bool:
         if any(entry.get(k) != v for k, v in exact.items()):
+            return False
+        if message_ids and entry.get("message_id") not in message_ids:
             return False
         if category is not None and entry.get("category") != category:
             cats = entry.get("categories")

@@ -25,6 +25,7 @@ import functools
 import hashlib
 import hmac
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import orjson
@@ -50,6 +51,41 @@ def pseudonym(ring: Keyring, channel: str, key_form: str) -> str:
     """The keyed pseudonym of `key_form` (see `core.addresses.EmailAddress.key_form`)."""
     msg = channel.encode("ascii") + b"\x00" + key_form.encode("utf-8")
     return hmac.new(ring.pseudonym_key, msg, hashlib.sha256).digest()[:PSEUDONYM_BYTES].hex()
+
+
+MESSAGE_ID_PREFIX = "hmac-sha256:"  # an audit `message_id` that was replaced by its digest
+_EMBEDDED_AT = ("@", "%40", "=40")  # an address inside id-left, plain or encoded
+
+
+def keyed_message_id(ring: Keyring, message_id: str) -> str:
+    """The form of `message_id` the audit log keeps when it may name a person: a keyed
+    digest (pseudonym key, own label), so `audit search --message-id` still finds it."""
+    msg = b"message-id\x00" + message_id.encode("utf-8", "replace")
+    digest = hmac.new(ring.pseudonym_key, msg, hashlib.sha256).digest()[:PSEUDONYM_BYTES]
+    return MESSAGE_ID_PREFIX + digest.hex()
+
+
+def audit_message_id(ring: Keyring, message_id: str, addresses: Iterable[str]) -> str:
+    """`message_id` as the audit log may hold it (SPEC §2.4 over §7).
+
+    Most Message-IDs are a random or time-based left part, `@`, and a host; those are kept
+    as they are, so they can be matched against the application's own logs. One whose left
+    part holds another address (`<pat@example.org.123@app>`, `%40`, `=40`) or that contains
+    a recipient's address or local part is replaced by `keyed_message_id`.
+    """
+    folded = message_id.casefold()
+    left = folded.strip("<> ").rpartition("@")[0]
+    if any(at in left for at in _EMBEDDED_AT):
+        return keyed_message_id(ring, message_id)
+    for given in addresses:
+        address = given.casefold()
+        local = address.rpartition("@")[0]
+        if address in folded or (len(local) >= MIN_LOCAL_MATCH and local in folded):
+            return keyed_message_id(ring, message_id)
+    return message_id
+
+
+MIN_LOCAL_MATCH = 3  # shorter local parts ("jo") turn up by chance in random ids
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

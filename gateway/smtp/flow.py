@@ -34,7 +34,7 @@ from gateway.core import policy, tokens
 from gateway.core.addresses import EmailAddress
 from gateway.core.keys import Keyring
 from gateway.core.policy import Decision, Verdict
-from gateway.core.records import State, pseudonym
+from gateway.core.records import State, audit_message_id, pseudonym
 from gateway.core.rules import Category, Rules
 from gateway.errors import AuditError, StoreUnavailable
 from gateway.smtp.dkim import Signer, SigningFailed, from_domain
@@ -139,9 +139,10 @@ class EmailFlow:
         except msg.MalformedHeader:
             return await reject_all("554 5.6.0 Malformed header section", "malformed-header")
         message_id = _CONTROL.sub("", head.get("Message-ID") or "")[:MAX_MESSAGE_ID_CHARS]
+        logged_id = audit_message_id(ring, message_id, (r.address.address for r in rcpts))
         chosen = self._category(rules, head, sub.sender)
         if isinstance(chosen, str):
-            return await reject_all(chosen, "unknown-category", message_id=message_id)
+            return await reject_all(chosen, "unknown-category", message_id=logged_id)
         category = chosen
         digest = msg.submission_digest(
             message_id=message_id, mail_from=sub.mail_from, data=sub.data
@@ -152,9 +153,9 @@ class EmailFlow:
         except StoreUnavailable:
             log.warning("store_unavailable", txn=txn)
             d = policy.STORE_UNAVAILABLE
-            await self._decisions(base, rcpts, [d] * len(rcpts), category.name, message_id)
+            await self._decisions(base, rcpts, [d] * len(rcpts), category.name, logged_id)
             return "451 4.3.0 Temporary lookup failure, try again later"
-        await self._decisions(base, rcpts, decisions, category.name, message_id)
+        await self._decisions(base, rcpts, decisions, category.name, logged_id)
 
         if any(d.verdict is Verdict.DEFER for d in decisions):
             return "451 4.3.0 Temporary lookup failure, try again later"
@@ -175,7 +176,7 @@ class EmailFlow:
         return await self._conclude(
             base=base,
             category=category,
-            message_id=message_id,
+            message_id=logged_id,
             digest=digest,
             sent=to_send,
             outcomes=outcomes,

@@ -129,7 +129,11 @@ def with_upstream(doc: dict[str, Any], sink: Sink, pki: TestPki) -> dict[str, An
 
 
 async def send(
-    pki: TestPki, port: int, rcpts: list[str], category: str = "marketing"
+    pki: TestPki,
+    port: int,
+    rcpts: list[str],
+    category: str = "marketing",
+    message_id: str = "<test-1@sender.example>",
 ) -> tuple[int, str]:
 
     ctx = ssl.create_default_context(cafile=str(pki.ca_pem))
@@ -142,7 +146,7 @@ async def send(
         await smtp.mail("app@sender.example")
         for r in rcpts:
             await smtp.rcpt(r)
-        return await smtp.data(message(rcpts, category=category))
+        return await smtp.data(message(rcpts, category=category, message_id=message_id))
     except aiosmtplib.SMTPResponseException as exc:
         return exc.code, exc.message
     finally:
