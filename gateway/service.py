@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ from gateway.smtp.server import (
     Limits,
 )
 from gateway.store.embedded import EmbeddedRedis
-from gateway.store.redis_store import OptOutStore
+from gateway.store.redis_store import KEY_REFRESH_S, OptOutStore
 from gateway.unsubscribe import Unsubscriber
 
 log = structlog.get_logger("optgate")
@@ -90,6 +91,7 @@ class Gateway:
     ports: Ports = field(default_factory=Ports)
     _rules: Rules | None = None
     _ring: Keyring | None = None
+    _last_key_refresh: float = -KEY_REFRESH_S
     _servers: list[asyncio.Server] = field(default_factory=list)
     _closers: list[Any] = field(default_factory=list)
     store: OptOutStore | None = None
@@ -129,7 +131,7 @@ class Gateway:
         dkim_keys = dkim.load_keys(cfg.dkim)  # read once; a key that cannot sign stops here
 
         self.store, embedded = await open_store(cfg, self._ring)
-        self.store.unknown_key_hook = self._key_file_changed
+        self.store.unknown_key_hook = lambda: self._key_file_changed("a record under a new key")
         if embedded is not None:
             self._closers.append(embedded.release)  # runs last: after the store is closed
         self._closers.append(self.store.close)
@@ -170,6 +172,7 @@ class Gateway:
             audit=self.audit,
             keyring=lambda: self.keyring,
             rules=lambda: self.rules,
+            refresh_keys=lambda: self._key_file_changed("a token under a newer key"),
         )
         handler = GatewayHandler(
             flow=flow,
@@ -275,6 +278,7 @@ class Gateway:
             rules=lambda: self.rules,
             keyring=lambda: self.keyring,
             senders=auth,
+            refresh_keys=lambda: self._key_file_changed("a token under a newer key"),
         )
         modules = [importlib.import_module(name).setup for name in HTTP_MODULES]
         app = http_app.build_app(deps, modules)
@@ -311,11 +315,17 @@ class Gateway:
             self.store.set_keyring(ring)
         return ring
 
-    async def _key_file_changed(self) -> bool:
-        """The store met a record under a key id we lack: `optgate keys rotate` ran and
-        someone wrote under the new key before this process got SIGHUP. Take the new key
-        file now (keys only; rules wait for SIGHUP) rather than fail closed on that record
-        until an operator signals every instance. True when the keyring changed."""
+    async def _key_file_changed(self, why: str) -> bool:
+        """The store met a record, or a recipient brought a token, under a key we lack:
+        `optgate keys rotate` ran and another instance used the new key before this process
+        got SIGHUP. Take the new key file now (keys only; rules wait for SIGHUP) rather than
+        fail closed on that record, or refuse that unsubscribe link, until an operator
+        signals every instance. At most once per KEY_REFRESH_S, whatever the traffic (a
+        forged token names an unknown key too). True when the keyring changed."""
+        now = time.monotonic()
+        if now - self._last_key_refresh < KEY_REFRESH_S:
+            return False
+        self._last_key_refresh = now
         try:
             ring = self._reloaded_keyring()
         except (ConfigError, KeyringError) as exc:
@@ -324,8 +334,8 @@ class Gateway:
         if ring == self._ring:
             return False
         self._ring = ring
-        log.info("keys_refreshed", why="a record under a newer key id")
-        await self._audit_reload(ok=True, why="key file re-read: a record under a newer key id")
+        log.info("keys_refreshed", why=why)
+        await self._audit_reload(ok=True, why=f"key file re-read: {why}")
         return True
 
     async def _audit_reload(self, *, ok: bool, why: str) -> None:

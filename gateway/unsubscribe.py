@@ -26,7 +26,7 @@ import contextlib
 import email.errors
 import email.header
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Literal, Protocol
@@ -114,12 +114,15 @@ class Unsubscriber:
         keyring: Callable[[], Keyring],
         rules: Callable[[], Rules],
         clock: Callable[[], float] = time.time,
+        refresh_keys: Callable[[], Awaitable[bool]] | None = None,
     ) -> None:
         self._store = store
         self._audit = audit
         self._keyring = keyring
         self._rules = rules
         self._clock = clock
+        # Re-reads the key file (rate-limited by the service); True when the keyring changed.
+        self._refresh_keys = refresh_keys
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}  # pseudonym -> (lock, users)
 
     @contextlib.asynccontextmanager
@@ -140,7 +143,22 @@ class Unsubscriber:
         """The categories a recipient may decline by email, in the rules' order."""
         return [c for c in self._rules().categories.values() if c.opt_out and c.allows(CHANNEL)]
 
-    def verify(self, token: str) -> tokens.Claims | None:
+    async def verify(self, token: str) -> tokens.Claims | None:
+        """The token's claims, or None. A well-formed token under a key tag this process
+        does not know makes it re-read the key file once (another instance ran `keys
+        rotate` and already mails links signed with the new key) and verify again, so a
+        recipient's link works before every instance got SIGHUP."""
+        claims = self._verify(token)
+        if (
+            claims is None
+            and self._refresh_keys is not None
+            and tokens.names_unknown_key(self._keyring().token, token)
+            and await self._refresh_keys()
+        ):
+            claims = self._verify(token)
+        return claims
+
+    def _verify(self, token: str) -> tokens.Claims | None:
         names = [c.name for c in self.categories()]
         return tokens.verify(self._keyring().token, token, categories=names, now=self._clock())
 
@@ -211,7 +229,7 @@ class Unsubscriber:
             if token is None:
                 return MailResult.INVALID
             found = [token]
-        verified = [self.verify(t) for t in found]
+        verified = [await self.verify(t) for t in found]
         claims = [c for c in verified if c is not None]
         if len(claims) != len(verified):
             return MailResult.INVALID

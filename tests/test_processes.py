@@ -446,5 +446,7 @@ async def test_a_record_under_a_rotated_key_is_read_without_sighup(
         for line in f.read_bytes().splitlines()
     ]
     reloads = [e for e in entries if e["event"] == "config_reload"]
-    assert len(reloads) == 1 and reloads[0]["ok"] and "newer key id" in reloads[0]["why"]
+    assert (
+        len(reloads) == 1 and reloads[0]["ok"] and "a record under a new key" in reloads[0]["why"]
+    )
     assert optgate("audit", "verify", config=cfg).returncode == 0

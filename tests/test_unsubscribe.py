@@ -387,6 +387,49 @@ async def test_old_tokens_keep_working_after_keys_rotate_and_sighup(
     assert claims is not None and claims.kid == "t2"
 
 
+async def test_a_token_under_a_key_rotated_elsewhere_works_without_sighup(
+    gateway: Running, http: aiohttp.ClientSession
+) -> None:
+    """Another instance ran `keys rotate` (the key file is shared), got SIGHUP and mails
+    links signed with the new key; this one was not signalled. A recipient's click still
+    works: the unknown key tag makes it re-read the key file once."""
+    rotated = keys.rotate(gateway.gw.keyring)
+    keyfile.save(gateway.cfg.keys_file, rotated)
+    forged = tokens.mint(keys.generate().token, pseudonym=pseud(gateway, PAT), category="marketing",
+                         now=time.time())  # fmt: skip
+    async with http.post(url(gateway, forged), data=ONE_CLICK) as resp:
+        assert resp.status == 400  # a key nobody has: refused, and the file was re-read
+    assert await state(gateway) is None
+    assert gateway.gw.keyring.token.current[0] == "t2"  # ... which brought the new key
+    new = tokens.mint(rotated.token, pseudonym=pseud(gateway, "other@example.org"),
+                      category="marketing", now=time.time())  # fmt: skip
+    async with http.post(url(gateway, new), data=ONE_CLICK) as resp:
+        assert resp.status == 200
+    record = await state(gateway, "other@example.org")
+    assert record is not None and record.categories == {"marketing"}
+    reloads = [e for e in gateway.audit_entries() if e["event"] == "config_reload"]
+    assert [(e["ok"], e["why"]) for e in reloads] == [
+        (True, "key file re-read: a token under a newer key")
+    ]
+
+
+async def test_a_token_under_a_key_rotated_elsewhere_works_by_mail_too(gateway: Running) -> None:
+    rotated = keys.rotate(gateway.gw.keyring)
+    keyfile.save(gateway.cfg.keys_file, rotated)
+    new = tokens.mint(rotated.token, pseudonym=pseud(gateway, PAT), category="marketing",
+                      now=time.time())  # fmt: skip
+    smtp = await unauthenticated(gateway)
+    try:
+        await smtp.mail("pat.doe@example.org")
+        await smtp.rcpt(f"unsubscribe+{new}@unsubscribe.localhost")
+        code, _ = await smtp.data(unsub_message("unsubscribe"))
+        assert code == 250
+    finally:
+        smtp.close()
+    record = await state(gateway)
+    assert record is not None and record.categories == {"marketing"}
+
+
 # --- mailto -----------------------------------------------------------------------------------
 
 

@@ -94,6 +94,19 @@ def _table(
     return tuple(out)
 
 
+@lru_cache(maxsize=16)
+def _key_tags(keys: KeySet) -> frozenset[bytes]:
+    return frozenset(_tag(key, b"optgate/token/key")[:2] for _kid, key in keys.keys)
+
+
+def names_unknown_key(keys: KeySet, token: str) -> bool:
+    """True when `token` is well formed but its key tag is none of `keys`' (a token signed
+    under a key added by `keys rotate` that this process has not read yet). Says nothing
+    about its MAC: the caller re-reads its keys and verifies again."""
+    raw = _decode(token)
+    return raw is not None and raw[1:3] not in _key_tags(keys)
+
+
 def _category_tag(key: bytes, category: str) -> int:
     return _tag(key, b"optgate/token/category\x00" + category.encode())[0]
 

@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +50,9 @@ class HttpDeps:
     rules: Callable[[], Rules]
     keyring: Callable[[], Keyring]
     senders: Any  # gateway.senders.Authenticator
+    # Re-read the key file after another instance's `keys rotate` (rate-limited; True when
+    # the keyring changed); None where nothing can be re-read (tests, the CLI).
+    refresh_keys: Callable[[], Awaitable[bool]] | None = None
 
 
 DEPS_KEY = web.AppKey("deps", HttpDeps)

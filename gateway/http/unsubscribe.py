@@ -56,7 +56,7 @@ def _always_sent(request: web.Request) -> list[str]:
 
 async def get_page(request: web.Request) -> web.Response:
     unsub = request.app[UNSUBSCRIBER_KEY]
-    claims = unsub.verify(request.match_info["token"])
+    claims = await unsub.verify(request.match_info["token"])
     if claims is None:
         log.info("unsubscribe_invalid", method="GET")
         return _html(page.INVALID, 404)
@@ -94,7 +94,7 @@ def _preferences(
 async def post(request: web.Request) -> web.Response:
     received = Receipt.now()
     unsub = request.app[UNSUBSCRIBER_KEY]
-    claims = unsub.verify(request.match_info["token"])
+    claims = await unsub.verify(request.match_info["token"])
     if claims is None:
         log.info("unsubscribe_invalid", method="POST")
         return _html(page.INVALID, 400)
@@ -147,7 +147,11 @@ async def post(request: web.Request) -> web.Response:
 
 def setup(app: web.Application, deps: HttpDeps) -> None:
     app[UNSUBSCRIBER_KEY] = Unsubscriber(
-        store=deps.store, audit=deps.audit, keyring=deps.keyring, rules=deps.rules
+        store=deps.store,
+        audit=deps.audit,
+        keyring=deps.keyring,
+        rules=deps.rules,
+        refresh_keys=deps.refresh_keys,
     )
     app.router.add_get(ROUTE, get_page)
     app.router.add_post(ROUTE, post)

@@ -383,7 +383,7 @@ class GatewayHandler:
         envelope.optgate_unsubscribe.clear()
         return "250 2.1.0 Sender ok"
 
-    def _unsubscribe_rcpt(self, envelope: GatewayEnvelope, address: str) -> str | None:
+    async def _unsubscribe_rcpt(self, envelope: GatewayEnvelope, address: str) -> str | None:
         """The reply to an RCPT of the unsubscribe mailbox; None for any other address."""
         if self.unsubscribe is None or self.links is None or not self.links.is_mailbox(address):
             return None
@@ -393,7 +393,7 @@ class GatewayHandler:
         token = ""
         if "+" in local:
             token = local.partition("+")[2].lower()
-            if self.unsubscribe.verify(token) is None:
+            if await self.unsubscribe.verify(token) is None:
                 return "550 5.1.1 Unknown unsubscribe address"
         if len(envelope.optgate_unsubscribe) >= self.limits.max_recipients:
             return "452 4.5.3 Too many recipients"
@@ -409,7 +409,7 @@ class GatewayHandler:
         address: str,
         options: list[str],
     ) -> str:
-        unsubscribe = self._unsubscribe_rcpt(envelope, address)
+        unsubscribe = await self._unsubscribe_rcpt(envelope, address)
         if unsubscribe is not None:
             return unsubscribe
         if self._sender(server, session) is None:
