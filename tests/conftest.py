@@ -3,8 +3,13 @@ a TLS 1.3 aiosmtpd upstream that records what it receives, and certificates made
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import ssl
-from collections.abc import AsyncIterator, Callable
+import time
+import warnings
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -12,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import aiosmtplib
 import orjson
 import pytest
+import redis
 
 from gateway import config as config_mod
 from gateway import logs
@@ -23,6 +29,51 @@ if TYPE_CHECKING:
 
 APP_PASSWORD = "app-secret-for-tests"
 logs.silence_phi_loggers()
+
+
+LEFT_RUNNING_GRACE_S = 3.0  # a server told to SHUTDOWN exits in milliseconds
+
+
+def _servers_under(folder: Path) -> list[tuple[int, str]]:
+    """(pid, command line) of every redis/valkey server whose socket is under `folder`."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode("utf-8", "replace")
+        except OSError:
+            continue
+        if ("valkey-server" in cmd or "redis-server" in cmd) and str(folder) in cmd:
+            found.append((int(proc.name), cmd))
+    return found
+
+
+@pytest.fixture(autouse=True)
+def _no_store_left_running(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[None]:
+    """An embedded server a test started must be gone when the test is: end any that is
+    not (it was started for this test's folder, so nobody else uses it) and say which
+    test left it and who was still connected, so the leak can be found."""
+    yield
+    deadline = time.monotonic() + LEFT_RUNNING_GRACE_S
+    while (left := _servers_under(tmp_path)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pid, cmd in left:
+        clients = "?"
+        sock = next((p for p in cmd.split() if p.endswith(".sock")), "").partition(":")[2]
+        if sock:
+            with (
+                contextlib.suppress(Exception),
+                redis.Redis(unix_socket_path=sock, socket_timeout=1) as r,
+            ):
+                clients = ", ".join(str(c.get("name") or "-") for c in r.client_list())
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        warnings.warn(
+            f"{request.node.nodeid} left an embedded store running (pid {pid}, clients: "
+            f"{clients}); ended it",
+            stacklevel=1,
+        )
 
 
 @pytest.fixture
