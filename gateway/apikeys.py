@@ -23,7 +23,7 @@ import hmac
 import re
 import secrets
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import orjson
 
@@ -49,6 +49,12 @@ class ApiKey:
     role: str
     created_at: float
     label: str = ""
+
+
+def access_event(key: ApiKey, action: str, **fields: Any) -> dict[str, Any]:
+    """The ``admin_access`` audit entry of a call made with `key`."""
+    return {"event": "admin_access", "action": action, "key_id": key.kid, "role": key.role,
+            **fields}  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

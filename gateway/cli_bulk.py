@@ -37,7 +37,7 @@ from gateway.config import Config
 from gateway.core.keys import Keyring
 from gateway.core.records import CHANNELS
 from gateway.errors import AuditError, StoreUnavailable
-from gateway.optout_lines import CLI, READ_CHUNK, Export, HeaderError, ImportJob
+from gateway.optout_lines import CLI, READ_CHUNK, Export, HeaderError, ImportJob, JobContext
 from gateway.store.redis_store import OptOutStore
 
 log = structlog.get_logger("optgate.cli")
@@ -92,15 +92,10 @@ async def _chunks(fd: int) -> AsyncIterator[bytes]:
         yield chunk
 
 
-def _deps(cfg: Config, store: OptOutStore, audit: Any, ring: Keyring) -> Any:
-    """What the shared import job reads, handed over as the admin API hands it over."""
-    from gateway.http.app import HttpDeps
-
+def _deps(cfg: Config, store: OptOutStore, audit: Any, ring: Keyring) -> JobContext:
+    """What the shared import job reads (the admin API hands it its `HttpDeps`)."""
     rules = rules_io.load_dir(rules_io.choose_dir(cfg.rules_dir, cfg.base_dir))
-    return HttpDeps(
-        cfg=cfg, store=store, audit=audit, rules=lambda: rules, keyring=lambda: ring,
-        senders=None,
-    )  # fmt: skip
+    return JobContext(cfg=cfg, store=store, audit=audit, rules=lambda: rules, keyring=lambda: ring)
 
 
 def cmd_import(args: argparse.Namespace) -> int:

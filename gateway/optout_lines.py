@@ -31,17 +31,28 @@ import collections
 import csv
 import io
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import orjson
 
 from gateway import metrics
-from gateway.apikeys import ApiKey
+from gateway.apikeys import ApiKey, access_event
+from gateway.config import Config
+from gateway.core.keys import Keyring
 from gateway.core.records import CORRUPT, Record, pseudonym
-from gateway.http import admin
-from gateway.http.app import HttpDeps
+from gateway.core.rules import Rules
+from gateway.optout_fields import (
+    BadInput,
+    canonical,
+    categories_of,
+    change_events,
+    channel_of,
+    member,
+    record_json,
+    source_of,
+)
 from gateway.store import bulk
 from gateway.store.redis_store import OptOutStore, Written, record_key
 
@@ -63,9 +74,35 @@ _TRUE: Final = frozenset({"true", "1", "yes"})
 _FALSE: Final = frozenset({"false", "0", "no", ""})
 
 
-class HeaderError(admin.BadInput):
+class HeaderError(BadInput):
     """The CSV header is unusable, so no line after it can be read: the whole input is
     refused (nothing is written). The message names the line and never quotes input."""
+
+
+class Context(Protocol):
+    """What a bulk job reads: the admin API's `HttpDeps`, or the CLI's `JobContext`."""
+
+    @property
+    def cfg(self) -> Config: ...
+    @property
+    def store(self) -> Any: ...  # OptOutStore
+    @property
+    def audit(self) -> Any: ...  # AuditWriter
+    @property
+    def rules(self) -> Callable[[], Rules]: ...
+    @property
+    def keyring(self) -> Callable[[], Keyring]: ...
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobContext:
+    """A `Context` outside the HTTPS app (the command line)."""
+
+    cfg: Config
+    store: Any
+    audit: Any
+    rules: Callable[[], Rules]
+    keyring: Callable[[], Keyring]
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,13 +115,13 @@ class Actor:
     def access(self, action: str, **fields: Any) -> dict[str, Any]:
         """An ``admin_access`` entry for `action` ("optout.import", "optout.export"...)."""
         if self.key is not None:
-            return admin.audit_access(self.key, action, **fields)
+            return access_event(self.key, action, **fields)
         return {"event": "admin_access", "action": action, "by": "cli", **fields}
 
     def changes(self, written: Written, item: bulk.OptOutItem) -> list[dict[str, Any]]:
-        """The ``optout`` entries of one imported record (`admin.change_events`)."""
+        """The ``optout`` entries of one imported record (`change_events`)."""
         by = {"key_id": self.key.kid} if self.key is not None else {"by": "cli"}
-        return admin.change_events(
+        return change_events(
             written, channel=item.channel, pseud=item.pseudonym, source=item.source,
             by=by, via="import",
         )  # fmt: skip
@@ -125,7 +162,7 @@ def _bool(value: Any) -> bool:
         return value
     if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
         return value.strip().lower() in _TRUE
-    raise admin.BadInput("all must be true or false")
+    raise BadInput("all must be true or false")
 
 
 class LineReader:
@@ -140,31 +177,31 @@ class LineReader:
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
-            raise admin.BadInput("not UTF-8") from None
+            raise BadInput("not UTF-8") from None
         if not self.csv_mode:
             try:
                 doc = orjson.loads(text)
             except orjson.JSONDecodeError:
-                raise admin.BadInput("not a JSON object") from None
+                raise BadInput("not a JSON object") from None
             if not isinstance(doc, dict):
-                raise admin.BadInput("not a JSON object")
+                raise BadInput("not a JSON object")
             return doc
         try:
             row = next(csv.reader([text]))
         except (csv.Error, StopIteration):
-            raise admin.BadInput("not a CSV record") from None
+            raise BadInput("not a CSV record") from None
         if self.header is None:
             if row:
                 row[0] = row[0].lstrip("\ufeff")  # the byte-order mark spreadsheets write
             header = [c.strip().lower() for c in row]
             if not {"channel", "address"} <= set(header):
-                raise admin.BadInput("the CSV header must name channel and address")
+                raise BadInput("the CSV header must name channel and address")
             if set(header) - LINE_FIELDS - EXPORT_ONLY:
-                raise admin.BadInput(f"unknown CSV column (known: {', '.join(CSV_COLUMNS)})")
+                raise BadInput(f"unknown CSV column (known: {', '.join(CSV_COLUMNS)})")
             self.header = header
             return None
         if len(row) != len(self.header):
-            raise admin.BadInput(f"expected {len(self.header)} columns, got {len(row)}")
+            raise BadInput(f"expected {len(self.header)} columns, got {len(row)}")
         doc = {k: v for k, v in zip(self.header, row, strict=True) if k in LINE_FIELDS}
         cats = doc.get("categories", "")
         doc["categories"] = [c.strip() for c in cats.replace("|", ";").split(";") if c.strip()]
@@ -173,22 +210,22 @@ class LineReader:
         return doc
 
 
-def item_of(deps: HttpDeps, doc: dict[str, Any]) -> bulk.OptOutItem:
+def item_of(deps: Context, doc: dict[str, Any]) -> bulk.OptOutItem:
     """One line's fields as an opt-out to add; BadInput (safe to show) if invalid."""
     if set(doc) - LINE_FIELDS - EXPORT_ONLY:
-        raise admin.BadInput("unknown member (allowed: channel, address, categories, all, source)")
-    channel = admin.channel_of(doc.get("channel"))
-    address, key_form = admin.canonical(deps, channel, doc.get("address"))
+        raise BadInput("unknown member (allowed: channel, address, categories, all, source)")
+    channel = channel_of(doc.get("channel"))
+    address, key_form = canonical(channel, doc.get("address"), region=deps.cfg.sms_default_region)
     everything = _bool(doc.get("all", False))
-    cats = admin.categories_of(deps, channel, admin.member(doc, "categories"))
+    cats = categories_of(deps.rules(), channel, member(doc, "categories"))
     if not everything and not cats:
-        raise admin.BadInput("give categories or all: true")
+        raise BadInput("give categories or all: true")
     return bulk.OptOutItem(
         channel=channel,
         pseudonym=pseudonym(deps.keyring(), channel, key_form),
         categories=cats,
         all=everything,
-        source=admin.source_of(admin.member(doc, "source"), DEFAULT_SOURCE),
+        source=source_of(member(doc, "source"), DEFAULT_SOURCE),
         address=address,
     )
 
@@ -197,7 +234,7 @@ class ImportJob:
     """One import's progress: the batch being gathered, up to `WRITE_DEPTH` batches being
     written while the next is read, counts and reported errors."""
 
-    def __init__(self, deps: HttpDeps, actor: Actor) -> None:
+    def __init__(self, deps: Context, actor: Actor) -> None:
         self.deps, self.actor = deps, actor
         self.batch: list[tuple[int, bulk.OptOutItem]] = []
         self.keys: set[str] = set()
@@ -224,7 +261,7 @@ class ImportJob:
                 if doc is None:
                     continue  # the CSV header
                 await self.add(self.lines, item_of(self.deps, doc))
-            except admin.BadInput as exc:
+            except BadInput as exc:
                 if reader.csv_mode and reader.header is None:
                     raise HeaderError(f"line {self.lines}: {exc}") from None
                 self.reject(self.lines, str(exc))
@@ -314,7 +351,7 @@ class ImportJob:
 
 def export_line(csv_mode: bool, channel: str, pseud: str, record: Record) -> bytes:
     """One record as an export line (a record kept without an address: address null)."""
-    doc = admin.record_json(channel, pseud, record)
+    doc = record_json(channel, pseud, record)
     doc["address"] = record.address or None
     if not csv_mode:
         return orjson.dumps(doc) + b"\n"

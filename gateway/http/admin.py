@@ -14,10 +14,8 @@ the route template only, and no problem document ever quotes an address.
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 from typing import Any, Final
 
 import orjson
@@ -26,30 +24,25 @@ from aiohttp import web
 
 from gateway import apikeys, metrics
 from gateway.apikeys import ApiKey
-from gateway.core.addresses import AddressProblem, parse_email, parse_phone
-from gateway.core.records import CHANNELS, Record, pseudonym
+from gateway.core.records import pseudonym
 from gateway.errors import AuditError, RecordCorrupt, StoreUnavailable
 from gateway.http.app import DEPS_KEY, HttpDeps, problem
-from gateway.store.redis_store import Written
+from gateway.optout_fields import (
+    BadInput,
+    canonical,
+    categories_of,
+    change_events,
+    channel_of,
+    member,
+    record_json,
+    source_of,
+)
 
 log = structlog.get_logger("optgate.http.admin")
 
 RETRY_AFTER_S: Final = "1"
-SOURCE_RE: Final = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # a system's name, never a person's
 
 AdminHandler = Callable[[web.Request, ApiKey], Awaitable[web.StreamResponse]]
-
-
-_ABSENT: Final = object()  # a member not given at all (null is given, and invalid)
-
-
-def member(doc: dict[str, Any] | Any, name: str) -> Any:
-    """`doc[name]`, or a marker that validators take as "not given"."""
-    return doc.get(name, _ABSENT) if hasattr(doc, "get") else _ABSENT
-
-
-class BadInput(ValueError):
-    """A request field is invalid; the message is safe to show (it never quotes input)."""
 
 
 def unavailable(what: str) -> web.Response:
@@ -126,94 +119,6 @@ def requires(role: str) -> Callable[[AdminHandler], Callable[[web.Request], Awai
     return wrap
 
 
-# -- shared validation -----------------------------------------------------------------
-
-
-def channel_of(value: Any) -> str:
-    if value not in CHANNELS:
-        raise BadInput("channel must be email or sms")
-    return str(value)
-
-
-def canonical(deps: HttpDeps, channel: str, address: Any) -> tuple[str, str]:
-    """(canonical address, the form its pseudonym is made from); BadInput if invalid."""
-    if not isinstance(address, str) or not address:
-        raise BadInput("address is required")
-    if channel == "email":
-        parsed = parse_email(address, smtputf8=True)
-        if isinstance(parsed, AddressProblem):
-            raise BadInput("not a valid email address")
-        return parsed.address, parsed.key_form
-    phone = parse_phone(address, region=deps.cfg.sms_default_region)
-    if phone is None:
-        raise BadInput("not a valid phone number")
-    return phone.e164, phone.key_form
-
-
-def categories_of(deps: HttpDeps, channel: str, value: Any) -> frozenset[str]:
-    if value is _ABSENT:
-        return frozenset()
-    if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
-        raise BadInput("categories must be a list of category names")
-    rules = deps.rules()
-    for name in value:
-        cat = rules.category(name)
-        if cat is None:
-            raise BadInput("unknown category")
-        if not cat.opt_out:
-            raise BadInput(f"category {name} cannot be opted out of (opt_out = false)")
-        if not cat.allows(channel):
-            raise BadInput(f"category {name} does not apply to channel {channel}")
-    return frozenset(value)
-
-
-def source_of(value: Any, default: str) -> str:
-    if value is _ABSENT:
-        return default
-    if not isinstance(value, str) or not SOURCE_RE.fullmatch(value):
-        raise BadInput("source must be 1-64 letters, digits or _ . : -")
-    return value
-
-
-def record_json(channel: str, pseud: str, record: Record | None) -> dict[str, Any]:
-    """The SPEC §12 shape (as `optgate optout get`), plus the recipient's pseudonym."""
-    when = None
-    if record is not None:
-        when = datetime.fromtimestamp(record.updated_at, UTC).isoformat(timespec="seconds")
-        when = when.replace("+00:00", "Z")
-    return {
-        "channel": channel,
-        "recipient": pseud,
-        "all": bool(record and record.all),
-        "categories": sorted(record.categories) if record else [],
-        "updated_at": when,
-        "source": record.source if record else None,
-    }
-
-
-def change_events(
-    written: Written, *, channel: str, pseud: str, source: str, by: dict[str, str], via: str
-) -> list[dict[str, Any]]:
-    """The audit entries of one write: an ``optout`` for what was added, an ``optin`` for
-    what was removed (one call may do both); a write that changed nothing is an
-    ``optout`` re-affirming the state (or an ``optin`` of nothing). `by` names who made
-    it (``{"key_id": ...}`` for an API key, ``{"by": "cli"}`` for the command line)."""
-    b, a = written.before or Record(), written.after or Record()
-    base = {"channel": channel, "recipient": pseud, "source": source, **by}
-    base.update(via=via, change=written.change_id)
-    added, removed = sorted(a.categories - b.categories), sorted(b.categories - a.categories)
-    all_on, all_off = a.all and not b.all, b.all and not a.all
-    events = []
-    if added or all_on:
-        events.append({"event": "optout", "categories": added, "all": all_on, **base})
-    if removed or all_off:
-        events.append({"event": "optin", "categories": removed, "all": all_off, **base})
-    if not events:
-        kind = "optout" if not a.empty else "optin"
-        events.append({"event": kind, "categories": sorted(a.categories), "all": a.all, **base})
-    return events
-
-
 def count_change(events: list[dict[str, Any]], source: str, started: float) -> None:
     for e in events:
         metrics.optout_change(str(e["event"]), source)
@@ -230,7 +135,9 @@ async def _target(request: web.Request) -> tuple[HttpDeps, str, str, str]:
         channel = channel_of(request.match_info["channel"])
     except BadInput:
         raise web.HTTPNotFound() from None
-    address, key_form = canonical(deps, channel, request.match_info["address"])
+    address, key_form = canonical(
+        channel, request.match_info["address"], region=deps.cfg.sms_default_region
+    )
     return deps, channel, address, pseudonym(deps.keyring(), channel, key_form)
 
 
@@ -242,7 +149,7 @@ async def get_optout(request: web.Request, key: ApiKey) -> web.Response:
         record = await deps.store.get(channel, pseud)
     except RecordCorrupt:
         return problem(500, "Internal Server Error", detail="the stored record is unreadable")
-    await audit(deps, [audit_access(key, "optout.get", channel=channel, recipient=pseud)])
+    await audit(deps, [apikeys.access_event(key, "optout.get", channel=channel, recipient=pseud)])
     return web.json_response(record_json(channel, pseud, record))
 
 
@@ -268,7 +175,7 @@ async def put_optout(request: web.Request, key: ApiKey) -> web.Response:
     everything = body.get("all", False)
     if not isinstance(everything, bool):
         raise BadInput("all must be true or false")
-    cats = categories_of(deps, channel, member(body, "categories"))
+    cats = categories_of(deps.rules(), channel, member(body, "categories"))
     source = source_of(member(body, "source"), "api")
     written = await deps.store.replace(
         channel, pseud, categories=cats, all=everything, source=source, now=time.time(),
@@ -294,16 +201,6 @@ async def delete_optout(request: web.Request, key: ApiKey) -> web.Response:
     await audit(deps, events)
     count_change(events, source, time.monotonic())
     return web.json_response(record_json(channel, pseud, None))
-
-
-def audit_access(key: ApiKey, action: str, **fields: Any) -> dict[str, Any]:
-    return {
-        "event": "admin_access",
-        "action": action,
-        "key_id": key.kid,
-        "role": key.role,
-        **fields,
-    }
 
 
 def setup(app: web.Application, deps: HttpDeps) -> None:

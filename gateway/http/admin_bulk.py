@@ -28,6 +28,7 @@ from gateway.core.records import CHANNELS
 from gateway.errors import AuditError, StoreUnavailable
 from gateway.http import admin
 from gateway.http.app import DEPS_KEY, problem
+from gateway.optout_fields import BadInput, channel_of
 from gateway.optout_lines import READ_CHUNK, Actor, Export, HeaderError, ImportJob
 
 log = structlog.get_logger("optgate.http.admin")
@@ -75,10 +76,10 @@ async def import_optouts(request: web.Request, key: ApiKey) -> web.Response:
 async def export_optouts(request: web.Request, key: ApiKey) -> web.StreamResponse:
     """Every opt-out record, addresses decrypted, streamed."""
     deps, q = request.app[DEPS_KEY], request.query
-    channels = (admin.channel_of(q["channel"]),) if "channel" in q else tuple(CHANNELS)
+    channels = (channel_of(q["channel"]),) if "channel" in q else tuple(CHANNELS)
     fmt = q.get("format", "csv" if CSV_TYPE in request.headers.get("Accept", "") else "ndjson")
     if fmt not in ("ndjson", "csv"):
-        raise admin.BadInput("format must be ndjson or csv")
+        raise BadInput("format must be ndjson or csv")
     actor = Actor(key)
     export = Export(deps.store, channels, csv_mode=fmt == "csv")
     await admin.audit(deps, [actor.access("optout.export", channels=list(channels))])

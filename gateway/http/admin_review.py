@@ -22,6 +22,7 @@ from gateway.audit import verify as audit_verify
 from gateway.core.records import pseudonym
 from gateway.http import admin
 from gateway.http.app import DEPS_KEY, problem
+from gateway.optout_fields import BadInput, canonical, channel_of
 
 AUDIT_LIMIT: Final = 1000  # entries per audit search page, by default
 AUDIT_MAX_LIMIT: Final = 10_000  # bounds the memory of one answer
@@ -37,7 +38,7 @@ def _time(value: str | None, name: str) -> datetime | None:
     try:
         when = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
-        raise admin.BadInput(f"{name} must be an ISO-8601 time") from None
+        raise BadInput(f"{name} must be an ISO-8601 time") from None
     return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
@@ -45,7 +46,7 @@ def _limit(value: str | None) -> int:
     if value is None:
         return AUDIT_LIMIT
     if not value.isdigit() or not 1 <= int(value) <= AUDIT_MAX_LIMIT:
-        raise admin.BadInput(f"limit must be between 1 and {AUDIT_MAX_LIMIT}")
+        raise BadInput(f"limit must be between 1 and {AUDIT_MAX_LIMIT}")
     return int(value)
 
 
@@ -53,14 +54,14 @@ def _limit(value: str | None) -> int:
 async def search_audit(request: web.Request, key: ApiKey) -> web.Response:
     """Audit entries matching every filter given, oldest first."""
     deps, q = request.app[DEPS_KEY], request.query
-    channel = admin.channel_of(q["channel"]) if "channel" in q else None
+    channel = channel_of(q["channel"]) if "channel" in q else None
     decision = q.get("decision")
     if decision is not None and decision not in DECISIONS:
-        raise admin.BadInput("decision must be allow, suppress, defer or reject")
+        raise BadInput("decision must be allow, suppress, defer or reject")
     recipient = None
     if q.get("recipient"):
         on = channel or ("email" if "@" in q["recipient"] else "sms")
-        _, key_form = admin.canonical(deps, on, q["recipient"])
+        _, key_form = canonical(on, q["recipient"], region=deps.cfg.sms_default_region)
         recipient = pseudonym(deps.keyring(), on, key_form)  # the address is never kept
     since, until = _time(q.get("since"), "since"), _time(q.get("until"), "until")
     category, sender, event = q.get("category"), q.get("sender"), q.get("event")
@@ -77,7 +78,7 @@ async def search_audit(request: web.Request, key: ApiKey) -> web.Response:
     }
     await admin.audit(
         deps,
-        [admin.audit_access(key, "audit.search", filters={k: v for k, v in shown.items() if v})],
+        [apikeys.access_event(key, "audit.search", filters={k: v for k, v in shown.items() if v})],
     )
 
     def run() -> list[dict[str, Any]]:
@@ -111,7 +112,7 @@ def _key_json(info: ApiKey) -> dict[str, Any]:
 async def list_api_keys(request: web.Request, key: ApiKey) -> web.Response:
     deps = request.app[DEPS_KEY]
     keys = await apikeys.list_keys(deps.store)
-    await admin.audit(deps, [admin.audit_access(key, "api_keys.list")])
+    await admin.audit(deps, [apikeys.access_event(key, "api_keys.list")])
     return web.json_response({"keys": [_key_json(k) for k in keys]})
 
 
@@ -120,15 +121,13 @@ async def create_api_key(request: web.Request, key: ApiKey) -> web.Response:
     deps = request.app[DEPS_KEY]
     body = await admin.json_body(request)
     if set(body) - {"role", "label"}:
-        raise admin.BadInput("unknown member in the body (allowed: role, label)")
+        raise BadInput("unknown member in the body (allowed: role, label)")
     role, label = body.get("role"), body.get("label", "")
     if role not in apikeys.ROLES:
-        raise admin.BadInput("role must be preferences, auditor or admin")
+        raise BadInput("role must be preferences, auditor or admin")
     if not isinstance(label, str) or not apikeys.LABEL_RE.fullmatch(label):
-        raise admin.BadInput("label: up to 64 letters, digits, spaces and _ . : -")
-    made = await apikeys.create(
-        deps.store, deps.keyring(), role=role, now=time.time(), label=label
-    )
+        raise BadInput("label: up to 64 letters, digits, spaces and _ . : -")
+    made = await apikeys.create(deps.store, deps.keyring(), role=role, now=time.time(), label=label)
     await admin.audit(
         deps,
         [{"event": "api_key_created", "key_id": made.info.kid, "role": role, "by": key.kid}],
