@@ -331,6 +331,8 @@ async def test_unsendable_addresses_never_reach_the_upstream(
         "c@y.example\r\nRCPT TO:<evil@z.example>",
         "Bob <b@y.example>, evil@z.example",
         "b@y.example (comment)",
+        "b;c@y.example",
+        "b\\c@y.example",
         "no-at-sign",
     ]
     up = make_upstream(sink)

@@ -40,7 +40,6 @@ from urllib.parse import urlsplit
 
 import aiosmtplib
 import structlog
-from aiosmtplib.email import quote_address
 
 from gateway.config import Config
 from gateway.errors import ConfigError, UpstreamUnavailable
@@ -56,6 +55,9 @@ QUIT_TIMEOUT_S = 2.0  # a polite QUIT must not hold up shutdown
 MAX_REPLY_TEXT = 200  # provider text kept per recipient; enough for an enhanced code and reason
 _WEAK_TLS = frozenset({"SSLv2", "SSLv3", "TLSv1", "TLSv1.1", "TLSv1.2"})
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# Never in an address we send: controls, space, and the specials a Dot-string cannot hold
+# (RFC 5321 §4.1.2; the inbound parser already refuses quoted local parts and literals).
+_UNSENDABLE = re.compile(r'[\x00-\x20\x7f<>()\[\]\\,;:"]')
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -147,17 +149,28 @@ def _translated(stage: _Stage) -> Iterator[None]:
         raise _broken(stage, exc, kind="other") from exc
 
 
+async def _envelope(
+    smtp: aiosmtplib.SMTP, verb: bytes, address: str, options: Sequence[bytes], encoding: str
+) -> None:
+    """``MAIL FROM:<address>`` or ``RCPT TO:<address>``, byte for byte; a reply other than
+    250 (or 251 to RCPT) raises aiosmtplib's own exception for `_translated`."""
+    arg = (b"FROM:<" if verb == b"MAIL" else b"TO:<") + address.encode(encoding) + b">"
+    reply = await smtp.execute_command(verb, arg, *options)
+    if verb == b"MAIL" and reply.code != 250:
+        raise aiosmtplib.SMTPSenderRefused(reply.code, reply.message, address)
+    if verb == b"RCPT" and reply.code not in (250, 251):
+        raise aiosmtplib.SMTPRecipientRefused(reply.code, reply.message, address)
+
+
 def _clean(text: str) -> str:
     return _CONTROL.sub(" ", text)[:MAX_REPLY_TEXT]
 
 
 def _address_problem(address: str, *, smtputf8: bool, sender: bool) -> tuple[int, str] | None:
-    """Refuse what aiosmtplib would not put on the wire as exactly `<address>` (threats S5, S6)."""
-    try:
-        exact = quote_address(address) == f"<{address}>"
-    except ValueError:
-        exact = False
-    if not exact or _CONTROL.search(address) or (not sender and "@" not in address):
+    """Refuse what cannot go on the wire as exactly `<address>` (threats S5, S6). MAIL and
+    RCPT are written here (`_envelope`), not through aiosmtplib's `mail()`/`rcpt()`, whose
+    address parser could send another string than the one that was checked."""
+    if _UNSENDABLE.search(address) or (not sender and "@" not in address):
         return (553, f"5.1.{7 if sender else 3} Address cannot be sent as given")
     if not smtputf8 and not address.isascii():
         return (553, "5.6.7 Non-ASCII address needs SMTPUTF8")
@@ -322,18 +335,18 @@ class SmtpUpstream:
         if copy.smtputf8 and not smtp.supports_extension("smtputf8"):
             t.fail(rcpts, 553, "5.6.7 Upstream does not support SMTPUTF8")
             return True
-        options: list[str] = []
+        options: list[bytes] = []
         if smtp.supports_extension("size"):
             # Advisory only; the flow has already refused bare CR/LF, so no normalising pass.
-            options.append(f"SIZE={len(copy.data)}")
+            options.append(b"SIZE=%d" % len(copy.data))
         if copy.smtputf8:
-            options.append("SMTPUTF8")
+            options.append(b"SMTPUTF8")
         if not copy.data.isascii() and smtp.supports_extension("8bitmime"):
-            options.append("BODY=8BITMIME")
+            options.append(b"BODY=8BITMIME")
         encoding = "utf-8" if copy.smtputf8 else "ascii"
         try:
             with _translated("mail"):
-                await smtp.mail(copy.mail_from, options=options, encoding=encoding)
+                await _envelope(smtp, b"MAIL", copy.mail_from, options, encoding)
         except _Reply as r:
             t.fail(rcpts, r.code, r.text)
             return True
@@ -341,7 +354,7 @@ class SmtpUpstream:
         for rcpt in rcpts:
             try:
                 with _translated("rcpt"):
-                    await smtp.rcpt(rcpt, encoding=encoding)
+                    await _envelope(smtp, b"RCPT", rcpt, (), encoding)
                 live.append(rcpt)
             except _Reply as r:
                 t.fail([rcpt], r.code, r.text)
