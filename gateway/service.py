@@ -2,8 +2,10 @@
 
 Start order puts every check that can fail before any listener opens, so a bad config,
 rules folder or key file ends the process with one clear error (exit 2) and a working
-gateway never half-starts. Stop order follows uvicorn: close listeners, let sessions
-finish up to a grace period, then close the upstream pool, the audit log and the store.
+gateway never half-starts. Stop order follows uvicorn: close listeners, let SMTP
+transactions and HTTP requests in flight finish up to a grace period (a session between
+transactions gets ``421 4.3.2`` at once), then close the upstream pool, the audit log and
+the store.
 """
 
 from __future__ import annotations
@@ -92,6 +94,8 @@ class Gateway:
     _rules: Rules | None = None
     _ring: Keyring | None = None
     _last_key_refresh: float = -KEY_REFRESH_S
+    _limiter: ConnectionLimiter | None = None
+    _http_runner: Any = None  # aiohttp.web.AppRunner
     _servers: list[asyncio.Server] = field(default_factory=list)
     _closers: list[Any] = field(default_factory=list)
     store: OptOutStore | None = None
@@ -183,7 +187,7 @@ class Gateway:
             unsubscribe=unsubscribe,
             links=links,
         )
-        limiter = ConnectionLimiter(cfg.max_connections_per_client)
+        limiter = self._limiter = ConnectionLimiter(cfg.max_connections_per_client)
         loop = asyncio.get_running_loop()
 
         def factory(*, implicit: bool) -> GatewaySMTP:
@@ -288,8 +292,9 @@ class Gateway:
             port=self.cfg.http_listen.port,
             ssl_context=ctx,
             reuse_port=self.reuse_port,
+            shutdown_timeout=GRACE_S,
         )
-        self._closers.append(runner.cleanup)
+        self._http_runner = runner  # stopped by stop(), beside the SMTP drain
 
     async def reload(self) -> bool:
         """Re-read rules and keys (SIGHUP). On any problem keep the old ones and say why."""
@@ -354,13 +359,20 @@ class Gateway:
             )
 
     async def stop(self, grace_s: float = GRACE_S) -> None:
+        """Stop accepting; let SMTP transactions in flight finish (up to `grace_s`) while
+        every session between transactions gets ``421 4.3.2``; then close what is left
+        and release the upstream pool, the HTTPS app, the audit log and the store."""
         for server in self._servers:
-            server.close()
-        for server in self._servers:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(grace_s):
-                    await server.wait_closed()
-        self._servers = []
+            server.close()  # no new connections; open ones stay (asyncio closes none)
+        draining = []
+        if self._limiter is not None and self._servers:
+            draining.append(self._limiter.drain(grace_s))
+        if self._http_runner is not None:
+            # aiohttp: stop listening, let requests in flight finish (shutdown_timeout), then
+            # the app's cleanup (the SMS provider client, the inbound queue worker).
+            draining.append(self._http_runner.cleanup())
+        self._servers, self._http_runner = [], None
+        await asyncio.gather(*draining, return_exceptions=True)
         for close in reversed(self._closers):
             with contextlib.suppress(Exception):
                 await close()

@@ -23,6 +23,7 @@ import orjson
 import pytest
 import redis
 
+from tests.conftest import APP_PASSWORD
 from tests.support.processes import (
     ServeProcess,
     base_doc,
@@ -32,6 +33,7 @@ from tests.support.processes import (
     with_upstream,
     write_config,
 )
+from tests.support.raw_smtp import RawSMTP
 from tests.support.smtp_sink import Sink, TestPki
 
 pytestmark = pytest.mark.slow
@@ -292,6 +294,81 @@ async def test_workers_share_ports_restart_and_stop_cleanly(
     assert not pid_file.exists()  # the embedded store was stopped with the service
     out = optgate("audit", "verify", config=cfg)
     assert out.returncode == 0, out.stdout
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_sigterm_lets_a_transaction_in_flight_finish(
+    tmp_path: Path, pki: TestPki, sink: Sink, served: list[ServeProcess], workers: int
+) -> None:
+    """Issue 6: SIGTERM stops accepting, lets a transaction in flight get its 250 after the
+    upstream accepted it, sends 421 4.3.2 at once to a session between transactions, and
+    exits 0. (Before: every open connection was dropped without a reply.)"""
+    port = free_port()
+    cfg = write_config(
+        tmp_path / "gw.toml", with_upstream(base_doc(tmp_path, pki, sink, "gw-t", port), sink, pki)
+    )
+    gw = ServeProcess(cfg, port, tmp_path / "gw.log", workers=workers)
+    served.append(gw)
+    await gw.wait_ready()
+    if workers > 1:
+        await asyncio.sleep(1.0)  # let the second worker bind too
+    ctx = ssl.create_default_context(cafile=str(pki.ca_pem))
+    idle = await RawSMTP.connect(port)
+    await idle.ready(ctx, "app", APP_PASSWORD)
+    sink.delay_data_s = 1.5  # the upstream holds its reply to DATA
+    busy = asyncio.create_task(send(pki, port, ["pat@example.org"]))
+    deadline = time.monotonic() + 10
+    while not sink.messages and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    assert sink.messages, "the message never reached the upstream"
+    gw.proc.send_signal(signal.SIGTERM)
+    stopped = time.monotonic()
+    code, text = await idle.reply()
+    assert (code, text.split()[1]) == (421, "4.3.2")
+    assert time.monotonic() - stopped < 1.0  # not held until the transaction ended
+    idle.close()
+    code, text = await busy
+    assert code == 250, text  # answered once the upstream accepted it
+    assert [m.rcpts for m in sink.messages] == [["pat@example.org"]]
+    with pytest.raises(OSError):
+        await asyncio.open_connection("127.0.0.1", port)  # no longer accepting
+    assert await asyncio.to_thread(gw.proc.wait, 20) == 0
+    assert time.monotonic() - stopped < 8.0  # nothing held it to the 10 s grace period
+    entries = [
+        orjson.loads(line)
+        for f in (tmp_path / "var" / "audit").glob("*.jsonl")
+        for line in f.read_bytes().splitlines()
+    ]
+    outcomes = [(e["event"], e.get("decision") or e.get("outcome")) for e in entries
+                if e.get("txn") and e["event"] in ("decision", "delivery")]  # fmt: skip
+    assert outcomes == [("decision", "allow"), ("delivery", "accepted")]
+
+
+async def test_a_client_that_connects_and_leaves_frees_its_slot_at_once(
+    tmp_path: Path, pki: TestPki, sink: Sink, served: list[ServeProcess]
+) -> None:
+    """Under serve's loop, a TCP health check (connect, close, nothing said) left a
+    half-open connection holding a per-client slot and a descriptor until the idle timeout
+    (aiosmtpd keeps the connection on EOF; its session task was cancelled before it ran)."""
+    port = free_port()
+    doc = with_upstream(base_doc(tmp_path, pki, sink, "gw-p", port), sink, pki)
+    doc["smtp"]["max_connections_per_client"] = 2
+    gw = ServeProcess(write_config(tmp_path / "gw.toml", doc), port, tmp_path / "gw.log")
+    served.append(gw)
+    await gw.wait_ready()  # itself such a probe
+    for _ in range(5):
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.close()
+        await writer.wait_closed()
+    await asyncio.sleep(0.3)
+    for _ in range(3):  # more than the limit, one after the other, each served
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            assert (await asyncio.wait_for(reader.readline(), 5)).startswith(b"220 ")
+        finally:
+            writer.close()
+            await writer.wait_closed()
+        await asyncio.sleep(0.1)
 
 
 async def test_keys_rotate_and_sighup_keep_records_and_chain(

@@ -128,14 +128,22 @@ ACCESS_LOGGER = "optgate.access"  # not aiohttp.access: that one is floored at W
 
 
 async def start_site(
-    app: web.Application, *, host: str, port: int, ssl_context: Any, reuse_port: bool = False
+    app: web.Application,
+    *,
+    host: str,
+    port: int,
+    ssl_context: Any,
+    reuse_port: bool = False,
+    shutdown_timeout: float = 10.0,
 ) -> tuple[web.AppRunner, int]:
-    """Serve `app` over TLS on host:port (0 = any free port). Returns (runner, bound port)."""
+    """Serve `app` over TLS on host:port (0 = any free port). Returns (runner, bound port).
+    `runner.cleanup()` lets requests in flight finish for up to `shutdown_timeout`."""
     runner = web.AppRunner(
         app,
         access_log_class=AccessLogger,
         access_log=logging.getLogger(ACCESS_LOGGER),
         handle_signals=False,
+        shutdown_timeout=shutdown_timeout,
     )
     await runner.setup()
     site = web.TCPSite(

@@ -26,7 +26,9 @@ and nothing is ever sent back (no backscatter, threats A20).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, AnyStr
 
@@ -87,12 +89,46 @@ _STOCK_REPLIES = {
 }
 
 
+SHUTDOWN_REPLY = b"421 4.3.2 Service shutting down, try again later\r\n"
+
+
 class ConnectionLimiter:
-    """Counts open connections per client address (shared by all listeners of a process)."""
+    """Counts open connections per client address, and keeps the open sessions so a stop
+    can drain them (shared by all listeners of a process)."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self._open: Counter[str] = Counter()
+        self._sessions: set[GatewaySMTP] = set()
+        self._none_left: asyncio.Event | None = None  # made by drain(), inside the loop
+        self.draining = False
+
+    def opened(self, session: GatewaySMTP) -> None:
+        self._sessions.add(session)
+
+    def closed(self, session: GatewaySMTP) -> None:
+        self._sessions.discard(session)
+        if not self._sessions and self._none_left is not None:
+            self._none_left.set()
+
+    async def drain(self, grace_s: float) -> None:
+        """Stop: no session starts a transaction from now on; each closes (``421 4.3.2``)
+        as soon as it is between transactions, at once for most; a transaction in flight
+        runs to its reply first. After `grace_s`, close every session left, mid-transaction
+        or not (its sender keeps the message and retries: nothing was answered 250)."""
+        self.draining = True
+        self._none_left = asyncio.Event()
+        for session in list(self._sessions):
+            session.close_if_idle()
+        if self._sessions:
+            log.info("smtp_draining", sessions=len(self._sessions))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(grace_s):
+                    await self._none_left.wait()
+        if self._sessions:
+            log.warning("smtp_drain_timeout", closed=len(self._sessions))
+        for session in list(self._sessions):
+            session.close_now()
 
     def acquire(self, host: str) -> bool:
         if self._open[host] >= self.limit:
@@ -136,11 +172,25 @@ class BareLineFeed(Exception):
 
 class _CrlfLineReader(asyncio.StreamReader):
     """aiosmtpd's StreamReader, but a *line* (command, AUTH continuation) must end in CRLF.
-    DATA reads with an explicit CRLF separator and is checked on its own (`flow`)."""
+    DATA reads with an explicit CRLF separator and is checked on its own (`flow`).
+    `waiting_line` is true while the session waits for such a line: its last reply has been
+    written (aiosmtpd reads the next command only after pushing one), so a stop may close
+    it there without cutting a reply short."""
+
+    waiting_line = False
+    on_waiting: Callable[[], None] | None = None  # called each time a wait for a line begins
 
     async def readuntil(self, separator: Any = b"\n") -> bytes:
-        line = await super().readuntil(separator)
-        if separator == b"\n" and line[-2:-1] != b"\r":
+        if separator != b"\n":
+            return await super().readuntil(separator)
+        self.waiting_line = True
+        if self.on_waiting is not None:
+            self.on_waiting()
+        try:
+            line = await super().readuntil(separator)
+        finally:
+            self.waiting_line = False
+        if line[-2:-1] != b"\r":
             raise BareLineFeed()
         return line
 
@@ -158,6 +208,7 @@ class GatewaySMTP(SMTP):
         reader = getattr(self, "_stream_reader", None)  # asyncio.StreamReaderProtocol
         if reader is not None:  # made by SMTP.__init__, not yet connected: same state
             reader.__class__ = _CrlfLineReader
+            reader.on_waiting = self.close_if_idle
         self._limiter = limiter
         self._session_timeout_s = session_timeout_s
         self._client_host: str | None = None
@@ -181,11 +232,13 @@ class GatewaySMTP(SMTP):
             self._client_host = host
         else:
             self._over_limit = True
+        self._limiter.opened(self)
         self._session_deadline = self.loop.call_later(
             self._session_timeout_s, self._session_expired
         )
 
     def connection_lost(self, error: Exception | None) -> None:
+        self._limiter.closed(self)
         if self._client_host is not None:
             self._limiter.release(self._client_host)
             self._client_host = None
@@ -201,6 +254,14 @@ class GatewaySMTP(SMTP):
             return
         await super()._handle_client()
 
+    def eof_received(self) -> bool | None:
+        super().eof_received()  # aiosmtpd cancels the session's task here
+        # ...and asks to keep a half-open connection, which nothing then closes before the
+        # idle timeout: its task is cancelled (before it even ran, for a client that
+        # connects and closes at once, as a TCP health check does) and never writes again.
+        # Such connections held a descriptor and a per-client slot for 300 s. Close now.
+        return False
+
     def _close_with(self, reply: bytes) -> None:
         # Duck-typed: uvloop's transports (serve's loop) are not asyncio.WriteTransport
         # subclasses, so an isinstance check would leave idle connections open there.
@@ -208,6 +269,26 @@ class GatewaySMTP(SMTP):
         if transport is not None and not transport.is_closing():
             transport.write(reply)
             transport.close()
+
+    def close_if_idle(self) -> None:
+        """During a stop: ``421 4.3.2`` and close, unless a transaction is open (MAIL given,
+        its final reply not yet written) or a command is being worked on. Called by the
+        stop, and by the reader each time the session starts waiting for a line."""
+        if not self._limiter.draining:
+            return
+        reader = self._reader
+        waiting = isinstance(reader, _CrlfLineReader) and reader.waiting_line
+        if waiting and (self.envelope is None or self.envelope.mail_from is None):
+            self._close_with(SHUTDOWN_REPLY)
+
+    def close_now(self) -> None:
+        self._close_with(SHUTDOWN_REPLY)
+
+    async def smtp_MAIL(self, arg: str) -> None:
+        if self._limiter.draining:  # stopping: no new transaction on this instance
+            self._close_with(SHUTDOWN_REPLY)
+            return
+        await super().smtp_MAIL(arg)
 
     def _timeout_cb(self) -> None:
         self._close_with(b"421 4.4.2 Idle timeout, closing connection\r\n")
