@@ -183,9 +183,12 @@ def test_bad_config_names_every_problem_and_exits_2(tmp_path: Path) -> None:
     assert optgate("rules", "check").returncode == 0
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 async def test_sighup_reload_keeps_old_rules_on_error(
-    tmp_path: Path, pki: TestPki, sink: Sink, served: list[ServeProcess]
+    tmp_path: Path, pki: TestPki, sink: Sink, served: list[ServeProcess], workers: int
 ) -> None:
+    """SIGHUP to `serve` (the supervisor, with 2 workers) reaches every worker: each
+    worker's own audit stream records the failed and then the good reload."""
     rules_dir = tmp_path / "rules"
     rules_dir.mkdir()
     shipped = Path(__file__).resolve().parent.parent / "rules"
@@ -195,9 +198,11 @@ async def test_sighup_reload_keeps_old_rules_on_error(
     doc = with_upstream(base_doc(tmp_path, pki, sink, "gw-r", port), sink, pki)
     doc["rules"] = {"dir": str(rules_dir)}
     cfg = write_config(tmp_path / "gw.toml", doc)
-    gw = ServeProcess(cfg, port, tmp_path / "gw.log")
+    gw = ServeProcess(cfg, port, tmp_path / "gw.log", workers=workers)
     served.append(gw)
     await gw.wait_ready()
+    if workers > 1:
+        await asyncio.sleep(1.0)  # every worker up before the signals
     extra = (
         '[[categories]]\nname = "newsletter"\nopt_out = true\nunsubscribe = true\n'
         'channels = ["email"]\nbasis = "test"\n'
@@ -217,7 +222,9 @@ async def test_sighup_reload_keeps_old_rules_on_error(
     gw.stop()
     log = gw.log.read_text()
     assert "reload_failed" in log and "zz.toml" in log
-    for f in (tmp_path / "var" / "audit").glob("*.jsonl"):  # one stream per worker
+    streams = list((tmp_path / "var" / "audit").glob("*.jsonl"))  # one stream per worker
+    assert len(streams) == workers
+    for f in streams:
         events = [orjson.loads(line) for line in f.read_bytes().splitlines()]
         assert [e["ok"] for e in events if e["event"] == "config_reload"] == [False, True]
 
