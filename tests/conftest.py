@@ -3,6 +3,7 @@ a TLS 1.3 aiosmtpd upstream that records what it receives, and certificates made
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -29,6 +30,18 @@ if TYPE_CHECKING:
 
 APP_PASSWORD = "app-secret-for-tests"
 logs.silence_phi_loggers()
+
+
+if os.environ.get("OPTGATE_TEST_UVLOOP") == "1":
+    # The in-process tests on uvloop's loop, which `optgate serve` runs on: its transports
+    # and TLS differ from asyncio's in ways that hid bugs (idle timeouts, half-open
+    # connections). `.ci/run` runs the suite once more this way.
+    import uvloop
+
+    def pytest_asyncio_loop_factories(
+        config: pytest.Config, item: pytest.Item
+    ) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+        return {"uvloop": uvloop.new_event_loop}
 
 
 LEFT_RUNNING_GRACE_S = 3.0  # a server told to SHUTDOWN exits in milliseconds
