@@ -176,7 +176,7 @@ class Gateway:
             audit=self.audit,
             keyring=lambda: self.keyring,
             rules=lambda: self.rules,
-            refresh_keys=lambda: self._key_file_changed("a token under a newer key"),
+            refresh_keys=lambda: self._key_file_changed("a token under a new key"),
         )
         handler = GatewayHandler(
             flow=flow,
@@ -282,7 +282,7 @@ class Gateway:
             rules=lambda: self.rules,
             keyring=lambda: self.keyring,
             senders=auth,
-            refresh_keys=lambda: self._key_file_changed("a token under a newer key"),
+            refresh_keys=lambda: self._key_file_changed("a token under a new key"),
         )
         modules = [importlib.import_module(name).setup for name in HTTP_MODULES]
         app = http_app.build_app(deps, modules)

@@ -409,7 +409,7 @@ async def test_a_token_under_a_key_rotated_elsewhere_works_without_sighup(
     assert record is not None and record.categories == {"marketing"}
     reloads = [e for e in gateway.audit_entries() if e["event"] == "config_reload"]
     assert [(e["ok"], e["why"]) for e in reloads] == [
-        (True, "key file re-read: a token under a newer key")
+        (True, "key file re-read: a token under a new key")
     ]
 
 
