@@ -38,10 +38,9 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from prometheus_client import (
     CollectorRegistry,
@@ -198,37 +197,53 @@ AUDIT_PRUNED_FILES: Final = Counter(
 )
 
 
+# Children of the per-message metrics, by their (already bounded) label values: `labels()`
+# takes a lock and builds its key on every call, a few µs each on the hot path.
+_children: dict[tuple[object, ...], Any] = {}
+
+
+def _child(metric: Any, *values: str) -> Any:
+    key = (metric, *values)
+    child = _children.get(key)
+    if child is None:
+        child = _children[key] = metric.labels(*values)
+    return child
+
+
+class _Timer:
+    """Observes the time spent inside the ``with`` block on one histogram child."""
+
+    __slots__ = ("_child", "_start")
+
+    def __init__(self, child: Any) -> None:
+        self._child = child
+        self._start = 0.0
+
+    def __enter__(self) -> None:
+        self._start = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self._child.observe(time.perf_counter() - self._start)
+
+
 def decision(kind: str, channel: str, category: str, count: int = 1) -> None:
     """Count `count` decisions of `kind` (allow/suppress/defer/reject)."""
-    DECISIONS.labels(
-        kind=_one_of(kind, DECISION_KINDS),
-        channel=_one_of(channel, CHANNELS),
-        category=_label(category),
+    _child(
+        DECISIONS,
+        _one_of(kind, DECISION_KINDS),
+        _one_of(channel, CHANNELS),
+        _label(category),
     ).inc(count)
 
 
-@contextmanager
-def lookup_latency(channel: str) -> Iterator[None]:
+def lookup_latency(channel: str) -> AbstractContextManager[None]:
     """Time one store lookup: ``with metrics.lookup_latency("email"): ...``."""
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        LOOKUP_SECONDS.labels(channel=_one_of(channel, CHANNELS)).observe(
-            time.perf_counter() - start
-        )
+    return _Timer(_child(LOOKUP_SECONDS, _one_of(channel, CHANNELS)))
 
 
-@contextmanager
-def upstream_latency(channel: str) -> Iterator[None]:
+def upstream_latency(channel: str) -> AbstractContextManager[None]:
     """Time one upstream call: ``with metrics.upstream_latency("sms"): ...``."""
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        UPSTREAM_SECONDS.labels(channel=_one_of(channel, CHANNELS)).observe(
-            time.perf_counter() - start
-        )
+    return _Timer(_child(UPSTREAM_SECONDS, _one_of(channel, CHANNELS)))
 
 
 def store_error(op: str) -> None:

@@ -82,6 +82,12 @@ def _tag(key: bytes, label: bytes) -> bytes:
 
 
 @lru_cache(maxsize=64)
+def _mint_tags(key: bytes, category: str) -> tuple[bytes, int]:
+    """The key tag and category tag a token minted with `key` carries (fixed per pair)."""
+    return _tag(key, b"optgate/token/key")[:2], _category_tag(key, category)
+
+
+@lru_cache(maxsize=64)
 def _table(
     keys: KeySet, categories: tuple[str, ...]
 ) -> tuple[tuple[str, bytes, bytes, int, str], ...]:
@@ -123,8 +129,7 @@ def mint(keys: KeySet, *, pseudonym: str, category: str, now: float) -> str:
         raise ValueError("pseudonym must be 16 bytes of hex")
     head = _HEAD.pack(
         VERSION,
-        _tag(key, b"optgate/token/key")[:2],
-        _category_tag(key, category),
+        *_mint_tags(key, category),
         int(now),
     )
     head += raw_pseudonym

@@ -194,7 +194,8 @@ class EmailFlow:
         to_send: Sequence[_Rcpt],
     ) -> list[Outcome]:
         """Build, sign and deliver the copies; one `Outcome` per copy."""
-        domain = from_domain(head.get_all("From"))
+        # The From domain picks the DKIM key; without a signer nobody needs it.
+        domain = from_domain(head.get_all("From")) if self._signer is not None else None
         links = self._links if category.unsubscribe else None
 
         def copy(rcpts: Sequence[_Rcpt]) -> Copy:
@@ -212,7 +213,7 @@ class EmailFlow:
                 smtputf8=sub.smtputf8 or any(r.address.utf8 for r in rcpts),
             )
 
-        if links is None:
+        if links is None or len(to_send) == 1:  # one copy: no tasks to fan out
             return [await self._deliver(copy(to_send), domain)]
         gate = asyncio.Semaphore(COPY_CONCURRENCY)
 
