@@ -406,6 +406,37 @@ async def test_plaintext_pipelined_after_starttls_is_discarded(gateway: Running)
         raw.close()
 
 
+async def test_ehlo_offers_pipelining_and_a_pipelined_transaction_works(gateway: Running) -> None:
+    raw = await RawSMTP.connect(gateway.gw.ports.smtp)
+    try:
+        await raw.cmd("EHLO client.example")
+        await raw.starttls(gateway.client_context())
+        code, text = await raw.cmd("EHLO client.example")
+        assert code == 250
+        keywords = {line[4:].split()[0] for line in text.splitlines()}
+        assert {"PIPELINING", "ENHANCEDSTATUSCODES", "AUTH", "SIZE"} <= keywords
+        code, _ = await raw.login("app", APP_PASSWORD)
+        assert code == 235
+        rcpts = ["pat@example.org", "sam@example.org"]
+        raw.writer.write(  # one write: MAIL, both RCPTs and DATA (RFC 2920 §3.1)
+            b"MAIL FROM:<app@sender.example>\r\n"
+            + b"".join(f"RCPT TO:<{r}>\r\n".encode() for r in rcpts)
+            + b"DATA\r\n"
+        )
+        await raw.writer.drain()
+        replies = [await raw.reply() for _ in range(4)]
+        assert [c for c, _ in replies] == [250, 250, 250, 354], replies
+        assert all(t.split()[1] == "2.1.0" or t.split()[1] == "2.1.5"
+                   for _, t in replies[:3]), replies  # fmt: skip
+        raw.writer.write(message(rcpts, category="appointment-reminder") + b".\r\n")
+        await raw.writer.drain()
+        code, text = await raw.reply()
+        assert code == 250 and "delivered" in text, text
+    finally:
+        raw.close()
+    assert [sorted(m.rcpts) for m in gateway.sink.messages] == [sorted(rcpts)]
+
+
 async def test_wrong_password_is_refused(gateway: Running) -> None:
     raw = await RawSMTP.connect(gateway.gw.ports.smtp)
     try:

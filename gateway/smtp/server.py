@@ -482,6 +482,21 @@ class GatewayHandler:
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 Unsubscribe address ok"
 
+    async def handle_EHLO(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        """aiosmtpd's EHLO lines plus PIPELINING (RFC 2920: commands are read in order from
+        one buffer, so a client may send MAIL, RCPTs and DATA in one write) and
+        ENHANCEDSTATUSCODES (RFC 2034: every reply carries one, see `push`)."""
+        session.host_name = hostname  # what aiosmtpd does itself when there is no hook
+        *lines, last = responses
+        return [*lines, "250-PIPELINING", "250-ENHANCEDSTATUSCODES", last]
+
     async def handle_RCPT(
         self,
         server: GatewaySMTP,
