@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import aiosmtplib
 import pytest
@@ -300,14 +301,30 @@ async def test_store_stalled_fails_closed_within_budget_and_recovers(gateway: Ru
         assert (code, text.split()[0]) == (451, "4.3.0")
         assert elapsed < 1.5  # 250 ms budget plus TLS, AUTH and a loaded CI machine
         assert gateway.sink.messages == []
-        # A category with opt_out = false needs no lookup and still flows.
-        code, _ = await gateway.send(["pat@example.org"], category="emergency-alert")
-        assert code == 250
-        assert [m.rcpts for m in gateway.sink.messages] == [["pat@example.org"]]
+        # A category with opt_out = false needs no lookup and still flows; with the store
+        # known down it does not even wait for its retry markers.
+        store = gateway.gw.store
+        assert store is not None
+        asked = 0
+        real = store.lookup_message
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            nonlocal asked
+            asked += 1
+            return await real(*args, **kwargs)
+
+        store.lookup_message = counted  # type: ignore[method-assign]
+        for _ in range(3):
+            code, _ = await gateway.send(["pat@example.org"], category="emergency-alert")
+            assert code == 250
+        assert asked == 0
+        assert [m.rcpts for m in gateway.sink.messages] == [["pat@example.org"]] * 3
+        code, _ = await gateway.send(["pat@example.org"], category="marketing")
+        assert code == 451 and asked == 1  # an opt-outable category still asks every time
     finally:
         os.kill(pid, signal.SIGCONT)
     defers = [d for d in gateway.decisions() if d["decision"] == "defer"]
-    assert [d["reason"] for d in defers] == ["store-unavailable"]
+    assert [d["reason"] for d in defers] == ["store-unavailable"] * 2
     await opt_out(gateway, "pat@example.org", "marketing")
     code, text = await gateway.send(["pat@example.org"], category="marketing")
     assert code == 250 and "1 of 1" in text  # resumed, no restart, and it read the store

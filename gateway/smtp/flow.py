@@ -49,6 +49,10 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # Per-recipient copies in flight at once: twice the default upstream pool keeps it busy
 # while bounding memory to this many rewritten copies of one message.
 COPY_CONCURRENCY = 16
+# After a lookup found the store unavailable, categories that need no lookup (emergency
+# alerts) stop asking it for their retry markers this long: each ask would wait the whole
+# redis.timeout_ms first. Opt-outable categories still ask every time (fail closed).
+STORE_DOWN_SKIP_S = 5.0
 
 
 class Store(Protocol):
@@ -113,6 +117,7 @@ class EmailFlow:
         self._links = links  # None: no List-Unsubscribe (only embedders and old tests)
         self._signer = signer
         self._clock = clock
+        self._store_down_until = 0.0  # monotonic; see STORE_DOWN_SKIP_S
 
     @property
     def audit(self) -> Audit:
@@ -265,14 +270,18 @@ class EmailFlow:
     ) -> tuple[list[Decision], set[str]]:
         if not category.opt_out:
             # No lookup is needed and none may block the message (emergency alerts flow
-            # with the store down). Only the retry bookkeeping is consulted, best effort.
-            candidates = [r.pseudonym for r in rcpts]
-            try:
-                _, delivered = await self._store.lookup_message(
-                    CHANNEL, [], digest=digest, candidates=candidates
-                )
-            except StoreUnavailable:
-                delivered = set()
+            # with the store down). Only the retry bookkeeping is consulted, best effort,
+            # and not while the store is known to be down (a retry after a partial upstream
+            # failure may then repeat a copy: for these categories, better than a delay).
+            delivered: set[str] = set()
+            if time.monotonic() >= self._store_down_until:
+                candidates = [r.pseudonym for r in rcpts]
+                try:
+                    _, delivered = await self._store.lookup_message(
+                        CHANNEL, [], digest=digest, candidates=candidates
+                    )
+                except StoreUnavailable:
+                    self._store_down_until = time.monotonic() + STORE_DOWN_SKIP_S
             return [policy.NOT_OPT_OUTABLE] * len(rcpts), delivered
         flat = [p for r in rcpts for p in r.key_pseudonyms]
         try:
@@ -282,6 +291,7 @@ class EmailFlow:
                 )
         except StoreUnavailable:
             metrics.store_error("lookup")
+            self._store_down_until = time.monotonic() + STORE_DOWN_SKIP_S
             raise
         decisions: list[Decision] = []
         i = 0
