@@ -35,6 +35,7 @@ from typing import Any, AnyStr
 import structlog
 from aiosmtpd import smtp as aiosmtpd_smtp
 from aiosmtpd.smtp import (
+    MISSING,
     SMTP,
     AuthResult,
     Envelope,
@@ -194,6 +195,62 @@ class _CrlfLineReader(asyncio.StreamReader):
             raise BareLineFeed()
         return line
 
+    async def read_data(self, size_limit: int, line_limit: int) -> tuple[bytes, str]:
+        """DATA content up to the end-of-data line, still dot-stuffed, and "" or the fault
+        ("too-much": over `size_limit` bytes; "too-long": a line, CRLF included, over
+        `line_limit`). Past a fault it reads on to the end but keeps nothing.
+
+        The same end as aiosmtpd's line-by-line reader, found in bulk: lines end at CRLF
+        only, so the end is the first CRLF "." CRLF, counting a CRLF before the content
+        (it starts at a line start). What follows stays in the buffer (a pipelined next
+        command). Works on StreamReader's own buffer, as its `readuntil` does.
+        """
+        kept = bytearray(b"\r\n")
+        size = 0  # content bytes read, kept or not
+        fault = ""
+        while True:
+            if self._exception is not None:  # type: ignore[attr-defined]
+                raise self._exception  # type: ignore[attr-defined]
+            buf: bytearray = self._buffer  # type: ignore[attr-defined]
+            if buf:
+                start = max(0, len(kept) - 4)
+                before = len(kept)
+                kept += buf
+                end = kept.find(b"\r\n.\r\n", start)
+                taken = len(buf) if end < 0 else end + 5 - before
+                del buf[:taken]
+                self._maybe_resume_transport()  # type: ignore[attr-defined]
+                if end >= 0:
+                    del kept[end + 2 :]  # through the CRLF that ends the last line
+                size += len(kept) - before if not fault else taken
+                if not fault and size > size_limit:
+                    fault = "too-long" if _long_line(kept[2 : 2 + size_limit], line_limit) \
+                        else "too-much"  # fmt: skip
+                if end >= 0:
+                    if fault:
+                        return b"", fault
+                    content = bytes(kept[2:])
+                    if _long_line(content, line_limit):
+                        return b"", "too-long"
+                    return content, ""
+                if fault:
+                    del kept[:-4]  # only what the end's search still needs
+            if self._eof:  # type: ignore[attr-defined]
+                raise asyncio.IncompleteReadError(b"", None)
+            await self._wait_for_data("read_data")  # type: ignore[attr-defined]
+
+
+def _long_line(data: bytes | bytearray, line_limit: int) -> bool:
+    """Whether a CRLF-ended line of `data` (or its unfinished last one) is over the limit."""
+    return any(len(line) + 2 > line_limit for line in data.split(b"\r\n"))
+
+
+def _unstuff(content: bytes) -> bytes:
+    """RFC 5321 §4.5.2: drop the first "." of every line that starts with one."""
+    if content.startswith(b"."):
+        content = content[1:]
+    return content.replace(b"\r\n.", b"\r\n")
+
 
 class GatewaySMTP(SMTP):
     def __init__(
@@ -283,6 +340,43 @@ class GatewaySMTP(SMTP):
 
     def close_now(self) -> None:
         self._close_with(SHUTDOWN_REPLY)
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str) -> None:
+        """aiosmtpd's DATA, but the content is read in bulk (`_CrlfLineReader.read_data`)
+        rather than a line at a time in Python: the same end, limits and replies."""
+        if self._decode_data or not isinstance(self._reader, _CrlfLineReader):
+            await super().smtp_DATA(arg)  # not this gateway's configuration
+            return
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        envelope = self.envelope
+        if envelope is None or not envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        try:
+            content, fault = await self._reader.read_data(
+                self.data_size_limit or 2**62, self.line_length_limit
+            )
+        except asyncio.CancelledError:  # the connection went away mid-DATA
+            self._writer.close()
+            raise
+        if fault:
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
+            await self.push(
+                "500 Line too long (see RFC5321 4.5.3.1.6)"
+                if fault == "too-long"
+                else "552 Error: Too much mail data"
+            )
+            return
+        envelope.content = envelope.original_content = _unstuff(content)
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
+        await self.push("250 OK" if status is MISSING else status)
 
     async def smtp_MAIL(self, arg: str) -> None:
         if self._limiter.draining:  # stopping: no new transaction on this instance
