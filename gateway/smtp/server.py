@@ -12,6 +12,11 @@ Corrections to aiosmtpd's defaults, each for a reason recorded in threats.md §2
 - before TLS, HELO and RSET are served too (SPEC §3; aiosmtpd's fixed allow-list has
   only EHLO, STARTTLS, NOOP and QUIT): neither can reach MAIL, AUTH, RCPT or DATA, which
   still answer 530, and HELO cannot lead to STARTTLS (that needs EHLO's list);
+- DATA is read in bulk (`_CrlfLineReader.read_data`): aiosmtpd handled every line of it
+  in Python; the end, the limits and the dot-unstuffing are the same
+  (tests/test_smtp_data_reader.py checks them against aiosmtpd's line rule);
+- a client that closes (EOF) is closed at once, not left half-open until the idle timeout;
+- a stop drains: transactions in flight finish, sessions between them get ``421 4.3.2``;
 - STARTTLS goes through the event loop's ``start_tls`` rather than aiosmtpd's own use of
   asyncio's pure-Python ``SSLProtocol``: under uvloop (``serve``) the TLS layer is then
   uvloop's compiled one, about a sixth of a session's CPU less (loadtests/README.md).
