@@ -40,12 +40,13 @@ from gateway.smtp.server import (
     Limits,
 )
 from gateway.store.embedded import EmbeddedRedis
-from gateway.store.redis_store import KEY_REFRESH_S, OptOutStore
+from gateway.store.redis_store import OptOutStore
 from gateway.unsubscribe import Unsubscriber
 
 log = structlog.get_logger("optgate")
 
 GRACE_S = 10.0  # how long open sessions may finish after SIGTERM
+KEY_REFRESH_S = 1.0  # at most one key-file re-read per second, whatever the traffic
 
 
 @dataclass(slots=True)

@@ -387,22 +387,27 @@ async def test_old_tokens_keep_working_after_keys_rotate_and_sighup(
     assert claims is not None and claims.kid == "t2"
 
 
+def rotated_elsewhere(r: Running, address: str = PAT) -> str:
+    """Another instance ran `keys rotate` on the shared key file and mails links signed
+    with the new key; this one was not signalled. Returns such a link's token."""
+    rotated = keys.rotate(keyfile.load(r.cfg.keys_file))
+    keyfile.save(r.cfg.keys_file, rotated)
+    return tokens.mint(rotated.token, pseudonym=pseud(r, address), category="marketing",
+                       now=time.time())  # fmt: skip
+
+
 async def test_a_token_under_a_key_rotated_elsewhere_works_without_sighup(
     gateway: Running, http: aiohttp.ClientSession
 ) -> None:
-    """Another instance ran `keys rotate` (the key file is shared), got SIGHUP and mails
-    links signed with the new key; this one was not signalled. A recipient's click still
-    works: the unknown key tag makes it re-read the key file once."""
-    rotated = keys.rotate(gateway.gw.keyring)
-    keyfile.save(gateway.cfg.keys_file, rotated)
+    """A recipient's click works before this instance is signalled: the unknown key tag
+    makes it re-read the key file."""
+    new = rotated_elsewhere(gateway, "other@example.org")
     forged = tokens.mint(keys.generate().token, pseudonym=pseud(gateway, PAT), category="marketing",
                          now=time.time())  # fmt: skip
     async with http.post(url(gateway, forged), data=ONE_CLICK) as resp:
         assert resp.status == 400  # a key nobody has: refused, and the file was re-read
     assert await state(gateway) is None
     assert gateway.gw.keyring.token.current[0] == "t2"  # ... which brought the new key
-    new = tokens.mint(rotated.token, pseudonym=pseud(gateway, "other@example.org"),
-                      category="marketing", now=time.time())  # fmt: skip
     async with http.post(url(gateway, new), data=ONE_CLICK) as resp:
         assert resp.status == 200
     record = await state(gateway, "other@example.org")
@@ -413,11 +418,24 @@ async def test_a_token_under_a_key_rotated_elsewhere_works_without_sighup(
     ]
 
 
+async def test_the_key_file_is_re_read_at_most_once_a_second(
+    gateway: Running, http: aiohttp.ClientSession
+) -> None:
+    """Forged tokens name unknown keys too: they must not turn into a file read each."""
+    async with http.post(url(gateway, rotated_elsewhere(gateway)), data=ONE_CLICK) as resp:
+        assert resp.status == 200  # re-read: t2 known now
+    second = rotated_elsewhere(gateway, "other@example.org")  # t3, at once
+    async with http.post(url(gateway, second), data=ONE_CLICK) as resp:
+        assert resp.status == 400  # within the second: not re-read
+    await asyncio.sleep(1.1)
+    async with http.post(url(gateway, second), data=ONE_CLICK) as resp:
+        assert resp.status == 200
+    reloads = [e for e in gateway.audit_entries() if e["event"] == "config_reload"]
+    assert len(reloads) == 2
+
+
 async def test_a_token_under_a_key_rotated_elsewhere_works_by_mail_too(gateway: Running) -> None:
-    rotated = keys.rotate(gateway.gw.keyring)
-    keyfile.save(gateway.cfg.keys_file, rotated)
-    new = tokens.mint(rotated.token, pseudonym=pseud(gateway, PAT), category="marketing",
-                      now=time.time())  # fmt: skip
+    new = rotated_elsewhere(gateway)
     smtp = await unauthenticated(gateway)
     try:
         await smtp.mail("pat.doe@example.org")

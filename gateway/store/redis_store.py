@@ -71,7 +71,6 @@ if v then redis.call('HSETNX', KEYS[2], ARGV[1], v) end
 return redis.call('DEL', KEYS[1])
 """
 MIGRATE_SCAN = 1000
-KEY_REFRESH_S = 1.0  # at most one key-file re-read per second, whatever the traffic
 
 # A write may wait for an fsync: WAITAOF on an `appendfsync everysec` server waits for the
 # next once-a-second fsync. Writes come from unsubscribe/admin requests, never from an SMTP
@@ -145,9 +144,9 @@ class OptOutStore(RecordWrites):
         self._waitaof: bool | None = None  # learnt from the server's first WAITAOF reply
         # Called when a record names a key id this keyring lacks (another process ran
         # `keys rotate` and wrote under the new key): re-read the key file, True if the
-        # keyring changed. Rate-limited here; the gateway sets it (service.Gateway).
+        # keyring changed. The gateway sets it and rate-limits it (service.Gateway), for
+        # unknown record keys and unknown token keys alike.
         self.unknown_key_hook: Callable[[], Awaitable[bool]] | None = None
-        self._last_key_refresh = -KEY_REFRESH_S
 
     def set_keyring(self, ring: Keyring) -> None:
         """Use a rotated keyring (SIGHUP): new writes seal under its current record key."""
@@ -255,14 +254,10 @@ class OptOutStore(RecordWrites):
 
     async def refresh_keys(self, blobs: Sequence[bytes | None]) -> bool:
         """When a value in `blobs` names a record key id we lack, let the hook re-read the
-        key file (at most once per `KEY_REFRESH_S`); True when the keyring changed."""
+        key file; True when the keyring changed."""
         hook = self.unknown_key_hook
         if hook is None or not any(self._unknown_kid(b) for b in blobs):
             return False
-        now = asyncio.get_running_loop().time()
-        if now - self._last_key_refresh < KEY_REFRESH_S:
-            return False
-        self._last_key_refresh = now
         return await hook()
 
     def _open(self, key: str, blob: bytes | None) -> State:
