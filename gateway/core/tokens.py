@@ -82,9 +82,14 @@ def _tag(key: bytes, label: bytes) -> bytes:
 
 
 @lru_cache(maxsize=64)
-def _mint_tags(key: bytes, category: str) -> tuple[bytes, int]:
-    """The key tag and category tag a token minted with `key` carries (fixed per pair)."""
-    return _tag(key, b"optgate/token/key")[:2], _category_tag(key, category)
+def _key_tag(key: bytes) -> bytes:
+    """The two bytes that name `key` in a token (fixed per key)."""
+    return _tag(key, b"optgate/token/key")[:2]
+
+
+@lru_cache(maxsize=64)
+def _category_tag(key: bytes, category: str) -> int:
+    return _tag(key, b"optgate/token/category\x00" + category.encode())[0]
 
 
 @lru_cache(maxsize=64)
@@ -94,15 +99,10 @@ def _table(
     """(kid, key, key tag, category tag, name) for every key and category, newest key first."""
     out = []
     for kid, key in reversed(keys.keys):
-        key_tag = _tag(key, b"optgate/token/key")[:2]
+        key_tag = _key_tag(key)
         for name in categories:
             out.append((kid, key, key_tag, _category_tag(key, name), name))
     return tuple(out)
-
-
-@lru_cache(maxsize=16)
-def _key_tags(keys: KeySet) -> frozenset[bytes]:
-    return frozenset(_tag(key, b"optgate/token/key")[:2] for _kid, key in keys.keys)
 
 
 def names_unknown_key(keys: KeySet, token: str) -> bool:
@@ -110,11 +110,7 @@ def names_unknown_key(keys: KeySet, token: str) -> bool:
     under a key added by `keys rotate` that this process has not read yet). Says nothing
     about its MAC: the caller re-reads its keys and verifies again."""
     raw = _decode(token)
-    return raw is not None and raw[1:3] not in _key_tags(keys)
-
-
-def _category_tag(key: bytes, category: str) -> int:
-    return _tag(key, b"optgate/token/category\x00" + category.encode())[0]
+    return raw is not None and all(raw[1:3] != _key_tag(key) for _kid, key in keys.keys)
 
 
 def _mac(key: bytes, head: bytes, category: str) -> bytes:
@@ -129,7 +125,8 @@ def mint(keys: KeySet, *, pseudonym: str, category: str, now: float) -> str:
         raise ValueError("pseudonym must be 16 bytes of hex")
     head = _HEAD.pack(
         VERSION,
-        *_mint_tags(key, category),
+        _key_tag(key),
+        _category_tag(key, category),
         int(now),
     )
     head += raw_pseudonym
