@@ -128,11 +128,15 @@ def test_policy_decisions() -> None:
         ("<reminder.pat=40example.org@app.example>", False),
         ("<PAT@EXAMPLE.ORG>", False),  # the recipient itself, any case
         ("<reminder-patricia.k-20261123@app.example>", False),  # the recipient's local part
+        ("<SAM@EXAMPLE.ORG>", False),  # the base form of a +tag recipient (sam+x@)
     ],
 )
 def test_audit_keeps_a_message_id_unless_it_may_name_someone(message_id: str, kept: bool) -> None:
     ring = generate()
-    logged = audit_message_id(ring, message_id, ["patricia.k@example.org", "pat@example.org"])
+    sam = parse_email("sam+x@example.org", smtputf8=False)
+    assert isinstance(sam, EmailAddress)
+    given = ["patricia.k@example.org", "pat@example.org", sam.address, *sam.key_forms()]
+    logged = audit_message_id(ring, message_id, given)
     if kept:
         assert logged == message_id
     else:

@@ -55,6 +55,7 @@ def pseudonym(ring: Keyring, channel: str, key_form: str) -> str:
 
 MESSAGE_ID_PREFIX = "hmac-sha256:"  # an audit `message_id` that was replaced by its digest
 _EMBEDDED_AT = ("@", "%40", "=40")  # an address inside id-left, plain or encoded
+MIN_LOCAL_MATCH = 3  # shorter local parts ("jo") turn up by chance in random ids
 
 
 def keyed_message_id(ring: Keyring, message_id: str) -> str:
@@ -71,7 +72,8 @@ def audit_message_id(ring: Keyring, message_id: str, addresses: Iterable[str]) -
     Most Message-IDs are a random or time-based left part, `@`, and a host; those are kept
     as they are, so they can be matched against the application's own logs. One whose left
     part holds another address (`<pat@example.org.123@app>`, `%40`, `=40`) or that contains
-    a recipient's address or local part is replaced by `keyed_message_id`.
+    one of `addresses` or its local part is replaced by `keyed_message_id`. Give every form
+    a recipient is keyed by (`EmailAddress.key_forms`), so `pat+x@` also covers `pat@`.
     """
     folded = message_id.casefold()
     left = folded.strip("<> ").rpartition("@")[0]
@@ -83,9 +85,6 @@ def audit_message_id(ring: Keyring, message_id: str, addresses: Iterable[str]) -
         if address in folded or (len(local) >= MIN_LOCAL_MATCH and local in folded):
             return keyed_message_id(ring, message_id)
     return message_id
-
-
-MIN_LOCAL_MATCH = 3  # shorter local parts ("jo") turn up by chance in random ids
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

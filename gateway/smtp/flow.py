@@ -144,7 +144,8 @@ class EmailFlow:
         except msg.MalformedHeader:
             return await reject_all("554 5.6.0 Malformed header section", "malformed-header")
         message_id = _CONTROL.sub("", head.get("Message-ID") or "")[:MAX_MESSAGE_ID_CHARS]
-        logged_id = audit_message_id(ring, message_id, (r.address.address for r in rcpts))
+        forms = (f for r in rcpts for f in (r.address.address, *r.address.key_forms()))
+        logged_id = audit_message_id(ring, message_id, forms)
         chosen = self._category(rules, head, sub.sender)
         if isinstance(chosen, str):
             return await reject_all(chosen, "unknown-category", message_id=logged_id)
