@@ -372,13 +372,13 @@ class EmbeddedRedis:
         client, own_id = presence, self._presence_id
         try:
             async with asyncio.timeout(COMMAND_TIMEOUT_S):
-                try:
-                    if fresh:
-                        raise ConnectionError("look through a fresh connection")
-                    clients = await client.client_list()
-                except (RedisError, OSError):
-                    # Our presence connection died (the server was restarted under us):
-                    # look again through a fresh one.
+                clients = None
+                if not fresh:
+                    with contextlib.suppress(RedisError, OSError):
+                        clients = await client.client_list()
+                if clients is None:
+                    # Our presence connection is gone (dropped after a timeout, or the
+                    # server was restarted under us): look through a fresh one.
                     client = _admin_client(self.socket_path)
                     own_id = int(await client.client_id())
                     clients = await client.client_list()
