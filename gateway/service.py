@@ -178,7 +178,7 @@ class Gateway:
             audit=self.audit,
             keyring=lambda: self.keyring,
             rules=lambda: self.rules,
-            refresh_keys=lambda: self._key_file_changed("a token under a new key"),
+            refresh_keys=self._token_key_unknown,
         )
         handler = GatewayHandler(
             flow=flow,
@@ -284,7 +284,7 @@ class Gateway:
             rules=lambda: self.rules,
             keyring=lambda: self.keyring,
             senders=auth,
-            refresh_keys=lambda: self._key_file_changed("a token under a new key"),
+            refresh_keys=self._token_key_unknown,
         )
         modules = [importlib.import_module(name).setup for name in HTTP_MODULES]
         app = http_app.build_app(deps, modules)
@@ -321,6 +321,9 @@ class Gateway:
         if self.store is not None:
             self.store.set_keyring(ring)
         return ring
+
+    async def _token_key_unknown(self) -> bool:
+        return await self._key_file_changed("a token under a new key")
 
     async def _key_file_changed(self, why: str) -> bool:
         """The store met a record, or a recipient brought a token, under a key we lack:
