@@ -28,8 +28,7 @@ from gateway.audit import verify as audit_verify
 from gateway.audit.writer import AuditWriter
 from gateway.config import Config
 from gateway.core import keys as keys_mod
-from gateway.core.addresses import AddressProblem, parse_email, parse_phone
-from gateway.core.records import Record, keyed_message_id, pseudonym
+from gateway.core.records import keyed_message_id, pseudonym
 from gateway.errors import (
     AuditStreamBusy,
     ConfigError,
@@ -37,6 +36,7 @@ from gateway.errors import (
     OptgateError,
     StoreUnavailable,
 )
+from gateway.optout_fields import BadInput, canonical, categories_of, state_json
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -55,15 +55,10 @@ def _config(args: argparse.Namespace) -> Config:
 
 def _recipient(cfg: Config, channel: str, address: str) -> tuple[str, str]:
     """(canonical address, the form its pseudonym is made from); exit 2 if invalid."""
-    if channel == "email":
-        parsed = parse_email(address, smtputf8=True)
-        if isinstance(parsed, AddressProblem):
-            _fail(f"not a valid email address: {parsed.reply.split(' ', 2)[2]}")
-        return parsed.address, parsed.key_form
-    phone = parse_phone(address, region=cfg.sms_default_region)
-    if phone is None:
-        _fail("not a valid phone number")
-    return phone.e164, phone.key_form
+    try:
+        return canonical(channel, address, region=cfg.sms_default_region)
+    except BadInput as exc:
+        _fail(str(exc))
 
 
 def _recipient_key(cfg: Config, channel: str, address: str) -> str:
@@ -95,13 +90,11 @@ async def _optout(cfg: Config, args: argparse.Namespace) -> int:
 
     rules = rules_io.load_dir(rules_io.choose_dir(cfg.rules_dir, cfg.base_dir))
     categories: list[str] = list(dict.fromkeys(args.category or []))
-    for name in categories:
-        cat = rules.category(name)
-        if cat is None:
-            _fail(f"unknown category {name!r}")
-        if not cat.opt_out:
-            _fail(f"category {name!r} cannot be opted out of (opt_out = false)")
-    canonical, key_form = _recipient(cfg, args.channel, args.address)
+    try:
+        categories_of(rules, args.channel, categories)  # the API's checks, channel included
+    except BadInput as exc:
+        _fail(str(exc))
+    address, key_form = _recipient(cfg, args.channel, args.address)
     ring, _ = keyfile.load_or_create(cfg.keys_file)
     pseud = pseudonym(ring, args.channel, key_form)
     store, embedded = await open_store(cfg, ring)
@@ -109,7 +102,7 @@ async def _optout(cfg: Config, args: argparse.Namespace) -> int:
     try:
         if args.action == "get":
             record = await store.get(args.channel, pseud)
-            print(orjson.dumps(_record_json(args.channel, record)).decode())
+            print(orjson.dumps(state_json(args.channel, record)).decode())
             return 0
         now = time.time()
         if args.action == "add":
@@ -117,7 +110,7 @@ async def _optout(cfg: Config, args: argparse.Namespace) -> int:
             # so that an export names it and can be imported elsewhere.
             record = await store.opt_out(
                 args.channel, pseud, categories=categories, all=args.all, source="cli",
-                now=now, address=canonical,
+                now=now, address=address,
             )  # fmt: skip
         else:
             record = await store.opt_in(
@@ -136,35 +129,12 @@ async def _optout(cfg: Config, args: argparse.Namespace) -> int:
                     }
                 ]
             )
-        print(orjson.dumps(_record_json(args.channel, record)).decode())
+        print(orjson.dumps(state_json(args.channel, record)).decode())
         return 0
     finally:
         await store.close()
         if embedded is not None:
             await embedded.release()
-
-
-def _record_json(channel: str, record: Record | None) -> dict[str, object]:
-    if record is None:
-        return {
-            "channel": channel,
-            "all": False,
-            "categories": [],
-            "updated_at": None,
-            "source": None,
-        }
-    ts = (
-        datetime.fromtimestamp(record.updated_at, UTC)
-        .isoformat(timespec="seconds")
-        .replace("+00:00", "Z")
-    )
-    return {
-        "channel": channel,
-        "all": record.all,
-        "categories": sorted(record.categories),
-        "updated_at": ts,
-        "source": record.source,
-    }
 
 
 _RELATIVE = re.compile(r"^(\d+)([smhd])$")

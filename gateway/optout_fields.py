@@ -42,8 +42,8 @@ def canonical(channel: str, address: Any, *, region: str) -> tuple[str, str]:
         raise BadInput("address is required")
     if channel == "email":
         parsed = parse_email(address, smtputf8=True)
-        if isinstance(parsed, AddressProblem):
-            raise BadInput("not a valid email address")
+        if isinstance(parsed, AddressProblem):  # its reply never quotes the address
+            raise BadInput(f"not a valid email address: {parsed.reply.split(' ', 2)[2]}")
         return parsed.address, parsed.key_form
     phone = parse_phone(address, region=region)
     if phone is None:
@@ -75,20 +75,24 @@ def source_of(value: Any, default: str) -> str:
     return value
 
 
-def record_json(channel: str, pseud: str, record: Record | None) -> dict[str, Any]:
-    """The SPEC §12 shape (as `optgate optout get`), plus the recipient's pseudonym."""
+def state_json(channel: str, record: Record | None) -> dict[str, Any]:
+    """The SPEC §12 shape that `optgate optout get` prints."""
     when = None
     if record is not None:
         when = datetime.fromtimestamp(record.updated_at, UTC).isoformat(timespec="seconds")
         when = when.replace("+00:00", "Z")
     return {
         "channel": channel,
-        "recipient": pseud,
         "all": bool(record and record.all),
         "categories": sorted(record.categories) if record else [],
         "updated_at": when,
         "source": record.source if record else None,
     }
+
+
+def record_json(channel: str, pseud: str, record: Record | None) -> dict[str, Any]:
+    """`state_json` plus the recipient's pseudonym (the admin API and exports)."""
+    return {"recipient": pseud, **state_json(channel, record)}
 
 
 def change_events(
