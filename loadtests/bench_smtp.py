@@ -12,9 +12,10 @@ One invocation measures, on the same load and side by side:
 5. with --compare-workers: optgate with os.cpu_count() workers too, and the 1 -> N scaling.
 
 Every process is separate so that no two share an interpreter: the client (N concurrent
-aiosmtplib sessions, STARTTLS + AUTH PLAIN once per connection, TLS 1.3), the sink (aiosmtpd,
-STARTTLS required, accepts and counts, no disk), the gateway and its valkey-server, and the
-relay. The machine's cores are shared by all of them; the report says which ran and what
+aiosmtplib sessions, STARTTLS + AUTH PLAIN once per connection, TLS 1.3), the sink (sink.py:
+a lean asyncio protocol with uvloop's TLS, STARTTLS required, accepts and counts, no disk;
+--sink aiosmtpd for the aiosmtpd sink of earlier runs), the gateway and its valkey-server,
+and the relay. The machine's cores are shared by all of them; the report says which ran and what
 else used the CPU during each measurement window.
 
 Per run: messages/s, p50/p99 latency (MAIL to the final DATA reply), CPU seconds per 1,000
@@ -47,7 +48,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from email.utils import formatdate
 from importlib import metadata
 from multiprocessing.connection import Connection
@@ -58,6 +59,7 @@ import aiosmtplib
 import psutil  # type: ignore[import-untyped]
 import redis
 import redis.asyncio as aioredis
+import sink as lean_sink
 import trustme
 from aiosmtpd.smtp import SMTP as SMTPServer
 from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword, Session
@@ -322,8 +324,11 @@ async def serve_until_sigterm(
                 await server.wait_closed()
 
 
-def sink_main(pki: Pki, password: str, counts: Any, port_out: Connection) -> None:
+def sink_main(pki: Pki, password: str, counts: Any, kind: str, port_out: Connection) -> None:
     quiet_child()
+    if kind == "lean":
+        run_async(lean_sink.serve(server_context(pki), SENDER, password, counts, port_out))
+        return
     run_async(
         serve_until_sigterm(
             Listener(SinkHandler(counts), pki, password, "sink.bench"), port_out, plaintext=True
@@ -1339,6 +1344,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="pace the client to this many msg/s in total (default 0: as fast as possible)",
     )
     p.add_argument(
+        "--paced",
+        action="store_true",
+        help="with --postfix: then run the harness limit and optgate again, paced to the"
+        " msg/s Postfix reached, for the latency each adds at the same load",
+    )
+    p.add_argument(
         "--pool", type=int, default=1000, help="recipient addresses drawn from (default 1000)"
     )
     p.add_argument(
@@ -1364,6 +1375,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--profile-native", action="store_true", help="with --profile: include native frames"
     )
     p.add_argument("--top", type=int, default=15, help="functions shown by --profile (default 15)")
+    p.add_argument(
+        "--sink",
+        choices=("lean", "aiosmtpd"),
+        default="lean",
+        help="the sink: sink.py's asyncio protocol (default) or aiosmtpd (earlier runs)",
+    )
     p.add_argument(
         "--keep", action="store_true", help="keep the temporary directory (logs, profile)"
     )
@@ -1401,6 +1418,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         or min(args.rcpt_list) < 1
     ):
         p.error("--sessions, --seconds, --rcpts and --workers must be positive")
+    if args.paced and (not args.postfix or args.rate):
+        p.error("--paced needs --postfix and no --rate (it paces to Postfix's rate)")
     if args.pool < 2 * (max(args.rcpt_list) + args.optouts):
         p.error("--pool is too small for the recipients per message and --optouts")
     return args
@@ -1426,13 +1445,16 @@ class Bench:
     def start(self) -> None:
         self.pki = make_pki(self.root / "pki")
         self.counts = MP.RawArray("q", 2)
-        sink, ports = start_child("sink", sink_main, self.pki, self.password, self.counts)
+        sink, ports = start_child(
+            "sink", sink_main, self.pki, self.password, self.counts, self.args.sink
+        )
         sink_port = ports[0]  # the gateway and the relay forward with STARTTLS
         self.children.append(sink)
         self.ports["limit"] = ports
         self.ports["limit-plain"] = (ports[2], ports[2])
         self.watch["limit"] = self.watch["limit-plain"] = [("sink", sink.pid)]
-        print(f"  sink      pid {sink.pid:<7} aiosmtpd, STARTTLS required, TLS 1.3, counts only;")
+        kind = "sink.py (asyncio protocol)" if self.args.sink == "lean" else "aiosmtpd"
+        print(f"  sink      pid {sink.pid:<7} {kind}, STARTTLS required, TLS 1.3, counts only;")
         print("                    a third listener without TLS or AUTH for the plaintext rows")
         if "postfix" in self.args.target_list:
             self._start_postfix(sink.pid, ports[2])
@@ -1569,7 +1591,7 @@ class Bench:
             watch_trees=tuple(self.trees.get(target, ())),
         )
 
-    def measure(self, case: str, target: str, spec: ClientSpec) -> Row:
+    def measure(self, case: str, target: str, spec: ClientSpec, *, label: str = "") -> Row:
         sunk = self.counts[0], self.counts[1]
         result = run_client(spec)
         row = Row(
@@ -1578,7 +1600,7 @@ class Bench:
         if target == "postfix" and self.postfix is not None:
             row.note = self._drain_postfix(row, sunk)
         print(
-            f"  {case:<11} {TARGET_LABELS[target]:<17} {row.rate:7.0f} msg/s"
+            f"  {case:<11} {label or TARGET_LABELS[target]:<17} {row.rate:7.0f} msg/s"
             f"  p50 {fmt(row.p(0.5), '.2f')} ms  p99 {fmt(row.p(0.99), '.2f')} ms"
             f"  errors {result.errors}",
             flush=True,
@@ -1600,6 +1622,43 @@ class Bench:
             f" the queue drained ({time.monotonic() - started:.1f} s{left}); the client had"
             " 250 replies for its measured window only (warm-up and drain not counted)"
         )
+
+
+def run_paced(bench: Bench, rows: list[Row], case: str, size: int, n: int) -> list[Row]:
+    """The harness limit and every optgate target again, paced to Postfix's msg/s in `case`:
+    the latency optgate adds when it carries the load Postfix carries at its best. (In the
+    closed loop, latency is sessions / throughput, so p99 there measures throughput.)"""
+    postfix = next((r for r in rows if r.case == case and r.target == "postfix"), None)
+    if postfix is None or postfix.rate < 1:
+        return []
+    rate = round(postfix.rate)
+    out: list[Row] = []
+    for target in ("limit", *(t for t in bench.args.target_list if t.startswith("optgate"))):
+        spec = replace(bench.spec(target, size, n), rate=float(rate))
+        label = f"{TARGET_LABELS[target]} @{rate}/s"
+        row = bench.measure(case, target, spec, label=label)
+        row.note = f"paced to {rate} msg/s (Postfix's rate)"
+        out.append(row)
+    return out
+
+
+def print_paced(rows: list[Row], sessions: int) -> None:
+    if not rows:
+        return
+    print(f"\nat Postfix's rate ({sessions} sessions, paced): the latency optgate adds")
+    header = ["case", "target", "msg/s", "p50 ms", "p99 ms", "p99 added ms", "errors"]
+    table: list[list[str]] = []
+    for row in rows:
+        limit = next(r for r in rows if r.case == row.case and r.target == "limit")
+        added = "" if row is limit else fmt(row.p(0.99) - limit.p(0.99))
+        table.append(
+            [row.case, TARGET_LABELS[row.target], f"{row.rate:.0f}", fmt(row.p(0.5)),
+             fmt(row.p(0.99)), added, str(row.result.errors)]
+        )  # fmt: skip
+    widths = [max(len(r[i]) for r in [header, *table]) for i in range(len(header))]
+    for r in [header, *table]:
+        print("  " + "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in
+                               enumerate(zip(r, widths, strict=True))))  # fmt: skip
 
 
 def print_header(args: argparse.Namespace, root: Path, runs: int) -> None:
@@ -1642,7 +1701,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     addresses = [f"user{i:04d}@{RCPT_DOMAIN}" for i in range(args.pool)]
     random.Random(1).shuffle(addresses)
     cases = [(f"{s} x{n}rcpt", SIZES[s], n) for s in args.size_list for n in args.rcpt_list]
-    print_header(args, root, len(cases) * len(args.target_list) + (1 if args.profile else 0))
+    paced_runs = 1 + sum(t.startswith("optgate") for t in args.target_list) if args.paced else 0
+    runs = len(cases) * (len(args.target_list) + paced_runs) + (1 if args.profile else 0)
+    print_header(args, root, runs)
     bench = Bench(
         args,
         root,
@@ -1650,6 +1711,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         opted_out=tuple(addresses[: args.optouts]),
     )
     rows: list[Row] = []
+    paced: list[Row] = []
     notes: list[str] = []
     profile_text = ""
     try:
@@ -1658,6 +1720,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for case, size, n in cases:
             for target in args.target_list:
                 rows.append(bench.measure(case, target, bench.spec(target, size, n)))
+            if args.paced:
+                paced += run_paced(bench, rows, case, size, n)
         if args.profile and bench.gateway is not None:
             spec = bench.spec("optgate", SIZES[args.profile_size], args.profile_rcpts)
             profile_text = profile(
@@ -1674,6 +1738,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             shutil.rmtree(root, ignore_errors=True)
     print_table(rows, os.cpu_count() or 1, args.new_connection_per_message)
     print_ratios(rows)
+    print_paced(paced, args.sessions)
     print_legend(args.new_connection_per_message)
     print_errors(rows)
     print_notes(rows)
@@ -1684,7 +1749,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\nprofile of the gateway (optgate, {case}):\n" + profile_text)
     if args.keep:
         print(f"kept {root}")
-    return 1 if any(r.result.errors for r in rows) or notes else 0
+    return 1 if any(r.result.errors for r in rows + paced) or notes else 0
 
 
 if __name__ == "__main__":
