@@ -190,6 +190,17 @@ SYNC_LAG_SECONDS: Final = Histogram(
 # event loop thread, so a plain dict is enough.
 _worst_effect: dict[str, float] = {}
 
+# An audit fsync is ~0.2 ms on a quiet SSD; this machine's virtual disk has stalled single
+# fsyncs for 200-650 ms, and every send waits for its decision entry's fsync (SPEC §7).
+AUDIT_FSYNC_BUCKETS: Final = (
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+)  # fmt: skip
+AUDIT_FSYNC_SECONDS: Final = Histogram(
+    "optgate_audit_fsync_seconds",
+    "Duration of each audit log fsync (a group commit): the floor under every send's latency.",
+    buckets=AUDIT_FSYNC_BUCKETS,
+    registry=REGISTRY,
+)
 AUDIT_PRUNED_FILES: Final = Counter(
     "optgate_audit_pruned_files",
     "Audit files removed by retention (audit.retention_days).",
@@ -268,6 +279,11 @@ def optout_effect_seconds(source: str, seconds: float) -> None:
 def optout_change(kind: str, source: str, count: int = 1) -> None:
     """Count written changes; `kind` is "optout" or "optin"."""
     OPTOUT_CHANGES.labels(kind=_one_of(kind, CHANGE_KINDS), source=_label(source)).inc(count)
+
+
+def audit_fsync(seconds: float) -> None:
+    """One audit fsync took `seconds` (called on the audit writer's thread)."""
+    AUDIT_FSYNC_SECONDS.observe(seconds)
 
 
 def exposition() -> bytes:

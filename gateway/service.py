@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from typing import Any
 
 import structlog
 
-from gateway import keyfile, senders, tls
+from gateway import keyfile, metrics, senders, tls
 from gateway import rules as rules_io
 from gateway.audit.writer import AuditWriter
 from gateway.config import Config
@@ -44,6 +45,22 @@ from gateway.store.redis_store import OptOutStore
 from gateway.unsubscribe import Unsubscriber
 
 log = structlog.get_logger("optgate")
+
+# An audit fsync this slow held every send waiting on the audit log for as long: say so.
+SLOW_FSYNC_S = 1.0
+
+
+def timed_fsync(fd: int) -> None:
+    """`os.fsync` for the audit writer (its thread), timed into
+    ``optgate_audit_fsync_seconds``: each send waits for its decision entry's fsync (SPEC
+    §7), so a disk's fsync stalls are the floor of the gateway's latency tail."""
+    started = time.monotonic()
+    os.fsync(fd)
+    took = time.monotonic() - started
+    metrics.audit_fsync(took)
+    if took > SLOW_FSYNC_S:
+        log.warning("audit_fsync_slow", ms=round(took * 1000))
+
 
 GRACE_S = 10.0  # how long open sessions may finish after SIGTERM
 KEY_REFRESH_S = 1.0  # at most one key-file re-read per second, whatever the traffic
@@ -153,6 +170,7 @@ class Gateway:
             instance=cfg.instance,
             stream=self.stream or cfg.instance,
             keyring=self._ring,
+            fsync=timed_fsync,
         )
         await self.audit.open()
         self._closers.append(self.audit.close)

@@ -36,6 +36,7 @@ import math
 import multiprocessing as mp
 import os
 import random
+import re
 import secrets
 import shutil
 import signal
@@ -45,6 +46,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -171,6 +173,76 @@ def fs_type(path: Path) -> str:
         if str(path).startswith(mount) and len(mount) > len(best):
             best, kind = mount, part.fstype
     return kind
+
+
+def host_speed_ms() -> float:
+    """CPU milliseconds a fixed piece of pure-Python work takes now (best of 3), measured
+    between runs. This VM's speed drifts by a third within minutes (neighbours, not shown
+    as steal); each run line prints it so rows from different moments can be compared."""
+    best = math.inf
+    for _ in range(3):
+        start = time.process_time()
+        total = 0
+        for i in range(200_000):
+            total += i * i % 7
+        best = min(best, time.process_time() - start)
+    return best * 1000
+
+
+def disk_fsync_probe(directory: Path, seconds: float = 10.0) -> str:
+    """Append + fsync a small line every 3 ms for `seconds` in `directory` (the audit log's
+    disk), nothing else running: how the disk alone behaves. Every send waits for its
+    decision entry's fsync (SPEC §7), so a stall here is a stall of every message."""
+    path = directory / "fsync-probe"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    took: list[float] = []
+    try:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            os.write(fd, b"x" * 400 + b"\n")
+            start = time.monotonic()
+            os.fsync(fd)
+            took.append((time.monotonic() - start) * 1000)
+            time.sleep(0.003)
+    finally:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+    took.sort()
+    slow = sum(t > 25 for t in took)
+    return (
+        f"{len(took)} fsyncs in {seconds:g} s: p50 {percentile(took, 0.5):.2f} ms, p99"
+        f" {percentile(took, 0.99):.2f} ms, {slow} over 25 ms, slowest {took[-1]:.0f} ms"
+    )
+
+
+def audit_fsyncs(gw: GatewayProcess) -> dict[str, float]:
+    """The gateway's optgate_audit_fsync_seconds histogram buckets (le -> count), all
+    workers summed, from its /metrics over HTTPS; {} when it cannot be read."""
+    url = f"https://127.0.0.1:{gw.http_port}/metrics"
+    ctx = client_context(gw.ca_pem)
+    try:
+        with urllib.request.urlopen(url, context=ctx, timeout=5) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return {}
+    out: dict[str, float] = {}
+    for m in re.finditer(r'^optgate_audit_fsync_seconds_bucket\{le="([^"]+)"\} (\S+)$', text, re.M):
+        out[m.group(1)] = float(m.group(2))
+    return out
+
+
+def fsync_summary(before: dict[str, float], after: dict[str, float]) -> str:
+    if not before or not after:
+        return ""
+    delta = {le: after[le] - before.get(le, 0.0) for le in after}
+    total = delta.get("+Inf", 0.0)
+    slow = total - delta.get("0.025", total)
+    worst = next((le for le in sorted(delta, key=_le) if delta[le] >= total), "+Inf")
+    return f"audit fsyncs {total:.0f}, {slow:.0f} over 25 ms, slowest <= {worst} s"
+
+
+def _le(bound: str) -> float:
+    return math.inf if bound == "+Inf" else float(bound)
 
 
 def percentile(sorted_values: Sequence[float], p: float) -> float:
@@ -710,6 +782,7 @@ class GatewayProcess:
         name: str = "gateway",
     ) -> None:  # fmt: skip
         self.workers = workers
+        self.ca_pem = pki.ca_pem
         self.dir = root / name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.config = self.dir / "optgate.toml"
@@ -1467,6 +1540,11 @@ class Bench:
         if "relay" in self.args.target_list:
             self._start_relay(sink.pid, sink_port)
 
+    @property
+    def gateways(self) -> dict[str, GatewayProcess]:
+        pairs = (("optgate", self.gateway), ("optgate-n", self.gateway_n))
+        return {target: gw for target, gw in pairs if gw is not None}
+
     def _start_postfix(self, sink_pid: int, plain_port: int) -> None:
         why = ensure_installed()
         pf = None
@@ -1593,7 +1671,11 @@ class Bench:
 
     def measure(self, case: str, target: str, spec: ClientSpec, *, label: str = "") -> Row:
         sunk = self.counts[0], self.counts[1]
+        speed = host_speed_ms()
+        gw = self.gateways.get(target)
+        fsyncs = audit_fsyncs(gw) if gw is not None else {}
         result = run_client(spec)
+        fsync_note = fsync_summary(fsyncs, audit_fsyncs(gw)) if gw is not None else ""
         row = Row(
             case, target, result, spec.seconds, self.counts[0] - sunk[0], self.counts[1] - sunk[1]
         )
@@ -1602,7 +1684,8 @@ class Bench:
         print(
             f"  {case:<11} {label or TARGET_LABELS[target]:<17} {row.rate:7.0f} msg/s"
             f"  p50 {fmt(row.p(0.5), '.2f')} ms  p99 {fmt(row.p(0.99), '.2f')} ms"
-            f"  errors {result.errors}",
+            f"  errors {result.errors}  (host: {speed:.1f} ms)"
+            + (f"\n{'':15}{fsync_note} (warm-up included)" if fsync_note else ""),
             flush=True,
         )
         return row
@@ -1686,6 +1769,8 @@ def print_legend(per_message: bool) -> None:
     print(
         f"\nlatency: MAIL to the final DATA reply{conn}.\n"
         "CPU/1k: user+system seconds of each process during the window, per 1,000 messages.\n"
+        "host: CPU ms of a fixed pure-Python loop just before the run (lower = faster host;\n"
+        "this VM drifts by a third within minutes without showing steal).\n"
         "busy: the whole machine, % of all cores; irq: softirq+irq (loopback TCP, charged to no\n"
         "process); steal: taken by the hypervisor; other: the rest, outside this benchmark.\n"
         "sink got: copies the sink accepted during the whole run, warm-up included (optgate\n"
@@ -1716,6 +1801,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     profile_text = ""
     try:
         bench.start()
+        print(f"  disk      the audit log's, alone: {disk_fsync_probe(root)}")
         print("\nruns:")
         for case, size, n in cases:
             for target in args.target_list:

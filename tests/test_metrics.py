@@ -62,6 +62,7 @@ def test_helpers_count_and_never_label_phi() -> None:
         "optgate_sync_backlog",
         "optgate_sync_dead_letters",
         "optgate_optout_effect_worst_seconds",
+        "optgate_audit_fsync_seconds",
     } <= families
 
 
@@ -126,8 +127,11 @@ async def test_email_path_feeds_metrics_without_addresses(gateway: Running) -> N
         "optgate_decisions_total", kind="allow", channel="email", category="marketing"
     )
     before_lookups = value("optgate_lookup_seconds_count", channel="email")
+    fsyncs = value("optgate_audit_fsync_seconds_count")
     code, _ = await gateway.send(["metrics.canary@example.org"], category="marketing")
     assert code == 250
+    # the decision entry and the delivery entry were each made durable before the reply
+    assert value("optgate_audit_fsync_seconds_count") >= fsyncs + 2
     assert (
         value("optgate_decisions_total", kind="allow", channel="email", category="marketing")
         == before_allow + 1
