@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -140,3 +141,25 @@ async def test_email_path_feeds_metrics_without_addresses(gateway: Running) -> N
     status, body, _ = await get(gateway, "/metrics")
     assert status == 200 and "optgate_upstream_seconds" in body
     assert "canary" not in body and "example.org" not in body
+
+
+def test_a_slow_audit_fsync_is_timed_and_logged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from structlog.testing import capture_logs
+
+    from gateway import service
+
+    count = "optgate_audit_fsync_seconds_count"
+    before = metrics.REGISTRY.get_sample_value(count) or 0.0
+    fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        with capture_logs() as logs:
+            service.timed_fsync(fd)  # a normal one: counted, not logged
+            monkeypatch.setattr(service, "SLOW_FSYNC_S", 0.0)
+            service.timed_fsync(fd)
+    finally:
+        os.close(fd)
+    assert metrics.REGISTRY.get_sample_value(count) == before + 2
+    assert [e["event"] for e in logs] == ["audit_fsync_slow"]
+    assert isinstance(logs[0]["ms"], int)
