@@ -176,9 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--workers", type=int, default=cpus, help="optgate serve --workers N (default: CPUs)"
     )
-    p.add_argument(
-        "--streams", type=int, help="concurrent import requests (default: 4 per worker)"
-    )
+    p.add_argument("--streams", type=int, help="concurrent import requests (default: 4 per worker)")
     p.add_argument(
         "--request-lines", type=int, default=20_000, help="lines per import request (20,000)"
     )

@@ -376,8 +376,6 @@ async def serve_until_sigterm(
     """Listen on free ports (STARTTLS, implicit TLS and, with plaintext, one without TLS),
     send them back, serve until SIGTERM."""
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
     plain = await loop.create_server(listener.factory(implicit=False), "127.0.0.1", 0)
     tls = await loop.create_server(
         listener.factory(implicit=True), "127.0.0.1", 0, ssl=server_context(listener.pki)
@@ -386,14 +384,7 @@ async def serve_until_sigterm(
     if plaintext:
         factory = listener.factory(implicit=False, plaintext=True)
         servers.append(await loop.create_server(factory, "127.0.0.1", 0))
-    port_out.send(tuple(server.sockets[0].getsockname()[1] for server in servers))
-    port_out.close()
-    await stop.wait()
-    for server in servers:
-        server.close()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(2):
-                await server.wait_closed()
+    await lean_sink.serve_until_sigterm(servers, port_out)
 
 
 def sink_main(pki: Pki, password: str, counts: Any, kind: str, port_out: Connection) -> None:

@@ -244,8 +244,6 @@ async def serve(
     """Listen on three free loopback ports: STARTTLS (required), implicit TLS, plaintext
     without TLS or AUTH (for Postfix); send them back; serve until SIGTERM."""
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
     creds = b"\0" + user.encode() + b"\0" + password.encode()
     servers = [
         await loop.create_server(
@@ -258,6 +256,13 @@ async def serve(
             factory(counts, ctx=None, secure=False, credentials=None), "127.0.0.1", 0
         ),
     ]
+    await serve_until_sigterm(servers, port_out)
+
+
+async def serve_until_sigterm(servers: list[asyncio.Server], port_out: Connection) -> None:
+    """Send the servers' ports back to the parent, serve until SIGTERM, close them."""
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     port_out.send(tuple(server.sockets[0].getsockname()[1] for server in servers))
     port_out.close()
     await stop.wait()
