@@ -436,14 +436,10 @@ async def test_the_key_file_is_re_read_at_most_once_a_second(
 
 async def test_a_token_under_a_key_rotated_elsewhere_works_by_mail_too(gateway: Running) -> None:
     new = rotated_elsewhere(gateway)
-    smtp = await unauthenticated(gateway)
-    try:
-        await smtp.mail("pat.doe@example.org")
-        await smtp.rcpt(f"unsubscribe+{new}@unsubscribe.localhost")
-        code, _ = await smtp.data(unsub_message("unsubscribe"))
-        assert code == 250
-    finally:
-        smtp.close()
+    _, code = await mail_unsubscribe(
+        gateway, f"unsubscribe+{new}@unsubscribe.localhost", "unsubscribe"
+    )
+    assert code == 250
     record = await state(gateway)
     assert record is not None and record.categories == {"marketing"}
 
@@ -453,6 +449,18 @@ async def test_a_token_under_a_key_rotated_elsewhere_works_by_mail_too(gateway: 
 
 async def unauthenticated(r: Running) -> aiosmtplib.SMTP:
     return await r.client(user=None)
+
+
+async def mail_unsubscribe(r: Running, rcpt: str, subject: str) -> tuple[int, int]:
+    """One unauthenticated mail from the recipient to `rcpt`: (RCPT code, DATA code)."""
+    smtp = await unauthenticated(r)
+    try:
+        await smtp.mail("pat.doe@example.org")
+        rcpt_code, _ = await smtp.rcpt(rcpt)
+        code, _ = await smtp.data(unsub_message(subject))
+    finally:
+        smtp.close()
+    return rcpt_code, code
 
 
 def unsub_message(subject: str) -> bytes:
@@ -482,15 +490,11 @@ async def test_mailto_with_the_token_in_the_subject_needs_no_auth(gateway: Runni
 
 async def test_mailto_with_an_upper_cased_token_in_the_local_part(gateway: Running) -> None:
     token = await token_for(gateway)
-    smtp = await unauthenticated(gateway)
-    try:
-        await smtp.mail("pat.doe@example.org")
-        code, _ = await smtp.rcpt(f"UNSUBSCRIBE+{token.upper()}@Unsubscribe.Localhost")
-        assert code == 250
-        code, _ = await smtp.data(unsub_message("please stop"))
-        assert code == 250
-    finally:
-        smtp.close()
+    rcpt_code, code = await mail_unsubscribe(
+        gateway, f"UNSUBSCRIBE+{token.upper()}@Unsubscribe.Localhost", "please stop"
+    )
+    assert rcpt_code == 250
+    assert code == 250
     record = await state(gateway)
     assert record is not None and record.categories == {"marketing"}
 
