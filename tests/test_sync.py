@@ -144,11 +144,16 @@ async def test_dead_letter_after_the_last_attempt_then_replay(
     assert gw.store is not None
     feed = ChangeFeed(gw.store)
     deadline = time.monotonic() + 10
-    while (await feed.state("crm")).dead_letters == 0:
+
+    # The dead letter is stored first, then audited: wait for both.
+    def audited() -> list[dict[str, object]]:
+        return [e for e in running.audit_entries() if e["event"] == "sync_dead_letter"]
+
+    while (await feed.state("crm")).dead_letters == 0 or not audited():
         assert time.monotonic() < deadline
         await asyncio.sleep(0.05)
     assert len(receiver.requests) == 3
-    notes = [e for e in running.audit_entries() if e["event"] == "sync_dead_letter"]
+    notes = audited()
     assert len(notes) == 1
     assert (notes[0]["webhook"], notes[0]["recipient"], notes[0]["attempts"]) == ("crm", pseud, 3)
     assert notes[0]["last_error"] == "http 500"
