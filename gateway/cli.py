@@ -36,7 +36,7 @@ from gateway.errors import (
     OptgateError,
     StoreUnavailable,
 )
-from gateway.optout_fields import BadInput, canonical, categories_of, state_json
+from gateway.optout_fields import BadInput, canonical, categories_of, change_events, state_json
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -108,28 +108,22 @@ async def _optout(cfg: Config, args: argparse.Namespace) -> int:
         if args.action == "add":
             # The address is kept (sealed) in the record, as the admin API's PUT keeps it,
             # so that an export names it and can be imported elsewhere.
-            record = await store.opt_out(
+            written = await store.opt_out_change(
                 args.channel, pseud, categories=categories, all=args.all, source="cli",
                 now=now, address=address,
             )  # fmt: skip
         else:
-            record = await store.opt_in(
+            written = await store.opt_in_change(
                 args.channel, pseud, categories=categories, all=args.all, source="cli", now=now
             )
+        # The same entries as the admin API's for the same change: what was added or
+        # removed, the change-stream id, and who made it.
+        events = change_events(
+            written, channel=args.channel, pseud=pseud, source="cli", by={"by": "cli"}, via="cli"
+        )
         async with _cli_audit(cfg, ring) as audit:
-            await audit.append(
-                [
-                    {
-                        "event": "optout" if args.action == "add" else "optin",
-                        "channel": args.channel,
-                        "recipient": pseud,
-                        "categories": categories,
-                        "all": bool(args.all),
-                        "source": "cli",
-                    }
-                ]
-            )
-        print(orjson.dumps(state_json(args.channel, record)).decode())
+            await audit.append(events)
+        print(orjson.dumps(state_json(args.channel, written.after)).decode())
         return 0
     finally:
         await store.close()

@@ -101,6 +101,40 @@ def as_lines(fmt: str, rows: list[dict[str, Any]], bad: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+# -- optout add|remove: audited as the admin API audits the same change -------------------
+
+
+def test_optout_add_and_remove_audit_what_changed(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path / "home")
+
+    def cli(action: str, *scope: str) -> dict[str, Any]:
+        out = optgate("optout", action, "--channel", "email", *scope, "Pat@Example.org", config=cfg)
+        assert out.returncode == 0, out.stderr
+        return summary_of(out)
+
+    assert cli("add", "--category", "marketing")["categories"] == ["marketing"]
+    cli("add", "--category", "marketing", "--category", "research")  # one new, one kept
+    assert cli("remove", "--all")["categories"] == []
+    cli("remove", "--all")  # nothing left to remove
+
+    ring = keyfile.load(config_mod.load(str(cfg)).keys_file)
+    pseud = pseudonym(ring, "email", "pat@example.org")
+    changes = [e for e in audit_entries(cfg) if e["event"] in ("optout", "optin")]
+    assert [(e["event"], e["categories"], e["all"]) for e in changes] == [
+        ("optout", ["marketing"], False),
+        ("optout", ["research"], False),  # what the write added, not what was asked
+        ("optin", ["marketing", "research"], False),  # what it removed
+        ("optin", [], False),  # a write that changed nothing is still on record
+    ]
+    for e in changes:
+        assert (e["channel"], e["recipient"], e["source"], e["by"], e["via"]) == (
+            "email", pseud, "cli", "cli", "cli",
+        )  # fmt: skip
+    assert all(e["change"] for e in changes[:3]) and changes[3]["change"] == ""
+    assert len({e["change"] for e in changes[:3]}) == 3  # each names its change-stream entry
+    assert optgate("audit", "verify", config=cfg).returncode == 0
+
+
 # -- import: bad lines ---------------------------------------------------------------------
 
 

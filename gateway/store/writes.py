@@ -132,6 +132,26 @@ class RecordWrites:
         `address` (canonical email or E.164), when the caller knows it, is kept sealed in
         the record for exports; a write without one keeps the address already stored.
         """
+        written = await self.opt_out_change(
+            channel, pseudonym, categories=categories, all=all, source=source, now=now,
+            address=address,
+        )  # fmt: skip
+        if written.after is None:  # merge never deletes; a bug if it did
+            raise RuntimeError("opt_out removed a record")
+        return written.after
+
+    async def opt_out_change(
+        self,
+        channel: str,
+        pseudonym: str,
+        *,
+        categories: Iterable[str] = (),
+        all: bool = False,
+        source: str,
+        now: float,
+        address: str = "",
+    ) -> Written:
+        """`opt_out`, returning the state before and after (for `change_events`)."""
         cats = frozenset(categories)
         if not all and not cats:
             raise ValueError("opt_out needs at least one category or all=True")
@@ -146,12 +166,7 @@ class RecordWrites:
                 address=address or base.address,
             )
 
-        written = await self._write(
-            channel, pseudonym, merge, intent="optout", source=source, now=now
-        )
-        if written.after is None:  # merge never deletes; a bug if it did
-            raise RuntimeError("opt_out removed a record")
-        return written.after
+        return await self._write(channel, pseudonym, merge, intent="optout", source=source, now=now)
 
     async def opt_in(
         self,
@@ -168,11 +183,27 @@ class RecordWrites:
         Removing single categories leaves a blanket opt-out (``all``) in place: lifting it
         takes an explicit ``all=True``, so a narrow opt-in never widens what is sent.
         """
+        written = await self.opt_in_change(
+            channel, pseudonym, categories=categories, all=all, source=source, now=now
+        )
+        return written.after
+
+    async def opt_in_change(
+        self,
+        channel: str,
+        pseudonym: str,
+        *,
+        categories: Iterable[str] = (),
+        all: bool = False,
+        source: str,
+        now: float,
+    ) -> Written:
+        """`opt_in`, returning the state before and after (for `change_events`)."""
         cats = frozenset(categories)
         if not all and not cats:
             raise ValueError("opt_in needs at least one category or all=True")
 
-        def remove(current: Record | None) -> Record | None:
+        def lift(current: Record | None) -> Record | None:
             if current is None or all:
                 return None
             left = current.categories - cats
@@ -187,10 +218,9 @@ class RecordWrites:
 
         # With all=True the current value does not matter, so even a corrupt record can be
         # cleared; any other change to a corrupt record raises RecordCorrupt.
-        written = await self._write(
-            channel, pseudonym, remove, intent="optin", source=source, now=now, replace_corrupt=all
+        return await self._write(
+            channel, pseudonym, lift, intent="optin", source=source, now=now, replace_corrupt=all
         )
-        return written.after
 
     async def replace(
         self,
