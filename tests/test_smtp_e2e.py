@@ -622,3 +622,48 @@ async def test_bare_lf_command_lines_are_refused_and_not_run(gateway: Running) -
         assert code == 250  # a proper CRLF line is served as usual
     finally:
         raw.close()
+
+
+async def test_a_relay_in_flight_when_the_grace_period_ends_still_gets_its_reply(
+    gateway: Running,
+) -> None:
+    """A stop whose grace period ends while the upstream holds its DATA reply does not cut
+    that transaction off with 421: the upstream has (or will have) the message, so a 421
+    would make the application send it again. The relay gets a bounded extra moment; a
+    session between transactions is closed at once, as before."""
+    sink = gateway.sink
+    sink.delay_data_s = 1.0  # the upstream holds its reply past the 0.2 s grace period
+    idle = await RawSMTP.connect(gateway.gw.ports.smtp)
+    await idle.ready(gateway.client_context(), "app", APP_PASSWORD)
+    busy = asyncio.create_task(gateway.send(["pat@example.org"]))
+    deadline = time.monotonic() + 10
+    while not sink.messages and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    assert sink.messages, "the message never reached the upstream"
+    stopping = asyncio.create_task(gateway.gw.stop(grace_s=0.2))
+    code, text = await idle.reply()
+    assert (code, text.split()[1]) == (421, "4.3.2")  # between transactions: closed at once
+    idle.close()
+    code, text = await busy
+    assert code == 250, text  # not 421: the application will not send it twice
+    await stopping
+    assert [m.rcpts for m in sink.messages] == [["pat@example.org"]]
+    assert [e["decision"] for e in gateway.decisions()] == ["allow"]
+
+
+async def test_a_relay_that_outlasts_the_extra_moment_is_closed_all_the_same(
+    gateway: Running, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gateway.smtp import server
+
+    monkeypatch.setattr(server, "RELAY_FINISH_S", 0.3)
+    gateway.sink.delay_data_s = 5.0
+    busy = asyncio.create_task(gateway.send(["pat@example.org"]))
+    deadline = time.monotonic() + 10
+    while not gateway.sink.messages and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    started = time.monotonic()
+    await gateway.gw.stop(grace_s=0.2)
+    assert time.monotonic() - started < 2.0  # bounded: grace + RELAY_FINISH_S, not the relay
+    code, _ = await busy
+    assert code == 421  # 4.3.2: the application keeps the message and retries

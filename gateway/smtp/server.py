@@ -96,6 +96,11 @@ _STOCK_REPLIES = {
 
 
 SHUTDOWN_REPLY = b"421 4.3.2 Service shutting down, try again later\r\n"
+# After the grace period, a transaction whose message is already on its way upstream gets
+# this much longer to be answered before it too is closed: the upstream may already have
+# it, and a 421 then would make the application send it twice. It stays inside the extra
+# time the supervisor gives a worker before SIGKILL (GRACE_S + 5 s).
+RELAY_FINISH_S = 3.0
 
 
 class ConnectionLimiter:
@@ -120,21 +125,35 @@ class ConnectionLimiter:
     async def drain(self, grace_s: float) -> None:
         """Stop: no session starts a transaction from now on; each closes (``421 4.3.2``)
         as soon as it is between transactions, at once for most; a transaction in flight
-        runs to its reply first. After `grace_s`, close every session left, mid-transaction
-        or not (its sender keeps the message and retries: nothing was answered 250)."""
+        runs to its reply first. After `grace_s`, close every session left that is not
+        relaying a message (its sender keeps the message and retries: nothing was answered
+        250); one whose message is with the upstream gets up to RELAY_FINISH_S more to be
+        answered, then is closed too."""
         self.draining = True
         self._none_left = asyncio.Event()
         for session in list(self._sessions):
             session.close_if_idle()
         if self._sessions:
             log.info("smtp_draining", sessions=len(self._sessions))
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(grace_s):
-                    await self._none_left.wait()
+            await self._wait_none_left(grace_s)
+        cut = [s for s in self._sessions if not s.relaying]
+        if cut:
+            log.warning("smtp_drain_timeout", closed=len(cut))
+        for session in cut:
+            session.close_now()
+        if any(s.relaying for s in self._sessions):
+            await self._wait_none_left(RELAY_FINISH_S)
         if self._sessions:
-            log.warning("smtp_drain_timeout", closed=len(self._sessions))
+            log.warning("smtp_drain_relay_timeout", closed=len(self._sessions))
         for session in list(self._sessions):
             session.close_now()
+
+    async def _wait_none_left(self, seconds: float) -> None:
+        if self._none_left is None:  # only drain() waits, and it makes the event first
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._none_left.wait()
 
     def acquire(self, host: str) -> bool:
         if self._open[host] >= self.limit:
@@ -276,6 +295,8 @@ class GatewaySMTP(SMTP):
         self._client_host: str | None = None
         self._over_limit = False
         self._session_deadline: asyncio.TimerHandle | None = None
+        # From the end of DATA to its reply: the message may already be with the upstream.
+        self.relaying = False
 
     def _create_session(self) -> GatewaySession:
         return GatewaySession(self.loop)
@@ -379,9 +400,13 @@ class GatewaySMTP(SMTP):
             )
             return
         envelope.content = envelope.original_content = _unstuff(content)
-        status = await self._call_handler_hook("DATA")
-        self._set_post_data_state()  # type: ignore[no-untyped-call]
-        await self.push("250 OK" if status is MISSING else status)
+        self.relaying = True  # a stop lets this finish past its grace period (drain)
+        try:
+            status = await self._call_handler_hook("DATA")
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
+            await self.push("250 OK" if status is MISSING else status)
+        finally:
+            self.relaying = False
 
     async def smtp_MAIL(self, arg: str) -> None:
         if self._limiter.draining:  # stopping: no new transaction on this instance
