@@ -11,12 +11,15 @@ these tests pin down:
 - `mark_process_dead` (the supervisor's `metrics.process_dead`) removes only the
   ``live*`` gauge files of that pid: the sync gauges, a shared reading, leave with it;
   the worst opt-out-to-effect time, a ``max``, stays;
+- a dead worker's remaining files are folded into one archive set, so restarts do not grow
+  the directory, with the same totals, and a scrape waits for a fold in progress;
 - the directory is wiped at each supervisor start, so a previous run's files never count.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import signal
 import ssl
@@ -24,6 +27,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import aiohttp
@@ -124,6 +128,39 @@ def test_merge_sums_counters_takes_max_and_freshest_and_drops_dead_live_gauges(
     assert got[ALLOW] == 5 and got[WORST] == 0.3
 
 
+def test_dead_workers_fold_into_one_archive_with_the_same_totals(tmp_path: Path) -> None:
+    directory = metrics.fresh_multiprocess_dir(tmp_path / "metrics")
+    live = write_as_worker(directory, 1, 4, 0.2)
+    for n in range(4):  # four workers that die, one after another
+        pid = write_as_worker(directory, 10 + n, 3, 0.5 if n == 1 else 0.1)
+        metrics.process_dead(pid, directory)
+        assert not list(directory.glob(f"*_{pid}.db"))
+    files = sorted(p.name for p in directory.glob("*.db"))
+    assert files == sorted(
+        [f"counter_{live}.db", f"histogram_{live}.db", f"gauge_max_{live}.db",
+         f"gauge_livemostrecent_{live}.db", "counter_archive.db", "histogram_archive.db",
+         "gauge_max_archive.db"]
+    )  # fmt: skip
+    got = samples(metrics.merged(directory).decode())
+    assert got[ALLOW] == 1 + 10 + 11 + 12 + 13  # nothing lost, nothing twice
+    assert got[WORST] == 0.5  # the worst of the dead ones, kept
+    assert got[BACKLOG] == 4  # the live worker's reading
+    metrics.process_dead(live, directory)
+    got = samples(metrics.merged(directory).decode())
+    assert got[ALLOW] == 47 and got[WORST] == 0.5 and BACKLOG not in got
+    assert len(list(directory.glob("*.db"))) == 3  # the archive alone
+
+
+def test_a_scrape_waits_for_a_fold_in_progress(tmp_path: Path) -> None:
+    directory = metrics.fresh_multiprocess_dir(tmp_path / "metrics")
+    write_as_worker(directory, 2, 1, 0.1)
+    with ThreadPoolExecutor(1) as pool, metrics._fold_lock(directory, fcntl.LOCK_EX):
+        scrape = pool.submit(metrics.merged, directory)
+        time.sleep(0.3)
+        assert not scrape.done()  # held while the supervisor folds
+    assert samples(scrape.result(timeout=10).decode())[ALLOW] == 2
+
+
 def test_single_process_reads_its_own_registry() -> None:
     assert metrics.MULTIPROC_DIR is None  # the test process is not a worker
     before = samples(metrics.exposition().decode()).get(ALLOW, 0.0)
@@ -208,7 +245,8 @@ async def test_every_scrape_reports_all_workers_across_a_restart(
         os.kill(killed, signal.SIGKILL)
         await wait_for_log(gw, "worker_started", 3)
         await wait_for_log(gw, "event='listening'", 3)
-        assert (directory / f"counter_{killed}.db").exists()  # its counts stay
+        assert not (directory / f"counter_{killed}.db").exists()  # its counts stay, folded
+        assert (directory / "counter_archive.db").exists()  # into the archive
         assert not (directory / f"gauge_livemostrecent_{killed}.db").exists()  # marked dead
         for _ in range(6):
             got, _ = await scrape(pki, http)
