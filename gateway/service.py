@@ -33,13 +33,9 @@ from gateway.errors import ConfigError, KeyringError, OptgateError
 from gateway.smtp import dkim
 from gateway.smtp import upstream as upstream_mod
 from gateway.smtp.flow import EmailFlow
-from gateway.smtp.server import (
-    COMMAND_CALL_LIMIT,
-    ConnectionLimiter,
-    GatewayHandler,
-    GatewaySMTP,
-    Limits,
-)
+from gateway.smtp.handler import GatewayHandler
+from gateway.smtp.limiter import ConnectionLimiter
+from gateway.smtp.server import COMMAND_CALL_LIMIT, GatewaySMTP, Limits
 from gateway.store.embedded import EmbeddedRedis
 from gateway.store.redis_store import OptOutStore
 from gateway.unsubscribe import Unsubscriber

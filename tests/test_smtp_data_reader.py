@@ -2,7 +2,7 @@
 
 aiosmtpd reads DATA a line at a time, lines ending at CRLF only, and stops at the first line
 that is exactly "." CRLF; then it drops the first "." of every line that starts with one.
-`_CrlfLineReader.read_data` + `_unstuff` must give the same content, leave the same bytes
+`CrlfLineReader.read_data` + `unstuff` must give the same content, leave the same bytes
 (a pipelined next command) in the buffer, and end in the same place, whatever the chunking
 (threats.md S2: where DATA ends is what SMTP smuggling attacks).
 """
@@ -14,7 +14,7 @@ import random
 
 import pytest
 
-from gateway.smtp.server import _CrlfLineReader, _unstuff
+from gateway.smtp.reader import CrlfLineReader, unstuff
 
 LINE_LIMIT = 1001
 
@@ -33,7 +33,7 @@ def reference(stream: bytes) -> tuple[bytes, bytes] | None:
 
 
 async def read(chunks: list[bytes], size_limit: int = 10**6) -> tuple[bytes, str, bytes]:
-    reader = _CrlfLineReader(limit=LINE_LIMIT)
+    reader = CrlfLineReader(limit=LINE_LIMIT)
 
     async def feed() -> None:
         for chunk in chunks:
@@ -44,7 +44,7 @@ async def read(chunks: list[bytes], size_limit: int = 10**6) -> tuple[bytes, str
     feeder = asyncio.create_task(feed())
     content, fault = await reader.read_data(size_limit, LINE_LIMIT)
     await feeder
-    return _unstuff(content), fault, await reader.read()
+    return unstuff(content), fault, await reader.read()
 
 
 def cut(data: bytes, rng: random.Random) -> list[bytes]:

@@ -654,9 +654,9 @@ async def test_a_relay_in_flight_when_the_grace_period_ends_still_gets_its_reply
 async def test_a_relay_that_outlasts_the_extra_moment_is_closed_all_the_same(
     gateway: Running, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from gateway.smtp import server
+    from gateway.smtp import limiter
 
-    monkeypatch.setattr(server, "RELAY_FINISH_S", 0.3)
+    monkeypatch.setattr(limiter, "RELAY_FINISH_S", 0.3)
     gateway.sink.delay_data_s = 5.0
     busy = asyncio.create_task(gateway.send(["pat@example.org"]))
     deadline = time.monotonic() + 10

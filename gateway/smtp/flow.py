@@ -9,7 +9,7 @@ that recipient's own token (SPEC §3); the copies are built, signed and delivere
 concurrently, at most `COPY_CONCURRENCY` at a time so a large message to many recipients
 never sits in memory once per recipient. Other categories get one copy for everyone.
 
-The SMTP adapter (`server.py`) only translates; everything it answers after DATA comes
+The SMTP adapter (`server.py`, `handler.py`) only translates; everything it answers after DATA comes
 from `EmailFlow.process()`. Nothing is sent unless the decision entries are durable, and
 the reply is `250` only when the upstream accepted every allowed copy (SPEC §2.2).
 """

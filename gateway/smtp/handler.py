@@ -1,0 +1,230 @@
+"""aiosmtpd's hooks for the gateway: authentication, MAIL, RCPT and DATA, translated into
+`EmailFlow` calls and their replies. It decides nothing itself.
+
+The unsubscribe mailbox (`unsubscribe@` or `unsubscribe+TOKEN@` the unsubscribe domain,
+any case) is the one recipient accepted without AUTH (SPEC §3, §4). Such a transaction
+holds unsubscribe recipients only; after DATA it records the opt-out (`gateway.unsubscribe`)
+and is never forwarded. A bad token gets `550 5.1.1` (at RCPT when it is in the local part)
+and nothing is ever sent back (no backscatter, threats A20).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import structlog
+from aiosmtpd.smtp import (
+    SMTP,
+    AuthResult,
+    Envelope,
+    LoginPassword,
+    Session,
+)
+
+from gateway import tls
+from gateway.config import Sender
+from gateway.core import tokens
+from gateway.core.addresses import AddressProblem, parse_email
+from gateway.errors import AuditError, RecordCorrupt, StoreUnavailable
+from gateway.senders import Authenticator
+from gateway.smtp.flow import EmailFlow, Submission
+from gateway.smtp.reader import BareLineFeed
+from gateway.smtp.server import GatewayEnvelope, GatewaySession, GatewaySMTP, Limits
+from gateway.unsubscribe import MailResult, Receipt, Unsubscriber
+
+log = structlog.get_logger("optgate.smtp")
+
+
+def _peer_common_name(server: GatewaySMTP) -> str | None:
+    transport = server.transport
+    obj = transport.get_extra_info("ssl_object") if transport is not None else None
+    return tls.peer_common_name(obj) if obj is not None else None
+
+
+class GatewayHandler:
+    """aiosmtpd hooks. Every reply after DATA comes from `EmailFlow`."""
+
+    def __init__(
+        self,
+        *,
+        flow: EmailFlow,
+        auth: Authenticator,
+        limits: Limits,
+        unsubscribe: Unsubscriber | None = None,
+        links: tokens.Links | None = None,
+    ) -> None:
+        self.flow = flow
+        self.auth = auth
+        self.limits = limits
+        self.unsubscribe = unsubscribe
+        self.links = links  # where the unsubscribe mailbox is (its domain)
+        self._background: set[asyncio.Task[None]] = set()
+
+    # aiosmtpd calls this synchronously from its AUTH PLAIN/LOGIN implementations.
+    def authenticate(
+        self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, auth_data: Any
+    ) -> AuthResult:
+        if not isinstance(auth_data, LoginPassword):
+            return AuthResult(success=False, handled=False)
+        name = auth_data.login.decode("utf-8", "replace")
+        sender = self.auth.check(name, auth_data.password)
+        if sender is None:
+            log.info("auth_failed", mechanism=mechanism)
+            self._audit_auth_failure(name, mechanism)
+            return AuthResult(success=False, handled=False)
+        return AuthResult(success=True, auth_data=sender)
+
+    def _audit_auth_failure(self, name: str, mechanism: str) -> None:
+        """SPEC §7: auth failures are audited. aiosmtpd calls `authenticate` synchronously, so
+        the entry is appended in the background; the client gets 535 either way. A login
+        that is not a configured sender is recorded as "unknown": it may be an address."""
+        known = name if name in self.auth.senders else "unknown"
+        event = {
+            "event": "auth_failed",
+            "channel": "email",
+            "sender": known,
+            "mechanism": mechanism,
+        }
+
+        async def write() -> None:
+            try:
+                await self.flow.audit.append([event])
+            except AuditError:
+                log.error("audit_auth_failure_write_failed")
+
+        task = asyncio.get_running_loop().create_task(write())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _sender(self, server: GatewaySMTP, session: GatewaySession) -> Sender | None:
+        if session.sender is not None:
+            return session.sender
+        data: object = session.auth_data
+        if session.authenticated and isinstance(data, Sender):
+            session.sender = data
+            return data
+        cn = _peer_common_name(server)
+        if cn is not None:
+            session.sender = self.auth.by_certificate(cn)
+        return session.sender
+
+    async def handle_MAIL(
+        self,
+        server: GatewaySMTP,
+        session: GatewaySession,
+        envelope: GatewayEnvelope,
+        address: str,
+        options: list[str],
+    ) -> str:
+        sender = self._sender(server, session)
+        if sender is not None and "email" not in sender.channels:
+            return "550 5.7.1 This sender may not send email"
+        parsed = parse_email(address, smtputf8=bool(envelope.smtp_utf8))
+        if isinstance(parsed, AddressProblem):
+            return parsed.reply.replace("destination", "sender")
+        envelope.mail_from = parsed.address
+        envelope.mail_options.extend(options)
+        envelope.optgate_rcpts.clear()
+        envelope.optgate_unsubscribe.clear()
+        return "250 2.1.0 Sender ok"
+
+    async def _unsubscribe_rcpt(self, envelope: GatewayEnvelope, address: str) -> str | None:
+        """The reply to an RCPT of the unsubscribe mailbox; None for any other address."""
+        if self.unsubscribe is None or self.links is None or not self.links.is_mailbox(address):
+            return None
+        if envelope.optgate_rcpts:
+            return "452 4.5.3 Send unsubscribe requests in a transaction of their own"
+        local = address.rpartition("@")[0]
+        token = ""
+        if "+" in local:
+            token = local.partition("+")[2].lower()
+            if await self.unsubscribe.verify(token) is None:
+                return "550 5.1.1 Unknown unsubscribe address"
+        if len(envelope.optgate_unsubscribe) >= self.limits.max_recipients:
+            return "452 4.5.3 Too many recipients"
+        envelope.optgate_unsubscribe.append(token)
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 Unsubscribe address ok"
+
+    async def handle_EHLO(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        """aiosmtpd's EHLO lines plus PIPELINING (RFC 2920: commands are read in order from
+        one buffer, so a client may send MAIL, RCPTs and DATA in one write) and
+        ENHANCEDSTATUSCODES (RFC 2034: every reply carries one, see `push`)."""
+        session.host_name = hostname  # what aiosmtpd does itself when there is no hook
+        *lines, last = responses
+        return [*lines, "250-PIPELINING", "250-ENHANCEDSTATUSCODES", last]
+
+    async def handle_RCPT(
+        self,
+        server: GatewaySMTP,
+        session: GatewaySession,
+        envelope: GatewayEnvelope,
+        address: str,
+        options: list[str],
+    ) -> str:
+        unsubscribe = await self._unsubscribe_rcpt(envelope, address)
+        if unsubscribe is not None:
+            return unsubscribe
+        if self._sender(server, session) is None:
+            return "530 5.7.0 Authentication required"
+        if envelope.optgate_unsubscribe:
+            return "452 4.5.3 Send unsubscribe requests in a transaction of their own"
+        parsed = parse_email(address, smtputf8=bool(envelope.smtp_utf8))
+        if isinstance(parsed, AddressProblem):
+            return parsed.reply
+        rcpts = envelope.optgate_rcpts
+        if any(r.address == parsed.address for r in rcpts):
+            return "250 2.1.5 Recipient ok (duplicate ignored)"
+        if len(rcpts) >= self.limits.max_recipients:
+            return "452 4.5.3 Too many recipients"
+        rcpts.append(parsed)
+        envelope.rcpt_tos.append(parsed.address)
+        envelope.rcpt_options.extend(options)
+        return "250 2.1.5 Recipient ok"
+
+    async def handle_DATA(
+        self, server: GatewaySMTP, session: GatewaySession, envelope: GatewayEnvelope
+    ) -> str:
+        if envelope.optgate_unsubscribe and self.unsubscribe is not None:
+            return await self._unsubscribe_data(self.unsubscribe, envelope)
+        sender = self._sender(server, session)
+        if sender is None or envelope.mail_from is None or envelope.original_content is None:
+            return "503 5.5.1 No valid transaction"  # unreachable: RCPT required a sender
+        submission = Submission(
+            sender=sender,
+            mail_from=envelope.mail_from,
+            rcpts=tuple(envelope.optgate_rcpts),
+            data=envelope.original_content,
+            smtputf8=bool(envelope.smtp_utf8),
+        )
+        return await self.flow.process(submission)
+
+    async def _unsubscribe_data(self, unsub: Unsubscriber, envelope: GatewayEnvelope) -> str:
+        received = Receipt.now()
+        data = envelope.original_content or b""
+        local_tokens = [t for t in envelope.optgate_unsubscribe if t]
+        try:
+            result = await unsub.by_mail(local_tokens, data, received=received)
+        except (StoreUnavailable, RecordCorrupt, AuditError) as exc:
+            log.warning("unsubscribe_unavailable", error=type(exc).__name__)
+            return "451 4.3.0 Temporary failure, try again later"
+        if result is MailResult.DONE:
+            return "250 2.0.0 Ok: unsubscribed"
+        if result is MailResult.MALFORMED:
+            return "554 5.6.0 Malformed message"
+        return "550 5.1.1 Unknown unsubscribe address"
+
+    async def handle_exception(self, error: Exception) -> str:
+        if isinstance(error, BareLineFeed):
+            return "500 5.5.2 Syntax error: bare <LF> received"
+        # Never a traceback to the client; the sender retries (nothing was answered 250).
+        log.error("smtp_session_error", error=type(error).__name__)
+        return "451 4.3.0 Internal error, try again later"
