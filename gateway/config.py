@@ -27,6 +27,10 @@ MAX_RECIPIENTS = 100  # RFC 5321 §4.5.3.1.8 minimum a server must accept
 IDLE_TIMEOUT_S = 300.0  # RFC 5321 §4.5.3.2.7 server timeout
 SESSION_TIMEOUT_S = 900.0  # bounds a client that keeps a session alive with NOOPs
 MAX_CONNECTIONS_PER_CLIENT = 50  # Postfix smtpd_client_connection_count_limit
+# HTTPS connections per client address (threats.md A14): an application's pool is tens; a
+# clinic's NAT may put many patients' browsers behind one address. 0 = no cap, for a
+# gateway behind a proxy that is then its only client (cap at the proxy instead).
+HTTP_MAX_CONNECTIONS_PER_CLIENT = 256
 REDIS_TIMEOUT_MS = 250  # a lookup slower than this fails closed (451 4.3.0)
 AUDIT_RETENTION_DAYS = 2190  # six years: HIPAA 45 CFR 164.316(b)(2)(i)
 AUDIT_MAX_FILE_BYTES = 64 * 1024 * 1024  # a day of a busy gateway, still quick to verify
@@ -82,6 +86,7 @@ class Config:
     max_connections_per_client: int = MAX_CONNECTIONS_PER_CLIENT
     suppressed_reply: str = "accept"
     http_listen: Listen = field(default_factory=lambda: Listen(host="127.0.0.1", port=8443))
+    http_max_connections_per_client: int = HTTP_MAX_CONNECTIONS_PER_CLIENT
     redis_url: str = ""
     redis_timeout_ms: int = REDIS_TIMEOUT_MS
     upstream_email_url: str = "outbox:var/outbox"
@@ -141,7 +146,7 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
         "max_connections_per_client": int,
         "suppressed_reply": str,
     },
-    "http": {"listen": str},
+    "http": {"listen": str, "max_connections_per_client": int},
     "redis": {"url": str, "timeout_ms": int},
     "sms": {"default_region": str},
     "audit": {"dir": str, "retention_days": int, "max_file_bytes": int},
@@ -316,6 +321,10 @@ def build(doc: dict[str, Any], *, path: Path | None, base_dir: Path) -> Config:
         values[key] = float(smtp.get(key, fdefault))
         if values[key] <= 0:
             p.append(f"[smtp] {key} must be positive")
+    cap = t["http"].get("max_connections_per_client", HTTP_MAX_CONNECTIONS_PER_CLIENT)
+    values["http_max_connections_per_client"] = cap
+    if cap < 0:
+        p.append("[http] max_connections_per_client must be 0 (no cap) or more")
     values["suppressed_reply"] = smtp.get("suppressed_reply", "accept")
     if values["suppressed_reply"] not in ("accept", "reject"):
         p.append('[smtp] suppressed_reply must be "accept" or "reject"')

@@ -309,6 +309,7 @@ class Gateway:
             ssl_context=ctx,
             reuse_port=self.reuse_port,
             shutdown_timeout=GRACE_S,
+            max_connections_per_client=self.cfg.http_max_connections_per_client,
         )
         self._http_runner = runner  # stopped by stop(), beside the SMTP drain
 

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import ssl
+import time
+from pathlib import Path
 
 import aiohttp
 import pytest
 
-from tests.conftest import Running
+from gateway import config as config_mod
+from gateway.errors import ConfigError
+from gateway.http import app as http_app
+from tests.conftest import GatewayFactory, Running
 
 
 async def test_healthz_over_tls13_with_security_headers(gateway: Running) -> None:
@@ -63,3 +70,80 @@ async def test_access_log_names_route_not_path(
     assert (
         "secret-token-xyz" not in text and "pat@example.org" not in text and "127.0.0.1" not in text
     )
+
+
+# -- slow clients (threats.md A14, S15) -----------------------------------------------------
+
+
+async def _tls(running: Running) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection(
+        "127.0.0.1", running.gw.ports.http, ssl=running.client_context()
+    )
+
+
+async def _healthz(running: Running) -> int:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.get(
+            f"https://127.0.0.1:{running.gw.ports.http}/healthz", ssl=running.client_context()
+        ) as r,
+    ):
+        return r.status
+
+
+async def test_trickled_headers_are_cut_off_at_the_header_deadline(
+    make_gateway: GatewayFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(http_app, "HEADER_TIMEOUT_S", 1.0)
+    running: Running = await make_gateway()
+    reader, writer = await _tls(running)
+    writer.write(b"POST /sms/inbound HTTP/1.1\r\nHost: gateway\r\n")
+    started = time.monotonic()
+    closed_after = None
+    for i in range(20):  # one more header line every 0.25 s: never a whole request
+        await asyncio.sleep(0.25)
+        if reader.at_eof():
+            closed_after = time.monotonic() - started
+            break
+        writer.write(f"X-Slow-{i}: x\r\n".encode())
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+        with contextlib.suppress(TimeoutError):
+            assert await asyncio.wait_for(reader.read(1), 0.01) == b""  # closed, no reply
+    assert closed_after is not None and closed_after < 2.5, closed_after
+    writer.close()
+    assert await _healthz(running) == 200  # everyone else is served
+
+
+async def test_connections_over_the_per_address_cap_get_503_and_are_closed(
+    make_gateway: GatewayFactory,
+) -> None:
+    running: Running = await make_gateway(http={"max_connections_per_client": 3})
+    held = [await _tls(running) for _ in range(3)]
+    reader, writer = await _tls(running)
+    head = await asyncio.wait_for(reader.read(), 5)  # answered at once, then closed
+    assert head.startswith(b"HTTP/1.1 503 ") and b"Retry-After: 5" in head
+    writer.close()
+    _, first = held.pop()
+    first.close()  # one fewer: the address may open another
+    await first.wait_closed()
+    deadline = time.monotonic() + 5
+    while (status := await _healthz_or_none(running)) != 200:
+        assert time.monotonic() < deadline, status
+        await asyncio.sleep(0.05)
+    for _, w in held:
+        w.close()
+
+
+async def _healthz_or_none(running: Running) -> int | None:
+    try:
+        return await _healthz(running)
+    except aiohttp.ClientError:
+        return None
+
+
+@pytest.mark.parametrize("value", [-1, "many", True])
+def test_a_bad_per_address_cap_is_a_config_error(tmp_path: Path, value: object) -> None:
+    doc = {"http": {"listen": "127.0.0.1:0", "max_connections_per_client": value}}
+    with pytest.raises(ConfigError, match="max_connections_per_client"):
+        config_mod.build(doc, path=None, base_dir=tmp_path)

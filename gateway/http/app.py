@@ -6,11 +6,17 @@
   unsubscribe tokens and, on admin routes, addresses (threats.md S17).
 - Security headers on every response; no cookies are ever set.
 - Route modules expose `setup(app: web.Application, deps: HttpDeps) -> None`.
+- Slow clients (threats.md A14, S15): a connection whose request headers are not all in
+  `HEADER_TIMEOUT_S` after it opened or after its last response is closed, and each
+  client address may hold `[http] max_connections_per_client` connections (more get a
+  `503` with `Retry-After` and are closed), so trickled headers cannot hold the listener.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +33,16 @@ from gateway.core.rules import Rules
 log = structlog.get_logger("optgate.http")
 
 MAX_BODY_BYTES = 64 * 1024  # SMS bodies and unsubscribe forms are tiny; bulk import overrides
+# threats.md A14: incomplete request headers past 10 s close the connection. aiohttp's
+# keep-alive timer is armed when a connection opens and after each response, and closes
+# the connection if no whole request has arrived when it fires, so it is that deadline
+# (and the idle keep-alive: clients reconnect; nginx's default is 75 s, ours is shorter
+# because a held connection is what a slow-header attack is made of).
+HEADER_TIMEOUT_S = 10.0
+BUSY_REPLY = (
+    b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 5\r\nConnection: close\r\n"
+    b"Content-Length: 0\r\n\r\n"
+)
 PROBLEM_TYPE = "application/problem+json"
 
 SECURITY_HEADERS = {
@@ -127,6 +143,108 @@ class AccessLogger(AbstractAccessLogger):
 ACCESS_LOGGER = "optgate.access"  # not aiohttp.access: that one is floored at WARNING
 
 
+class AddressCap:
+    """Open connections per client address, at most `limit` each (0 = no cap)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._open: Counter[str] = Counter()
+
+    def protocol(self, inner: asyncio.Protocol) -> asyncio.Protocol:
+        return _Capped(self, inner)
+
+    def acquire(self, host: str) -> bool:
+        if self.limit and self._open[host] >= self.limit:
+            return False
+        self._open[host] += 1
+        return True
+
+    def release(self, host: str) -> None:
+        self._open[host] -= 1
+        if self._open[host] <= 0:
+            del self._open[host]
+
+
+class _Capped(asyncio.Protocol):
+    """aiohttp's protocol for one connection, behind the per-address cap: over the cap the
+    connection is answered 503 and closed, and aiohttp never sees it."""
+
+    def __init__(self, cap: AddressCap, inner: asyncio.Protocol) -> None:
+        self._cap = cap
+        self._inner = inner
+        self._host: str | None = None  # set while this connection counts against its address
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        peer = transport.get_extra_info("peername")
+        host = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+        if not self._cap.acquire(host):
+            log.warning("https_client_over_limit", limit=self._cap.limit)  # no address
+            transport.write(BUSY_REPLY)  # type: ignore[attr-defined]
+            transport.close()
+            return
+        self._host = host
+        self._inner.connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._host is None:
+            return
+        self._cap.release(self._host)
+        self._host = None
+        self._inner.connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._host is not None:
+            self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received() if self._host is not None else None
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+
+class _CappedSite(web.BaseSite):
+    """`web.TCPSite`, with every connection behind an `AddressCap`."""
+
+    def __init__(
+        self,
+        runner: web.AppRunner,
+        host: str,
+        port: int,
+        *,
+        ssl_context: Any,
+        reuse_port: bool,
+        cap: AddressCap,
+    ) -> None:
+        super().__init__(runner, ssl_context=ssl_context)
+        self._host, self._port, self._reuse_port, self._cap = host, port, reuse_port, cap
+        self.bound_port = port
+
+    @property
+    def name(self) -> str:
+        return f"https://{self._host}:{self.bound_port}"
+
+    async def start(self) -> None:
+        await super().start()  # registers the site with its runner
+        server = self._runner.server
+        if server is None:
+            raise RuntimeError("the runner is not set up")
+        self._server = await asyncio.get_running_loop().create_server(
+            lambda: self._cap.protocol(server()),
+            self._host,
+            self._port,
+            ssl=self._ssl_context,
+            backlog=self._backlog,
+            reuse_address=True,
+            reuse_port=self._reuse_port or None,
+        )
+        if self._server.sockets:
+            self.bound_port = int(self._server.sockets[0].getsockname()[1])
+
+
 async def start_site(
     app: web.Application,
     *,
@@ -135,6 +253,7 @@ async def start_site(
     ssl_context: Any,
     reuse_port: bool = False,
     shutdown_timeout: float = 10.0,
+    max_connections_per_client: int = 0,
 ) -> tuple[web.AppRunner, int]:
     """Serve `app` over TLS on host:port (0 = any free port). Returns (runner, bound port).
     `runner.cleanup()` lets requests in flight finish for up to `shutdown_timeout`."""
@@ -144,23 +263,19 @@ async def start_site(
         access_log=logging.getLogger(ACCESS_LOGGER),
         handle_signals=False,
         shutdown_timeout=shutdown_timeout,
+        keepalive_timeout=HEADER_TIMEOUT_S,
     )
     await runner.setup()
-    site = web.TCPSite(
+    site = _CappedSite(
         runner,
         host,
         port,
         ssl_context=ssl_context,
-        reuse_address=True,
-        reuse_port=reuse_port or None,
+        reuse_port=reuse_port,
+        cap=AddressCap(max_connections_per_client),
     )
     await site.start()
-    server = site._server  # aiohttp exposes no public accessor for the bound port
-    bound = port
-    sockets = getattr(server, "sockets", None)
-    if sockets:
-        bound = int(sockets[0].getsockname()[1])
-    return runner, bound
+    return runner, site.bound_port
 
 
 async def healthz(request: web.Request) -> web.Response:
