@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +27,7 @@ from aiohttp.typedefs import Handler
 
 from gateway.config import Config
 from gateway.core.keys import Keyring
+from gateway.core.peers import PerAddress
 from gateway.core.rules import Rules
 
 log = structlog.get_logger("optgate.http")
@@ -143,26 +143,11 @@ class AccessLogger(AbstractAccessLogger):
 ACCESS_LOGGER = "optgate.access"  # not aiohttp.access: that one is floored at WARNING
 
 
-class AddressCap:
-    """Open connections per client address, at most `limit` each (0 = no cap)."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._open: Counter[str] = Counter()
+class AddressCap(PerAddress):
+    """Open HTTPS connections per client address, at most `limit` each (0 = no cap)."""
 
     def protocol(self, inner: asyncio.Protocol) -> asyncio.Protocol:
         return _Capped(self, inner)
-
-    def acquire(self, host: str) -> bool:
-        if self.limit and self._open[host] >= self.limit:
-            return False
-        self._open[host] += 1
-        return True
-
-    def release(self, host: str) -> None:
-        self._open[host] -= 1
-        if self._open[host] <= 0:
-            del self._open[host]
 
 
 class _Capped(asyncio.Protocol):

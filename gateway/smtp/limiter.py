@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import Counter
 from typing import Protocol
 
 import structlog
+
+from gateway.core.peers import PerAddress
 
 log = structlog.get_logger("optgate.smtp")
 
@@ -36,13 +37,12 @@ SHUTDOWN_REPLY = b"421 4.3.2 Service shutting down, try again later\r\n"
 RELAY_FINISH_S = 3.0
 
 
-class ConnectionLimiter:
+class ConnectionLimiter(PerAddress):
     """Counts open connections per client address, and keeps the open sessions so a stop
     can drain them (shared by all listeners of a process)."""
 
     def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._open: Counter[str] = Counter()
+        super().__init__(limit)
         self._sessions: set[Drainable] = set()
         self._none_left: asyncio.Event | None = None  # made by drain(), inside the loop
         self.draining = False
@@ -87,14 +87,3 @@ class ConnectionLimiter:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(seconds):
                 await self._none_left.wait()
-
-    def acquire(self, host: str) -> bool:
-        if self._open[host] >= self.limit:
-            return False
-        self._open[host] += 1
-        return True
-
-    def release(self, host: str) -> None:
-        self._open[host] -= 1
-        if self._open[host] <= 0:
-            del self._open[host]
