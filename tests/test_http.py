@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 import ssl
@@ -15,7 +16,7 @@ import pytest
 from gateway import config as config_mod
 from gateway.errors import ConfigError
 from gateway.http import app as http_app
-from tests.conftest import GatewayFactory, Running
+from tests.conftest import APP_PASSWORD, GatewayFactory, Running
 
 
 async def test_healthz_over_tls13_with_security_headers(gateway: Running) -> None:
@@ -147,3 +148,29 @@ def test_a_bad_per_address_cap_is_a_config_error(tmp_path: Path, value: object) 
     doc = {"http": {"listen": "127.0.0.1:0", "max_connections_per_client": value}}
     with pytest.raises(ConfigError, match="max_connections_per_client"):
         config_mod.build(doc, path=None, base_dir=tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("path", "content_type"),
+    [
+        ("/sms/inbound", "application/x-www-form-urlencoded"),
+        ("/v1/messages/sms", "application/json"),
+    ],
+)
+async def test_a_trickled_body_is_answered_408(
+    make_gateway: GatewayFactory, monkeypatch: pytest.MonkeyPatch, path: str, content_type: str
+) -> None:
+    monkeypatch.setattr(http_app, "BODY_TIMEOUT_S", 0.5)
+    running: Running = await make_gateway()
+    reader, writer = await _tls(running)
+    auth = base64.b64encode(f"app:{APP_PASSWORD}".encode()).decode()
+    writer.write(
+        f"POST {path} HTTP/1.1\r\nHost: gateway\r\nContent-Type: {content_type}\r\n"
+        f"Authorization: Basic {auth}\r\nContent-Length: 100\r\n\r\nFrom=%2B1".encode()
+    )  # 9 of the 100 body bytes, then nothing more
+    started = time.monotonic()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 408 "), head
+    assert time.monotonic() - started < 3
+    writer.close()
+    assert await _healthz(running) == 200

@@ -26,7 +26,7 @@ from gateway import apikeys, metrics
 from gateway.apikeys import ApiKey
 from gateway.core.records import pseudonym
 from gateway.errors import AuditError, RecordCorrupt, StoreUnavailable
-from gateway.http.app import DEPS_KEY, HttpDeps, problem
+from gateway.http.app import DEPS_KEY, HttpDeps, body_deadline, problem
 from gateway.optout_fields import (
     BadInput,
     canonical,
@@ -154,8 +154,10 @@ async def get_optout(request: web.Request, key: ApiKey) -> web.Response:
 
 
 async def json_body(request: web.Request) -> dict[str, Any]:
+    async with body_deadline():
+        raw = await request.read()
     try:
-        body = orjson.loads(await request.read())
+        body = orjson.loads(raw)
     except orjson.JSONDecodeError:
         raise BadInput("the body must be a JSON object") from None
     if not isinstance(body, dict):

@@ -35,7 +35,7 @@ from aiohttp import web
 
 from gateway.config import Sender
 from gateway.errors import AuditError
-from gateway.http.app import DEPS_KEY, HttpDeps, problem
+from gateway.http.app import DEPS_KEY, HttpDeps, body_deadline, problem
 from gateway.sms import message, signature
 from gateway.sms.flow import Failed, Result, Sent, SmsFlow
 from gateway.sms.inbound import Forwarder, Inbound
@@ -103,13 +103,23 @@ async def _audit_auth_failure(deps: HttpDeps, route: str, reason: str, sender: s
 
 
 async def _body(request: web.Request, content_type: str) -> bytes | int:
-    """The request body, or the status refusing it (415 wrong type, 413 too large)."""
+    """The request body, or the status refusing it (415 wrong type, 413 too large, 408 not
+    all in within the body deadline)."""
     if request.content_type != content_type:
         return 415
     try:
-        return await request.read()
+        async with body_deadline():
+            return await request.read()
     except web.HTTPRequestEntityTooLarge:
         return 413
+    except web.HTTPRequestTimeout:
+        return 408
+
+
+BODY_FAULTS = {
+    408: ("Request Timeout", "The request body did not arrive in time."),
+    413: ("Content Too Large", "Request body too large."),
+}
 
 
 def _form(body: bytes) -> list[tuple[str, str]] | None:
@@ -148,7 +158,7 @@ async def twilio_send(request: web.Request) -> web.Response:
         return _twilio(403, 20003, "This sender may not send SMS.")
     body = await _body(request, FORM)
     if isinstance(body, int):
-        text = "Request body too large." if body == 413 else f"Content-Type must be {FORM}."
+        _, text = BODY_FAULTS.get(body, ("", f"Content-Type must be {FORM}."))
         return _twilio(body, 20001, text)
     pairs = _form(body)
     if pairs is None:
@@ -205,7 +215,7 @@ async def native_send(request: web.Request) -> web.Response:
         return problem(403, "Forbidden", detail="This sender may not send SMS.")
     body = await _body(request, JSON)
     if isinstance(body, int):
-        return problem(body, "Content Too Large" if body == 413 else "Unsupported Media Type")
+        return problem(body, BODY_FAULTS.get(body, ("Unsupported Media Type", ""))[0])
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -276,7 +286,7 @@ async def inbound(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     body = await _body(request, FORM)
     if isinstance(body, int):
-        return problem(body, "Content Too Large" if body == 413 else "Unsupported Media Type")
+        return problem(body, BODY_FAULTS.get(body, ("Unsupported Media Type", ""))[0])
     pairs = _form(body)
     if pairs is None or len({k for k, _ in pairs}) != len(pairs):
         return problem(400, "Bad Request", detail="Expected a form with each field once.")

@@ -22,7 +22,7 @@ from aiohttp import web
 from gateway.core.records import Record
 from gateway.errors import AuditError, RecordCorrupt, StoreUnavailable
 from gateway.http import unsubscribe_page as page
-from gateway.http.app import DEPS_KEY, HttpDeps
+from gateway.http.app import DEPS_KEY, HttpDeps, body_deadline
 from gateway.unsubscribe import CHANNEL, Receipt, Source, Unsubscriber
 
 log = structlog.get_logger("optgate.unsubscribe")
@@ -99,7 +99,8 @@ async def post(request: web.Request) -> web.Response:
         log.info("unsubscribe_invalid", method="POST")
         return _html(page.INVALID, 400)
     try:
-        form = await request.post()
+        async with body_deadline():
+            form = await request.post()
     except (ValueError, LookupError):  # malformed body, unknown charset
         return _html(page.BAD_REQUEST, 400)
     source: Source = "page"
