@@ -4,7 +4,8 @@
 - the PHI canary: distinctive addresses never appear in any file of the data dir (outbox
   excluded), in any Redis key or value, or in the processes' logs;
 - clean errors: a bad config names every problem, exit code 2, no traceback;
-- SIGHUP: a bad rules folder keeps the old rules, a good one is applied.
+- SIGHUP: a bad rules folder keeps the old rules, a good one is applied;
+- a worker SIGKILLed under load loses no message it acknowledged.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import re
 import signal
 import ssl
 import subprocess
@@ -19,6 +21,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import aiosmtplib
 import orjson
 import pytest
 import redis
@@ -536,3 +539,58 @@ async def test_a_record_under_a_rotated_key_is_read_without_sighup(
         len(reloads) == 1 and reloads[0]["ok"] and "a record under a new key" in reloads[0]["why"]
     )
     assert optgate("audit", "verify", config=cfg).returncode == 0
+
+
+async def test_a_worker_killed_under_load_loses_no_acknowledged_message(
+    tmp_path: Path, pki: TestPki, sink: Sink, served: list[ServeProcess]
+) -> None:
+    """SPEC §2.2, as threats.md G1 measures it in the large: four clients send messages
+    with unique Message-IDs, a connection each, while one of two workers is SIGKILLed.
+    Every message answered 250 is at the upstream; the ones the kill cut off got no 250
+    (an error or a dropped connection: the sender still has them). The service goes on."""
+    port = free_port()
+    cfg = write_config(
+        tmp_path / "gw.toml", with_upstream(base_doc(tmp_path, pki, sink, "gw-k", port), sink, pki)
+    )
+    gw = ServeProcess(cfg, port, tmp_path / "gw.log", workers=2)
+    served.append(gw)
+    await gw.wait_ready()
+    await asyncio.sleep(1.0)  # let the second worker bind too
+    acked: list[tuple[float, str]] = []
+    cut_off: list[str] = []
+    stop = asyncio.Event()
+
+    async def client(n: int) -> None:
+        i = 0
+        while not stop.is_set():
+            mid = f"<load-{n}-{i}@sender.example>"
+            i += 1
+            try:
+                code, _ = await send(pki, port, [f"r{n}@example.org"], message_id=mid)
+            except (OSError, aiosmtplib.SMTPException):
+                code = 0
+            if code == 250:
+                acked.append((time.monotonic(), mid))
+            else:
+                cut_off.append(mid)
+                await asyncio.sleep(0.05)
+
+    clients = [asyncio.create_task(client(n)) for n in range(4)]
+    await asyncio.sleep(1.5)
+    victim = int(
+        subprocess.check_output(["pgrep", "-P", str(gw.proc.pid), "-f", "worker-index"]).split()[0]
+    )
+    os.kill(victim, signal.SIGKILL)
+    killed_at = time.monotonic()
+    await asyncio.sleep(3.0)  # the other worker serves on; the victim is replaced
+    stop.set()
+    await asyncio.wait_for(asyncio.gather(*clients), 30)
+
+    delivered = {
+        m.group(0).decode()
+        for msg in sink.messages
+        if (m := re.search(rb"<load-\d+-\d+@sender\.example>", msg.data)) is not None
+    }
+    assert {mid for _, mid in acked} <= delivered  # nothing acknowledged was lost
+    assert any(t < killed_at for t, _ in acked) and any(t > killed_at + 1 for t, _ in acked)
+    assert gw.log.read_text().count("worker_started") >= 3  # the victim was replaced
