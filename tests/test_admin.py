@@ -468,3 +468,47 @@ async def test_store_down_mid_import_reports_where_to_resume(
             assert status == 200 and result["rejected"] == 0
     finally:
         server.stop()
+
+
+async def test_a_stalled_import_body_is_408_with_where_to_resume(
+    make_gateway: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gateway.http import admin_bulk
+
+    monkeypatch.setattr(admin_bulk, "BODY_IDLE_S", 0.5)
+    running = await make_gateway(admin={"import_batch": 100})
+    lines = [
+        orjson.dumps({"channel": "email", "address": f"s{n}@example.org", "all": True}) + b"\n"
+        for n in range(1, 301)
+    ]
+    release = asyncio.Event()
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"".join(lines[:250])
+        await release.wait()  # stalls: the gateway gives up first
+        yield b"".join(lines[250:])
+
+    async with aiohttp.ClientSession() as session:
+        api = Api(running, session)
+        await api.make_keys()
+        started = time.monotonic()
+        call = asyncio.create_task(
+            api.call(
+                "POST",
+                "/v1/optouts:import",
+                role="preferences",
+                data=body(),  # type: ignore[arg-type]
+                headers={"Content-Type": "application/x-ndjson"},
+            )
+        )
+        done, _ = await asyncio.wait({call}, timeout=10)
+        release.set()
+        assert done, "the stalled import was never answered"
+        status, problem, _ = call.result()
+    assert status == 408 and time.monotonic() - started < 5
+    assert problem["applied"] == 200  # two whole batches; the third was never complete
+    assert problem["resume_from_line"] == 201
+    gw = running.gw
+    assert gw.store is not None
+    first = await gw.store.get("email", pseudonym(gw.keyring, "email", "s1@example.org"))
+    assert first is not None and first.all

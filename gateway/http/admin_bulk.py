@@ -8,7 +8,7 @@ Import reads the body as it arrives (NDJSON as ``application/x-ndjson``, or CSV 
 nothing of it is written; good lines are applied in batches. An unusable CSV header is
 ``400`` (nothing is written). If the store or the audit log fails mid-way, the answer is
 ``503`` naming how many lines were applied and the line to resume from (re-sending the
-whole file is also safe).
+whole file is also safe); a body that stalls for `BODY_IDLE_S` gets ``408`` with the same.
 
 Export streams every record as NDJSON (default) or CSV, decrypted: with the CLI's export,
 the only place addresses leave the gateway. A record written without an address (a
@@ -18,6 +18,8 @@ abandoned mid-stream, never ended cleanly, if the store fails while it is sent.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
 from typing import Final
 
 import structlog
@@ -35,6 +37,26 @@ log = structlog.get_logger("optgate.http.admin")
 
 NDJSON_TYPES: Final = frozenset({"application/x-ndjson", "application/jsonl", "application/json"})
 CSV_TYPE: Final = "text/csv"
+# An import body may be large and slow, but not stalled: this long without a byte ends it
+# with 408 and the line to resume from (nginx's client_body_timeout is 60 s; threats.md A14).
+BODY_IDLE_S: Final = 30.0
+
+
+class BodyStalled(Exception):
+    """No part of the request body arrived for BODY_IDLE_S."""
+
+
+async def _paced(chunks: AsyncIterator[bytes], idle_s: float) -> AsyncIterator[bytes]:
+    """`chunks`, ending in BodyStalled when the next one takes longer than `idle_s`."""
+    while True:
+        try:
+            async with asyncio.timeout(idle_s):
+                chunk = await anext(chunks)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise BodyStalled() from None
+        yield chunk
 
 
 @admin.requires("preferences")
@@ -48,10 +70,18 @@ async def import_optouts(request: web.Request, key: ApiKey) -> web.Response:
         )
     actor = Actor(key)
     job = ImportJob(deps, actor)
+    chunks = _paced(aiter(request.content.iter_chunked(READ_CHUNK)), BODY_IDLE_S)
     try:
-        await job.run(request.content.iter_chunked(READ_CHUNK), csv_mode=ctype == CSV_TYPE)
+        await job.run(chunks, csv_mode=ctype == CSV_TYPE)
     except HeaderError as exc:
         return problem(400, "Bad Request", detail=str(exc))
+    except BodyStalled:
+        await job.settle()  # what was read in whole batches is written: say so
+        return problem(
+            408, "Request Timeout",
+            detail=f"no data for {BODY_IDLE_S:g} s; lines before resume_from_line are applied",
+            applied=job.applied, resume_from_line=job.resume_from,
+        )  # fmt: skip
     except (StoreUnavailable, AuditError) as exc:
         what = "the opt-out store" if isinstance(exc, StoreUnavailable) else "the audit log"
         return problem(
