@@ -42,7 +42,7 @@ MAX_BODY_BYTES = 64 * 1024  # SMS bodies and unsubscribe forms are tiny; bulk im
 HEADER_TIMEOUT_S = 10.0
 # A request body here is at most MAX_BODY_BYTES: one that has not all arrived this long after
 # the handler asked for it is answered 408 (threats.md A14's slow-body variant). aiohttp has
-# no such deadline of its own; the bulk import streams its body and has none.
+# no such deadline of its own. (The bulk import streams its body: admin_bulk.BODY_IDLE_S.)
 BODY_TIMEOUT_S = 10.0
 BUSY_REPLY = (
     b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 5\r\nConnection: close\r\n"
