@@ -12,10 +12,14 @@ never raises, and what it accepts keeps the properties the rest of the gateway r
 - `inbound.classify` (a texted reply): a keyword match or None, and words inside a longer
   message are never a stop;
 - `message.from_twilio_form` (the Twilio send form): an `Outgoing` or a `Refusal`.
+
+400 examples per test in CI (a few seconds); a longer run:
+``OPTGATE_FUZZ_EXAMPLES=6000 .venv/bin/pytest tests/test_fuzz_parsers.py`` (about a minute).
 """
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -41,7 +45,11 @@ RULES: Rules = rules_io.load_dir(Path(__file__).resolve().parent.parent / "rules
 RING = generate()
 NOW = 1_800_000_000.0
 CATEGORIES = ["marketing", "research"]
-FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=int(os.environ.get("OPTGATE_FUZZ_EXAMPLES", "400")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 
 # Inputs that look like what arrives, plus anything at all.
 _LOCAL = r"[A-Za-z0-9.+%!\"_\-\\ \x00-\x1f\u00e9\u4e2d@\[\]:,]{0,40}"
