@@ -267,30 +267,39 @@ def test_keys_init_audit_verify_and_hash_password(tmp_path: Path) -> None:
     assert out.returncode == 2 and "cannot be opted out" in out.stderr
 
 
-async def test_workers_share_ports_restart_and_stop_cleanly(
-    tmp_path: Path, pki: TestPki, sink: Sink, served: list[ServeProcess]
-) -> None:
+async def serve_two_workers(
+    tmp_path: Path, pki: TestPki, sink: Sink, served: list[ServeProcess], instance: str
+) -> tuple[ServeProcess, int]:
+    """`optgate serve --workers 2` relaying to `sink`, both workers listening; its port."""
     port = free_port()
     cfg = write_config(
-        tmp_path / "gw.toml", with_upstream(base_doc(tmp_path, pki, sink, "gw-w", port), sink, pki)
+        tmp_path / "gw.toml",
+        with_upstream(base_doc(tmp_path, pki, sink, instance, port), sink, pki),
     )
     gw = ServeProcess(cfg, port, tmp_path / "gw.log", workers=2)
     served.append(gw)
     await gw.wait_ready()
     await asyncio.sleep(1.0)  # let the second worker bind too
+    return gw, port
+
+
+def worker_pids(gw: ServeProcess) -> list[int]:
+    out = subprocess.check_output(["pgrep", "-P", str(gw.proc.pid), "-f", "worker-index"])
+    return [int(p) for p in out.split()]
+
+
+async def test_workers_share_ports_restart_and_stop_cleanly(
+    tmp_path: Path, pki: TestPki, sink: Sink, served: list[ServeProcess]
+) -> None:
+    gw, port = await serve_two_workers(tmp_path, pki, sink, served, "gw-w")
+    cfg = gw.config
     for i in range(16):
         code, _ = await send(pki, port, [f"p{i}@example.org"])
         assert code == 250
     audit = tmp_path / "var" / "audit"
     streams = {f.name.rsplit("-", 3)[0] for f in audit.glob("*.jsonl")}
     assert streams == {"gw-w-w0", "gw-w-w1"}  # the kernel spread connections over both
-    worker_pids = [
-        int(p)
-        for p in subprocess.check_output(
-            ["pgrep", "-P", str(gw.proc.pid), "-f", "worker-index"]
-        ).split()
-    ]
-    os.kill(worker_pids[0], signal.SIGKILL)
+    os.kill(worker_pids(gw)[0], signal.SIGKILL)
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline and gw.log.read_text().count("worker_started") < 3:
         await asyncio.sleep(0.2)
@@ -548,14 +557,7 @@ async def test_a_worker_killed_under_load_loses_no_acknowledged_message(
     with unique Message-IDs, a connection each, while one of two workers is SIGKILLed.
     Every message answered 250 is at the upstream; the ones the kill cut off got no 250
     (an error or a dropped connection: the sender still has them). The service goes on."""
-    port = free_port()
-    cfg = write_config(
-        tmp_path / "gw.toml", with_upstream(base_doc(tmp_path, pki, sink, "gw-k", port), sink, pki)
-    )
-    gw = ServeProcess(cfg, port, tmp_path / "gw.log", workers=2)
-    served.append(gw)
-    await gw.wait_ready()
-    await asyncio.sleep(1.0)  # let the second worker bind too
+    gw, port = await serve_two_workers(tmp_path, pki, sink, served, "gw-k")
     acked: list[tuple[float, str]] = []
     cut_off: list[str] = []
     stop = asyncio.Event()
@@ -577,10 +579,7 @@ async def test_a_worker_killed_under_load_loses_no_acknowledged_message(
 
     clients = [asyncio.create_task(client(n)) for n in range(4)]
     await asyncio.sleep(1.5)
-    victim = int(
-        subprocess.check_output(["pgrep", "-P", str(gw.proc.pid), "-f", "worker-index"]).split()[0]
-    )
-    os.kill(victim, signal.SIGKILL)
+    os.kill(worker_pids(gw)[0], signal.SIGKILL)
     killed_at = time.monotonic()
     await asyncio.sleep(3.0)  # the other worker serves on; the victim is replaced
     stop.set()
