@@ -159,18 +159,11 @@ class AccessLogger(AbstractAccessLogger):
 ACCESS_LOGGER = "optgate.access"  # not aiohttp.access: that one is floored at WARNING
 
 
-class AddressCap(PerAddress):
-    """Open HTTPS connections per client address, at most `limit` each (0 = no cap)."""
-
-    def protocol(self, inner: asyncio.Protocol) -> asyncio.Protocol:
-        return _Capped(self, inner)
-
-
 class _Capped(asyncio.Protocol):
     """aiohttp's protocol for one connection, behind the per-address cap: over the cap the
     connection is answered 503 and closed, and aiohttp never sees it."""
 
-    def __init__(self, cap: AddressCap, inner: asyncio.Protocol) -> None:
+    def __init__(self, cap: PerAddress, inner: asyncio.Protocol) -> None:
         self._cap = cap
         self._inner = inner
         self._host: str | None = None  # set while this connection counts against its address
@@ -208,7 +201,7 @@ class _Capped(asyncio.Protocol):
 
 
 class _CappedSite(web.BaseSite):
-    """`web.TCPSite`, with every connection behind an `AddressCap`."""
+    """`web.TCPSite`, with every connection behind a per-address cap (`_Capped`)."""
 
     def __init__(
         self,
@@ -218,7 +211,7 @@ class _CappedSite(web.BaseSite):
         *,
         ssl_context: Any,
         reuse_port: bool,
-        cap: AddressCap,
+        cap: PerAddress,
     ) -> None:
         super().__init__(runner, ssl_context=ssl_context)
         self._host, self._port, self._reuse_port, self._cap = host, port, reuse_port, cap
@@ -234,7 +227,7 @@ class _CappedSite(web.BaseSite):
         if server is None:
             raise RuntimeError("the runner is not set up")
         self._server = await asyncio.get_running_loop().create_server(
-            lambda: self._cap.protocol(server()),
+            lambda: _Capped(self._cap, server()),
             self._host,
             self._port,
             ssl=self._ssl_context,
@@ -273,7 +266,7 @@ async def start_site(
         port,
         ssl_context=ssl_context,
         reuse_port=reuse_port,
-        cap=AddressCap(max_connections_per_client),
+        cap=PerAddress(max_connections_per_client),
     )
     await site.start()
     return runner, site.bound_port

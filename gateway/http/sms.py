@@ -116,9 +116,12 @@ async def _body(request: web.Request, content_type: str) -> bytes | int:
         return 408
 
 
-BODY_FAULTS = {
-    408: ("Request Timeout", "The request body did not arrive in time."),
-    413: ("Content Too Large", "Request body too large."),
+# What each `_body` refusal is called: its problem title, and Twilio's message for it.
+BODY_TITLES = {408: "Request Timeout", 413: "Content Too Large", 415: "Unsupported Media Type"}
+TWILIO_BODY_TEXTS = {
+    408: "The request body did not arrive in time.",
+    413: "Request body too large.",
+    415: f"Content-Type must be {FORM}.",
 }
 
 
@@ -158,8 +161,7 @@ async def twilio_send(request: web.Request) -> web.Response:
         return _twilio(403, 20003, "This sender may not send SMS.")
     body = await _body(request, FORM)
     if isinstance(body, int):
-        _, text = BODY_FAULTS.get(body, ("", f"Content-Type must be {FORM}."))
-        return _twilio(body, 20001, text)
+        return _twilio(body, 20001, TWILIO_BODY_TEXTS[body])
     pairs = _form(body)
     if pairs is None:
         return _twilio(400, 20001, "The request body is not a valid UTF-8 form.")
@@ -215,7 +217,7 @@ async def native_send(request: web.Request) -> web.Response:
         return problem(403, "Forbidden", detail="This sender may not send SMS.")
     body = await _body(request, JSON)
     if isinstance(body, int):
-        return problem(body, BODY_FAULTS.get(body, ("Unsupported Media Type", ""))[0])
+        return problem(body, BODY_TITLES[body])
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -286,7 +288,7 @@ async def inbound(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     body = await _body(request, FORM)
     if isinstance(body, int):
-        return problem(body, BODY_FAULTS.get(body, ("Unsupported Media Type", ""))[0])
+        return problem(body, BODY_TITLES[body])
     pairs = _form(body)
     if pairs is None or len({k for k, _ in pairs}) != len(pairs):
         return problem(400, "Bad Request", detail="Expected a form with each field once.")
