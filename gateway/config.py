@@ -7,6 +7,7 @@ Secrets come from environment variables or files, never from the command line.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -27,6 +28,9 @@ MAX_RECIPIENTS = 100  # RFC 5321 §4.5.3.1.8 minimum a server must accept
 IDLE_TIMEOUT_S = 300.0  # RFC 5321 §4.5.3.2.7 server timeout
 SESSION_TIMEOUT_S = 900.0  # bounds a client that keeps a session alive with NOOPs
 MAX_CONNECTIONS_PER_CLIENT = 50  # Postfix smtpd_client_connection_count_limit
+# Failed logins per client address per 60 s before it is refused for 60 s (SPEC §3); as
+# Postfix's smtpd_client_auth_rate_limit, counted across SMTP, HTTP and every worker.
+MAX_AUTH_FAILURES = 5
 # HTTPS connections per client address (threats.md A14): an application's pool is tens; a
 # clinic's NAT may put many patients' browsers behind one address. 0 = no cap, for a
 # gateway behind a proxy that is then its only client (cap at the proxy instead).
@@ -55,6 +59,11 @@ class Sender:
     channels: tuple[str, ...] = ("email", "sms")
     default_category: str = ""
     client_cert_cn: str = ""
+    # Category grants (SPEC §3): None = every `opt_out = true` category; an `opt_out = false`
+    # category (which bypasses opt-outs) is usable only when listed by name.
+    categories: tuple[str, ...] | None = None
+    # From binding: header From domains (IDNA A-labels) this sender may use; () = any.
+    from_domains: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -84,11 +93,13 @@ class Config:
     idle_timeout_s: float = IDLE_TIMEOUT_S
     session_timeout_s: float = SESSION_TIMEOUT_S
     max_connections_per_client: int = MAX_CONNECTIONS_PER_CLIENT
+    max_auth_failures: int = MAX_AUTH_FAILURES
     suppressed_reply: str = "accept"
     http_listen: Listen = field(default_factory=lambda: Listen(host="127.0.0.1", port=8443))
     http_max_connections_per_client: int = HTTP_MAX_CONNECTIONS_PER_CLIENT
     redis_url: str = ""
     redis_timeout_ms: int = REDIS_TIMEOUT_MS
+    redis_allow_plaintext: bool = False
     upstream_email_url: str = "outbox:var/outbox"
     upstream_email_username: str = ""
     upstream_email_password_env: str = ""
@@ -144,10 +155,11 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
         "idle_timeout_s": (int, float),
         "session_timeout_s": (int, float),
         "max_connections_per_client": int,
+        "max_auth_failures": int,
         "suppressed_reply": str,
     },
     "http": {"listen": str, "max_connections_per_client": int},
-    "redis": {"url": str, "timeout_ms": int},
+    "redis": {"url": str, "timeout_ms": int, "allow_plaintext": bool},
     "sms": {"default_region": str},
     "audit": {"dir": str, "retention_days": int, "max_file_bytes": int},
     "admin": {"import_batch": int},
@@ -177,6 +189,8 @@ _SENDER: dict[str, type | tuple[type, ...]] = {
     "channels": list,
     "default_category": str,
     "client_cert_cn": str,
+    "categories": list,
+    "from_domains": list,
 }
 _DKIM: dict[str, type | tuple[type, ...]] = {"domain": str, "selector": str, "key_file": str}
 
@@ -199,7 +213,7 @@ class _Reader:
             want = schema.get(key)
             if want is None:
                 self.problems.append(f"[{name}] unknown key {key!r}")
-            elif isinstance(item, bool) or not isinstance(item, want):
+            elif (isinstance(item, bool) and want is not bool) or not isinstance(item, want):
                 names = want.__name__ if isinstance(want, type) else "number"
                 self.problems.append(f"[{name}] {key} must be of type {names}")
             else:
@@ -310,6 +324,7 @@ def build(doc: dict[str, Any], *, path: Path | None, base_dir: Path) -> Config:
         ("max_message_bytes", MAX_MESSAGE_BYTES),
         ("max_recipients", MAX_RECIPIENTS),
         ("max_connections_per_client", MAX_CONNECTIONS_PER_CLIENT),
+        ("max_auth_failures", MAX_AUTH_FAILURES),
     ):
         values[key] = smtp.get(key, default)
         if values[key] < 1:
@@ -346,6 +361,14 @@ def build(doc: dict[str, Any], *, path: Path | None, base_dir: Path) -> Config:
     scheme = urlsplit(values["redis_url"]).scheme if values["redis_url"] else ""
     if scheme not in ("", "redis", "rediss", "redis+cluster", "rediss+cluster", "unix"):
         p.append(f"[redis] url: unsupported scheme {scheme!r}")
+    values["redis_allow_plaintext"] = redis.get("allow_plaintext", False)
+    if scheme in ("redis", "redis+cluster") and not values["redis_allow_plaintext"]:
+        host = urlsplit(values["redis_url"]).hostname or ""
+        if not _is_loopback(host):
+            p.append(
+                "[redis] url: plaintext redis:// to a host other than loopback; use rediss://"
+                " or set [redis] allow_plaintext = true"
+            )
     up_url = values["upstream_email_url"]
     up_scheme = urlsplit(up_url).scheme
     if up_scheme == "outbox":
@@ -403,6 +426,17 @@ def _senders(items: Any, p: list[str]) -> list[Sender]:
             p.append(f"{where}: needs password_env, password_hash, password_file or client_cert_cn")
         if s.get("password_env") and s["password_env"] not in os.environ:
             p.append(f"{where}: environment variable {s['password_env']} is not set")
+        grants = s.get("categories")
+        if grants is not None and not all(isinstance(c, str) and c for c in grants):
+            p.append(f"{where}: categories must be a list of category names")
+            grants = None
+        domains: list[str] = []
+        for d in s.get("from_domains", []):
+            a_label = _a_label(d) if isinstance(d, str) else None
+            if a_label is None:
+                p.append(f"{where}: from_domains has an entry that is not a valid domain")
+            else:
+                domains.append(a_label)
         channels = tuple(s.get("channels", ["email", "sms"]))
         bad = [c for c in channels if c not in ("email", "sms")]
         if bad:
@@ -416,9 +450,27 @@ def _senders(items: Any, p: list[str]) -> list[Sender]:
                 channels=channels,
                 default_category=s.get("default_category", ""),
                 client_cert_cn=s.get("client_cert_cn", ""),
+                categories=tuple(grants) if grants is not None else None,
+                from_domains=tuple(domains),
             )
         )
     return out
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _a_label(domain: str) -> str | None:
+    """A domain as its IDNA 2008 A-label form (UTS #46, non-transitional), or None."""
+    from gateway.core.addresses import domain_a_label
+
+    return domain_a_label(domain)
 
 
 def _dkim(items: Any, p: list[str], resolve: Any) -> list[DkimKey]:

@@ -21,6 +21,8 @@ import re
 import unicodedata
 from dataclasses import dataclass
 
+import idna
+
 MAX_LOCAL_OCTETS = 64  # RFC 5321 §4.5.3.1.1
 MAX_DOMAIN_OCTETS = 255  # RFC 5321 §4.5.3.1.2
 MAX_PATH_OCTETS = 254  # RFC 5321 §4.5.3.1.3 (256 including the angle brackets)
@@ -66,12 +68,19 @@ def _key_local(local: str) -> str:
     return unicodedata.normalize("NFC", local).casefold()
 
 
-def _domain(domain: str) -> str | None:
-    """Lower-case A-label form of `domain`, or None when it is not a valid host name."""
-    if not domain.isascii():
+def domain_a_label(domain: str) -> str | None:
+    """Lower-case A-label form of `domain`, or None when it is not a valid host name.
+
+    IDNA 2008 (RFC 5891) with UTS #46 mapping, non-transitional: ``faß.de`` is
+    ``xn--fa-hia.de``, a different registrable domain from ``fass.de`` (Python's own
+    ``"idna"`` codec is IDNA 2003 and would map it there). An ASCII domain holding
+    ``xn--`` labels is checked as IDNA 2008 too, so every spelling of one domain has one
+    key and a label no registry could issue is refused.
+    """
+    if not domain.isascii() or "xn--" in domain.lower():
         try:
-            domain = unicodedata.normalize("NFC", domain).encode("idna").decode("ascii")
-        except UnicodeError:
+            domain = idna.encode(domain, uts46=True, transitional=False).decode("ascii")
+        except (idna.IDNAError, UnicodeError, ValueError):
             return None
     domain = domain.lower()
     if len(domain) > MAX_DOMAIN_OCTETS or domain.endswith("."):
@@ -97,7 +106,7 @@ def parse_email(path: str, *, smtputf8: bool) -> EmailAddress | AddressProblem:
     if not atom.fullmatch(local) or domain.startswith("["):
         return BAD_SYNTAX
     local = unicodedata.normalize("NFC", local)
-    canon_domain = _domain(domain)
+    canon_domain = domain_a_label(domain)
     if canon_domain is None:
         return BAD_SYNTAX
     if len(local.encode()) > MAX_LOCAL_OCTETS:

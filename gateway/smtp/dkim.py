@@ -47,6 +47,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from gateway.config import DkimKey
+from gateway.core.addresses import domain_a_label
 from gateway.errors import ConfigError, OptgateError
 
 SIGNED = (
@@ -89,8 +90,11 @@ class KeyMaterial:
 
 
 def _a_label(domain: str) -> str:
-    domain = domain.strip().rstrip(".").lower()
-    return domain if domain.isascii() else domain.encode("idna").decode("ascii")
+    """IDNA 2008 A-label (the one canonicaliser, `core.addresses`); UnicodeError if invalid."""
+    a_label = domain_a_label(domain.strip().rstrip("."))
+    if a_label is None:
+        raise UnicodeError("not a valid IDNA 2008 domain")
+    return a_label
 
 
 def load_key(entry: DkimKey) -> KeyMaterial:
@@ -127,8 +131,12 @@ def load_key(entry: DkimKey) -> KeyMaterial:
         algorithm, k, p = b"ed25519-sha256", "ed25519", base64.b64encode(raw_public).decode()
     else:
         raise ConfigError(f"{where}: only RSA and Ed25519 keys can sign DKIM")
+    try:
+        domain = _a_label(entry.domain)
+    except UnicodeError:
+        raise ConfigError(f"{where}: domain is not a valid IDNA 2008 domain") from None
     material = KeyMaterial(
-        domain=_a_label(entry.domain),
+        domain=domain,
         selector=entry.selector,
         algorithm=algorithm,
         private=private,
