@@ -40,14 +40,20 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import bench_sms as b
 from ablated_gateway import VARIANTS
+from harness.common import SENDER, run_async
+from harness.cpu import total_cpu_seconds, tree_pids
+from harness.sms.client import run_wrk, wrk_script
+from harness.sms.gateway import GatewayProcess
+from harness.sms.load import NUMBERS, ClientSpec
+from harness.sms.provider import stub_main
+from harness.tls import make_pki
 
 HERE = Path(__file__).resolve().parent
 ROUND_TRIPS = 3000
 
 
-class AblatedGateway(b.GatewayProcess):
+class AblatedGateway(GatewayProcess):
     def __init__(self, variant: str, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.variant = variant
@@ -75,7 +81,7 @@ async def _thread_round_trips(n: int) -> tuple[float, float]:
 
 def thread_hop_us() -> tuple[float, float]:
     """(wall, CPU) µs of one loop -> thread -> loop round trip (an audit batch's hand-off)."""
-    wall, cpu = b.run_async(_thread_round_trips(ROUND_TRIPS))
+    wall, cpu = run_async(_thread_round_trips(ROUND_TRIPS))
     return float(wall), float(cpu)
 
 
@@ -90,13 +96,13 @@ def process_hop_us() -> tuple[float, float]:
     b_r, b_w = os.pipe()
     child = mp.get_context("fork").Process(target=_echo, args=(a_r, b_w), daemon=True)
     child.start()
-    start_child = b.cpu_seconds([child.pid or 0])
+    start_child = total_cpu_seconds([child.pid or 0])
     c, t = _cpu(), time.perf_counter()
     for _ in range(ROUND_TRIPS):
         os.write(a_w, b"x")
         os.read(b_r, 1)
     wall = (time.perf_counter() - t) * 1e6 / ROUND_TRIPS
-    cpu = _cpu() - c + b.cpu_seconds([child.pid or 0]) - start_child
+    cpu = _cpu() - c + total_cpu_seconds([child.pid or 0]) - start_child
     os.close(a_w)
     child.join(5)
     for fd in (a_r, b_r, b_w):
@@ -140,11 +146,11 @@ def main(argv: list[str] | None = None) -> int:
     print(hop_probe())
 
     root = Path(tempfile.mkdtemp(prefix="optgate-sms-breakdown-"))
-    pki = b.make_pki(root / "pki")
+    pki = make_pki(root / "pki")
     password, token = secrets.token_urlsafe(16), secrets.token_urlsafe(24)
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
-    stub = ctx.Process(target=b.stub_main, args=(pki, token, child), daemon=True)
+    stub = ctx.Process(target=stub_main, args=(pki, token, child), daemon=True)
     stub.start()
     gateways: list[AblatedGateway] = []
     try:
@@ -155,23 +161,23 @@ def main(argv: list[str] | None = None) -> int:
                 variant, root / variant, pki, stub_port=stub_port, password=password, token=token
             )
             gw.start(pki.ca_pem, 1)
-            gw.optout(b.NUMBERS[:20])
+            gw.optout(NUMBERS[:20])
             gateways.append(gw)
-        path = f"/2010-04-01/Accounts/{b.SENDER}/Messages.json"
+        path = f"/2010-04-01/Accounts/{SENDER}/Messages.json"
         samples: dict[str, list[tuple[float, float, float]]] = {v: [] for v in variants}
         pairs = list(zip(variants, gateways, strict=True))
         for rnd in range(args.rounds):
             for variant, gw in pairs if rnd % 2 == 0 else pairs[::-1]:
-                spec = b.ClientSpec(
-                    url=f"https://127.0.0.1:{gw.http_port}{path}", path=path, user=b.SENDER,
+                spec = ClientSpec(
+                    url=f"https://127.0.0.1:{gw.http_port}{path}", path=path, user=SENDER,
                     password=password, ca_pem=pki.ca_pem, connections=args.connections,
                     warmup_s=0.0, seconds=args.seconds, threads=1,
                 )  # fmt: skip
-                script = b.wrk_script(spec, root)
-                pids = b.tree_pids(gw.pid, {gw.valkey_pid()})
-                before = b.cpu_seconds(pids)
-                out, _ = b.run_wrk(spec, script, args.seconds)
-                used = b.cpu_seconds(pids) - before
+                script = wrk_script(spec, root)
+                pids = tree_pids(gw.pid, {gw.valkey_pid()})
+                before = total_cpu_seconds(pids)
+                out, _ = run_wrk(spec, script, args.seconds)
+                used = total_cpu_seconds(pids) - before
                 done = max(int(out["requests"]), 1)
                 rate = done / (out["duration_us"] / 1e6)
                 samples[variant].append((rate, used * 1e6 / done, out["p99_us"] / 1000))

@@ -1,5 +1,6 @@
-"""The benchmark's SMTP sink (loadtests/sink.py) counts exactly the messages a real client
-sends, wherever the reads are cut, so the benchmark's "sink got" column can be trusted."""
+"""The benchmark's SMTP sink (loadtests/harness/smtp/sink.py) counts exactly the messages a
+real client sends, wherever the reads are cut, so the benchmark's "sink got" column can be
+trusted."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import pytest
 
 from tests.support.smtp_sink import TestPki
 
-SINK_PATH = Path(__file__).resolve().parent.parent / "loadtests" / "sink.py"
+SINK_PATH = Path(__file__).resolve().parent.parent / "loadtests" / "harness" / "smtp" / "sink.py"
 CREDS = b"\0bench\0secret"
 
 

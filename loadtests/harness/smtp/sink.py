@@ -2,8 +2,8 @@
 
 It stands for the provider, so its CPU is not the gateway's, yet on a 2-core machine it
 competes with the gateway for the same cores: the cheaper it is, the less the figures say
-about the harness. aiosmtpd (the sink until stop 10) costs about 0.36 ms of CPU per
-message here, mostly because its STARTTLS runs TLS through asyncio's pure-Python
+about the harness. aiosmtpd (the sink of earlier runs, --sink aiosmtpd) costs about 0.36 ms
+of CPU per message here, mostly because its STARTTLS runs TLS through asyncio's pure-Python
 ``SSLProtocol``; this one is an ``asyncio.Protocol`` whose STARTTLS goes through
 ``loop.start_tls`` (uvloop's TLS in C), as the gateway's own listener does.
 

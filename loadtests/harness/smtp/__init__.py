@@ -1,0 +1,1 @@
+"""The SMTP benchmark's parts (loadtests/bench_smtp.py); the list is in harness/__init__.py."""

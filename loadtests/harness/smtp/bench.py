@@ -1,0 +1,258 @@
+"""Starting the benchmark's targets side by side (the sink, the gateways, the bare relay,
+Postfix), one measured client run against one of them, and stopping them in order."""
+
+from __future__ import annotations
+
+import argparse
+import secrets
+import subprocess
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from harness.common import MP, REPO, Child, free_ports, start_child
+from harness.host import host_speed_ms
+from harness.smtp.client import ClientSpec, run_client
+from harness.smtp.gateway import GatewayProcess, audit_fsyncs, fsync_summary
+from harness.smtp.postfix import Postfix, ensure_installed
+from harness.smtp.relay import BareValkey, RelaySpec, relay_main
+from harness.smtp.report import TARGET_LABELS, Row, fmt
+from harness.smtp.sink_process import sink_main
+from harness.tls import make_pki
+
+POSTFIX_DRAIN_S = 60.0  # after a Postfix run: how long to wait for its queue to empty
+
+
+@dataclass
+class Bench:
+    args: argparse.Namespace
+    root: Path
+    allowed: tuple[str, ...]
+    opted_out: tuple[str, ...]
+    password: str = field(default_factory=lambda: secrets.token_urlsafe(18))
+    children: list[Child] = field(default_factory=list)
+    counts: Any = None
+    gateways: dict[str, GatewayProcess] = field(default_factory=dict)  # target -> its gateway
+    bare: BareValkey | None = None
+    postfix: Postfix | None = None
+    ports: dict[str, tuple[int, ...]] = field(default_factory=dict)  # STARTTLS, implicit
+    watch: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
+    trees: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
+
+    def start(self) -> None:
+        self.pki = make_pki(self.root / "pki")
+        self.counts = MP.RawArray("q", 2)
+        sink, ports = start_child(
+            "sink", sink_main, self.pki, self.password, self.counts, self.args.sink
+        )
+        sink_port = ports[0]  # the gateway and the relay forward with STARTTLS
+        self.children.append(sink)
+        self.ports["limit"] = ports
+        self.ports["limit-plain"] = (ports[2], ports[2])
+        self.watch["limit"] = self.watch["limit-plain"] = [("sink", sink.pid)]
+        kind = "sink.py (asyncio protocol)" if self.args.sink == "lean" else "aiosmtpd"
+        print(f"  sink      pid {sink.pid:<7} {kind}, STARTTLS required, TLS 1.3, counts only;")
+        print("                    a third listener without TLS or AUTH for the plaintext rows")
+        if "postfix" in self.args.target_list:
+            self._start_postfix(sink.pid, ports[2])
+        if "optgate" in self.args.target_list:
+            self._start_gateway("optgate", sink.pid, sink_port, self.args.workers)
+        if "optgate@base" in self.args.target_list:
+            self._start_gateway("optgate@base", sink.pid, sink_port, self.args.workers)
+        if "optgate-n" in self.args.target_list:
+            self._start_gateway("optgate-n", sink.pid, sink_port, self.args.n_workers)
+        if "relay" in self.args.target_list:
+            self._start_relay(sink.pid, sink_port)
+
+    @property
+    def gateway(self) -> GatewayProcess | None:
+        """The gateway of this checkout with --workers (the one --profile samples)."""
+        return self.gateways.get("optgate")
+
+    def _start_postfix(self, sink_pid: int, plain_port: int) -> None:
+        why = ensure_installed()
+        pf = None
+        if not why:
+            pf = Postfix(
+                self.root, port=free_ports(1)[0], sink_port=plain_port,
+                concurrency=self.args.sessions,
+            )  # fmt: skip
+            try:
+                took = pf.start()
+            except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+                why = f"postfix would not start: {exc}"
+                pf.stop()
+        master = pf.master_pid() if pf is not None and not why else None
+        if pf is None or master is None:
+            print(f"  postfix   SKIPPED: {why or 'no master.pid after start'}")
+            self.args.target_list.remove("postfix")
+            return
+        self.postfix = pf
+        self.ports["postfix"] = (pf.port, pf.port)
+        self.watch["postfix"] = [("sink", sink_pid)]
+        self.trees["postfix"] = [("postfix", master)]
+        version = (
+            subprocess.run(
+                ["postconf", "-d", "-h", "mail_version"],
+                capture_output=True,
+                timeout=30,
+                check=False,
+            )
+            .stdout.decode()
+            .strip()
+        )
+        print(
+            f"  postfix   pid {master:<7} Postfix {version} master (+ its children), ready in"
+            f" {took:.1f} s; 127.0.0.1:{pf.port}, plaintext, no AUTH, relayhost"
+            f" [127.0.0.1]:{plain_port} plaintext;"
+        )
+        print(
+            f"                    config, queue and data dirs in {pf.dir};"
+            f" destination concurrency {max(20, self.args.sessions)}; log to {pf.maillog.name}"
+        )
+
+    def _start_gateway(
+        self, target: str, sink_pid: int, sink_port: int, workers: int
+    ) -> GatewayProcess:
+        base = target == "optgate@base"
+        gw = GatewayProcess(
+            self.root, self.pki, sink_port=sink_port, pool_size=self.args.sessions,
+            password=self.password, workers=workers,
+            name=f"gateway-base-{workers}w" if base else f"gateway-{workers}w",
+            source=self.args.baseline if base else REPO,
+        )  # fmt: skip
+        origin = gw.origin()
+        if origin != gw.source.resolve() / "gateway":
+            raise RuntimeError(f"{target}: `gateway` imports from {origin}, not {gw.source}")
+        self.gateways[target] = gw  # stopped by stop() even if it fails to start
+        took = gw.start()
+        print(f"  gateway   pid {gw.pid:<7} python -m gateway serve --workers {gw.workers},"
+              f" ready in {took:.1f} s")  # fmt: skip
+        if base:
+            print(f"            optgate@base: the gateway of {gw.source} ({origin})")
+        workers = gw.worker_pids()
+        if gw.workers > 1:
+            print(
+                f"  workers   pids {', '.join(map(str, workers))} (CPU summed with the supervisor)"
+            )
+        self.ports[target] = (gw.smtp_port, gw.smtps_port)
+        gateway = [("gateway", pid) for pid in dict.fromkeys([gw.pid, *workers])]
+        self.watch[target] = [*gateway, ("sink", sink_pid)]
+        if gw.valkey:
+            self.watch[target].append(("valkey", gw.valkey.pid))
+            print(
+                f"  valkey    pid {gw.valkey.pid:<7} embedded valkey-server started by the gateway"
+            )
+        else:
+            print("  valkey    (no <data_dir>/redis/server.pid: its CPU is not measured)")
+        if self.opted_out:
+            took = gw.optout(self.opted_out)
+            n = len(self.opted_out)
+            print(f"            {n} addresses opted out (optgate optout add, {took:.1f} s)")
+        return gw
+
+    def _start_relay(self, sink_pid: int, sink_port: int) -> None:
+        self.bare = BareValkey(self.root / "bare-valkey")
+        self.bare.load(self.opted_out)
+        spec = RelaySpec(self.pki, self.password, sink_port, self.bare.socket, self.args.sessions)
+        child, ports = start_child("relay", relay_main, spec)
+        self.children.append(child)
+        self.ports["relay"] = ports
+        valkey_pid = self.bare.proc.pid
+        self.watch["relay"] = [("relay", child.pid), ("sink", sink_pid), ("valkey", valkey_pid)]
+        print(f"  relay     pid {child.pid:<7} bare aiosmtpd -> SMISMEMBER -> pooled aiosmtplib")
+        print(f"  valkey    pid {valkey_pid:<7} the bare relay's, no persistence")
+
+    def stop(self) -> list[str]:
+        notes: list[str] = []
+        for child in self.children:
+            if child.role == "relay":
+                child.stop()
+        if self.bare is not None:
+            self.bare.stop()
+        if self.postfix is not None:
+            notes.extend(self.postfix.stop())
+        for gw in self.gateways.values():
+            notes.extend(gw.stop())
+        for child in self.children:
+            child.stop()
+        return notes
+
+    def spec(self, target: str, size: int, rcpts: int) -> ClientSpec:
+        a = self.args
+        return ClientSpec(
+            port=self.ports[target][1 if a.implicit_tls else 0],
+            implicit=a.implicit_tls,
+            ca_pem=self.pki.ca_pem,
+            password=self.password,
+            sessions=a.sessions,
+            warmup_s=a.warmup,
+            seconds=a.seconds,
+            size=size,
+            rcpts=rcpts,
+            reuse=not a.new_connection_per_message,
+            rate=a.rate,
+            allowed=self.allowed,
+            opted_out=self.opted_out,
+            optout_share=a.optout_share,
+            watch=tuple(self.watch[target]),
+            run_id=secrets.token_hex(4),
+            plaintext=target in ("postfix", "limit-plain"),
+            watch_trees=tuple(self.trees.get(target, ())),
+        )
+
+    def measure(self, case: str, target: str, spec: ClientSpec, *, label: str = "") -> Row:
+        sunk = self.counts[0], self.counts[1]
+        speed = host_speed_ms()
+        gw = self.gateways.get(target)
+        fsyncs = audit_fsyncs(gw) if gw is not None else {}
+        result = run_client(spec)
+        fsync_note = fsync_summary(fsyncs, audit_fsyncs(gw)) if gw is not None else ""
+        row = Row(
+            case, target, result, spec.seconds, self.counts[0] - sunk[0], self.counts[1] - sunk[1]
+        )
+        if target == "postfix" and self.postfix is not None:
+            row.note = self._drain_postfix(row, sunk)
+        print(
+            f"  {case:<11} {label or TARGET_LABELS[target]:<17} {row.rate:7.0f} msg/s"
+            f"  p50 {fmt(row.p(0.5), '.2f')} ms  p99 {fmt(row.p(0.99), '.2f')} ms"
+            f"  errors {result.errors}  (host: {speed:.1f} ms)"
+            + (f"\n{'':15}{fsync_note} (warm-up included)" if fsync_note else ""),
+            flush=True,
+        )
+        return row
+
+    def _drain_postfix(self, row: Row, sunk: tuple[int, int]) -> str:
+        """Postfix queues: wait (bounded) until its queue is empty; the sink counts before/after."""
+        assert self.postfix is not None
+        at_end, queued = row.sink_messages, self.postfix.queued()
+        started = time.monotonic()
+        while queued and time.monotonic() - started < POSTFIX_DRAIN_S:
+            time.sleep(0.2)
+            queued = self.postfix.queued()
+        row.sink_messages, row.sink_rcpts = self.counts[0] - sunk[0], self.counts[1] - sunk[1]
+        left = f", {queued} STILL QUEUED after {POSTFIX_DRAIN_S:.0f} s" if queued else ""
+        return (
+            f"the sink had {at_end} messages when the client finished, {row.sink_messages} after"
+            f" the queue drained ({time.monotonic() - started:.1f} s{left}); the client had"
+            " 250 replies for its measured window only (warm-up and drain not counted)"
+        )
+
+
+def run_paced(bench: Bench, rows: list[Row], case: str, size: int, n: int) -> list[Row]:
+    """The harness limit and every optgate target again, paced to Postfix's msg/s in `case`:
+    the latency optgate adds when it carries the load Postfix carries at its best. (In the
+    closed loop, latency is sessions / throughput, so p99 there measures throughput.)"""
+    postfix = next((r for r in rows if r.case == case and r.target == "postfix"), None)
+    if postfix is None or postfix.rate < 1:
+        return []
+    rate = round(postfix.rate)
+    out: list[Row] = []
+    for target in ("limit", *(t for t in bench.args.target_list if t.startswith("optgate"))):
+        spec = replace(bench.spec(target, size, n), rate=float(rate))
+        label = f"{TARGET_LABELS[target]} @{rate}/s"
+        row = bench.measure(case, target, spec, label=label)
+        row.note = f"paced to {rate} msg/s (Postfix's rate)"
+        out.append(row)
+    return out
