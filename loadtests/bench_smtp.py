@@ -10,8 +10,7 @@ One invocation measures, on the same load and side by side:
 4. with --bare-relay: client -> a minimal aiosmtpd -> SMISMEMBER -> pooled aiosmtplib relay
    written here (its own valkey-server) -> the sink, for context.
 5. with --postfix: client -> a private Postfix instance (harness/smtp/postfix.py; plaintext,
-   no AUTH, as the issue's reference figure) -> the sink's plaintext listener, and the
-   plaintext limit;
+   no AUTH) -> the sink's plaintext listener, and the plaintext limit;
 6. with --compare-workers: optgate with os.cpu_count() workers too, and the 1 -> N scaling.
 
 Every process is separate so that no two share an interpreter: the client (N concurrent
