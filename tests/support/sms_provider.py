@@ -192,8 +192,13 @@ PUBLIC_URL = "https://gateway.example.test:8443"  # what the provider signs inbo
 SENDERS = [
     {"name": "app", "password_env": "OPTGATE_TEST_APP", "default_category": "appointment-reminder"},
     {"name": "promo", "password_env": "OPTGATE_TEST_APP", "default_category": "marketing"},
-    {"name": "alerts", "password_env": "OPTGATE_TEST_APP", "default_category": "emergency-alert",
-     "categories": ["emergency-alert"]},  # an opt_out = false category needs its grant
+    # An opt_out = false category is usable only with a grant naming it.
+    {
+        "name": "alerts",
+        "password_env": "OPTGATE_TEST_APP",
+        "default_category": "emergency-alert",
+        "categories": ["emergency-alert"],
+    },
     {"name": "bulk", "password_env": "OPTGATE_TEST_APP", "channels": ["email"]},
 ]
 
