@@ -1,7 +1,12 @@
 """One outgoing text: the SMS enforcement path, shared by both send APIs.
 
-    category -> footer -> one store lookup -> decision -> audit (durable) -> provider
-             -> audit outcome (durable) -> a `Result` value the route renders
+    category -> grant -> footer -> one store lookup -> decision -> audit (durable)
+             -> provider -> audit outcome (durable) -> a `Result` value the route renders
+
+The category (the native API's field, else the sender's default, else the rules') must be
+in the sender's category grants (`gateway.core.grants`): a sender may not pick a category
+that skips the lookup. Not granted: a `reject` entry with rule `sender.categories`, nothing
+looked up or sent, and the routes answer 403.
 
 It mirrors `gateway.smtp.flow`: the "decision" entry is durable before anything is sent
 (SPEC §2.6), a failed lookup fails closed (SPEC §2.1), and a "delivery" entry records what
