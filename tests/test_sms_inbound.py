@@ -8,12 +8,14 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
 import redis
 from twilio.request_validator import RequestValidator
 
+from gateway.sms import keywords_store
 from gateway.sms import queue as queue_mod
 from tests.support.sms_provider import (
     SmsGateway,
@@ -254,3 +256,84 @@ async def test_inbound_bad_input_is_4xx_and_changes_nothing(g: SmsGateway) -> No
     assert (await g.inbound({"From": PATIENT + "\r\nX: y", "Body": "STOP"}))[0] == 400
     await g.send(PATIENT)
     assert events(g, "optout") == [] and g.stub.hooks == []
+
+
+# --- START's reach, arrival order, dedupe states ------------------------------------------------
+
+
+async def test_start_that_arrived_before_the_latest_stop_changes_nothing(g: SmsGateway) -> None:
+    arrived = time.time()  # a START that arrived now but is written after the STOP below
+    await asyncio.sleep(0.01)
+    assert (await g.inbound({"From": PATIENT, "Body": "STOP"}))[0] == 200
+    store = g.running.gw.store
+    assert store is not None
+    pseud = g.pseudonym(PATIENT)
+    outcome, written = await keywords_store.start(
+        store, "sms", pseud, source="sms-keyword", now=arrived
+    )
+    assert (outcome, written) == ("older-than-stop", None)
+    record = await store.get("sms", pseud)
+    assert record is not None and record.all
+    assert (await g.rejected(PATIENT)).code == 21610
+
+
+async def test_start_lifts_the_providers_21610_copy(g: SmsGateway) -> None:
+    g.stub.status, g.stub.error_code = 400, 21610
+    assert (await g.rejected(PATIENT)).code == 21610
+    g.stub.status = g.stub.error_code = None
+    assert (await g.rejected(PATIENT)).code == 21610  # the copy holds here
+    status, text = await g.inbound({"From": PATIENT, "Body": "START"})
+    assert status == 200 and "opted back in" in text
+    await g.send(PATIENT)
+    assert g.stub.count == 2
+    (optin,) = events(g, "optin")
+    assert optin["source"] == "sms-keyword" and optin["all"] is True
+
+
+async def test_start_after_another_source_wrote_since_the_stop_lifts_nothing(
+    g: SmsGateway,
+) -> None:
+    # The later write may or may not have opted out of everything too: START cannot tell,
+    # so it keeps everything (the safe side) and says the opt-out was not made by text.
+    assert (await g.inbound({"From": PATIENT, "Body": "STOP"}))[0] == 200
+    await g.opt_out(PATIENT, "marketing")
+    status, text = await g.inbound({"From": PATIENT, "Body": "START"})
+    assert status == 200 and "not made by text" in text
+    assert (await g.rejected(PATIENT)).code == 21610
+    assert events(g, "optin") == []
+    (entry,) = [e for e in events(g, "sms_inbound") if e["action"] == "start-unchanged"]
+    assert entry["reason"] == "not-by-text"
+
+
+async def test_start_when_not_opted_out_keeps_category_opt_outs(g: SmsGateway) -> None:
+    await g.opt_out(PATIENT, "marketing")
+    status, text = await g.inbound({"From": PATIENT, "Body": "START"})
+    assert status == 200 and "opted back in" in text
+    assert (await g.rejected(PATIENT, client=g.twilio("promo"))).code == 21610
+    await g.send(PATIENT)
+    (entry,) = [e for e in events(g, "sms_inbound") if e["action"] == "start-unchanged"]
+    assert entry["reason"] == "not-opted-out"
+
+
+async def test_text_being_handled_elsewhere_is_503_then_handled_once(g: SmsGateway) -> None:
+    store = g.running.gw.store
+    assert store is not None
+    sid = "SM" + "4" * 32
+    assert await keywords_store.begin(store, sid) == "new"  # another worker has it
+    status, _ = await g.inbound({"From": PATIENT, "Body": "STOP", "MessageSid": sid})
+    assert status == 503 and events(g, "optout") == []
+    await keywords_store.release(store, sid)  # that worker failed and let go
+    assert (await g.inbound({"From": PATIENT, "Body": "STOP", "MessageSid": sid}))[0] == 200
+    assert await keywords_store.begin(store, sid) == "seen"
+    assert len(events(g, "optout")) == 1
+
+
+async def test_message_sid_is_required_and_never_a_store_key(g: SmsGateway) -> None:
+    assert (await g.inbound({"From": PATIENT, "Body": "STOP", "MessageSid": ""}))[0] == 400
+    assert (await g.inbound({"From": PATIENT, "Body": "STOP", "MessageSid": "SM-1"}))[0] == 400
+    assert events(g, "optout") == []
+    sid = "SM" + "5" * 32
+    assert (await g.inbound({"From": PATIENT, "Body": "STOP", "MessageSid": sid}))[0] == 200
+    dump = redis_dump(g.running.cfg.data_dir)
+    assert sid.encode() not in dump and b"og:in:" in dump and b"og:kw:" in dump
+    assert PATIENT.encode() not in dump and b"5550100077" not in dump

@@ -93,6 +93,10 @@ CLEAR_REVOCATIONS = [
     ("optout", "OPTOUT"),
     ("opt-out", "OPT OUT"),
     ("STOP PLEASE", "STOP"),
+    ("s.t.o.p", "STOP"),
+    ("*STOP* \U0001f6d1", "STOP"),
+    ("\uff33\uff34\uff2f\uff30", "STOP"),  # full-width letters
+    ("opt\u200bout", "OPTOUT"),  # a zero-width space inside
     ("Stop, thanks!", "STOP"),
     ("please stop texting me", "r-en-stop-texting-me"),
     ("Stop texting me!", "r-en-stop-texting-me"),

@@ -13,8 +13,9 @@ file only.
 Floors no file can lower, because they protect recipients:
 
 - `X-Optgate-*` and the category header are always stripped (gateway instructions);
-- the stop keywords always include CTIA's universal set and the FCC's per se revocation
-  words (47 CFR 64.1200(a)(10)), and the help keywords always include HELP;
+- the keyword lists are a floor (`ALWAYS_STOP`, `ALWAYS_START`, `ALWAYS_HELP`): CTIA's
+  universal set, the FCC's per se revocation words (47 CFR 64.1200(a)(10)) and the
+  providers' defaults count whatever the files list; files may only add words;
 - the default category must be opt-outable, so an unlabelled message can never bypass
   an opt-out.
 """
@@ -34,9 +35,16 @@ from gateway.errors import ConfigError
 CHANNELS = frozenset({"email", "sms"})
 RESERVED_NAMES = frozenset({"all"})  # "all" means every category in the CLI and unsubscribe form
 ALWAYS_STRIP = ("X-Optgate-*",)
-ALWAYS_STOP = frozenset({"STOP", "END", "CANCEL", "UNSUBSCRIBE", "QUIT", "REVOKE", "OPT OUT"})
-ALWAYS_HELP = frozenset({"HELP"})
-DEFAULT_START = ("START", "UNSTOP")  # CTIA/Twilio re-opt-in words, used when no file sets any
+# The keyword floor: these always count, whatever the rules files list (files may add words,
+# never remove these). Stop: CTIA's universal set (STOP, END, CANCEL, UNSUBSCRIBE, QUIT), the
+# FCC's per se revocation words (47 CFR 64.1200(a)(10): also REVOKE, "OPT OUT") and the words
+# carriers and providers honour by default (STOPALL, OPTOUT). Start: the CTIA/provider re-opt-in
+# words. Help: CTIA's HELP and its usual alias INFO.
+ALWAYS_STOP = frozenset(
+    {"STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT", "REVOKE", "OPTOUT", "OPT OUT"}
+)
+ALWAYS_START = frozenset({"START", "UNSTOP", "YES"})
+ALWAYS_HELP = frozenset({"HELP", "INFO"})
 DEFAULT_CATEGORY_HEADER = "X-Optgate-Category"
 DEFAULT_FOOTER = "Reply STOP to opt out."
 DEFAULT_HELP = "Reply STOP to opt out, START to opt back in."
@@ -61,7 +69,9 @@ _KEYWORD = re.compile(r"[^\W_]+(?:[ -][^\W_]+)*")  # words of letters/digits, on
 _NAME_RULE = f"must be 1 to {MAX_NAME_CHARS} lower-case letters, digits and inner '-'"
 _KEYWORD_RULE = f"must be 1 to {MAX_KEYWORD_CHARS} letters or digits (words joined by ' ' or '-')"
 _SPACE = re.compile(r"\s+")
-_EDGE_PUNCTUATION = ".!?¡¿,;:"
+# Unicode general categories trimmed from both ends of a reply: punctuation, symbols (emoji),
+# separators, marks (emoji variation selectors) and other (controls, format characters).
+_EDGE_CATEGORIES = frozenset("PSZMC")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -143,15 +153,27 @@ class Rules:
 
 
 def normalise_reply(text: str) -> str:
-    """The form replies and phrases are compared in ("  ¡Stop! " is "stop").
+    """The form replies and phrases are compared in ("  ¡Stop! " and "*STOP* 🛑" are "stop").
 
-    NFC, case-folded, single spaces, no punctuation at either end: a reasonable reader
-    takes "Stop." as STOP, and FCC 24-24 asks senders to honour what a reasonable person
-    would understand.
+    NFKC (full-width letters read as ASCII ones), format characters (zero-width spaces,
+    joiners) removed, case-folded, single spaces, and no punctuation, symbol or emoji at
+    either end: a reasonable reader takes "Stop." or "'STOP'" as STOP, and FCC 24-24 asks
+    senders to honour what a reasonable person would understand.
     """
+    text = unicodedata.normalize("NFKC", text)
+    text = "".join(c for c in text if unicodedata.category(c) != "Cf")
     # Phones autocorrect the apostrophe to U+2019; compare both as the ASCII one.
-    text = unicodedata.normalize("NFC", text).casefold().replace("\u2019", "'")
-    return _SPACE.sub(" ", text.strip(_EDGE_PUNCTUATION + " \t\r\n")).strip()
+    text = text.casefold().replace("\u2019", "'")
+    start, end = 0, len(text)
+    while start < end and _trimmed(text[start]):
+        start += 1
+    while end > start and _trimmed(text[end - 1]):
+        end -= 1
+    return _SPACE.sub(" ", text[start:end])
+
+
+def _trimmed(char: str) -> bool:
+    return char.isspace() or unicodedata.category(char)[0] in _EDGE_CATEGORIES
 
 
 def compile_globs(globs: Iterable[str]) -> re.Pattern[str]:
@@ -369,9 +391,9 @@ class _Builder:
 
     def _keyword_sets(self) -> tuple[frozenset[str], frozenset[str], frozenset[str]]:
         found = self.keywords
-        stop = ALWAYS_STOP | found["stop"].keys()
-        start = frozenset(found["start"] or DEFAULT_START)
-        help_ = ALWAYS_HELP | found["help"].keys()
+        stop = frozenset(ALWAYS_STOP | found["stop"].keys())
+        start = frozenset(ALWAYS_START | found["start"].keys())
+        help_ = frozenset(ALWAYS_HELP | found["help"].keys())
         for a, b, both in (
             ("stop", "start", stop & start),
             ("stop", "help", stop & help_),

@@ -277,6 +277,9 @@ _OTHER_PATHS: Final[dict[str, Any]] = {
                       "400": _json("Twilio error body (21610: unsubscribed recipient)",
                                    {"type": "object"}),
                       "401": _problem("Bad sender credentials"),
+                      "403": _json("Twilio error body: the AccountSid is not the sender, the "
+                                   "sender may not send SMS, or its default category is not "
+                                   "permitted for it (20403)", {"type": "object"}),
                       "503": _json("Store or provider unavailable", {"type": "object"})}}},
     "/v1/messages/sms": {"post": {
         "summary": "Native SMS send", "security": [{"senderBasic": []}],
@@ -287,15 +290,21 @@ _OTHER_PATHS: Final[dict[str, Any]] = {
         "responses": {"201": _json("Sent", {"type": "object", "properties": {
                           "id": {"type": "string"}, "status": {"type": "string"}}}),
                       "400": _problem("Invalid message"), "401": _problem("Bad credentials"),
+                      "403": _problem("Category not permitted for this sender (its category "
+                                      "grants), or the sender may not send SMS"),
                       "422": _problem("Recipient has opted out"),
                       "503": _problem("Store or provider unavailable")}}},
     "/sms/inbound": {"post": {
-        "summary": "The provider's inbound webhook (signature verified): STOP, START, HELP",
+        "summary": "The provider's inbound webhook (signature verified): STOP, START, HELP; "
+                   "each MessageSid is handled once (a replay gets 200 and an empty Response)",
         "requestBody": {"required": True, "content": {"application/x-www-form-urlencoded": {
             "schema": {"type": "object"}}}},
         "responses": {"200": {"description": "TwiML reply",
                               "content": {"text/xml": {"schema": {"type": "string"}}}},
-                      "403": _problem("Bad signature")}}},
+                      "400": _problem("Not a phone number in From, or no MessageSid"),
+                      "403": _problem("Bad signature"),
+                      "503": _problem("Store or audit log unavailable, or this MessageSid "
+                                      "is being handled; retry after Retry-After")}}},
     "/u/{token}": {
         "parameters": [{"name": "token", "in": "path", "required": True,
                         "schema": {"type": "string"}}],

@@ -188,6 +188,8 @@ def _twilio_result(result: Result) -> web.Response:
             else "The SMS provider could not be reached; the message was not sent."
         )
         return _twilio(result.status, 20500, text)
+    if result.kind == "category-not-permitted" and result.refusal is not None:
+        return web.json_response(result.refusal.twilio_body(403), status=403)
     if result.refusal is not None:
         return web.json_response(result.refusal.twilio_body(400), status=400)
     if result.kind == "not-configured":
@@ -262,6 +264,15 @@ def _native_result(result: Result) -> web.Response:
         )  # fmt: skip
     if result.kind == "opted-out":
         return _problem(422, "opted-out", "Recipient has opted out", txn=result.txn)
+    if result.kind == "category-not-permitted":
+        # The sender's grants, not the request's form, refuse it: a permission problem.
+        return _problem(
+            403,
+            "category-not-permitted",
+            "Category not permitted for this sender",
+            detail="The sender's category grants do not include this category; nothing was sent.",
+            txn=result.txn,
+        )
     if result.refusal is not None:
         return _problem(
             422,

@@ -1,7 +1,12 @@
 """One outgoing text: the SMS enforcement path, shared by both send APIs.
 
-    category -> footer -> one store lookup -> decision -> audit (durable) -> provider
-             -> audit outcome (durable) -> a `Result` value the route renders
+    category -> grant -> footer -> one store lookup -> decision -> audit (durable)
+             -> provider -> audit outcome (durable) -> a `Result` value the route renders
+
+The category (the native API's field, else the sender's default, else the rules') must be
+in the sender's category grants (`gateway.core.grants`): a sender may not pick a category
+that skips the lookup. Not granted: a `reject` entry with rule `sender.categories`, nothing
+looked up or sent, and the routes answer 403.
 
 It mirrors `gateway.smtp.flow`: the "decision" entry is durable before anything is sent
 (SPEC §2.6), a failed lookup fails closed (SPEC §2.1), and a "delivery" entry records what
@@ -27,13 +32,13 @@ import structlog
 
 from gateway import metrics
 from gateway.config import Sender
-from gateway.core import policy
+from gateway.core import grants, policy
 from gateway.core.keys import Keyring
 from gateway.core.policy import Decision, Verdict
 from gateway.core.records import State, pseudonym
 from gateway.core.rules import Rules
-from gateway.errors import AuditError, StoreUnavailable
-from gateway.sms import message
+from gateway.errors import AuditError, RecordCorrupt, StoreUnavailable
+from gateway.sms import keywords_store, message
 from gateway.sms.message import Outgoing, Refusal
 from gateway.sms.provider import Provider, ProviderError, Reply
 
@@ -41,7 +46,7 @@ log = structlog.get_logger("optgate.sms")
 
 CHANNEL = "sms"
 UNSUBSCRIBED = 21610  # Twilio: "Attempt to send to unsubscribed recipient"
-PROVIDER_OPT_OUT_SOURCE = "provider-21610"
+PROVIDER_OPT_OUT_SOURCE = keywords_store.PROVIDER_SOURCE
 
 RefusedKind = Literal[
     "opted-out",
@@ -49,6 +54,7 @@ RefusedKind = Literal[
     "audit-unavailable",
     "unknown-category",
     "not-sms-category",
+    "category-not-permitted",  # the sender's category grants do not name it
     "body-too-long",
     "not-configured",
 ]
@@ -140,6 +146,16 @@ class SmsFlow:
             await self._reject(base, kind, "" if category is None else category.name)
             refusal = message.UNKNOWN_CATEGORY if category is None else message.NOT_SMS_CATEGORY
             return Refused(txn=txn, kind=kind, refusal=refusal)
+        if not grants.permitted(sender.categories, category):
+            # A category the sender may not use (one with opt_out = false skips the lookup):
+            # refused before anything is looked up or sent.
+            await self._reject(
+                base, "category-not-permitted", category.name, rule=grants.RULE,
+                reason=grants.REASON,
+            )  # fmt: skip
+            return Refused(
+                txn=txn, kind="category-not-permitted", refusal=message.CATEGORY_NOT_PERMITTED
+            )
         body = message.with_footer(out.body, rules, unsubscribe=category.unsubscribe)
         if isinstance(body, Refusal):
             await self._reject(base, "body-too-long", category.name)
@@ -188,8 +204,16 @@ class SmsFlow:
             await self._copy_provider_opt_out(base, recipient, out.to.e164)
         return Sent(txn=txn, reply=reply)
 
-    async def _reject(self, base: dict[str, str], reason: str, category: str) -> None:
-        d = policy.reject(reason, rule=f"sms.{reason}")
+    async def _reject(
+        self,
+        base: dict[str, str],
+        kind: str,
+        category: str,
+        *,
+        rule: str = "",
+        reason: str = "",
+    ) -> None:
+        d = policy.reject(reason or kind, rule=rule or f"sms.{kind}")
         try:
             await self._audit.append([_decision({**base, "category": category}, d)])
         except AuditError:
@@ -230,10 +254,12 @@ class SmsFlow:
 
     async def _copy_provider_opt_out(self, base: dict[str, str], recipient: str, e164: str) -> None:
         try:
-            await self._store.opt_out(
+            # Claimed as a texted STOP (the number texted it to the provider), so the
+            # number's own START through the inbound webhook can lift it again.
+            await keywords_store.stop(
+                self._store,
                 CHANNEL,
                 recipient,
-                all=True,
                 source=PROVIDER_OPT_OUT_SOURCE,
                 now=time.time(),
                 address=e164,  # sealed in the record, for the preferences export
@@ -252,7 +278,7 @@ class SmsFlow:
                     }
                 ]
             )
-        except (StoreUnavailable, AuditError):
+        except (StoreUnavailable, RecordCorrupt, AuditError):
             # The provider keeps refusing this number, so nothing is lost: the copy is
             # attempted again on the next send.
             log.warning("provider_opt_out_not_copied", txn=base["txn"])

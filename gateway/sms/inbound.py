@@ -2,15 +2,22 @@
 
 A text that is, as a whole, a keyword or revocation phrase of the rules
 (`Rules.keyword`: STOP-family words, multi-word and Spanish revocations, START/UNSTOP/YES,
-HELP/INFO) is handled here; anything else goes to the application's inbound webhook.
+HELP/INFO; the built-in keyword lists are a floor that every rules folder keeps) is
+handled here; anything else goes to the application's inbound webhook.
 
 - stop: the number is opted out of every opt-outable SMS category, as one record flag
   (`all`), so categories added to the rules later are covered too and emergency alerts
   (`opt_out = false`) still flow. Acknowledged (the one TwiML confirmation, 47 CFR
   64.1200(a)(12)) only once the store write and the audit entry are durable (SPEC §2.2);
   otherwise 503, and the provider's retry is idempotent.
-- start: the number's SMS opt-out record is lifted (CTIA/Twilio re-opt-in: everything on
-  this channel; the audit log keeps the history).
+- start: undoes what a texted STOP did and nothing else (`keywords_store`): the opt-out
+  of everything is lifted when a texted STOP (or the provider's 21610) set it and no other
+  source has written the record since; category opt-outs made through the API, an import
+  or the unsubscribe page stay. A START that lifts nothing is audited and answered so.
+- every text is handled once: a webhook whose `MessageSid` was handled before (the
+  provider's retry, or a replay of a captured request) changes nothing and gets an empty
+  `<Response/>`; one being handled gets 503 (`keywords_store` has the dedupe and the
+  reason STOP and START are ordered by arrival).
 - help: the rules' help text.
 - anything else: forwarded, signed like the provider signs, to `inbound_forward_url`; if
   that fails it is queued (encrypted) for retries before the provider is answered, and if
@@ -37,14 +44,15 @@ from gateway.core.keys import Keyring
 from gateway.core.records import pseudonym
 from gateway.core.rules import KeywordMatch, Rules, normalise_reply
 from gateway.errors import AuditError, RecordCorrupt, StoreUnavailable
-from gateway.sms import signature
+from gateway.sms import keywords_store, signature
 from gateway.sms.flow import CHANNEL, Audit
 from gateway.sms.provider import HttpsClient, ProviderError
 from gateway.sms.queue import InboundQueue, Queued
+from gateway.store.writes import Written
 
 log = structlog.get_logger("optgate.sms.inbound")
 
-SOURCE = "sms-keyword"
+SOURCE = keywords_store.KEYWORD_SOURCE
 # The provider waits 15 s for the webhook's answer (Twilio); leave room for the queue write.
 FORWARD_TIMEOUT_S = 5.0
 XML_DECL = '<?xml version="1.0" encoding="UTF-8"?>'
@@ -55,13 +63,15 @@ _SID = re.compile(r"[A-Za-z0-9]{1,64}")
 _POLITE = r"(?:please|pls|plz|kindly|thanks|thank you|thx|por favor|gracias)"
 _POLITE_HEAD = re.compile(rf"^(?:{_POLITE}[\s,]+)+")
 _POLITE_TAIL = re.compile(rf"(?:[\s,]+{_POLITE})+$")
+_BREAKS = re.compile(r"[\s._-]+")  # spaces, dots, hyphens, underscores inside a reply
 
 
 def classify(rules: Rules, text: str) -> KeywordMatch | None:
     """The rules' keyword or revocation that `text` is, as a whole, or None.
 
     Beyond `Rules.keyword`, a reply is also read as a stop when it is one once courtesy
-    words around it are removed or its hyphens read as spaces ("opt-out"): FCC 24-24
+    words around it are removed, its hyphens read as spaces ("opt-out") or its word breaks
+    taken out ("stop all", "s.t.o.p"): FCC 24-24
     counts what a reasonable person would understand as a revocation. Those readings
     never produce a start or help match, and words inside a longer message never count
     ("stop by the front desk" is not a revocation).
@@ -70,10 +80,11 @@ def classify(rules: Rules, text: str) -> KeywordMatch | None:
     if match is not None:
         return match
     reply = normalise_reply(text)
-    for form in (reply, reply.replace("-", " ")):
-        bare = _POLITE_TAIL.sub("", _POLITE_HEAD.sub("", form))
-        if bare and bare != text:
-            found = rules.keyword(bare)
+    bare = [_POLITE_TAIL.sub("", _POLITE_HEAD.sub("", f)) for f in (reply, reply.replace("-", " "))]
+    # Last, with the word breaks taken out: "stop all" is STOPALL, "s.t.o.p" is STOP.
+    for candidate in (*bare, _BREAKS.sub("", bare[0])):
+        if candidate and candidate != text:
+            found = rules.keyword(candidate)
             if found is not None and found.kind == "stop":
                 return found
     return None
@@ -92,7 +103,15 @@ class InboundReply:
 
 
 BAD_FROM = InboundReply(status=400, detail="From is not a phone number.")
+BAD_SID = InboundReply(status=400, detail="MessageSid is missing or malformed.")
 UNAVAILABLE = InboundReply(status=503, detail="The opt-out store or audit log is unavailable.")
+IN_PROGRESS = InboundReply(status=503, detail="This message is being handled; try again later.")
+# The reply to a START that cannot lift the opt-out: it was made another way (the admin API,
+# an import), and only that way may undo it. Within two GSM-7 segments.
+NOT_BY_TEXT_REPLY = (
+    "Your opt-out was not made by text, so START cannot undo it. "
+    "Please contact us to change it. Reply HELP for help."
+)
 
 
 class Forwarder:
@@ -140,41 +159,91 @@ class Inbound:
         self._queue = queue
 
     async def handle(self, params: Sequence[tuple[str, str]]) -> InboundReply:
-        """Act on one verified inbound text (the provider's form parameters)."""
+        """Act on one verified inbound text (the provider's form parameters), once."""
+        arrived = time.time()  # the order of STOP and START (the webhook has no timestamp)
         fields = dict(params)
         phone = parse_phone(fields.get("From", ""), region=self._region)
         if phone is None:
             return BAD_FROM
         sid = fields.get("MessageSid", "")
+        if not _SID.fullmatch(sid):
+            return BAD_SID
         base: dict[str, Any] = {
             "channel": CHANNEL,
             "recipient": pseudonym(self._keyring(), CHANNEL, phone.key_form),
-            "message_id": sid if _SID.fullmatch(sid) else "",
+            "message_id": sid,
         }
         rules = self._rules()
         match = classify(rules, fields.get("Body", ""))
+        try:
+            seen = await keywords_store.begin(self._store, sid)
+        except StoreUnavailable:
+            log.warning("store_unavailable", channel=CHANNEL, action="dedupe")
+            metrics.store_error("write")
+            return UNAVAILABLE
+        if seen == "pending":
+            return IN_PROGRESS
+        if seen == "seen":
+            return await self._duplicate(base)
+        reply = await self._act(base, params, rules, match, e164=phone.e164, arrived=arrived)
+        if reply.status != 200:
+            try:
+                await keywords_store.release(self._store, sid)
+            except StoreUnavailable:
+                log.warning("inbound_dedupe_not_released", channel=CHANNEL)  # expires soon
+            return reply
+        changes_consent = match is not None and match.kind in ("stop", "start")
+        ttl = keywords_store.KEYWORD_SEEN_TTL_S if changes_consent else keywords_store.SEEN_TTL_S
+        try:
+            await keywords_store.finish(self._store, sid, ttl_s=ttl)
+        except StoreUnavailable:
+            # Done and audited: answering 503 would only have it sent again. The pending
+            # mark stays for PENDING_TTL_S.
+            log.error("inbound_dedupe_not_recorded", channel=CHANNEL)
+        return reply
+
+    async def _duplicate(self, base: dict[str, Any]) -> InboundReply:
+        """A text handled before (the provider's retry, or a replay): nothing changes."""
+        try:
+            await self._audit.append([{"event": "sms_inbound", **base, "action": "duplicate"}])
+        except AuditError:
+            log.error("audit_unavailable", channel=CHANNEL, action="duplicate")
+        return InboundReply(status=200)
+
+    async def _act(
+        self,
+        base: dict[str, Any],
+        params: Sequence[tuple[str, str]],
+        rules: Rules,
+        match: KeywordMatch | None,
+        *,
+        e164: str,
+        arrived: float,
+    ) -> InboundReply:
         if match is None:
             return await self._forward(base, params)
         rule = "sms.keyword"
         if match.matched in {r.id for r in rules.revocations}:
             rule = "sms.revocation"
         if match.kind == "help":
-            event = {"event": "sms_inbound", **base, "action": "help", "rule": rule}
-            return await self._audited(event, match, twiml_message(rules.sms_help))
+            helped = {"event": "sms_inbound", **base, "action": "help", "rule": rule}
+            return await self._audited(helped, match, twiml_message(rules.sms_help))
         started = time.monotonic()
+        outcome = "lifted"
+        written: Written | None
         try:
             if match.kind == "stop":
-                await self._store.opt_out(
+                written = await keywords_store.stop(
+                    self._store,
                     CHANNEL,
                     base["recipient"],
-                    all=True,
                     source=SOURCE,
-                    now=time.time(),
-                    address=phone.e164,  # sealed in the record, for the preferences export
+                    now=arrived,
+                    address=e164,  # sealed in the record, for the preferences export
                 )
             else:
-                await self._store.opt_in(
-                    CHANNEL, base["recipient"], all=True, source=SOURCE, now=time.time()
+                outcome, written = await keywords_store.start(
+                    self._store, CHANNEL, base["recipient"], source=SOURCE, now=arrived
                 )
         except StoreUnavailable:
             log.warning("store_unavailable", channel=CHANNEL, action=match.kind)
@@ -182,17 +251,23 @@ class Inbound:
             return UNAVAILABLE
         except RecordCorrupt:
             # Sends to this number are already deferred (a record in doubt fails closed);
-            # START, which replaces the record, repairs it.
+            # neither keyword can tell what the record held. An admin PUT or DELETE repairs it.
             log.error("record_corrupt", channel=CHANNEL, action=match.kind)
             return UNAVAILABLE
-        event = {
+        if outcome != "lifted" or written is None:
+            return await self._start_unchanged(base, match, rules, rule, outcome)
+        event: dict[str, Any] = {
             "event": "optout" if match.kind == "stop" else "optin",
             **base,
             "categories": [],
             "all": True,
             "source": SOURCE,
             "rule": rule,
+            "change": written.change_id,
         }
+        if match.kind == "start":
+            # START lifts the opt-out of everything only; these stay.
+            event["kept"] = sorted(written.after.categories) if written.after else []
         text = rules.sms_stop_reply if match.kind == "stop" else rules.sms_start_reply
         reply = await self._audited(event, match, twiml_message(text))
         if reply.status == 200:
@@ -200,6 +275,25 @@ class Inbound:
             if match.kind == "stop":
                 metrics.optout_effect_seconds(SOURCE, time.monotonic() - started)
         return reply
+
+    async def _start_unchanged(
+        self,
+        base: dict[str, Any],
+        match: KeywordMatch,
+        rules: Rules,
+        rule: str,
+        outcome: str,
+    ) -> InboundReply:
+        """A START that lifts nothing: the number was not opted out of everything (its
+        category opt-outs, if any, stay), the opt-out was not made by text, or a STOP that
+        arrived later already holds."""
+        event = {"event": "sms_inbound", **base, "action": "start-unchanged", "rule": rule,
+                 "reason": outcome}  # fmt: skip
+        twiml = {
+            "not-opted-out": twiml_message(rules.sms_start_reply),
+            "not-by-text": twiml_message(NOT_BY_TEXT_REPLY),
+        }.get(outcome, EMPTY_TWIML)  # older than the STOP: its confirmation was the reply
+        return await self._audited(event, match, twiml)
 
     async def _audited(
         self, event: dict[str, Any], match: KeywordMatch, twiml: str

@@ -79,6 +79,10 @@ BODY_TOO_LONG = Refusal(
 OPTED_OUT = Refusal(code=21610, message="Attempt to send to unsubscribed recipient")
 UNKNOWN_CATEGORY = Refusal(code=20001, message="Unknown category.", field="category")
 NOT_SMS_CATEGORY = Refusal(code=20001, message="The category is not sent by SMS.", field="category")
+# Twilio's 20403 is its "403 Forbidden" (the account may not do this).
+CATEGORY_NOT_PERMITTED = Refusal(
+    code=20403, message="Category not permitted for this sender.", field="category"
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

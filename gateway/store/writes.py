@@ -393,3 +393,19 @@ class RecordWrites:
             raise StoreUnavailable(
                 f"opt-out store: the write did not reach the AOF within {self._waitaof_ms()} ms"
             )
+
+    async def change_record(
+        self,
+        channel: str,
+        pseudonym: str,
+        change: Callable[[Record | None], Record | None],
+        *,
+        intent: str,
+        source: str,
+        now: float,
+    ) -> Written:
+        """A compare-and-set write of ``change(current)`` (None deletes the record), for a
+        writer with its own merge rule (``gateway.sms.keywords_store``: START lifts only what
+        a texted STOP set). `change` may run more than once; an exception it raises ends the
+        write with nothing written."""
+        return await self._write(channel, pseudonym, change, intent=intent, source=source, now=now)

@@ -192,7 +192,13 @@ PUBLIC_URL = "https://gateway.example.test:8443"  # what the provider signs inbo
 SENDERS = [
     {"name": "app", "password_env": "OPTGATE_TEST_APP", "default_category": "appointment-reminder"},
     {"name": "promo", "password_env": "OPTGATE_TEST_APP", "default_category": "marketing"},
-    {"name": "alerts", "password_env": "OPTGATE_TEST_APP", "default_category": "emergency-alert"},
+    # An opt_out = false category is usable only with a grant naming it.
+    {
+        "name": "alerts",
+        "password_env": "OPTGATE_TEST_APP",
+        "default_category": "emergency-alert",
+        "categories": ["emergency-alert"],
+    },
     {"name": "bulk", "password_env": "OPTGATE_TEST_APP", "channels": ["email"]},
 ]
 
@@ -259,7 +265,10 @@ class SmsGateway:
         self, params: dict[str, str], *, signature: str | None = None, url: str = PUBLIC_URL
     ) -> tuple[int, str]:
         """POST a provider webhook, signed as the provider would unless `signature`."""
-        full = {"AccountSid": self.stub.account_sid, "MessageSid": "SM" + "1" * 32, **params}
+        # A fresh MessageSid per call, as the provider gives each text: the gateway handles
+        # each MessageSid once (pass one to send the same text again).
+        full = {"AccountSid": self.stub.account_sid, "MessageSid": "SM" + secrets.token_hex(16),
+                **params}  # fmt: skip
         sig = signature
         if sig is None:
             sig = RequestValidator(self.stub.auth_token).compute_signature(
