@@ -324,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     from gateway import cli_bulk  # optout import|export
 
     cli_bulk.add_parsers(osub, with_config)
+    from gateway import cli_store  # store init, optout rebuild
+
+    cli_store.extend(sub, osub, with_config)
 
     au = sub.add_parser("audit", help="verify and search the audit log")
     ausub = au.add_subparsers(dest="action", required=True, metavar="ACTION")

@@ -432,14 +432,18 @@ class OptOutStore(RecordWrites):
             pipe.execute_command("GET", sentinel_copy(slot))
         return [_as_bytes(v) for v in await pipe.execute()]
 
-    async def ready(self) -> None:
-        """Readiness: every primary answers, and holds the expected sentinel."""
-        await self.ping()
+    async def require_sentinel(self) -> None:
+        """Raise StoreUnavailable unless every primary holds the expected sentinel."""
         if not self._sentinel_id:
             return
         async with self._guard("sentinel check", self._timeout_s):
             blobs = await self.read_sentinels()
         await self.check_sentinel(blobs)
+
+    async def ready(self) -> None:
+        """Readiness: every primary answers, and holds the expected sentinel."""
+        await self.ping()
+        await self.require_sentinel()
 
     async def get(self, channel: str, pseudonym: str) -> Record | None:
         """One record; raises RecordCorrupt when it does not decrypt."""

@@ -128,20 +128,23 @@ async def ensure(store: OptOutStore, keys_file: Path) -> Status:
     return await status(store, ring)
 
 
-async def initialise(store: OptOutStore, keys_file: Path, *, force: bool) -> tuple[Status, str]:
+async def initialise(
+    store: OptOutStore, keys_file: Path, *, force: bool, sentinel_id: str = ""
+) -> tuple[Status, str]:
     """`optgate store init [--force]`: (the status before, the sentinel id after).
 
     Without `force` this does what a first start does and otherwise changes nothing: a
     store that lost its sentinel stays down (the caller says how to proceed). With
-    `force`, a new sentinel is written and named in the key file: the store as it is now
-    (empty, or restored) is accepted as this key file's store.
+    `force`, a new sentinel (`sentinel_id`, else a random one) is written and named in the
+    key file: the store as it is now (empty, or restored) is accepted as this key file's
+    store.
     """
     ring = keyfile.load(keys_file)
     before = await status(store, ring) if ring.sentinel else Status(expected="", found="none")
     if not force:
         after = await ensure(store, keys_file)
         return before, after.expected
-    sentinel_id = new_sentinel_id()
+    sentinel_id = sentinel_id or new_sentinel_id()
     # The store first: should the key file not be written, every gateway stays down (a
     # sentinel nobody names) rather than accept an unmarked store.
     await _write(store, seal_sentinel(ring, sentinel_id), only_if_absent=False)
