@@ -130,8 +130,8 @@ async def opt_out_many(
         planned = await _gathered([_plan_one(store, it, now) for it in items])
         if audit is not None:
             await audit(planned)
-        writes = [_one(store, it, now) for it, p in zip(items, planned, strict=True) if not p.error]
-        written = iter(await _gathered(writes))
+        ones = [_one(store, it, now) for it, p in zip(items, planned, strict=True) if not p.error]
+        written = iter(await _gathered(ones))
         return [p if p.error else next(written) for p in planned]
     ring = store.keyring
     keys = [record_key(it.channel, it.pseudonym) for it in items]
