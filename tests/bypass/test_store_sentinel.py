@@ -12,15 +12,19 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import subprocess
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import aiosmtplib
 import orjson
 import pytest
+import redis
 import structlog
+from redis.crc import key_slot
 
 from gateway import apikeys, keyfile, metrics
 from gateway.core import keys as keys_mod
@@ -33,11 +37,11 @@ from gateway.core.records import (
     seal_sentinel,
 )
 from gateway.store import sentinel
-from gateway.store.names import SENTINEL_KEY, record_key
+from gateway.store.names import SENTINEL_KEY, record_key, record_slot
 from gateway.store.redis_store import SENTINEL_REREAD_S, OptOutStore
 from tests.conftest import GatewayFactory, Running
 from tests.support import processes
-from tests.support.redis_servers import RedisServer, short_tempdir, start_standalone
+from tests.support.redis_servers import Cluster, RedisServer, short_tempdir, start_standalone
 from tests.support.sms_provider import SmsGateway
 
 OPTED_OUT = "pat@example.org"
@@ -125,8 +129,8 @@ async def test_flushall_then_smtp_send_to_opted_out_recipient_is_451(
         await smtp.rcpt(OPTED_OUT)
         await smtp.rcpt(OTHER)
         code, text = await smtp.data(b"Subject: hi\r\nX-Optgate-Category: marketing\r\n\r\nx\r\n")
-    except Exception as exc:  # noqa: BLE001 - aiosmtplib raises the reply
-        code, text = exc.code, exc.message  # type: ignore[attr-defined]
+    except aiosmtplib.SMTPResponseException as exc:  # the reply to DATA
+        code, text = exc.code, exc.message
     finally:
         smtp.close()
     assert code == 451 and text.startswith("4.3.0"), text
@@ -307,7 +311,11 @@ async def test_store_init_force_lets_sends_flow_again_without_sighup(gateway: Ru
     assert plain.returncode == 1 and "--force" in plain.stderr  # not accepted by accident
     forced = await optgate(gateway, "store", "init", "--force")
     assert forced.returncode == 0, forced.stderr
-    assert orjson.loads(forced.stdout) == {"sentinel": "written", "forced": True, "before": "missing"}
+    assert orjson.loads(forced.stdout) == {
+        "sentinel": "written",
+        "forced": True,
+        "before": "missing",
+    }
 
     async def flows() -> bool:
         n = len(gateway.sink.messages)
@@ -378,16 +386,15 @@ async def test_rebuild_from_audit_restores_every_opt_out_after_flushall(g: SmsGa
         ssl=r.client_context(),
     ) as resp:
         assert resp.status == 200
-    assert await admin.call("PUT", f"/v1/optouts/email/{by['api-then-optin']}", {"all": True}) == 200
-    assert await admin.call("DELETE", f"/v1/optouts/email/{by['api-then-optin']}") == 200
+    back = f"/v1/optouts/email/{by['api-then-optin']}"
+    assert await admin.call("PUT", back, {"all": True}) == 200
+    assert await admin.call("DELETE", back) == 200
     stopped, restarted = NUMBER, "+15550100001"
     assert (await g.inbound({"From": stopped, "Body": "STOP"}))[0] == 200
-    assert (await g.inbound({"From": restarted, "Body": "STOP", "MessageSid": "SM" + "2" * 32}))[
-        0
-    ] == 200
-    assert (
-        await g.inbound({"From": restarted, "Body": "START", "MessageSid": "SM" + "3" * 32})
-    )[0] == 200
+    for body, sid in (("STOP", "2"), ("START", "3")):
+        text = {"From": restarted, "Body": body, "MessageSid": "SM" + sid * 32}
+        status, _ = await g.inbound(text)
+        assert status == 200
 
     await flushall(r)
     await assert_deferred(r, by["api"])
@@ -486,3 +493,55 @@ async def test_lookup_stays_one_round_trip_with_the_sentinel(
     # for the sentinel (commandstats counts a script's own calls too).
     assert grew == {"evalsha": 3, "hget": 3 * 5, "get": 3 * (5 + 1)}
     assert len(r.sink.messages) == 4 * 4  # four allowed recipients, one copy each
+
+
+# -- Cluster: a sentinel copy in every slot, read on every node a lookup reaches -----------
+
+
+@pytest.fixture
+def cluster() -> Iterator[Cluster]:
+    c = Cluster(home=short_tempdir("og-sc-"))
+    try:
+        c.start()
+    except (RuntimeError, OSError, subprocess.SubprocessError, redis.RedisError) as exc:
+        c.stop()
+        pytest.skip(f"could not start a 3-master cluster on loopback: {exc}")
+    yield c
+    c.stop()
+
+
+async def test_flushing_one_cluster_node_fails_closed_for_its_recipients(
+    make_gateway: GatewayFactory, cluster: Cluster
+) -> None:
+    r: Running = await make_gateway(redis={"url": cluster.url, "timeout_ms": 500})
+    people = [f"pat{i}@example.org" for i in range(12)]
+
+    def node_of(address: str) -> RedisServer:
+        bucket, _ = record_slot("email", pseud(r, address))
+        return cluster.node_for_slot(key_slot(bucket.encode()))
+
+    flushed = node_of(people[0])
+    lost = [p for p in people if node_of(p) is flushed]
+    kept = [p for p in people if node_of(p) is not flushed]
+    assert lost and kept
+    for p in people:
+        await opt_out(r, p)
+    flushed.admin.flushall()  # one master loses its data (and its sentinel copies)
+    for p in lost:
+        await assert_deferred(r, p)
+    code, _ = await r.send(people, category="marketing")
+    assert code == 451  # one lost recipient defers the whole message
+    for p in kept:  # recipients on intact masters are still read, and still suppressed
+        code, _ = await r.send([p], category="marketing")
+        assert code == 250 and decisions_for(r, p)[-1] == "suppress"
+    assert r.sink.messages == []
+    assert await readyz(r) == 503
+    forced = await optgate(r, "store", "init", "--force")
+    assert forced.returncode == 0, forced.stderr
+
+    async def flows() -> bool:
+        code, _ = await r.send([lost[0]], category="marketing")
+        return code == 250
+
+    await _until(flows, timeout_s=SENTINEL_REREAD_S * 3 + 5)
+    assert [m.rcpts for m in r.sink.messages] == [[lost[0]]]  # its opt-out went with the node
