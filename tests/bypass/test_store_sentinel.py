@@ -292,6 +292,23 @@ async def test_optout_cli_refuses_an_emptied_store(gateway: Running, args: tuple
     assert changes == []
 
 
+async def test_restart_after_keys_rotate_on_an_emptied_store_still_fails_closed(
+    make_gateway: GatewayFactory,
+) -> None:
+    first: Running = await make_gateway()
+    await opt_out(first)
+    await flushall(first)
+    rotated = await optgate(first, "keys", "rotate")
+    assert rotated.returncode == 0, rotated.stderr
+    named = keyfile.load(first.cfg.keys_file).sentinel
+    assert named  # rotation keeps the store's sentinel id
+    await first.gw.stop(grace_s=1)
+    again: Running = await make_gateway()  # a restart must not take the empty store as new
+    await assert_deferred(again)
+    assert again.sink.messages == []
+    assert keyfile.load(again.cfg.keys_file).sentinel == named
+
+
 # -- store init --force, noticed without a signal ---------------------------------------------
 
 
