@@ -562,3 +562,4 @@ async def test_flushing_one_cluster_node_fails_closed_for_its_recipients(
 
     await _until(flows, timeout_s=SENTINEL_REREAD_S * 3 + 5)
     assert [m.rcpts for m in r.sink.messages] == [[lost[0]]]  # its opt-out went with the node
+    assert await readyz(r) == 200  # every master holds the new sentinel
