@@ -37,6 +37,7 @@ from gateway.errors import (
     StoreUnavailable,
 )
 from gateway.optout_fields import BadInput, canonical, categories_of, change_events, state_json
+from gateway.store.writes import Written
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -97,7 +98,7 @@ async def _optout(cfg: Config, args: argparse.Namespace) -> int:
     address, key_form = _recipient(cfg, args.channel, args.address)
     ring, _ = keyfile.load_or_create(cfg.keys_file)
     pseud = pseudonym(ring, args.channel, key_form)
-    store, embedded = await open_store(cfg, ring)
+    store, embedded = await open_store(cfg, ring, quiet=True)
     store.stream_addresses = any(h.include_address for h in cfg.sync.webhooks)  # issue 5
     try:
         if args.action == "get":
@@ -105,24 +106,33 @@ async def _optout(cfg: Config, args: argparse.Namespace) -> int:
             print(orjson.dumps(state_json(args.channel, record)).decode())
             return 0
         now = time.time()
-        if args.action == "add":
-            # The address is kept (sealed) in the record, as the admin API's PUT keeps it,
-            # so that an export names it and can be imported elsewhere.
-            written = await store.opt_out_change(
-                args.channel, pseud, categories=categories, all=args.all, source="cli",
-                now=now, address=address,
-            )  # fmt: skip
-        else:
-            written = await store.opt_in_change(
-                args.channel, pseud, categories=categories, all=args.all, source="cli", now=now
-            )
-        # The same entries as the admin API's for the same change: what was added or
-        # removed, the change-stream id, and who made it.
-        events = change_events(
-            written, channel=args.channel, pseud=pseud, source="cli", by={"by": "cli"}, via="cli"
-        )
         async with _cli_audit(cfg, ring) as audit:
-            await audit.append(events)
+            # The same entries as the admin API's for the same change: what was added or
+            # removed and who made it, durable before the store changes (`store.writes`).
+            async def audit_first(planned: Written) -> None:
+                await audit.append(
+                    change_events(
+                        planned,
+                        channel=args.channel,
+                        pseud=pseud,
+                        source="cli",
+                        by={"by": "cli"},
+                        via="cli",
+                    )
+                )
+
+            if args.action == "add":
+                # The address is kept (sealed) in the record, as the admin API's PUT keeps
+                # it, so that an export names it and can be imported elsewhere.
+                written = await store.opt_out_change(
+                    args.channel, pseud, categories=categories, all=args.all, source="cli",
+                    now=now, address=address, audit=audit_first,
+                )  # fmt: skip
+            else:
+                written = await store.opt_in_change(
+                    args.channel, pseud, categories=categories, all=args.all, source="cli",
+                    now=now, audit=audit_first,
+                )  # fmt: skip
         print(orjson.dumps(state_json(args.channel, written.after)).decode())
         return 0
     finally:
@@ -314,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     from gateway import cli_bulk  # optout import|export
 
     cli_bulk.add_parsers(osub, with_config)
+    from gateway import cli_store  # store init, optout rebuild
+
+    cli_store.extend(sub, osub, with_config)
 
     au = sub.add_parser("audit", help="verify and search the audit log")
     ausub = au.add_subparsers(dest="action", required=True, metavar="ACTION")

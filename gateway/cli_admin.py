@@ -38,7 +38,7 @@ async def _with_store(
     from gateway.service import open_store
 
     ring, _ = keyfile.load_or_create(cfg.keys_file)
-    store, embedded = await open_store(cfg, ring)
+    store, embedded = await open_store(cfg, ring, quiet=True)
     try:
         return await work(store, ring)
     finally:

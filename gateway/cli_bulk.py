@@ -125,7 +125,7 @@ async def _import(cfg: Config, fd: int, name: str, csv_mode: bool) -> int:
 
     ring, _ = keyfile.load_or_create(cfg.keys_file)
     try:
-        store, embedded = await open_store(cfg, ring)
+        store, embedded = await open_store(cfg, ring, quiet=True)
     except StoreUnavailable as exc:
         nothing = {"applied": 0, "rejected": 0, "lines": 0, "errors": []}
         return _stopped(nothing, 1, EXIT_TEMPFAIL, f"opt-out store unavailable: {exc}")
@@ -269,7 +269,7 @@ async def _export(
 
     ring, _ = keyfile.load_or_create(cfg.keys_file)
     try:
-        store, embedded = await open_store(cfg, ring)
+        store, embedded = await open_store(cfg, ring, quiet=True)
     except StoreUnavailable as exc:
         return EXIT_TEMPFAIL, f"opt-out store unavailable: {exc}"
     export = Export(store, channels, csv_mode=csv_mode)

@@ -78,6 +78,7 @@ OTHER: Final = "other"
 DECISION_KINDS: Final = frozenset({"allow", "suppress", "defer", "reject"})
 CHANNELS: Final = frozenset({"email", "sms"})
 CHANGE_KINDS: Final = frozenset({"optout", "optin"})
+SENTINEL_REASONS: Final = frozenset({"missing", "mismatch"})
 
 # Store round trips are sub-millisecond on loopback and bounded by redis.timeout_ms (250 ms
 # default); upstream calls take tens of milliseconds to the provider's 30 s timeout.
@@ -133,6 +134,13 @@ STORE_ERRORS: Final = Counter(
     "optgate_store_errors",
     "Opt-out store calls that failed (down, slow past the budget, erroring).",
     ["op"],
+    registry=REGISTRY,
+)
+STORE_SENTINEL_MISSING: Final = Counter(
+    "optgate_store_sentinel_missing",
+    "Store reads refused because the store's sentinel was missing or not the key file's "
+    "(an emptied or different store; alert when it grows), by reason (missing, mismatch).",
+    ["reason"],
     registry=REGISTRY,
 )
 UPSTREAM_ERRORS: Final = Counter(
@@ -271,6 +279,11 @@ def store_error(op: str) -> None:
     STORE_ERRORS.labels(op=_label(op)).inc()
 
 
+def store_sentinel_missing(reason: str) -> None:
+    """Count one store read refused for its sentinel; `reason` is "missing" or "mismatch"."""
+    STORE_SENTINEL_MISSING.labels(reason=_one_of(reason, SENTINEL_REASONS)).inc()
+
+
 def upstream_error(channel: str, kind: str) -> None:
     """Count one failed upstream call; `kind` is a short word ("unavailable", "rejected")."""
     UPSTREAM_ERRORS.labels(channel=_one_of(channel, CHANNELS), kind=_label(kind)).inc()
@@ -397,6 +410,7 @@ __all__ = [
     "optout_effect_seconds",
     "process_dead",
     "store_error",
+    "store_sentinel_missing",
     "upstream_error",
     "upstream_latency",
 ]

@@ -13,8 +13,8 @@ record per line, categories separated by ``;``. Members: ``channel``, ``address`
 
 Import. Input is read as it arrives, one line at a time. Each line is validated on its
 own: a bad line is reported with its 1-based number and nothing of it is written; good
-lines are applied in batches (``[admin] import_batch``), each batch durable in the store
-and in the audit log before it counts as applied. Import only ever *adds* opt-outs (a
+lines are applied in batches (``[admin] import_batch``), each batch audited first, then
+written, and durable in both before it counts as applied. Import only ever *adds* opt-outs (a
 merge, idempotent): it never opts anyone back in, so an old or partial file cannot undo
 a newer opt-out. If the store or the audit log fails mid-way the job stops;
 `ImportJob.resume_from` is then the first line not confirmed applied (re-reading the
@@ -332,19 +332,24 @@ class ImportJob:
         self.writing.clear()
 
     async def _write(self, batch: list[tuple[int, bulk.OptOutItem]]) -> None:
+        async def audit_first(planned: list[bulk.ItemResult]) -> None:
+            # Durable before the batch is written (SPEC §6): no change-stream ids yet.
+            events: list[dict[str, Any]] = []
+            for (_, item), res in zip(batch, planned, strict=True):
+                if not res.error:
+                    written = Written(before=res.before, after=res.after, change_id="")
+                    events += self.actor.changes(written, item)
+            await self.deps.audit.append(events)
+
         results = await bulk.opt_out_many(
-            self.deps.store, [item for _, item in batch], now=time.time()
+            self.deps.store, [item for _, item in batch], now=time.time(), audit=audit_first
         )
-        events: list[dict[str, Any]] = []
         applied = 0
-        for (line, item), res in zip(batch, results, strict=True):
+        for (line, _), res in zip(batch, results, strict=True):
             if res.error:
                 self.reject(line, res.error)
                 continue
             applied += 1
-            written = Written(before=res.before, after=res.after, change_id=res.change_id)
-            events += self.actor.changes(written, item)
-        await self.deps.audit.append(events)
         self.applied += applied
         metrics.optout_change("optout", "import", applied)
 

@@ -79,19 +79,33 @@ HTTP_MODULES: list[str] = [
 ]
 
 
-async def open_store(cfg: Config, ring: Keyring) -> tuple[OptOutStore, EmbeddedRedis | None]:
-    """The configured store, starting (or attaching to) the embedded server when url is empty."""
+async def open_store(
+    cfg: Config, ring: Keyring, *, quiet: bool = False
+) -> tuple[OptOutStore, EmbeddedRedis | None]:
+    """The configured store, starting (or attaching to) the embedded server when url is empty.
+
+    The store's sentinel is written on the first start and required from then on
+    (`store.sentinel`): a store that lost it opens, but every read of records fails
+    closed until `optgate store init --force`. `quiet`: say so only in the errors raised
+    (a command line prints its one line), not in the log as well."""
+    from gateway.store import sentinel
+    from gateway.store.redis_store import SENTINEL_FIX
+
     embedded = None
     url = cfg.redis_url
     if not url:
         embedded = await EmbeddedRedis.ensure(cfg.data_dir)
         url = embedded.url
     store = OptOutStore.from_url(url, keyring=ring, timeout_ms=cfg.redis_timeout_ms)
+    store.quiet = quiet
     try:
         await store.check_keyring()
         moved = await store.migrate_layout()
         if moved:
             log.info("store layout: records moved into hash buckets", records=moved)
+        held = await sentinel.ensure(store, cfg.keys_file)
+        if held.found != "ok" and not quiet:
+            log.error("store_sentinel_missing", reason=held.found, fix=SENTINEL_FIX)
     except BaseException:
         await store.close()
         if embedded is not None:

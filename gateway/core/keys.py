@@ -8,6 +8,10 @@ Four purposes, each with its own key so that one leak does not expose the rest:
 - ``token``: HMAC keys for unsubscribe tokens.
 - ``audit``: HMAC-SHA256 keys that chain the audit log.
 
+Beside the keys the file names the store it belongs to: ``sentinel``, the id of the sealed
+sentinel record written into the store (``store.sentinel``). Not a secret; a store that
+lacks that record, or holds another one, has lost its data or is not this file's store.
+
 For the rotating purposes the newest key signs/encrypts and every older key still
 verifies/decrypts. Pure: no file IO here (see ``gateway.keyfile``).
 """
@@ -15,9 +19,11 @@ verifies/decrypts. Pure: no file IO here (see ``gateway.keyfile``).
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import hmac
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +32,7 @@ from gateway.errors import ConfigError
 KEY_BYTES = 32  # 256-bit keys for HMAC-SHA256 and AES-256-GCM
 ROTATING = ("record", "token", "audit")
 FORMAT_VERSION = 1
+SENTINEL_RE = re.compile(r"[0-9a-f]{32}")  # 128 random bits, hex: no two stores share one
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -52,6 +59,8 @@ class Keyring:
     record: KeySet = field(repr=False)
     token: KeySet = field(repr=False)
     audit: KeySet = field(repr=False)
+    # The id of the store's sentinel record ("" until the first start writes one).
+    sentinel: str = ""
 
     @property
     def fingerprint(self) -> str:
@@ -83,6 +92,13 @@ def generate() -> Keyring:
     )
 
 
+def with_sentinel(ring: Keyring, sentinel: str) -> Keyring:
+    """`ring` naming the store sentinel `sentinel`."""
+    if not SENTINEL_RE.fullmatch(sentinel):
+        raise ValueError("a sentinel id is 32 lowercase hex digits")
+    return dataclasses.replace(ring, sentinel=sentinel)
+
+
 def rotate(ring: Keyring) -> Keyring:
     """Add a new current key to every rotating purpose; old keys stay for verification."""
     return Keyring(
@@ -91,6 +107,7 @@ def rotate(ring: Keyring) -> Keyring:
         record=KeySet(keys=(*ring.record.keys, (_next_kid("r", ring.record), _new_key()))),
         token=KeySet(keys=(*ring.token.keys, (_next_kid("t", ring.token), _new_key()))),
         audit=KeySet(keys=(*ring.audit.keys, (_next_kid("a", ring.audit), _new_key()))),
+        sentinel=ring.sentinel,
     )
 
 
@@ -102,13 +119,16 @@ def to_document(ring: Keyring) -> dict[str, Any]:
     def keyset(ks: KeySet) -> list[dict[str, str]]:
         return [{"kid": k, "key": _b64(v)} for k, v in ks.keys]
 
-    return {
+    doc: dict[str, Any] = {
         "version": FORMAT_VERSION,
         "pseudonym": {"kid": ring.pseudonym_kid, "key": _b64(ring.pseudonym_key)},
         "record": keyset(ring.record),
         "token": keyset(ring.token),
         "audit": keyset(ring.audit),
     }
+    if ring.sentinel:
+        doc["sentinel"] = ring.sentinel
+    return doc
 
 
 def from_document(doc: Any) -> Keyring:
@@ -145,6 +165,9 @@ def from_document(doc: Any) -> Keyring:
         if len({k for k, _ in good}) != len(good):
             problems.append(f"{purpose}: duplicate key ids")
         sets[purpose] = KeySet(keys=good)
+    sentinel = doc.get("sentinel", "")
+    if not isinstance(sentinel, str) or not SENTINEL_RE.fullmatch(sentinel or "0" * 32):
+        problems.append("sentinel: expected 32 lowercase hex digits")
     if problems or pseudo is None:
         raise ConfigError(problems or ["pseudonym: missing"])
     return Keyring(
@@ -153,4 +176,5 @@ def from_document(doc: Any) -> Keyring:
         record=sets["record"],
         token=sets["token"],
         audit=sets["audit"],
+        sentinel=sentinel,
     )

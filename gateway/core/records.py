@@ -205,3 +205,38 @@ class Corrupt:
 
 CORRUPT = Corrupt()
 State = Record | None | Corrupt  # what a lookup yields per pseudonym
+
+
+# The store's sentinel (SPEC §5): a record that exists only to prove the store still holds
+# what this key file's gateways wrote. Sealed like a record (AES-256-GCM under the current
+# record key, its logical name as associated data), its body the sentinel id: a forged,
+# copied-in or foreign store's value does not open, or opens to another id.
+SENTINEL_NAME = "og:meta:sentinel"
+_SENTINEL_BODY = b"optgate-sentinel\x00"
+
+
+def new_sentinel_id() -> str:
+    return os.urandom(16).hex()
+
+
+def seal_sentinel(ring: Keyring, sentinel_id: str) -> bytes:
+    kid, key = ring.record.current
+    nonce = os.urandom(NONCE_BYTES)
+    body = _SENTINEL_BODY + sentinel_id.encode("ascii")
+    sealed = aead(key).encrypt(nonce, body, SENTINEL_NAME.encode())
+    return kid.encode("ascii") + b"." + nonce + sealed
+
+
+def open_sentinel(ring: Keyring, blob: bytes) -> str:
+    """The id sealed in a sentinel value; RecordCorrupt when it does not authenticate."""
+    kid_raw, dot, rest = blob.partition(b".")
+    key = ring.record.get(kid_raw.decode("ascii", "replace")) if dot else None
+    if key is None or len(rest) < NONCE_BYTES + 16:
+        raise RecordCorrupt("sentinel has an unknown key id or is truncated")
+    try:
+        body = aead(key).decrypt(rest[:NONCE_BYTES], rest[NONCE_BYTES:], SENTINEL_NAME.encode())
+    except InvalidTag as exc:
+        raise RecordCorrupt("sentinel does not authenticate") from exc
+    if not body.startswith(_SENTINEL_BODY):
+        raise RecordCorrupt("not a sentinel")
+    return body[len(_SENTINEL_BODY) :].decode("ascii", "replace")

@@ -4,8 +4,9 @@ Every route takes ``Authorization: Bearer <key>`` (`gateway.apikeys`): no or a b
 ``401``, a key whose role may not call the route is ``403`` (both audited as
 ``auth_failure``). Roles: ``preferences`` (opt-outs, import, export), ``auditor`` (audit
 search), ``admin`` (everything, and API keys). Every call that passes is audited with
-the key's id before it is answered; a change is acknowledged only once it is durable in
-the store and in the audit log (SPEC §2.2). Store or audit log down: ``503`` with
+the key's id before it is answered; a change is audited first and then written, and
+acknowledged only once it is durable in both (an audit log that cannot be written changes
+nothing). Store or audit log down: ``503`` with
 ``Retry-After``.
 
 Paths may carry an address (``/v1/optouts/email/pat@example.org``): the access log names
@@ -37,6 +38,7 @@ from gateway.optout_fields import (
     record_json,
     source_of,
 )
+from gateway.store.writes import Written
 
 log = structlog.get_logger("optgate.http.admin")
 
@@ -129,6 +131,25 @@ def count_change(events: list[dict[str, Any]], source: str, started: float) -> N
 # -- single opt-outs -------------------------------------------------------------------
 
 
+class AuditFirst:
+    """The `audit` callback of a store write: the change's entries, durable before the
+    store is touched (SPEC §6: if the audit log cannot be written, nothing changes and the
+    answer is 503). The entries name no change-stream id: none exists yet."""
+
+    def __init__(self, deps: HttpDeps, *, channel: str, pseud: str, source: str, kid: str) -> None:
+        self._deps, self._channel, self._pseud = deps, channel, pseud
+        self._source, self._kid = source, kid
+        self.events: list[dict[str, Any]] = []
+
+    async def __call__(self, planned: Written) -> None:
+        events = change_events(
+            planned, channel=self._channel, pseud=self._pseud, source=self._source,
+            by={"key_id": self._kid}, via="api",
+        )  # fmt: skip
+        await audit(self._deps, events)
+        self.events = events
+
+
 async def _target(request: web.Request) -> tuple[HttpDeps, str, str, str]:
     deps = request.app[DEPS_KEY]
     try:
@@ -179,15 +200,12 @@ async def put_optout(request: web.Request, key: ApiKey) -> web.Response:
         raise BadInput("all must be true or false")
     cats = categories_of(deps.rules(), channel, member(body, "categories"))
     source = source_of(member(body, "source"), "api")
+    first = AuditFirst(deps, channel=channel, pseud=pseud, source=source, kid=key.kid)
     written = await deps.store.replace(
         channel, pseud, categories=cats, all=everything, source=source, now=time.time(),
-        address=address,
+        address=address, audit=first,
     )  # fmt: skip
-    events = change_events(
-        written, channel=channel, pseud=pseud, source=source, by={"key_id": key.kid}, via="api"
-    )
-    await audit(deps, events)
-    count_change(events, source, started)
+    count_change(first.events, source, started)
     return web.json_response(record_json(channel, pseud, written.after))
 
 
@@ -196,12 +214,9 @@ async def delete_optout(request: web.Request, key: ApiKey) -> web.Response:
     """Opt an address back in to everything (removes its record)."""
     deps, channel, _, pseud = await _target(request)
     source = source_of(member(request.query, "source"), "api")
-    written = await deps.store.replace(channel, pseud, source=source, now=time.time())
-    events = change_events(
-        written, channel=channel, pseud=pseud, source=source, by={"key_id": key.kid}, via="api"
-    )
-    await audit(deps, events)
-    count_change(events, source, time.monotonic())
+    first = AuditFirst(deps, channel=channel, pseud=pseud, source=source, kid=key.kid)
+    await deps.store.replace(channel, pseud, source=source, now=time.time(), audit=first)
+    count_change(first.events, source, time.monotonic())
     return web.json_response(record_json(channel, pseud, None))
 
 

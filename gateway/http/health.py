@@ -1,9 +1,11 @@
 """Readiness and metrics: ``GET /readyz`` and ``GET /metrics`` (``/healthz`` is in app.py).
 
 ``/healthz`` says the process answers; ``/readyz`` says it can do its job: the store
-answers a PING within its budget, the audit writer is open and not failed, and every
-upstream answers its `check()` (an SMTP NOOP, an outbox that is writable, ...). Anything
-not ready is ``503`` with ``Retry-After``, so a load balancer takes the instance out.
+answers a PING within its budget and still holds its sentinel (a flushed or replaced
+store is not ready: it would answer every lookup with "not opted out"), the audit writer
+is open and not failed, and every upstream answers its `check()` (an SMTP NOOP, an outbox
+that is writable, ...). Anything not ready is ``503`` with ``Retry-After``, so a load
+balancer takes the instance out.
 Results are cached for `READY_CACHE_S`, so a probe storm costs one check.
 
 Upstream checks come from `register_check(app, name, fn)`, which any route module may
@@ -72,7 +74,7 @@ async def readyz(request: web.Request) -> web.Response:
             if not deps.audit.healthy:
                 raise RuntimeError("audit writer not open")
 
-        checks: dict[str, Check] = {"store": deps.store.ping, "audit": audit_open}
+        checks: dict[str, Check] = {"store": deps.store.ready, "audit": audit_open}
         if CHECKS_KEY in app:
             registered: dict[str, Check] = app[CHECKS_KEY]
             checks.update(registered)

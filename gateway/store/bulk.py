@@ -9,6 +9,8 @@ and the write loses its compare-and-set and goes through the single-record path,
 retries. On a Cluster (where a script cannot reach the stream's slot) records go through
 the single-record path, many at a time.
 
+Both check the store's sentinel first (``store.redis_store``).
+
 Export: ``SCAN`` over the record buckets (every primary of a Cluster), ``HGETALL`` of a
 page's buckets in one pipeline, values decrypted one page at a time, so memory stays one
 page whatever the store holds. ``SCAN`` may return a key twice while the server resizes
@@ -18,7 +20,7 @@ its table; an import of an export is idempotent, so a repeated line is harmless.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -91,29 +93,56 @@ async def _one(store: OptOutStore, item: OptOutItem, now: float) -> ItemResult:
     return ItemResult(before=before, after=after)
 
 
+async def _plan_one(store: OptOutStore, item: OptOutItem, now: float) -> ItemResult:
+    try:
+        before = await store.get(item.channel, item.pseudonym)
+    except RecordCorrupt:
+        return ItemResult(error="the stored record does not authenticate; it was not changed")
+    return ItemResult(before=before, after=_merge(item, before, now))
+
+
+async def _gathered(coros: Sequence[Awaitable[ItemResult]]) -> list[ItemResult]:
+    done: list[ItemResult] = []
+    for i in range(0, len(coros), CLUSTER_CONCURRENCY):
+        done += await asyncio.gather(*coros[i : i + CLUSTER_CONCURRENCY])
+    return done
+
+
 async def opt_out_many(
-    store: OptOutStore, items: Sequence[OptOutItem], *, now: float
+    store: OptOutStore,
+    items: Sequence[OptOutItem],
+    *,
+    now: float,
+    audit: Callable[[list[ItemResult]], Awaitable[None]] | None = None,
 ) -> list[ItemResult]:
     """Add every item's opt-out, durably; one result per item, in order.
 
     Keys must be distinct within one call. Raises StoreUnavailable when the batch could
-    not be written or confirmed durable (then none of it was acknowledged).
+    not be written or confirmed durable (then none of it was acknowledged). `audit` is
+    called with the planned results (no change-stream ids yet) before anything is
+    written; if it raises, nothing is. (A record that loses its compare-and-set to a
+    concurrent writer is written again without a second entry: an import only adds, so
+    what the entry says was added still is.)
     """
     if not items:
         return []
     if isinstance(store.client, RedisCluster):
-        done: list[ItemResult] = []
-        for i in range(0, len(items), CLUSTER_CONCURRENCY):
-            chunk = items[i : i + CLUSTER_CONCURRENCY]
-            done += await asyncio.gather(*(_one(store, it, now) for it in chunk))
-        return done
+        planned = await _gathered([_plan_one(store, it, now) for it in items])
+        if audit is not None:
+            await audit(planned)
+        ones = [_one(store, it, now) for it, p in zip(items, planned, strict=True) if not p.error]
+        written = iter(await _gathered(ones))
+        return [p if p.error else next(written) for p in planned]
     ring = store.keyring
     keys = [record_key(it.channel, it.pseudonym) for it in items]
     if len(set(keys)) != len(keys):
         raise ValueError("opt_out_many needs distinct records in one batch")
     slots = [record_slot(it.channel, it.pseudonym) for it in items]
     async with store.guard("import read"):
-        raw_values = await store.read_many(slots)
+        sentinels = store.sentinel_keys([b for b, _ in slots])
+        raw_values = await store.read_many(slots, sentinels)
+    await store.check_sentinel(raw_values[len(slots) :])
+    raw_values = raw_values[: len(slots)]
     await store.refresh_keys(raw_values)
     results: list[ItemResult | None] = [None] * len(items)
     befores: list[Record | None] = [None] * len(items)
@@ -145,6 +174,9 @@ async def opt_out_many(
         )
         writes.append((i, [*slot, raw or b"", seal(ring, key, after), e, ad]))
         befores[i], afters[i] = current, after
+    if audit is not None:
+        trio = zip(results, befores, afters, strict=True)
+        await audit([r or ItemResult(before=b, after=a) for r, b, a in trio])
     replies = await _run_cas(store, [w for _, w in writes])
     for (i, _), reply in zip(writes, replies, strict=True):
         if reply:  # written: the entry id
@@ -193,7 +225,10 @@ async def _run_chunks(store: OptOutStore, chunks: list[list[list[Any]]]) -> list
 async def scan(
     store: OptOutStore, channels: Sequence[str]
 ) -> AsyncIterator[tuple[str, str, State]]:
-    """(channel, pseudonym, record or CORRUPT) for every record of `channels`."""
+    """(channel, pseudonym, record or CORRUPT) for every record of `channels`; a store
+    without its sentinel raises StoreUnavailable (an emptied store's export would read as
+    "nobody opted out")."""
+    await store.require_sentinel()
     ring = store.keyring
     for channel in channels:
         for target in store.scan_targets():

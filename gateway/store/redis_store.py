@@ -13,6 +13,15 @@ read as the answer to a later call (tested).
 
 Writes (compare-and-set, each confirmed fsynced with ``WAITAOF``, and the change-stream
 entry that records each one) are the ``RecordWrites`` half, in ``store.writes``.
+
+The sentinel (``store.sentinel``): every read of records (lookup, get, the read before a
+write) also reads the store's sentinel in the same round trip, as one more key of the
+same script call, or on a Cluster one more GET per node the pipeline reaches anyway (the
+copy in the slot of one of its buckets, see ``store.names``). A sentinel that is missing
+or is not the one the key file names makes the read raise ``StoreUnavailable``: a store
+that lost its data is down, never "nobody opted out". When the sentinel differs, the key
+file is re-read (at most every `SENTINEL_REREAD_S`), so `optgate store init --force` run
+elsewhere reaches every gateway without a signal.
 """
 
 from __future__ import annotations
@@ -23,26 +32,32 @@ import hashlib
 import os
 import re
 import ssl
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, Final
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
+import structlog
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
 
+from gateway import keyfile, metrics
 from gateway.core.keys import Keyring
-from gateway.core.records import CORRUPT, Corrupt, Record, State, open_record
+from gateway.core.records import CORRUPT, Corrupt, Record, State, open_record, open_sentinel
 from gateway.errors import KeyringError, RecordCorrupt, StoreUnavailable
 from gateway.store.names import (
     LAYOUT,
     LAYOUT_KEY,
     RECORD_PREFIX,
+    SENTINEL_KEY,
     check_hex,
     record_key,
     record_slot,
+    sentinel_copy,
 )
 from gateway.store.writes import CAS_ATTEMPTS, RecordWrites, Written
 
@@ -76,6 +91,18 @@ MIGRATE_SCAN = 1000
 # next once-a-second fsync. Writes come from unsubscribe/admin requests, never from an SMTP
 # session, so they get this budget even when the lookup budget (timeout_ms) is smaller.
 WRITE_BUDGET_S = 2.0
+# `optgate store init --force` elsewhere changes the key file's sentinel id: a gateway whose
+# store's sentinel stopped matching re-reads the key file at most this often (so a store
+# that lost its data costs one small file read per interval, not one per message), and
+# takes the new sentinel within that time without a signal.
+SENTINEL_REREAD_S: Final = 2.0
+SENTINEL_LOG_EVERY_S: Final = 10.0  # one error line per interval, not one per message
+SENTINEL_FIX: Final = (
+    "if the store was emptied or replaced on purpose, run `optgate store init --force` and "
+    "`optgate optout rebuild --from-audit`"
+)
+
+log = structlog.get_logger("optgate.store")
 
 
 __all__ = [
@@ -147,12 +174,33 @@ class OptOutStore(RecordWrites):
         # keyring changed. The gateway sets it and rate-limits it (service.Gateway), for
         # unknown record keys and unknown token keys alike.
         self.unknown_key_hook: Callable[[], Awaitable[bool]] | None = None
+        # The sentinel this store must hold ("" = none expected: a store opened without
+        # `service.open_store`, as unit tests do) and the keyring that opens it.
+        self._sentinel_id = keyring.sentinel
+        self._sentinel_ring = keyring
+        self._sentinel_seen: bytes | None = None  # the last value that verified
+        self._sentinel_reread_at = -SENTINEL_REREAD_S
+        self._sentinel_logged_at = -SENTINEL_LOG_EVERY_S
+        self.keys_file: Path | None = None  # re-read when the sentinel stops matching
+        self.quiet = False  # a command line: the error it raises is the message, no log line
 
     def set_keyring(self, ring: Keyring) -> None:
         """Use a rotated keyring (SIGHUP): new writes seal under its current record key."""
         if ring.fingerprint != self._ring.fingerprint:
             raise KeyringError("the pseudonym key changed; refusing (it would orphan every record)")
         self._ring = ring
+        if ring.sentinel:
+            self.expect_sentinel(ring)
+
+    def expect_sentinel(self, ring: Keyring) -> None:
+        """From now on every read requires the sentinel `ring` names (opened with `ring`)."""
+        if ring.sentinel != self._sentinel_id:
+            self._sentinel_seen = None
+        self._sentinel_id, self._sentinel_ring = ring.sentinel, ring
+
+    @property
+    def sentinel_id(self) -> str:
+        return self._sentinel_id
 
     @classmethod
     def from_url(cls, url: str, *, keyring: Keyring, timeout_ms: int) -> OptOutStore:
@@ -284,20 +332,127 @@ class OptOutStore(RecordWrites):
         if not keys and not marks:
             return [], set()
         async with self._guard("lookup", self._timeout_s):
-            values = await self.read_many(slots, marks)
+            sentinels = self.sentinel_keys([b for b, _ in slots])
+            values = await self.read_many(slots, [*marks, *sentinels])
+        await self.check_sentinel(values[len(values) - len(sentinels) :])
         blobs = values[: len(keys)]
         states = [self._open(k, b) for k, b in zip(keys, blobs, strict=True)]
         if any(st is CORRUPT for st in states) and await self.refresh_keys(blobs):
             states = [self._open(k, b) for k, b in zip(keys, blobs, strict=True)]
-        done = {p for p, v in zip(candidates, values[len(keys) :], strict=True) if v is not None}
+        done = {
+            p
+            for p, v in zip(candidates, values[len(keys) : len(keys) + len(marks)], strict=True)
+            if v is not None
+        }
         return states, done
+
+    def sentinel_keys(self, buckets: Sequence[str]) -> list[str]:
+        """The sentinel keys a read of `buckets` must include (none when no sentinel is
+        expected or no record is read): the one key, or on a Cluster one copy per node
+        that holds one of `buckets`, in the slot of one of them."""
+        if not self._sentinel_id or not buckets:
+            return []
+        client = self._client
+        if not isinstance(client, RedisCluster):
+            return [SENTINEL_KEY]
+        per_node: dict[str, str] = {}
+        for bucket in buckets:
+            node = client.get_node_from_key(bucket)
+            name = node.name if node is not None else ""
+            if name not in per_node:
+                per_node[name] = sentinel_copy(client.keyslot(bucket))
+        return list(per_node.values())
+
+    def _sentinel_problem(self, blobs: Sequence[bytes | None]) -> str:
+        """Empty when every value is the expected sentinel, else "missing" or "mismatch"."""
+        for blob in blobs:
+            if blob is None:
+                return "missing"
+            try:
+                found = open_sentinel(self._sentinel_ring, blob)
+            except RecordCorrupt:
+                return "mismatch"
+            if found != self._sentinel_id:
+                return "mismatch"
+        return ""
+
+    async def check_sentinel(self, blobs: Sequence[bytes | None]) -> None:
+        """Raise StoreUnavailable unless `blobs` (the sentinel values a read returned) are
+        all the expected sentinel. The common case is one bytes comparison."""
+        seen = self._sentinel_seen
+        if not blobs or (seen is not None and all(b == seen for b in blobs)):
+            return
+        why = self._sentinel_problem(blobs)
+        if why and self._reread_sentinel():
+            why = self._sentinel_problem(blobs)
+        if not why:
+            if len(set(blobs)) == 1:
+                self._sentinel_seen = blobs[0]
+            return
+        metrics.store_sentinel_missing(why)
+        now = time.monotonic()
+        if not self.quiet and now - self._sentinel_logged_at >= SENTINEL_LOG_EVERY_S:
+            self._sentinel_logged_at = now
+            log.error("store_sentinel_missing", reason=why, fix=SENTINEL_FIX)
+        raise StoreUnavailable(
+            f"opt-out store: its sentinel is {why} (the store lost its data, or is not the "
+            f"key file's store); {SENTINEL_FIX}"
+        )
+
+    def _reread_sentinel(self) -> bool:
+        """Take the key file's sentinel id if it changed (`store init --force` ran); at
+        most once per SENTINEL_REREAD_S. True when something changed."""
+        now = time.monotonic()
+        if self.keys_file is None or now - self._sentinel_reread_at < SENTINEL_REREAD_S:
+            return False
+        self._sentinel_reread_at = now
+        try:
+            ring = keyfile.load(self.keys_file)  # a small local file: no thread needed
+        except KeyringError:
+            return False
+        if ring.fingerprint != self._ring.fingerprint or not ring.sentinel:
+            return False
+        changed = (ring.sentinel, ring.record) != (self._sentinel_id, self._sentinel_ring.record)
+        if changed:
+            log.info("store_sentinel_reread")
+            self.expect_sentinel(ring)
+        return changed
+
+    async def read_sentinels(self) -> list[bytes | None]:
+        """The sentinel as stored: the one key, or on a Cluster one copy per primary."""
+        client = self._client
+        if not isinstance(client, RedisCluster):
+            return [_as_bytes(await client.get(SENTINEL_KEY))]
+        per_node: dict[str, int] = {}
+        for slot, nodes in client.nodes_manager.slots_cache.items():
+            if nodes and nodes[0].name not in per_node:
+                per_node[nodes[0].name] = slot
+        pipe = self._pipeline()
+        for slot in per_node.values():
+            pipe.execute_command("GET", sentinel_copy(slot))
+        return [_as_bytes(v) for v in await pipe.execute()]
+
+    async def require_sentinel(self) -> None:
+        """Raise StoreUnavailable unless every primary holds the expected sentinel."""
+        if not self._sentinel_id:
+            return
+        async with self._guard("sentinel check", self._timeout_s):
+            blobs = await self.read_sentinels()
+        await self.check_sentinel(blobs)
+
+    async def ready(self) -> None:
+        """Readiness: every primary answers, and holds the expected sentinel."""
+        await self.ping()
+        await self.require_sentinel()
 
     async def get(self, channel: str, pseudonym: str) -> Record | None:
         """One record; raises RecordCorrupt when it does not decrypt."""
         key = record_key(channel, pseudonym)
         bucket, field = record_slot(channel, pseudonym)
         async with self._guard("get", self._timeout_s):
-            blob = _as_bytes(await self._client.hget(bucket, field))
+            sentinels = self.sentinel_keys([bucket])
+            blob, *found = await self.read_many([(bucket, field)], sentinels)
+        await self.check_sentinel(found)
         if blob is None:
             return None
         await self.refresh_keys([blob])

@@ -12,6 +12,15 @@ trip with its own ``WAITAOF`` on the stream's node. The crash window is that sec
 trip (at most ``WRITE_BUDGET_S``): a gateway that dies inside it has written the record
 but not its entry, and has not acknowledged the change, so the caller retries and the
 retry writes the entry.
+
+Audit first: a write given an `audit` callback calls it with the change it is about to
+make (the record before and after; no change-stream id yet) and writes only once it
+returned, so an audit log that cannot be written leaves the store unchanged (the admin
+API's and the command line's rule). Should the compare-and-set lose to a concurrent
+writer, the change is planned again and audited again only if it differs.
+
+The read before a write includes the store's sentinel (``redis_store``): nothing is
+written into a store that lost its data as if it were new.
 """
 
 from __future__ import annotations
@@ -95,6 +104,19 @@ def _address_of(record: Record | None) -> str:
     return record.address if record is not None else ""
 
 
+# Called with a write's planned change before the store is touched (audit first).
+Audit = Callable[[Written], Awaitable[None]]
+
+
+def _scope(record: Record | None) -> tuple[bool, frozenset[str]]:
+    return (record.all, record.categories) if record is not None else (False, frozenset())
+
+
+def _same_change(a: Written, b: Written) -> bool:
+    """Whether two planned writes change the same things (the entries would be equal)."""
+    return (_scope(a.before), _scope(a.after)) == (_scope(b.before), _scope(b.after))
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value or "")
 
@@ -115,6 +137,9 @@ class RecordWrites:
     _guard: Callable[[str, float], AbstractAsyncContextManager[None]]
     _pipeline: Callable[[], Any]
     refresh_keys: Callable[[Sequence[bytes | None]], Awaitable[bool]]
+    read_many: Callable[..., Awaitable[list[bytes | None]]]
+    sentinel_keys: Callable[[Sequence[str]], list[str]]
+    check_sentinel: Callable[[Sequence[bytes | None]], Awaitable[None]]
 
     async def opt_out(
         self,
@@ -150,8 +175,10 @@ class RecordWrites:
         source: str,
         now: float,
         address: str = "",
+        audit: Audit | None = None,
     ) -> Written:
-        """`opt_out`, returning the state before and after (for `change_events`)."""
+        """`opt_out`, returning the state before and after (for `change_events`); with
+        `audit`, audited first (module docstring)."""
         cats = frozenset(categories)
         if not all and not cats:
             raise ValueError("opt_out needs at least one category or all=True")
@@ -166,7 +193,9 @@ class RecordWrites:
                 address=address or base.address,
             )
 
-        return await self._write(channel, pseudonym, merge, intent="optout", source=source, now=now)
+        return await self._write(
+            channel, pseudonym, merge, intent="optout", source=source, now=now, audit=audit
+        )
 
     async def opt_in(
         self,
@@ -197,8 +226,10 @@ class RecordWrites:
         all: bool = False,
         source: str,
         now: float,
+        audit: Audit | None = None,
     ) -> Written:
-        """`opt_in`, returning the state before and after (for `change_events`)."""
+        """`opt_in`, returning the state before and after (for `change_events`); with
+        `audit`, audited first (module docstring)."""
         cats = frozenset(categories)
         if not all and not cats:
             raise ValueError("opt_in needs at least one category or all=True")
@@ -219,8 +250,9 @@ class RecordWrites:
         # With all=True the current value does not matter, so even a corrupt record can be
         # cleared; any other change to a corrupt record raises RecordCorrupt.
         return await self._write(
-            channel, pseudonym, lift, intent="optin", source=source, now=now, replace_corrupt=all
-        )
+            channel, pseudonym, lift, intent="optin", source=source, now=now,
+            replace_corrupt=all, audit=audit,
+        )  # fmt: skip
 
     async def replace(
         self,
@@ -232,11 +264,12 @@ class RecordWrites:
         source: str,
         now: float,
         address: str = "",
+        audit: Audit | None = None,
     ) -> Written:
         """Set the record to exactly `all`/`categories` (nothing = delete it): PUT semantics.
 
         Returns the state before and after, so the caller can audit what was added
-        (an opt-out) and what was removed (an opt-in).
+        (an opt-out) and what was removed (an opt-in); with `audit`, audited first.
         """
         cats = frozenset(categories)
 
@@ -251,7 +284,42 @@ class RecordWrites:
             return None if after.empty else after
 
         return await self._write(
-            channel, pseudonym, put, intent="optout", source=source, now=now, replace_corrupt=True
+            channel, pseudonym, put, intent="optout", source=source, now=now,
+            replace_corrupt=True, audit=audit,
+        )  # fmt: skip
+
+    async def restore(
+        self,
+        channel: str,
+        pseudonym: str,
+        *,
+        add: Iterable[str] = (),
+        add_all: bool = False,
+        lift: Iterable[str] = (),
+        lift_all: bool = False,
+        source: str,
+        now: float,
+    ) -> Written:
+        """Apply one audited change as the audit entry states it (`optgate optout rebuild`):
+        add `add` (and the blanket opt-out with `add_all`), then remove `lift` (and lift the
+        blanket opt-out with `lift_all`, leaving category opt-outs in place); a record left
+        empty is deleted."""
+        added, lifted = frozenset(add), frozenset(lift)
+
+        def apply(current: Record | None) -> Record | None:
+            base = current or Record()
+            after = Record(
+                all=(base.all or add_all) and not lift_all,
+                categories=(base.categories | added) - lifted,
+                updated_at=now,
+                source=source,
+                address=base.address,
+            )
+            return None if after.empty else after
+
+        intent = "optin" if (lifted or lift_all) and not (added or add_all) else "optout"
+        return await self._write(
+            channel, pseudonym, apply, intent=intent, source=source, now=now, replace_corrupt=True
         )
 
     async def _write(
@@ -264,24 +332,33 @@ class RecordWrites:
         source: str,
         now: float,
         replace_corrupt: bool = False,
+        audit: Audit | None = None,
     ) -> Written:
         key = record_key(channel, pseudonym)
         bucket, field = record_slot(channel, pseudonym)
-        async with self._guard("opt-out write", self._write_s):
-            for _ in range(CAS_ATTEMPTS):
-                raw = _as_bytes(await self._client.hget(bucket, field))
-                await self.refresh_keys([raw])
-                current: Record | None = None
-                if raw is not None:
-                    try:
-                        current = open_record(self._ring, key, raw)
-                    except RecordCorrupt:
-                        if not replace_corrupt:
-                            raise
-                new = change(current)
-                if raw is None and new is None:
-                    return Written(before=None, after=None, change_id="")  # nothing to remove
-                blob = b"" if new is None else seal(self._ring, key, new)
+        audited: Written | None = None
+        for _ in range(CAS_ATTEMPTS):
+            async with self._guard("opt-out read", self._write_s):
+                sentinels = self.sentinel_keys([bucket])
+                raw, *found = await self.read_many([(bucket, field)], sentinels)
+            await self.check_sentinel(found)
+            await self.refresh_keys([raw])
+            current: Record | None = None
+            if raw is not None:
+                try:
+                    current = open_record(self._ring, key, raw)
+                except RecordCorrupt:
+                    if not replace_corrupt:
+                        raise
+            new = change(current)
+            planned = Written(before=current, after=new, change_id="")
+            if audit is not None and (audited is None or not _same_change(audited, planned)):
+                await audit(planned)  # durable before the store changes, or raises
+                audited = planned
+            if raw is None and new is None:
+                return planned  # nothing to remove
+            blob = b"" if new is None else seal(self._ring, key, new)
+            async with self._guard("opt-out write", self._write_s):
                 entry = changes.encode(
                     self._ring,
                     channel=channel,
@@ -294,8 +371,8 @@ class RecordWrites:
                     address=_address_of(new or current) if self.stream_addresses else "",
                 )
                 change_id = await self._compare_and_set(bucket, field, raw or b"", blob, entry)
-                if change_id is not None:
-                    return Written(before=current, after=new, change_id=change_id)
+            if change_id is not None:
+                return Written(before=current, after=new, change_id=change_id)
         raise StoreUnavailable(
             f"opt-out store: the record changed concurrently {CAS_ATTEMPTS} times; try again"
         )

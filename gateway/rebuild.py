@@ -1,0 +1,177 @@
+"""`optgate optout rebuild --from-audit`: the opt-out store made again from the audit log.
+
+The audit log is the record of every opt-out and opt-in (each is audited, and through the
+admin API and the command line audited before it is applied), so a store that lost its
+data loses no opt-out: its ``optout`` and ``optin`` entries are replayed, oldest first
+(by ``ts``, then stream and ``seq``, across every stream of the folder), into the store.
+The log holds pseudonyms, never addresses, and the store is keyed by pseudonym: records
+are restored by pseudonym, without an address (an export then lists them with address
+null, as records written by a one-click unsubscribe are).
+
+Each entry is replayed as the change it states, never as a wider one:
+
+- an ``optout`` adds its ``categories`` (or a one-click entry's ``category``, where
+  ``"all"`` means everything), and the blanket opt-out when ``all`` is true;
+- an ``optin`` removes its ``categories``, and lifts the blanket opt-out when ``all`` is
+  true, leaving category opt-outs in place (so a texted START after an API category
+  opt-out restores what the store held).
+
+The chain is verified first (`audit.verify`); a broken chain refuses the rebuild unless
+the caller allows it, since an edited log could replay opt-ins nobody asked for.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Final
+
+import orjson
+
+from gateway.core.records import CHANNELS
+from gateway.store.names import check_hex
+from gateway.store.redis_store import OptOutStore
+
+CHANGE_EVENTS: Final = frozenset({"optout", "optin"})
+PROGRESS_EVERY: Final = 10_000  # replayed changes between two progress lines
+ALL: Final = "all"  # a one-click entry's `category` when the recipient left everything
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Change:
+    """One audited change, as the store replays it."""
+
+    order: tuple[str, str, int]  # (ts, stream, seq)
+    channel: str
+    pseudonym: str
+    optout: bool
+    categories: frozenset[str]
+    all: bool
+    source: str
+    at: float
+
+
+@dataclass(slots=True)
+class Tally:
+    """What a rebuild did: the JSON summary it prints."""
+
+    entries: int = 0  # audit entries read
+    changes: int = 0  # optout/optin entries found
+    optouts: int = 0  # replayed
+    optins: int = 0
+    skipped: int = 0  # optout/optin entries that name no usable recipient or scope
+    recipients: set[tuple[str, str]] = field(default_factory=set)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "entries": self.entries,
+            "changes": self.changes,
+            "optouts": self.optouts,
+            "optins": self.optins,
+            "skipped": self.skipped,
+            "recipients": len(self.recipients),
+        }
+
+
+def _lines(path: Path) -> Iterator[bytes]:
+    with path.open("rb") as f:
+        yield from f
+
+
+def _files(path: Path) -> list[Path]:
+    if path.is_dir():
+        return sorted(p for p in path.glob("*.jsonl") if p.is_file())
+    return [path]
+
+
+def _at(ts: str) -> float:
+    try:
+        return datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return time.time()
+
+
+def change_of(entry: dict[str, Any]) -> Change | None:
+    """The change an ``optout``/``optin`` entry states; None when it names none."""
+    channel, pseud = entry.get("channel"), entry.get("recipient")
+    if channel not in CHANNELS or not isinstance(pseud, str):
+        return None
+    try:
+        check_hex(pseud, "recipient")
+    except ValueError:
+        return None
+    cats = entry.get("categories", [])
+    everything = entry.get("all", False) is True
+    one = entry.get("category")
+    if isinstance(one, str):  # a one-click or mailto unsubscribe: one entry per category
+        if one == ALL:
+            everything = True
+        else:
+            cats = [*(cats if isinstance(cats, list) else []), one]
+    if not isinstance(cats, list) or not all(isinstance(c, str) for c in cats):
+        return None
+    ts = str(entry.get("ts", ""))
+    seq = entry.get("seq")
+    return Change(
+        order=(ts, str(entry.get("stream", "")), seq if isinstance(seq, int) else 0),
+        channel=str(channel),
+        pseudonym=pseud,
+        optout=entry.get("event") == "optout",
+        categories=frozenset(cats),
+        all=everything,
+        source=str(entry.get("source") or "rebuild")[:64],
+        at=_at(ts),
+    )
+
+
+def changes(path: Path, tally: Tally) -> list[Change]:
+    """Every change in `path` (a file or a folder of streams), oldest first."""
+    found: list[Change] = []
+    for file in _files(path):
+        for line in _lines(file):
+            try:
+                entry = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue  # verification reports it; a rebuild that allowed it skips it
+            if not isinstance(entry, dict):
+                continue
+            tally.entries += 1
+            if entry.get("event") not in CHANGE_EVENTS:
+                continue
+            tally.changes += 1
+            change = change_of(entry)
+            if change is None or not (change.categories or change.all):
+                tally.skipped += 1
+                continue
+            found.append(change)
+    found.sort(key=lambda c: c.order)
+    return found
+
+
+async def replay(
+    store: OptOutStore,
+    found: list[Change],
+    tally: Tally,
+    progress: Callable[[Tally], None] = lambda _: None,
+) -> None:
+    """Apply `found` in order, each durable before the next (a rebuild cut short can be
+    run again: replaying the same changes in the same order gives the same records).
+    Raises StoreUnavailable."""
+    for n, change in enumerate(found, 1):
+        if change.optout:
+            kwargs: dict[str, Any] = {"add": change.categories, "add_all": change.all}
+        else:
+            kwargs = {"lift": change.categories, "lift_all": change.all}
+        await store.restore(
+            change.channel, change.pseudonym, source=change.source, now=change.at, **kwargs
+        )
+        tally.recipients.add((change.channel, change.pseudonym))
+        if change.optout:
+            tally.optouts += 1
+        else:
+            tally.optins += 1
+        if n % PROGRESS_EVERY == 0:
+            progress(tally)
