@@ -55,7 +55,7 @@ class EmailAddress:
 
     def key_forms(self) -> tuple[str, ...]:
         """Every form an opt-out of this recipient may be stored under; `key_form` first."""
-        forms = (self.key_form,)
+        forms: tuple[str, ...] = (self.key_form,)
         if self.base_key_form is not None:
             forms += (self.base_key_form,)
         return forms + tuple(f for f in self.compat_key_forms if f not in forms)
