@@ -2,7 +2,8 @@
 
     checks -> category (granted?) -> From (bound?) -> one store round trip -> decisions
            -> audit (durable)
-           -> strip headers -> [per recipient: List-Unsubscribe] -> [DKIM] -> upstream copies
+           -> strip headers (and always Bcc, Resent-Bcc and the application's List-Unsubscribe
+              pair) -> [per recipient: List-Unsubscribe] -> [DKIM] -> upstream copies
            -> audit outcomes -> one reply
 
 Categories with `unsubscribe = true` get one upstream copy per recipient, each carrying
