@@ -192,12 +192,7 @@ PUBLIC_URL = "https://gateway.example.test:8443"  # what the provider signs inbo
 SENDERS = [
     {"name": "app", "password_env": "OPTGATE_TEST_APP", "default_category": "appointment-reminder"},
     {"name": "promo", "password_env": "OPTGATE_TEST_APP", "default_category": "marketing"},
-    {
-        "name": "alerts",
-        "password_env": "OPTGATE_TEST_APP",
-        "default_category": "emergency-alert",
-        "categories": ["emergency-alert"],  # opt_out = false: granted by name only
-    },
+    {"name": "alerts", "password_env": "OPTGATE_TEST_APP", "default_category": "emergency-alert"},
     {"name": "bulk", "password_env": "OPTGATE_TEST_APP", "channels": ["email"]},
 ]
 
