@@ -83,27 +83,29 @@ def choose_dir(configured: Path | None, cwd: Path) -> Path:
 
 
 def check_senders(rules: Rules, senders: Sequence[Sender]) -> None:
-    """Where config and rules meet: every sender's default category.
+    """Where config and rules meet: every sender's `default_category`.
 
-    Raises one `ConfigError` naming every sender whose default category (its
-    `default_category`, else the rules' default) is unknown or outside its own grant: every
-    message that names no category would be refused. A grant may name a category the rules
-    do not have (yet): grants only ever narrow what a sender may use, and a rules reload may
-    add it.
+    Raises one `ConfigError` naming every sender whose `default_category` is not a category
+    of the rules or is outside its own grant: every message that names no category would be
+    refused, and a default that bypassed opt-outs without a grant would be a hidden one. A
+    sender without `default_category` falls back to the rules' default (always opt-outable);
+    when its grant leaves that out, a message naming no category is refused at send time
+    (`sender.categories`), as any ungranted category is. A grant may name a category the
+    rules do not have (yet): grants only ever narrow what a sender may use.
     """
     problems: list[str] = []
     for s in senders:
-        where = f"[[senders]] {s.name}"
-        name = s.default_category or rules.default_category
-        which = "default_category" if s.default_category else "the rules' default category"
-        category = rules.category(name)
+        if not s.default_category:
+            continue
+        where = f"[[senders]] {s.name}: default_category {s.default_category!r}"
+        category = rules.category(s.default_category)
         if category is None:
-            problems.append(f"{where}: {which} {name!r} is not a category in the rules")
+            problems.append(f"{where} is not a category in the rules")
         elif not grants.permitted(s.categories, category):
-            why = "" if category.opt_out else " (opt_out = false categories need it by name)"
+            why = "" if category.opt_out else " (an opt_out = false category needs it by name)"
             problems.append(
-                f"{where}: {which} {name!r} is not in its categories{why}: grant it in"
-                " categories or choose another default"
+                f"{where} is not in its categories{why}: grant it in categories or choose"
+                " another default"
             )
     if problems:
         raise ConfigError(problems)

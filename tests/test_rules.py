@@ -379,11 +379,12 @@ def test_a_default_category_outside_the_senders_grant_is_a_config_error() -> Non
         Sender(name="a", default_category="emergency-alert", categories=("emergency-alert",)),
         Sender(name="b"),
         Sender(name="c", default_category="billing"),
+        Sender(name="d", categories=("billing",)),  # no default: refused at send time instead
     ]
     rules_io.check_senders(rules, ok)
     bad = [
         Sender(name="x", default_category="emergency-alert"),
-        Sender(name="y", categories=("billing",)),  # the rules' default, marketing
+        Sender(name="y", default_category="marketing", categories=("billing",)),
         Sender(name="z", default_category="nope"),
     ]
     with pytest.raises(ConfigError) as info:
