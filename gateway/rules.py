@@ -1,4 +1,5 @@
-"""Finding and reading a rules folder; the policy itself is parsed by `gateway.core.rules`.
+"""Finding and reading a rules folder, and checking the senders' categories against it; the
+policy itself is parsed by `gateway.core.rules`.
 
 The folder is `[rules] dir` when configured, else `./rules` when present, else the copy
 shipped inside the package (`gateway/default_rules`, the same files as the repository's
@@ -9,10 +10,13 @@ a dot (editor lock and swap files) are skipped.
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from gateway.config import Sender
+from gateway.core import grants
 from gateway.core.rules import Rules, parse, version_of
 from gateway.errors import ConfigError
 
@@ -76,3 +80,32 @@ def choose_dir(configured: Path | None, cwd: Path) -> Path:
     if local.is_dir():
         return local
     return packaged_dir()
+
+
+def check_senders(rules: Rules, senders: Sequence[Sender]) -> None:
+    """Where config and rules meet: every sender's `default_category`.
+
+    Raises one `ConfigError` naming every sender whose `default_category` is not a category
+    of the rules or is outside its own grant: every message that names no category would be
+    refused, and a default that bypassed opt-outs without a grant would be a hidden one. A
+    sender without `default_category` falls back to the rules' default (always opt-outable);
+    when its grant leaves that out, a message naming no category is refused at send time
+    (`sender.categories`), as any ungranted category is. A grant may name a category the
+    rules do not have (yet): grants only ever narrow what a sender may use.
+    """
+    problems: list[str] = []
+    for s in senders:
+        if not s.default_category:
+            continue
+        where = f"[[senders]] {s.name}: default_category {s.default_category!r}"
+        category = rules.category(s.default_category)
+        if category is None:
+            problems.append(f"{where} is not a category in the rules")
+        elif not grants.permitted(s.categories, category):
+            why = "" if category.opt_out else " (an opt_out = false category needs it by name)"
+            problems.append(
+                f"{where} is not in its categories{why}: grant it in categories or choose"
+                " another default"
+            )
+    if problems:
+        raise ConfigError(problems)

@@ -149,6 +149,7 @@ class Gateway:
     async def start(self) -> None:
         cfg = self.cfg
         self._rules = rules_io.load_dir(self.rules_dir())
+        rules_io.check_senders(self._rules, cfg.senders)  # grants and default categories
         self._ring, created = keyfile.load_or_create(cfg.keys_file)
         if created:
             log.info("keys_created", path=str(cfg.keys_file))

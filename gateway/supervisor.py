@@ -168,7 +168,8 @@ class Supervisor:
 
 def prepare(cfg: Config) -> None:
     """Everything that must be valid or exist before any worker starts (raises ConfigError)."""
-    rules_io.load_dir(rules_io.choose_dir(cfg.rules_dir, cfg.base_dir))
+    rules = rules_io.load_dir(rules_io.choose_dir(cfg.rules_dir, cfg.base_dir))
+    rules_io.check_senders(rules, cfg.senders)  # a default category outside its grant
     keyfile.load_or_create(cfg.keys_file)
     _, dev = senders.build(cfg)
     if dev:

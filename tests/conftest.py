@@ -102,6 +102,13 @@ async def sink(pki: TestPki) -> AsyncIterator[Sink]:
     await s.stop()
 
 
+# The shipped rules' categories: the default test sender `app` is granted every one.
+ALL_CATEGORIES = (
+    "marketing", "fundraising", "research", "appointment-reminder", "refill-reminder",
+    "billing", "emergency-alert",
+)  # fmt: skip
+
+
 def gateway_doc(tmp_path: Path, pki: TestPki, sink_port: int, **overrides: Any) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "gateway": {"instance": "gw-test", "data_dir": str(tmp_path / "var")},
@@ -121,6 +128,8 @@ def gateway_doc(tmp_path: Path, pki: TestPki, sink_port: int, **overrides: Any) 
                 "name": "app",
                 "password_env": "OPTGATE_TEST_APP",
                 "default_category": "appointment-reminder",
+                # Every shipped category, emergency-alert (opt_out = false) by name
+                "categories": list(ALL_CATEGORIES),
             },
             {"name": "bulk", "password_env": "OPTGATE_TEST_APP", "channels": ["email"]},
         ],

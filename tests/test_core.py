@@ -6,10 +6,11 @@ import random
 
 import pytest
 
-from gateway.core import message, policy
+from gateway.core import grants, message, policy
 from gateway.core.addresses import (
     AddressProblem,
     EmailAddress,
+    header_from_domain,
     parse_email,
     parse_phone,
     split_path,
@@ -114,6 +115,88 @@ def test_policy_decisions() -> None:
     )  # base address
     assert policy.decide(MARKETING, [CORRUPT, None]) == policy.RECORD_CORRUPT  # doubt: defer
     assert policy.decide(MARKETING, [CORRUPT, Record(all=True)]) == policy.OPTED_OUT_ALL
+
+
+@pytest.mark.parametrize(
+    ("path", "forms"),
+    [
+        ("pat@x.example", ("pat@x.example",)),
+        ("\uff50\uff41\uff54@x.example", ("\uff50\uff41\uff54@x.example", "pat@x.example")),
+        (
+            "pat\uff0bnews@x.example",
+            ("pat\uff0bnews@x.example", "pat+news@x.example", "pat@x.example"),
+        ),
+        ("\ufb01le@x.example", ("file@x.example",)),  # the fi ligature: casefold splits it
+        ("\u2163@x.example", ("\u2173@x.example", "iv@x.example")),  # Roman numeral four
+        ("Pat+News@x.example", ("pat+news@x.example", "pat@x.example")),
+    ],
+    ids=["plain", "full-width", "full-width-plus", "ligature", "roman-numeral", "ascii-plus"],
+)
+def test_compatibility_spellings_are_looked_up_under_their_nfkc_form(
+    path: str, forms: tuple[str, ...]
+) -> None:
+    parsed = parse_email(path, smtputf8=True)
+    assert isinstance(parsed, EmailAddress)
+    assert parsed.key_forms() == forms
+    assert parsed.address == path  # sent as given: only the lookup is wider
+
+
+@pytest.mark.parametrize(
+    ("value", "domain"),
+    [
+        ("Clinic <App@Sender.Example>", "sender.example"),
+        ("app@b\u00fccher.example", "xn--bcher-kva.example"),
+        ('"Dr. Who, Clinic" (main) <a@x.example>', "x.example"),
+        ('"a <b@evil.example>" <a@x.example>', "x.example"),
+        ("Clinic\t<a@x.example>", "x.example"),
+        ('"a@x.example" <b@evil.example>', "evil.example"),
+        ("a@x.example, b@evil.example", None),
+        ("<a@x.example> <b@evil.example>", None),
+        ("a@evil.example (a@x.example)", None),
+        ("a@evil.example@x.example", None),
+        ('"a@evil.example"@x.example', None),
+        ("<@x.example:a@evil.example>", None),
+        ("g: a@x.example;", None),
+        ("a@x.example.", None),
+        ("a@x.example\x00", None),
+        ("a@x.example\ufffd", None),
+        ("=?utf-8?q?a=40x.example?=", None),
+        ("no address here", None),
+        ("", None),
+    ],
+)
+def test_header_from_domain_reads_only_one_plain_mailbox(value: str, domain: str | None) -> None:
+    assert header_from_domain([value]) == domain
+
+
+def test_header_from_domain_needs_exactly_one_from_field() -> None:
+    assert header_from_domain([]) is None
+    assert header_from_domain(["a@x.example", "a@x.example"]) is None
+
+
+def test_grants() -> None:
+    assert grants.permitted(None, MARKETING) and not grants.permitted(None, EMERGENCY)
+    assert grants.permitted(("emergency-alert",), EMERGENCY)
+    assert not grants.permitted(("emergency-alert",), MARKETING)
+    assert grants.from_permitted((), None) and grants.from_permitted((), "x.example")
+    assert grants.from_permitted(("x.example",), "x.example")
+    assert not grants.from_permitted(("x.example",), "mail.x.example")
+    assert not grants.from_permitted(("x.example",), None)
+
+
+def test_rewrite_always_removes_bcc_and_the_applications_list_unsubscribe() -> None:
+    data = (
+        b"From: a@x.example\r\nBCC: h@y.example\r\nresent-bcc:\r\n h@y.example\r\n"
+        b"List-Unsubscribe: <https://t.example/>\r\nLIST-UNSUBSCRIBE-POST: x\r\n"
+        b"List-Help: <https://t.example/help>\r\n\r\nbody\r\n"
+    )
+    out = message.rewrite(
+        message.parse_head(data), strip=lambda name: False, prepend=(b"List-Unsubscribe: <g>\r\n",)
+    )
+    assert out == (
+        b"List-Unsubscribe: <g>\r\nFrom: a@x.example\r\n"
+        b"List-Help: <https://t.example/help>\r\n\r\nbody\r\n"
+    )
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 
+import aiosmtplib
 import dkim
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -188,6 +189,12 @@ def test_from_domain() -> None:
     assert gdkim.from_domain(["a@x.example", "b@x.example"]) is None
     assert gdkim.from_domain([]) is None
     assert gdkim.from_domain(["no address here"]) is None
+    # Forms a reader may take apart differently are never signed (email.utils.getaddresses
+    # read each of these as one mailbox at sender.example).
+    assert gdkim.from_domain(["<@relay.example:app@sender.example>"]) is None
+    assert gdkim.from_domain(['"a@evil.example"@sender.example']) is None
+    assert gdkim.from_domain(["app@sender.example (x)"]) is None
+    assert gdkim.from_domain(["app%evil.example@sender.example"]) is None
 
 
 def test_bad_keys_stop_the_start_with_every_problem_named(tmp_path: Path) -> None:
@@ -286,3 +293,51 @@ async def test_gateway_refuses_to_start_with_a_bad_key(
                 {"domain": "sender.example", "selector": "s", "key_file": str(tmp_path / "bad.pem")}
             ]
         )
+
+
+async def test_dkim_signs_only_for_a_from_domain_its_sender_may_use(
+    make_gateway: GatewayFactory, tmp_path: Path
+) -> None:
+    """A sender bound to sender.example cannot get other.example's signature on its mail
+    (553, nothing sent); an unbound sender may use any configured domain."""
+    keys = {d: write_ed25519(tmp_path / f"{d}.pem") for d in ("sender.example", "other.example")}
+    r = await make_gateway(
+        dkim=[
+            {"domain": d, "selector": "s1", "key_file": str(tmp_path / f"{d}.pem")} for d in keys
+        ],
+        senders=[
+            {"name": "app", "password_env": "OPTGATE_TEST_APP"},
+            {
+                "name": "bound",
+                "password_env": "OPTGATE_TEST_APP",
+                "from_domains": ["sender.example"],
+            },
+        ],
+    )
+    dns = dns_stub({f"s1._domainkey.{d}": txt_record(k) for d, k in keys.items()})
+
+    async def send(user: str, domain: str) -> tuple[int, str]:
+        data = MESSAGE.replace(b"@sender.example>\r\nTo", f"@{domain}>\r\nTo".encode(), 1)
+        smtp = await r.client(user=user)
+        try:
+            await smtp.mail("app@sender.example")
+            await smtp.rcpt("a@example.org")
+            return await smtp.data(data)
+        except aiosmtplib.SMTPResponseException as exc:
+            return exc.code, exc.message
+        finally:
+            smtp.close()
+
+    assert await send("bound", "other.example") == (
+        553,
+        "5.7.1 From domain not permitted for this sender",
+    )
+    assert r.sink.messages == []
+    assert (await send("bound", "sender.example"))[0] == 250
+    [sig] = signatures(r.sink.messages[-1].data)
+    assert sig["d"] == "sender.example" and verify_all(r.sink.messages[-1].data, dns) == [True]
+    assert (await send("app", "other.example"))[0] == 250
+    [sig] = signatures(r.sink.messages[-1].data)
+    assert sig["d"] == "other.example" and verify_all(r.sink.messages[-1].data, dns) == [True]
+    rejects = [e for e in r.audit_entries() if e.get("decision") == "reject"]
+    assert [(e["sender"], e["rule"]) for e in rejects] == [("bound", "sender.from_domains")]

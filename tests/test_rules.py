@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from gateway import rules as rules_io
+from gateway.config import Sender
 from gateway.core import rules as core
 from gateway.errors import ConfigError
 
@@ -370,3 +371,26 @@ def test_version_changes_with_content_not_location(tmp_path: Path) -> None:
     renamed = rules_io.load_dir(write(tmp_path / "four", b=MINIMAL))
     assert one.version == two.version
     assert len({one.version, three.version, renamed.version}) == 3
+
+
+def test_a_default_category_outside_the_senders_grant_is_a_config_error() -> None:
+    rules = rules_io.load_dir(rules_io.packaged_dir())
+    ok = [
+        Sender(name="a", default_category="emergency-alert", categories=("emergency-alert",)),
+        Sender(name="b"),
+        Sender(name="c", default_category="billing"),
+        Sender(name="d", categories=("billing",)),  # no default: refused at send time instead
+    ]
+    rules_io.check_senders(rules, ok)
+    bad = [
+        Sender(name="x", default_category="emergency-alert"),
+        Sender(name="y", default_category="marketing", categories=("billing",)),
+        Sender(name="z", default_category="nope"),
+    ]
+    with pytest.raises(ConfigError) as info:
+        rules_io.check_senders(rules, bad)
+    assert [p.split(":")[0] for p in info.value.problems] == [
+        "[[senders]] x",
+        "[[senders]] y",
+        "[[senders]] z",
+    ]

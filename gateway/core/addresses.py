@@ -10,6 +10,12 @@ Policy (README "How addresses are keyed"):
 - The local part is sent as given (RFC 5321 §2.4: case-sensitive on the wire) but keyed
   case-insensitively (Unicode NFC, then casefold): over-suppression is the safe failure.
 - Subaddresses: an opt-out of ``bob@x`` also covers ``bob+anything@x``; the reverse does not hold.
+- Compatibility forms: a local part is also looked up in its NFKC form (full-width
+  U+FF42 U+FF4F U+FF42 is ``bob``), so a sender cannot reach an opted-out mailbox by
+  spelling it in characters a receiving system may fold. Lookups are wider than writes:
+  over-suppression is the safe failure. Confusables across scripts (Cyrillic U+0430 for
+  Latin ``a``) are different mailboxes that no receiving system folds together: checked
+  and sent as given.
 - Refused: control characters (553 5.1.3), non-ASCII without SMTPUTF8 (553 5.6.7), quoted
   local parts, source routes, address literals, ``%``/``!`` routing hacks, display names,
   lists and comments (553 5.1.3) — each of those is a way to check one address and send another.
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import idna
@@ -43,11 +50,15 @@ class EmailAddress:
     key_form: str  # what the pseudonym is computed from
     base_key_form: str | None  # key form without a +subaddress, when there is one
     utf8: bool  # needs SMTPUTF8 upstream
+    # NFKC forms of the two above when they differ (lookups only; see the module docstring)
+    compat_key_forms: tuple[str, ...] = ()
 
     def key_forms(self) -> tuple[str, ...]:
-        return (
-            (self.key_form,) if self.base_key_form is None else (self.key_form, self.base_key_form)
-        )
+        """Every form an opt-out of this recipient may be stored under; `key_form` first."""
+        forms: tuple[str, ...] = (self.key_form,)
+        if self.base_key_form is not None:
+            forms += (self.base_key_form,)
+        return forms + tuple(f for f in self.compat_key_forms if f not in forms)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -66,6 +77,20 @@ ROUTING = AddressProblem(
 
 def _key_local(local: str) -> str:
     return unicodedata.normalize("NFC", local).casefold()
+
+
+def _compat_local(local: str) -> str:
+    """NFKC case fold (Unicode's NFKC_Casefold, approximated): full-width, ligature and
+    other compatibility spellings of one local part give one string."""
+    folded = unicodedata.normalize("NFKC", local).casefold()
+    return unicodedata.normalize("NFKC", folded)
+
+
+def _with_base(local: str, domain: str) -> tuple[str, ...]:
+    """`local@domain`, then the form without a +subaddress when there is one."""
+    base_local, plus, _tag = local.partition("+")
+    full = f"{local}@{domain}"
+    return (full, f"{base_local}@{domain}") if plus and base_local else (full,)
 
 
 def domain_a_label(domain: str) -> str | None:
@@ -114,14 +139,14 @@ def parse_email(path: str, *, smtputf8: bool) -> EmailAddress | AddressProblem:
     address = f"{local}@{canon_domain}"
     if len(address.encode()) > MAX_PATH_OCTETS:
         return TOO_LONG
-    key_local = _key_local(local)
-    base_local, plus, _tag = key_local.partition("+")
-    base = f"{base_local}@{canon_domain}" if plus and base_local else None
+    forms = _with_base(_key_local(local), canon_domain)
+    compat = _with_base(_compat_local(local), canon_domain)
     return EmailAddress(
         address=address,
-        key_form=f"{key_local}@{canon_domain}",
-        base_key_form=base,
+        key_form=forms[0],
+        base_key_form=forms[1] if len(forms) > 1 else None,
         utf8=not address.isascii(),
+        compat_key_forms=tuple(f for f in compat if f not in forms),
     )
 
 
@@ -144,6 +169,46 @@ def split_path(arg: str) -> tuple[str, str] | None:
     if any(c in path or c in rest for c in "<>,"):
         return None
     return path, rest.strip()
+
+
+# A header From holding exactly one mailbox (RFC 5322 §3.4), in the plain forms applications
+# write: ``addr-spec`` or ``[display-name] <addr-spec>``, the display name made of atoms,
+# dots, encoded words, quoted strings and simple comments. Groups, lists, routes, trailing
+# comments and anything else are not read at all (None): a form that one parser reads as
+# one mailbox and another as a different one is how a From check is bypassed
+# (CVE-2023-27043 in Python's own `email.utils.getaddresses`).
+_QUOTED = r'"(?:[^"\\]|\\.)*"'
+_COMMENT = r"\((?:[^()\\]|\\.)*\)"
+_PHRASE_CHAR = r'[^"<>@,;:\\()\[\]]'
+_BARE = r'[^\s"<>(),;:\\\[\]]+'
+_HEADER_FROM = re.compile(
+    rf"(?:{_QUOTED}|{_COMMENT}|{_PHRASE_CHAR})*<(?P<angle>[^<>]*)>|(?P<bare>{_BARE})"
+)
+# Controls but tab (folding white space unfolds to it), and U+FFFD (bytes that were not UTF-8)
+_HEADER_FORBIDDEN = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\ufffd]")
+
+
+def header_from_domain(values: Sequence[str]) -> str | None:
+    """The A-label domain of a message's header From, or None.
+
+    `values` are the unfolded bodies of every From field. None unless there is exactly one
+    field holding exactly one mailbox whose address `parse_email` accepts (so no quoted
+    local part, route or ``%`` hack, and a valid IDNA 2008 domain). One reading for the
+    From binding and for choosing the DKIM key, so what is checked is what is signed.
+    """
+    if len(values) != 1:
+        return None
+    value = values[0].strip()
+    if _HEADER_FORBIDDEN.search(value):
+        return None
+    match = _HEADER_FROM.fullmatch(value)
+    if match is None:
+        return None
+    addr = match.group("angle") if match.group("bare") is None else match.group("bare")
+    parsed = parse_email(addr.strip(), smtputf8=True)
+    if isinstance(parsed, AddressProblem):
+        return None
+    return parsed.address.rpartition("@")[2]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -19,6 +19,17 @@ from dataclasses import dataclass
 _BARE_CR_OR_LF = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 _FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+")
 MAX_HEADER_FIELDS = 1000  # far above real mail; bounds work on hostile input
+# Removed from every forwarded copy whatever the strip rules say (names compared
+# case-insensitively, folded or repeated fields included):
+# - Bcc and Resent-Bcc name hidden recipients; a copy that carries them discloses one
+#   recipient to the others (RFC 5322 §3.6.3 leaves it to the sending system; Postfix's
+#   cleanup removes them too).
+# - List-Unsubscribe and List-Unsubscribe-Post (RFC 2369, RFC 8058) of the application: a
+#   mailbox provider that used the application's link would record the opt-out somewhere
+#   this gateway never reads. Categories with `unsubscribe = true` get the gateway's own
+#   pair instead; the others get none (an emergency alert cannot be declined, and a link
+#   that looked as if it could would only mislead), never the application's.
+ALWAYS_REMOVED = frozenset({"bcc", "resent-bcc", "list-unsubscribe", "list-unsubscribe-post"})
 
 
 def has_bare_cr_or_lf(data: bytes) -> bool:
@@ -86,8 +97,11 @@ def parse_head(data: bytes) -> Head:
 
 
 def rewrite(head: Head, *, strip: Callable[[str], bool], prepend: Sequence[bytes] = ()) -> bytes:
-    """The message without the fields `strip` selects, with `prepend` fields first."""
-    kept = [f.raw for f in head.fields if not strip(f.name)]
+    """The message without the fields `strip` selects nor any of `ALWAYS_REMOVED`, with
+    `prepend` fields first."""
+    kept = [
+        f.raw for f in head.fields if f.name.lower() not in ALWAYS_REMOVED and not strip(f.name)
+    ]
     return b"".join((*prepend, *kept, head.body))
 
 

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
+from gateway.core import grants
 from gateway.core.records import Corrupt, State
 from gateway.core.rules import Category
 
@@ -38,6 +39,10 @@ OPTED_OUT_CATEGORY = Decision(
 )
 RECORD_CORRUPT = Decision(verdict=Verdict.DEFER, rule="store.record", reason="record-corrupt")
 STORE_UNAVAILABLE = Decision(verdict=Verdict.DEFER, rule="store.lookup", reason="store-unavailable")
+CATEGORY_NOT_PERMITTED = Decision(verdict=Verdict.REJECT, rule=grants.RULE, reason=grants.REASON)
+FROM_NOT_PERMITTED = Decision(
+    verdict=Verdict.REJECT, rule=grants.FROM_RULE, reason=grants.FROM_REASON
+)
 
 
 def decide(category: Category, states: Sequence[State]) -> Decision:

@@ -5,7 +5,8 @@
   Each key signs a probe message at load, so a key that cannot sign stops the start with a
   `ConfigError` instead of failing the first message.
 - Which keys: every key whose domain is the domain of the message's one From mailbox
-  (IDNs as A-labels). Two keys for a domain (RSA and Ed25519, RFC 8463 §3) add two
+  (IDNs as A-labels), and only a domain its sender may use (`[[senders]] from_domains`;
+  none set: any configured domain). Two keys for a domain (RSA and Ed25519, RFC 8463 §3) add two
   signatures.
 - `h=`: each of `SIGNED` as often as it is present, then `OVERSIGNED` once more, present
   or not (RFC 6376 §5.4.2, §8.15): nobody can add a second From or Subject, nor a
@@ -33,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import email.utils
 import multiprocessing
 import time
 from collections.abc import Sequence
@@ -47,7 +47,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from gateway.config import DkimKey
-from gateway.core.addresses import domain_a_label
+from gateway.core.addresses import domain_a_label, header_from_domain
 from gateway.errors import ConfigError, OptgateError
 
 SIGNED = (
@@ -163,19 +163,13 @@ def load_keys(entries: Sequence[DkimKey]) -> tuple[KeyMaterial, ...]:
 
 
 def from_domain(values: Sequence[str]) -> str | None:
-    """The A-label domain of a message's single From mailbox, or None (no key applies)."""
-    if len(values) != 1:
-        return None
-    mailboxes = email.utils.getaddresses([values[0]])
-    if len(mailboxes) != 1:
-        return None
-    local, at, domain = mailboxes[0][1].rpartition("@")
-    if not at or not local or not domain:
-        return None
-    try:
-        return _a_label(domain)
-    except UnicodeError:
-        return None
+    """The A-label domain of a message's single From mailbox, or None (no key applies).
+
+    The From binding's own reading (`core.addresses.header_from_domain`), so a message is
+    signed only for the domain that was checked, and a From in a form that readers may take
+    apart differently (lists, groups, routes, quoted local parts) is never signed.
+    """
+    return header_from_domain(values)
 
 
 def header_list(names: Sequence[str]) -> list[bytes]:

@@ -1,7 +1,9 @@
 """What happens to one submitted message after DATA: the email enforcement path.
 
-    checks -> category -> one store round trip -> decisions -> audit (durable)
-           -> strip headers -> [per recipient: List-Unsubscribe] -> [DKIM] -> upstream copies
+    checks -> category (granted?) -> From (bound?) -> one store round trip -> decisions
+           -> audit (durable)
+           -> strip headers (and always Bcc, Resent-Bcc and the application's List-Unsubscribe
+              pair) -> [per recipient: List-Unsubscribe] -> [DKIM] -> upstream copies
            -> audit outcomes -> one reply
 
 Categories with `unsubscribe = true` get one upstream copy per recipient, each carrying
@@ -29,15 +31,15 @@ import structlog
 
 from gateway import metrics
 from gateway.config import Sender
+from gateway.core import grants, policy, tokens
 from gateway.core import message as msg
-from gateway.core import policy, tokens
-from gateway.core.addresses import EmailAddress
+from gateway.core.addresses import EmailAddress, header_from_domain
 from gateway.core.keys import Keyring
 from gateway.core.policy import Decision, Verdict
 from gateway.core.records import State, audit_message_id, pseudonym
 from gateway.core.rules import Category, Rules
 from gateway.errors import AuditError, StoreUnavailable
-from gateway.smtp.dkim import Signer, SigningFailed, from_domain
+from gateway.smtp.dkim import Signer, SigningFailed
 from gateway.smtp.upstream import Copy, Outcome, Upstream
 
 log = structlog.get_logger("optgate.smtp")
@@ -76,6 +78,34 @@ class Submission:
     rcpts: tuple[EmailAddress, ...]
     data: bytes
     smtputf8: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Refusal:
+    """A whole message refused before any lookup: the reply, and the decision audited for
+    each recipient."""
+
+    reply: str
+    decision: Decision
+    category: str = ""  # the category asked for, when it is one the rules know
+
+
+def _refusal(reply: str, reason: str) -> Refusal:
+    return Refusal(reply=reply, decision=policy.reject(reason, rule=f"smtp.{reason}"))
+
+
+# Header categories are matched on ASCII only: Unicode case mapping folds characters such
+# as the Kelvin sign into ASCII letters, and a name is never meant to be spelt that way.
+_UNKNOWN_CATEGORY = _refusal("550 5.7.1 Unknown category", "unknown-category")
+_CATEGORY_NOT_PERMITTED = Refusal(
+    reply="550 5.7.1 Category not permitted for this sender",
+    decision=policy.CATEGORY_NOT_PERMITTED,
+)
+# Never echoes the address: the domain is the sender's own, but the text reaches logs.
+_FROM_NOT_PERMITTED = Refusal(
+    reply="553 5.7.1 From domain not permitted for this sender",
+    decision=policy.FROM_NOT_PERMITTED,
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -130,26 +160,31 @@ class EmailFlow:
         rules = self._rules()
         base = {"channel": CHANNEL, "sender": sub.sender.name, "txn": txn}
 
-        async def reject_all(
-            reply: str, reason: str, category: str = "", message_id: str = ""
-        ) -> str:
-            d = policy.reject(reason, rule=f"smtp.{reason}")
+        async def reject_all(refusal: Refusal, category: str = "", message_id: str = "") -> str:
+            d = refusal.decision
             await self._decisions(base, rcpts, [d] * len(rcpts), category, message_id)
-            return reply
+            return refusal.reply
 
         if msg.has_bare_cr_or_lf(sub.data):
-            return await reject_all("554 5.6.0 Bare CR or LF in message content", "bare-cr-lf")
+            return await reject_all(
+                _refusal("554 5.6.0 Bare CR or LF in message content", "bare-cr-lf")
+            )
         try:
             head = msg.parse_head(sub.data)
         except msg.MalformedHeader:
-            return await reject_all("554 5.6.0 Malformed header section", "malformed-header")
+            return await reject_all(
+                _refusal("554 5.6.0 Malformed header section", "malformed-header")
+            )
         message_id = _CONTROL.sub("", head.get("Message-ID") or "")[:MAX_MESSAGE_ID_CHARS]
         forms = (f for r in rcpts for f in (r.address.address, *r.address.key_forms()))
         logged_id = audit_message_id(ring, message_id, forms)
         chosen = self._category(rules, head, sub.sender)
-        if isinstance(chosen, str):
-            return await reject_all(chosen, "unknown-category", message_id=logged_id)
+        if isinstance(chosen, Refusal):
+            return await reject_all(chosen, chosen.category, message_id=logged_id)
         category = chosen
+        from_domain = header_from_domain(head.get_all("From"))
+        if not grants.from_permitted(sub.sender.from_domains, from_domain):
+            return await reject_all(_FROM_NOT_PERMITTED, category.name, message_id=logged_id)
         digest = msg.submission_digest(
             message_id=message_id, mail_from=sub.mail_from, data=sub.data
         )
@@ -177,7 +212,13 @@ class EmailFlow:
             return f"250 2.0.0 Ok: already delivered upstream, {summary}"
 
         outcomes = await self._send(
-            sub, head=head, rules=rules, category=category, ring=ring, to_send=to_send
+            sub,
+            head=head,
+            rules=rules,
+            category=category,
+            ring=ring,
+            to_send=to_send,
+            from_domain=from_domain,
         )
         return await self._conclude(
             base=base,
@@ -198,10 +239,13 @@ class EmailFlow:
         category: Category,
         ring: Keyring,
         to_send: Sequence[_Rcpt],
+        from_domain: str | None,
     ) -> list[Outcome]:
         """Build, sign and deliver the copies; one `Outcome` per copy."""
-        # The From domain picks the DKIM key; without a signer nobody needs it.
-        domain = from_domain(head.get_all("From")) if self._signer is not None else None
+        # The From domain picks the DKIM key: only a domain this sender may use (the From
+        # binding has already refused any other, so this only restates it where it matters).
+        bound = sub.sender.from_domains
+        domain = from_domain if grants.from_permitted(bound, from_domain) else None
         links = self._links if category.unsubscribe else None
 
         def copy(rcpts: Sequence[_Rcpt]) -> Copy:
@@ -254,16 +298,20 @@ class EmailFlow:
         keys = tuple(pseudonym(ring, CHANNEL, k) for k in address.key_forms())
         return _Rcpt(address=address, pseudonym=keys[0], key_pseudonyms=keys)
 
-    def _category(self, rules: Rules, head: msg.Head, sender: Sender) -> Category | str:
+    def _category(self, rules: Rules, head: msg.Head, sender: Sender) -> Category | Refusal:
+        """The header's category, else the sender's default, else the rules' default; the
+        sender must be granted it (`core.grants`)."""
         values = {v.strip().lower() for v in head.get_all(rules.category_header)}
         if len(values) > 1:
-            return "550 5.7.1 More than one category header"
+            return _refusal("550 5.7.1 More than one category header", "unknown-category")
         name = values.pop() if values else (sender.default_category or rules.default_category)
-        category = rules.category(name)
+        category = rules.category(name) if name.isascii() else None
         if category is None:
-            return "550 5.7.1 Unknown category"
+            return _UNKNOWN_CATEGORY
         if CHANNEL not in category.channels:
-            return "550 5.7.1 Category is not sent by email"
+            return _refusal("550 5.7.1 Category is not sent by email", "unknown-category")
+        if not grants.permitted(sender.categories, category):
+            return dataclasses.replace(_CATEGORY_NOT_PERMITTED, category=category.name)
         return category
 
     async def _decide(

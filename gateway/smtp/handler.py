@@ -5,7 +5,8 @@ The unsubscribe mailbox (`unsubscribe@` or `unsubscribe+TOKEN@` the unsubscribe 
 any case) is the one recipient accepted without AUTH (SPEC §3, §4). Such a transaction
 holds unsubscribe recipients only; after DATA it records the opt-out (`gateway.unsubscribe`)
 and is never forwarded. A bad token gets `550 5.1.1` (at RCPT when it is in the local part)
-and nothing is ever sent back (no backscatter, threats A20).
+and nothing is ever sent back (no backscatter, threats A20). Such a transaction, and any
+transaction begun without a sender, is limited to `UNAUTHENTICATED_MAX_BYTES`.
 """
 
 from __future__ import annotations
@@ -29,11 +30,34 @@ from gateway.core.addresses import AddressProblem, parse_email
 from gateway.errors import AuditError, RecordCorrupt, StoreUnavailable
 from gateway.senders import Authenticator
 from gateway.smtp.flow import EmailFlow, Submission
-from gateway.smtp.reader import BareLineFeed
+from gateway.smtp.reader import BareLineFeed, CrlfLineReader
 from gateway.smtp.server import GatewayEnvelope, GatewaySession, GatewaySMTP, Limits
 from gateway.unsubscribe import MailResult, Receipt, Unsubscriber
 
 log = structlog.get_logger("optgate.smtp")
+
+# DATA limit of a transaction nobody authenticated (mail to the unsubscribe address): an
+# unsubscribe request is a few hundred bytes, and anyone who can connect may send one, so
+# the server-wide limit (25 MiB) would let each of them make every worker read and hold
+# that much. Past it the rest is read and dropped (`552 5.3.4`), the session stays usable.
+UNAUTHENTICATED_MAX_BYTES = 64 * 1024
+UNAUTHENTICATED_TOO_BIG = "552 5.3.4 Message too big for an unauthenticated transaction"
+
+
+def _declared_size(options: list[str]) -> int:
+    """The MAIL ``SIZE=`` parameter (RFC 1870), 0 when absent (aiosmtpd checked its syntax)."""
+    for option in options:
+        name, _, value = option.partition("=")
+        if name.upper() == "SIZE" and value.isdigit():
+            return int(value)
+    return 0
+
+
+def _limit_transaction(server: GatewaySMTP, limit: int | None) -> None:
+    """Set the DATA limit of the transaction being opened (None: the server's own)."""
+    reader = getattr(server, "_reader", None)
+    if isinstance(reader, CrlfLineReader):
+        reader.transaction_limit = limit
 
 
 def _peer_common_name(server: GatewaySMTP) -> str | None:
@@ -118,8 +142,12 @@ class GatewayHandler:
         options: list[str],
     ) -> str:
         sender = self._sender(server, session)
+        # Before any other check, so no transaction keeps an earlier one's limit.
+        _limit_transaction(server, None if sender is not None else UNAUTHENTICATED_MAX_BYTES)
         if sender is not None and "email" not in sender.channels:
             return "550 5.7.1 This sender may not send email"
+        if sender is None and _declared_size(options) > UNAUTHENTICATED_MAX_BYTES:
+            return UNAUTHENTICATED_TOO_BIG
         parsed = parse_email(address, smtputf8=bool(envelope.smtp_utf8))
         if isinstance(parsed, AddressProblem):
             return parsed.reply.replace("destination", "sender")
@@ -129,12 +157,16 @@ class GatewayHandler:
         envelope.optgate_unsubscribe.clear()
         return "250 2.1.0 Sender ok"
 
-    async def _unsubscribe_rcpt(self, envelope: GatewayEnvelope, address: str) -> str | None:
+    async def _unsubscribe_rcpt(
+        self, server: GatewaySMTP, envelope: GatewayEnvelope, address: str
+    ) -> str | None:
         """The reply to an RCPT of the unsubscribe mailbox; None for any other address."""
         if self.unsubscribe is None or self.links is None or not self.links.is_mailbox(address):
             return None
         if envelope.optgate_rcpts:
             return "452 4.5.3 Send unsubscribe requests in a transaction of their own"
+        if _declared_size(envelope.mail_options) > UNAUTHENTICATED_MAX_BYTES:
+            return UNAUTHENTICATED_TOO_BIG
         local = address.rpartition("@")[0]
         token = ""
         if "+" in local:
@@ -143,6 +175,8 @@ class GatewayHandler:
                 return "550 5.1.1 Unknown unsubscribe address"
         if len(envelope.optgate_unsubscribe) >= self.limits.max_recipients:
             return "452 4.5.3 Too many recipients"
+        # An authenticated sender may write to the mailbox too: the same small limit.
+        _limit_transaction(server, UNAUTHENTICATED_MAX_BYTES)
         envelope.optgate_unsubscribe.append(token)
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 Unsubscribe address ok"
@@ -170,7 +204,7 @@ class GatewayHandler:
         address: str,
         options: list[str],
     ) -> str:
-        unsubscribe = await self._unsubscribe_rcpt(envelope, address)
+        unsubscribe = await self._unsubscribe_rcpt(server, envelope, address)
         if unsubscribe is not None:
             return unsubscribe
         if self._sender(server, session) is None:

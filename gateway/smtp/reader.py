@@ -29,6 +29,9 @@ class CrlfLineReader(asyncio.StreamReader):
 
     waiting_line = False
     on_waiting: Callable[[], None] | None = None  # called each time a wait for a line begins
+    # A lower DATA limit for the current transaction (None: only the server's), set by the
+    # handler at MAIL and RCPT: unauthenticated transactions get a small one.
+    transaction_limit: int | None = None
 
     async def readuntil(self, separator: Any = b"\n") -> bytes:
         if separator != b"\n":
@@ -46,14 +49,17 @@ class CrlfLineReader(asyncio.StreamReader):
 
     async def read_data(self, size_limit: int, line_limit: int) -> tuple[bytes, str]:
         """DATA content up to the end-of-data line, still dot-stuffed, and "" or the fault
-        ("too-much": over `size_limit` bytes; "too-long": a line, CRLF included, over
-        `line_limit`). Past a fault it reads on to the end but keeps nothing.
+        ("too-much": over `size_limit` bytes, or over `transaction_limit` when that is lower;
+        "too-long": a line, CRLF included, over `line_limit`). Past a fault it reads on to
+        the end but keeps nothing, so the session stays usable and memory stays bounded.
 
         The same end as aiosmtpd's line-by-line reader, found in bulk: lines end at CRLF
         only, so the end is the first CRLF "." CRLF, counting a CRLF before the content
         (it starts at a line start). What follows stays in the buffer (a pipelined next
         command). Works on StreamReader's own buffer, as its `readuntil` does.
         """
+        if self.transaction_limit is not None:
+            size_limit = min(size_limit, self.transaction_limit)
         kept = bytearray(b"\r\n")
         size = 0  # content bytes read, kept or not
         fault = ""

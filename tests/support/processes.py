@@ -116,7 +116,13 @@ def base_doc(tmp_path: Path, pki: TestPki, sink: Sink, instance: str, smtp: int)
         "http": {"listen": f"127.0.0.1:{free_port()}"},
         "upstream": {},
         "senders": [
-            {"name": "app", "password_env": "OPTGATE_TEST_APP", "default_category": "marketing"}
+            {
+                "name": "app",
+                "password_env": "OPTGATE_TEST_APP",
+                "default_category": "marketing",
+                # emergency-alert (opt_out = false) by name; newsletter: the reload test adds it
+                "categories": ["marketing", "emergency-alert", "newsletter"],
+            }
         ],
     }
 
