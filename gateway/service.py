@@ -454,6 +454,7 @@ async def serve(cfg: Config, *, worker: int | None = None) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # a worker starts with it blocked
     await gw.start()
     started = True
     # Everything made at start-up (rules, keys, libraries, pools: ~83,000 objects) lives as

@@ -85,8 +85,16 @@ class Supervisor:
         fds: tuple[int, ...] = ()
         if self._listeners is not None and self._counts is not None:
             env[listeners.INHERIT_ENV], fds = self._listeners.handoff(self._counts.fd)
-        # Workers inherit stdout/stderr, so their log lines reach the same place.
-        w.proc = subprocess.Popen(cmd, env=env, pass_fds=fds)  # noqa: S603 - fixed argv, our module
+        # A SIGHUP reaching a worker before its handler is in would end it (the default
+        # action), as a reload asked for just after start did: each worker starts with
+        # SIGHUP blocked and unblocks it once its handler is in (`service.serve`), so such a
+        # reload waits and is then applied.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        try:
+            # Workers inherit stdout/stderr, so their log lines reach the same place.
+            w.proc = subprocess.Popen(cmd, env=env, pass_fds=fds)  # noqa: S603 - fixed argv
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         w.started_at = time.monotonic()
         log.info("worker_started", worker=w.index, pid=w.proc.pid)
 
