@@ -18,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import os
+import signal
 import ssl
 import statistics
 import subprocess
@@ -472,3 +474,32 @@ def test_no_worker_survives_a_refused_start(tmp_path: Path) -> None:
     left = subprocess.run(["pgrep", "-f", str(cfg)], capture_output=True, check=False)
     assert left.stdout == b""
     assert _servers_under(tmp_path) == []
+
+
+async def test_a_killed_worker_leaves_no_connection_counts_behind(
+    tmp_path: Path, pki: TestPki, sink: Sink, served: list[ServeProcess]
+) -> None:
+    """Connections held through a worker that is SIGKILLed die with it; its replacement
+    starts from a cleared column, so the address is not refused forever after."""
+    gw, _ = await serve(tmp_path, pki, sink, served, smtp={"max_connections_per_client": 3})
+    held = [await _smtp_greeting(gw.port) for _ in range(3)]
+    assert all(line.startswith(b"220 ") for line, _ in held)
+    line, writer = await _smtp_greeting(gw.port)
+    assert line.startswith(b"421 4.7.0")
+    writer.close()
+    workers = subprocess.check_output(["pgrep", "-P", str(gw.proc.pid), "-f", "worker-index"])
+    for pid in workers.split():
+        os.kill(int(pid), signal.SIGKILL)
+    for _, w in held:
+        w.close()
+    deadline = time.monotonic() + 30
+    while gw.log.read_text().count("event='listening'") < 4:
+        assert time.monotonic() < deadline, gw.log.read_text()
+        await asyncio.sleep(0.2)
+    again = [await _smtp_greeting(gw.port) for _ in range(3)]
+    try:
+        assert [line[:4] for line, _ in again] == [b"220 "] * 3
+    finally:
+        for _, w in again:
+            w.close()
+    assert sink.messages == []
