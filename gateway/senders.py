@@ -3,21 +3,36 @@
 A sender is a named application (`[[senders]]`). Passwords come from an environment
 variable, a file, or a `password_hash` made by `optgate senders hash-password` (scrypt, from
 OpenSSL via hashlib). Verified credentials are remembered per process under a random
-key so that a sender reconnecting for every message does not pay scrypt each time, and so
-that the event loop is blocked by scrypt at most once per credential.
+key so that a sender reconnecting for every message does not pay scrypt each time.
+
+`Authenticator.login` is what SMTP AUTH and HTTP Basic both call:
+- scrypt runs on a small thread pool, never on the event loop (hashlib releases the GIL
+  while OpenSSL hashes), and at most MAX_PENDING_CHECKS logins wait for it (`Busy` past
+  that);
+- every failed login costs one scrypt, whatever the name: an unknown sender, or a sender
+  whose secret is a plain password, is checked against a dummy hash too, so the time of a
+  refusal says nothing about which names exist;
+- failed logins are counted per client address across SMTP, HTTPS and every worker
+  (`gateway.core.peers.LoginFailures`); at `[smtp] max_auth_failures` within 60 s the
+  address is refused (`Throttled`) for 60 s, before any password is looked at.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
+import math
 import os
 import secrets
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.config import Config, Sender
+from gateway.core.peers import Counts, LoginFailures
 from gateway.errors import ConfigError
 
 SCRYPT_N = 2**15  # OWASP 2023 minimum for scrypt with r=8, p=1
@@ -26,6 +41,12 @@ SCRYPT_P = 1
 SCRYPT_MAXMEM = 64 * 1024 * 1024
 DEV_SENDER = "dev"
 MAX_PASSWORD_BYTES = 1024  # bounds scrypt input from unauthenticated clients
+# Threads hashing passwords per process: `serve` runs a worker per core, so one each keeps
+# a flood of bad logins to about a core in all, beside the event loops.
+SCRYPT_THREADS = 1
+# Logins waiting for that thread before more are told to retry (`Busy`): ~100 ms each,
+# so the last waits about 6 s, inside an SMTP client's or an HTTP client's patience.
+MAX_PENDING_CHECKS = 64
 
 
 def hash_password(password: str) -> str:
@@ -63,33 +84,96 @@ class _Secret:
     hashed: str | None
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Refused:
+    """Wrong name or password. `blocks`: this failure reached the address's limit."""
+
+    blocks: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Throttled:
+    """The client address is refused for `retry_after_s` more seconds (too many failures)."""
+
+    retry_after_s: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Busy:
+    """Too many logins are waiting for a password check: try again shortly."""
+
+
+Login = Sender | Refused | Throttled | Busy
+
+
 class Authenticator:
     """Checks a sender's name and password; knows each sender's settings."""
 
-    def __init__(self, senders: tuple[Sender, ...], secrets_by_name: dict[str, _Secret]) -> None:
+    def __init__(
+        self,
+        senders: tuple[Sender, ...],
+        secrets_by_name: dict[str, _Secret],
+        failures: LoginFailures,
+    ) -> None:
         self.senders = {s.name: s for s in senders}
         self._secrets = secrets_by_name
         self._cache_key = os.urandom(32)
         self._verified: set[bytes] = set()
+        self.failures = failures
+        # What a login is checked against when there is no stored hash to check: the same
+        # scrypt work, and a digest no password yields (random, like the salt).
+        b64 = base64.b64encode
+        salt, digest = b64(os.urandom(16)).decode(), b64(os.urandom(64)).decode()
+        self._dummy = f"scrypt${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}${salt}${digest}"
+        self._pool: ThreadPoolExecutor | None = None  # made on first use, in the loop
+        self._pending = 0
 
-    def check(self, name: str, password: bytes) -> Sender | None:
+    def throttled(self, client: str) -> Throttled | None:
+        wait = self.failures.blocked_for(client, time.monotonic())
+        return Throttled(retry_after_s=max(1, math.ceil(wait))) if wait > 0 else None
+
+    async def login(self, name: str, password: bytes, client: str) -> Login:
+        """The sender `name` if `password` is its own; else why not. `client` is the
+        address the attempt came from (failures are counted against it)."""
+        throttled = self.throttled(client)
+        if throttled is not None:
+            return throttled
         sender = self.senders.get(name)
         secret = self._secrets.get(name)
-        if sender is None or secret is None or len(password) > MAX_PASSWORD_BYTES:
-            return None
-        if secret.plain is not None:
-            return sender if hmac.compare_digest(password, secret.plain) else None
-        if secret.hashed is None:
-            return None
+        if len(password) > MAX_PASSWORD_BYTES:
+            return self._failed(client)
         token = hmac.new(
             self._cache_key, name.encode() + b"\x00" + password, hashlib.sha256
         ).digest()
-        if token in self._verified:
-            return sender
-        if _check_hash(secret.hashed, password):
+        if sender is not None and secret is not None:
+            if secret.plain is not None and hmac.compare_digest(password, secret.plain):
+                return sender
+            if token in self._verified:
+                return sender
+        hashed = secret.hashed if sender is not None and secret is not None else None
+        stored = hashed or self._dummy
+        if self._pending >= MAX_PENDING_CHECKS:
+            return Busy()
+        self._pending += 1
+        try:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(SCRYPT_THREADS, thread_name_prefix="scrypt")
+            loop = asyncio.get_running_loop()
+            ok = await loop.run_in_executor(self._pool, _check_hash, stored, password)
+        finally:
+            self._pending -= 1
+        if ok and sender is not None and hashed:
             self._verified.add(token)
             return sender
-        return None
+        return self._failed(client)
+
+    def _failed(self, client: str) -> Refused:
+        return Refused(blocks=self.failures.failed(client, time.monotonic()))
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
 
     def by_certificate(self, common_name: str) -> Sender | None:
         for sender in self.senders.values():
@@ -115,8 +199,10 @@ def ensure_dev_secret(path: Path) -> str:
     return password
 
 
-def build(cfg: Config) -> tuple[Authenticator, bool]:
-    """The authenticator for `cfg`. Returns (authenticator, dev_sender_created)."""
+def build(cfg: Config, *, counts: Counts | None = None) -> tuple[Authenticator, bool]:
+    """The authenticator for `cfg`, counting failed logins in `counts` (shared by every
+    worker under `serve`; None: this process alone). Returns (authenticator,
+    dev_sender_created)."""
     senders = cfg.senders
     dev = False
     if not senders:
@@ -149,4 +235,5 @@ def build(cfg: Config) -> tuple[Authenticator, bool]:
             table[s.name] = _Secret(plain=None, hashed=s.password_hash)
     if problems:
         raise ConfigError(problems)
-    return Authenticator(senders, table), dev
+    failures = LoginFailures(cfg.max_auth_failures, counts)
+    return Authenticator(senders, table, failures), dev

@@ -1,11 +1,13 @@
 """Lifecycle of one gateway process: start everything, serve, reload on SIGHUP, stop.
 
-Start order puts every check that can fail before any listener opens, so a bad config,
-rules folder or key file ends the process with one clear error (exit 2) and a working
-gateway never half-starts. Stop order follows uvicorn: close listeners, let SMTP
-transactions and HTTP requests in flight finish up to a grace period (a session between
-transactions gets ``421 4.3.2`` at once), then close the upstream pool, the audit log and
-the store.
+Start order binds the listen addresses first (`gateway.listeners`: one taken by another
+process ends the start before anything is made or started) and puts every other check
+that can fail before any connection is accepted, so a bad config, rules folder or key
+file ends the process with one clear error (exit 2) and a working gateway never
+half-starts; a start that fails later releases what it started (the embedded store).
+Stop order follows uvicorn: close listeners, let SMTP transactions and HTTP requests in
+flight finish up to a grace period (a session between transactions gets ``421 4.3.2`` at
+once), then close the upstream pool, the audit log and the store.
 """
 
 from __future__ import annotations
@@ -22,14 +24,16 @@ from typing import Any
 
 import structlog
 
-from gateway import keyfile, metrics, senders, tls
+from gateway import keyfile, listeners, metrics, senders, shared_counts, tls
 from gateway import rules as rules_io
 from gateway.audit.writer import AuditWriter
 from gateway.config import Config
 from gateway.core import tokens
 from gateway.core.keys import Keyring
+from gateway.core.peers import HTTPS, SMTP, Counts, PerAddress
 from gateway.core.rules import Rules
 from gateway.errors import ConfigError, KeyringError, OptgateError
+from gateway.listeners import Listeners
 from gateway.smtp import dkim
 from gateway.smtp import upstream as upstream_mod
 from gateway.smtp.flow import EmailFlow
@@ -118,7 +122,11 @@ async def open_store(
 class Gateway:
     cfg: Config
     stream: str = ""
-    reuse_port: bool = False  # set for workers sharing the listeners (SO_REUSEPORT)
+    # Sockets bound by `optgate serve`'s supervisor and inherited (None: bind them here),
+    # and this process's column of the per-address counts every worker shares (None: a
+    # private one-column table).
+    listeners: Listeners | None = None
+    counts: Counts | None = None
     ports: Ports = field(default_factory=Ports)
     _rules: Rules | None = None
     _ring: Keyring | None = None
@@ -147,13 +155,30 @@ class Gateway:
         return rules_io.choose_dir(self.cfg.rules_dir, self.cfg.base_dir)
 
     async def start(self) -> None:
+        """Start everything, or, when any step fails, release what was started (the
+        embedded store above all: it would outlive this process) and raise."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop(grace_s=0)
+            raise
+
+    async def _start(self) -> None:
         cfg = self.cfg
         self._rules = rules_io.load_dir(self.rules_dir())
         rules_io.check_senders(self._rules, cfg.senders)  # grants and default categories
+        # Bound before anything is made or started (keys, certificates, the store): an
+        # address another process holds ends the start here (exit 2), leaving nothing.
+        if self.listeners is None:
+            self.listeners = listeners.bind(cfg)
+        socks = self.listeners
+        self._closers.append(socks.close)  # the servers close them first; a no-op then
         self._ring, created = keyfile.load_or_create(cfg.keys_file)
         if created:
             log.info("keys_created", path=str(cfg.keys_file))
-        auth, self.dev_sender_created = senders.build(cfg)
+        counts = self.counts = self.counts if self.counts is not None else Counts.private()
+        auth, self.dev_sender_created = senders.build(cfg, counts=counts)
+        self._closers.append(auth.close)
         if tls.ensure_dev_certs(cfg.tls_cert, cfg.tls_key):
             log.info(
                 "dev_certificates_created",
@@ -218,7 +243,9 @@ class Gateway:
             unsubscribe=unsubscribe,
             links=links,
         )
-        limiter = self._limiter = ConnectionLimiter(cfg.max_connections_per_client)
+        limiter = self._limiter = ConnectionLimiter(
+            PerAddress(cfg.max_connections_per_client, counts, SMTP)
+        )
         loop = asyncio.get_running_loop()
 
         def factory(*, implicit: bool) -> GatewaySMTP:
@@ -236,27 +263,24 @@ class Gateway:
                 auth_require_tls=not implicit,
                 timeout=cfg.idle_timeout_s,
                 command_call_limit=dict(COMMAND_CALL_LIMIT),
-                authenticator=handler.authenticate,
                 loop=loop,
             )
 
-        starttls = await loop.create_server(
-            lambda: factory(implicit=False),
-            cfg.smtp_listen.host,
-            cfg.smtp_listen.port,
-            reuse_port=self.reuse_port or None,
-        )
-        implicit = await loop.create_server(
-            lambda: factory(implicit=True),
-            cfg.smtp_listen_tls.host,
-            cfg.smtp_listen_tls.port,
-            ssl=ctx,
-            reuse_port=self.reuse_port or None,
-        )
-        self._servers = [starttls, implicit]
-        await self._start_http(ctx, auth)
-        self.ports.smtp = starttls.sockets[0].getsockname()[1]
-        self.ports.smtps = implicit.sockets[0].getsockname()[1]
+        for sock in socks.smtp:
+            self._servers.append(
+                await loop.create_server(
+                    lambda: factory(implicit=False), sock=sock, backlog=listeners.BACKLOG
+                )
+            )
+        for sock in socks.smtps:
+            self._servers.append(
+                await loop.create_server(
+                    lambda: factory(implicit=True), sock=sock, ssl=ctx, backlog=listeners.BACKLOG
+                )
+            )
+        await self._start_http(ctx, auth, socks, counts)
+        self.ports.smtp = socks.smtp[0].getsockname()[1]
+        self.ports.smtps = socks.smtps[0].getsockname()[1]
         await self.audit.append(
             [
                 {
@@ -301,7 +325,7 @@ class Gateway:
         worker.start()
         self._closers.append(worker.stop)
 
-    async def _start_http(self, ctx: Any, auth: Any) -> None:
+    async def _start_http(self, ctx: Any, auth: Any, socks: Listeners, counts: Counts) -> None:
         import importlib
 
         from gateway.http import app as http_app
@@ -319,12 +343,10 @@ class Gateway:
         app = http_app.build_app(deps, modules)
         runner, self.ports.http = await http_app.start_site(
             app,
-            host=self.cfg.http_listen.host,
-            port=self.cfg.http_listen.port,
+            socks=socks.http,
             ssl_context=ctx,
-            reuse_port=self.reuse_port,
             shutdown_timeout=GRACE_S,
-            max_connections_per_client=self.cfg.http_max_connections_per_client,
+            cap=PerAddress(self.cfg.http_max_connections_per_client, counts, HTTPS),
         )
         self._http_runner = runner  # stopped by stop(), beside the SMTP drain
 
@@ -419,7 +441,11 @@ async def serve(cfg: Config, *, worker: int | None = None) -> None:
     if worker is None:
         gw = Gateway(cfg)
     else:
-        gw = Gateway(cfg, stream=f"{cfg.instance}-w{worker}", reuse_port=True)
+        gw = Gateway(cfg, stream=f"{cfg.instance}-w{worker}")
+        handed = listeners.inherited()
+        if handed is not None:  # started by the supervisor: its sockets and its counts
+            gw.listeners, counts_fd = handed
+            gw.counts = shared_counts.attach(counts_fd).view(worker)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     started = False
@@ -443,6 +469,7 @@ async def serve(cfg: Config, *, worker: int | None = None) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # a worker starts with it blocked
     await gw.start()
     started = True
     # Everything made at start-up (rules, keys, libraries, pools: ~83,000 objects) lives as

@@ -2,9 +2,14 @@
 
 The supervisor does once what must happen once: validates config, rules, keys and
 certificates (exit 2 on any problem, before a worker starts), creates missing dev
-material, and starts the embedded store (holding it open, so no worker's exit stops it).
-Each worker binds the SMTP and HTTPS ports with SO_REUSEPORT (the kernel spreads
-connections), writes its own audit stream (`<instance>-w<i>`), and reads the shared store.
+material, binds every listen address (`gateway.listeners`: exit 2, one line naming the
+address, when another process holds one; nothing else has started then), makes the
+per-address counts every worker shares (`gateway.shared_counts`), and starts the embedded
+store (holding it open, so no worker's exit stops it). Each worker inherits the listening
+sockets and accepts from them, writes its own audit stream (`<instance>-w<i>`), counts
+its connections and failed logins in its own column of the shared counts, and reads the
+shared store. A worker that is replaced has its connection counts cleared (its
+connections died with it).
 
 Signals: SIGHUP is forwarded to every worker (each reloads rules and keys); SIGTERM/SIGINT
 are forwarded and the supervisor waits up to the grace period before killing. A worker that
@@ -30,10 +35,11 @@ from pathlib import Path
 
 import structlog
 
-from gateway import keyfile, metrics, senders, tls
+from gateway import keyfile, listeners, metrics, senders, shared_counts, tls
 from gateway import rules as rules_io
 from gateway.config import Config
 from gateway.core import tokens
+from gateway.core.peers import Counts
 from gateway.service import GRACE_S, open_store
 from gateway.smtp import dkim
 
@@ -62,6 +68,9 @@ class Supervisor:
     _workers: list[_Worker] = field(default_factory=list)
     _stopping: bool = False
     _metrics_dir: Path | None = None
+    _listeners: listeners.Listeners | None = None
+    _counts: shared_counts.SharedCounts | None = None
+    _view: Counts | None = None  # the supervisor's own view: it clears a dead worker's column
 
     def _spawn(self, w: _Worker) -> None:
         cmd = [sys.executable, "-m", "gateway", "serve", "--worker-index", str(w.index)]
@@ -73,15 +82,29 @@ class Supervisor:
             # picks its multiprocess value store when it is imported.
             env.pop("prometheus_multiproc_dir", None)
             env[metrics.MULTIPROC_ENV] = str(self._metrics_dir)
-        # Workers inherit stdout/stderr, so their log lines reach the same place.
-        w.proc = subprocess.Popen(cmd, env=env)  # noqa: S603 - fixed argv, our own module
+        fds: tuple[int, ...] = ()
+        if self._listeners is not None and self._counts is not None:
+            env[listeners.INHERIT_ENV], fds = self._listeners.handoff(self._counts.fd)
+        # A SIGHUP reaching a worker before its handler is in would end it (the default
+        # action), as a reload asked for just after start did: each worker starts with
+        # SIGHUP blocked and unblocks it once its handler is in (`service.serve`), so such a
+        # reload waits and is then applied.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        try:
+            # Workers inherit stdout/stderr, so their log lines reach the same place.
+            w.proc = subprocess.Popen(cmd, env=env, pass_fds=fds)  # noqa: S603 - fixed argv
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         w.started_at = time.monotonic()
         log.info("worker_started", worker=w.index, pid=w.proc.pid)
 
-    def _reaped(self, proc: subprocess.Popen[bytes]) -> None:
-        """Bookkeeping for a worker that has exited: its live gauges leave the metrics."""
+    def _reaped(self, w: _Worker, proc: subprocess.Popen[bytes]) -> None:
+        """Bookkeeping for a worker that has exited: its live gauges leave the metrics, and
+        its connections (gone with it) leave the per-address counts."""
         if self._metrics_dir is not None:
             metrics.process_dead(proc.pid, self._metrics_dir)
+        if self._view is not None:
+            self._view.clear_connections(w.index)
 
     def _signal_all(self, sig: int) -> None:
         for w in self._workers:
@@ -92,20 +115,36 @@ class Supervisor:
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, lambda: self._signal_all(signal.SIGHUP))
-        prepare(self.cfg)
-        self._metrics_dir = metrics.fresh_multiprocess_dir(
-            self.cfg.data_dir / METRICS_DIR / self.cfg.instance
-        )
-        store, embedded = await open_store(self.cfg, keyfile.load(self.cfg.keys_file))
+        # First: an address in use ends the start here, before anything is made or started.
+        self._listeners = listeners.bind(self.cfg)
         try:
-            warning = await store.durability_warning()
-            if warning:
-                log.warning("store_durability", detail=warning)
-            return await self._supervise()
+            prepare(self.cfg)
+            self._counts = shared_counts.create(self.workers, self.cfg.data_dir)
+            self._view = self._counts.view(0)
+            self._metrics_dir = metrics.fresh_multiprocess_dir(
+                self.cfg.data_dir / METRICS_DIR / self.cfg.instance
+            )
+            store, embedded = await open_store(self.cfg, keyfile.load(self.cfg.keys_file))
+            try:
+                warning = await store.durability_warning()
+                if warning:
+                    log.warning("store_durability", detail=warning)
+                return await self._supervise()
+            finally:
+                await store.close()
+                if embedded is not None:
+                    await embedded.release()
         finally:
-            await store.close()
-            if embedded is not None:
-                await embedded.release()
+            self._close_listeners()
+            if self._counts is not None:
+                self._counts.close()
+
+    def _close_listeners(self) -> None:
+        """Stop holding the listen addresses: once the workers close theirs too, new
+        connections are refused rather than queued for nobody."""
+        if self._listeners is not None:
+            self._listeners.close()
+            self._listeners = None
 
     async def _supervise(self) -> int:
         loop = asyncio.get_running_loop()
@@ -126,6 +165,7 @@ class Supervisor:
                 break
         self._stopping = True
         log.info("stopping", workers=self.workers)
+        self._close_listeners()
         self._signal_all(signal.SIGTERM)
         deadline = time.monotonic() + GRACE_S + 5
         for w in self._workers:
@@ -137,7 +177,7 @@ class Supervisor:
         for w in self._workers:
             if w.proc is not None:
                 w.proc.wait()
-                self._reaped(w.proc)
+                self._reaped(w, w.proc)
         return code
 
     def _reap_and_restart(self) -> bool:
@@ -150,7 +190,7 @@ class Supervisor:
             log.error(
                 "worker_exited", worker=w.index, code=w.proc.returncode, lived_s=round(lived, 1)
             )
-            self._reaped(w.proc)
+            self._reaped(w, w.proc)
             w.quick_failures = w.quick_failures + 1 if lived < QUICK_EXIT_S else 0
             if w.quick_failures >= MAX_QUICK_FAILURES:
                 log.error("worker_failing", worker=w.index, failures=w.quick_failures)

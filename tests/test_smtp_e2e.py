@@ -469,7 +469,7 @@ async def test_wrong_password_is_refused(gateway: Running) -> None:
     finally:
         raw.close()
     await asyncio.sleep(0.2)
-    failures = [e for e in gateway.audit_entries() if e["event"] == "auth_failed"]
+    failures = [e for e in gateway.audit_entries() if e["event"] == "auth_failure"]
     assert [f["sender"] for f in failures] == ["app", "unknown"]
     assert "pat@example.org" not in str(gateway.audit_entries())
 

@@ -8,8 +8,9 @@
 - Route modules expose `setup(app: web.Application, deps: HttpDeps) -> None`.
 - Slow clients (threats.md A14, S15): a connection whose request headers are not all in
   `HEADER_TIMEOUT_S` after it opened or after its last response is closed, and each
-  client address may hold `[http] max_connections_per_client` connections (more get a
-  `503` with `Retry-After` and are closed), so trickled headers cannot hold the listener.
+  client address may hold `[http] max_connections_per_client` connections, one count
+  across every worker (more get a `503` with `Retry-After` and are closed), so trickled
+  headers cannot hold the listener.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +28,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.typedefs import Handler
 
+from gateway import listeners
 from gateway.config import Config
 from gateway.core.keys import Keyring
 from gateway.core.peers import PerAddress
@@ -166,32 +169,32 @@ class _Capped(asyncio.Protocol):
     def __init__(self, cap: PerAddress, inner: asyncio.Protocol) -> None:
         self._cap = cap
         self._inner = inner
-        self._host: str | None = None  # set while this connection counts against its address
+        self._slot: int | None = None  # set while this connection counts against its address
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         peer = transport.get_extra_info("peername")
         host = str(peer[0]) if isinstance(peer, tuple) and peer else ""
-        if not self._cap.acquire(host):
+        self._slot = self._cap.acquire(host)
+        if self._slot is None:
             log.warning("https_client_over_limit", limit=self._cap.limit)  # no address
             transport.write(BUSY_REPLY)  # type: ignore[attr-defined]
             transport.close()
             return
-        self._host = host
         self._inner.connection_made(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._host is None:
+        if self._slot is None:
             return
-        self._cap.release(self._host)
-        self._host = None
+        self._cap.release(self._slot)
+        self._slot = None
         self._inner.connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if self._host is not None:
+        if self._slot is not None:
             self._inner.data_received(data)
 
     def eof_received(self) -> bool | None:
-        return self._inner.eof_received() if self._host is not None else None
+        return self._inner.eof_received() if self._slot is not None else None
 
     def pause_writing(self) -> None:
         self._inner.pause_writing()
@@ -201,25 +204,20 @@ class _Capped(asyncio.Protocol):
 
 
 class _CappedSite(web.BaseSite):
-    """`web.TCPSite`, with every connection behind a per-address cap (`_Capped`)."""
+    """`web.SockSite` (a socket bound already, `gateway.listeners`), with every connection
+    behind a per-address cap (`_Capped`)."""
 
     def __init__(
-        self,
-        runner: web.AppRunner,
-        host: str,
-        port: int,
-        *,
-        ssl_context: Any,
-        reuse_port: bool,
-        cap: PerAddress,
+        self, runner: web.AppRunner, sock: socket.socket, *, ssl_context: Any, cap: PerAddress
     ) -> None:
         super().__init__(runner, ssl_context=ssl_context)
-        self._host, self._port, self._reuse_port, self._cap = host, port, reuse_port, cap
-        self.bound_port = port
+        self._sock, self._cap = sock, cap
+        host, port = sock.getsockname()[:2]
+        self._name = f"https://{host}:{port}"
 
     @property
     def name(self) -> str:
-        return f"https://{self._host}:{self.bound_port}"
+        return self._name
 
     async def start(self) -> None:
         await super().start()  # registers the site with its runner
@@ -228,28 +226,22 @@ class _CappedSite(web.BaseSite):
             raise RuntimeError("the runner is not set up")
         self._server = await asyncio.get_running_loop().create_server(
             lambda: _Capped(self._cap, server()),
-            self._host,
-            self._port,
+            sock=self._sock,
             ssl=self._ssl_context,
-            backlog=self._backlog,
-            reuse_address=True,
-            reuse_port=self._reuse_port or None,
+            backlog=listeners.BACKLOG,
         )
-        if self._server.sockets:
-            self.bound_port = int(self._server.sockets[0].getsockname()[1])
 
 
 async def start_site(
     app: web.Application,
     *,
-    host: str,
-    port: int,
+    socks: Sequence[socket.socket],
     ssl_context: Any,
-    reuse_port: bool = False,
+    cap: PerAddress,
     shutdown_timeout: float = 10.0,
-    max_connections_per_client: int = 0,
 ) -> tuple[web.AppRunner, int]:
-    """Serve `app` over TLS on host:port (0 = any free port). Returns (runner, bound port).
+    """Serve `app` over TLS on the listening `socks` (`gateway.listeners.bind`), each
+    connection under `cap`. Returns (runner, port of the first socket).
     `runner.cleanup()` lets requests in flight finish for up to `shutdown_timeout`."""
     runner = web.AppRunner(
         app,
@@ -260,16 +252,9 @@ async def start_site(
         keepalive_timeout=HEADER_TIMEOUT_S,
     )
     await runner.setup()
-    site = _CappedSite(
-        runner,
-        host,
-        port,
-        ssl_context=ssl_context,
-        reuse_port=reuse_port,
-        cap=PerAddress(max_connections_per_client),
-    )
-    await site.start()
-    return runner, site.bound_port
+    for sock in socks:
+        await _CappedSite(runner, sock, ssl_context=ssl_context, cap=cap).start()
+    return runner, int(socks[0].getsockname()[1])
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -36,6 +36,7 @@ from aiohttp import web
 from gateway.config import Sender
 from gateway.errors import AuditError
 from gateway.http.app import DEPS_KEY, HttpDeps, body_deadline, problem
+from gateway.senders import Busy, Login, Refused, Throttled
 from gateway.sms import message, signature
 from gateway.sms.flow import Failed, Result, Sent, SmsFlow
 from gateway.sms.inbound import Forwarder, Inbound
@@ -87,17 +88,36 @@ def basic_credentials(header: str) -> tuple[str, bytes] | None:
     return (name, password) if colon else None
 
 
-def _sender(request: web.Request, deps: HttpDeps) -> Sender | None:
+async def _login(request: web.Request, deps: HttpDeps, route: str) -> Login | None:
+    """The Basic-auth sender, or why not (None: no usable credentials, a 401). A failed
+    login is audited here; a client address past its failed-login limit is `Throttled`
+    whatever it sends (`gateway.senders`)."""
     creds = basic_credentials(request.headers.get("Authorization", ""))
+    client = request.remote or "?"
     if creds is None:
-        return None
-    sender: Sender | None = deps.senders.check(*creds)
-    return sender
+        throttled: Throttled | None = deps.senders.throttled(client)
+        if throttled is None:
+            await _audit_auth_failure(deps, route, "bad-credentials", "")
+        return throttled
+    result: Login = await deps.senders.login(*creds, client)
+    if isinstance(result, Refused):
+        await _audit_auth_failure(deps, route, "bad-credentials", "", blocks=result.blocks)
+    return result
 
 
-async def _audit_auth_failure(deps: HttpDeps, route: str, reason: str, sender: str) -> None:
+def _retry_after(result: Throttled | Busy) -> dict[str, str]:
+    return {"Retry-After": str(result.retry_after_s if isinstance(result, Throttled) else 1)}
+
+
+async def _audit_auth_failure(
+    deps: HttpDeps, route: str, reason: str, sender: str, *, blocks: bool = False
+) -> None:
     known = sender if sender in deps.senders.senders else ""
-    event = {"event": "auth_failure", "channel": "sms", "route": route, "reason": reason}
+    event: dict[str, Any] = {
+        "event": "auth_failure", "channel": "sms", "route": route, "reason": reason,
+    }  # fmt: skip
+    if blocks:  # this failure reached the client address's limit (the address is not kept)
+        event["blocks"] = True
     with contextlib.suppress(AuditError):
         await deps.audit.append([{**event, "sender": known}])
 
@@ -150,9 +170,13 @@ def _twilio(
 
 async def twilio_send(request: web.Request) -> web.Response:
     deps = request.app[DEPS_KEY]
-    sender = _sender(request, deps)
-    if sender is None:
-        await _audit_auth_failure(deps, TWILIO_ROUTE, "bad-credentials", "")
+    sender = await _login(request, deps, TWILIO_ROUTE)
+    if isinstance(sender, Throttled):
+        text = "Too many failed logins from this address; try again later."
+        return _twilio(429, 20429, text, _retry_after(sender))
+    if isinstance(sender, Busy):
+        return _twilio(503, 20503, "Try again shortly.", _retry_after(sender))
+    if not isinstance(sender, Sender):
         return _twilio(401, 20003, "Authenticate", {"WWW-Authenticate": REALM})
     if request.match_info["AccountSid"] != sender.name:
         await _audit_auth_failure(deps, TWILIO_ROUTE, "foreign-account-sid", sender.name)
@@ -211,9 +235,15 @@ def _problem(status: int, kind: str, title: str, **extra: Any) -> web.Response:
 
 async def native_send(request: web.Request) -> web.Response:
     deps = request.app[DEPS_KEY]
-    sender = _sender(request, deps)
-    if sender is None:
-        await _audit_auth_failure(deps, NATIVE_ROUTE, "bad-credentials", "")
+    sender = await _login(request, deps, NATIVE_ROUTE)
+    if isinstance(sender, Throttled):
+        return problem(
+            429, "Too Many Requests", detail="Too many failed logins from this address.",
+            headers=_retry_after(sender),
+        )  # fmt: skip
+    if isinstance(sender, Busy):
+        return problem(503, "Service Unavailable", headers=_retry_after(sender))
+    if not isinstance(sender, Sender):
         return problem(401, "Unauthorized", headers={"WWW-Authenticate": REALM})
     if "sms" not in sender.channels:
         return problem(403, "Forbidden", detail="This sender may not send SMS.")

@@ -12,7 +12,6 @@ transaction begun without a sender, is limited to `UNAUTHENTICATED_MAX_BYTES`.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 import structlog
 from aiosmtpd.smtp import (
@@ -28,7 +27,7 @@ from gateway.config import Sender
 from gateway.core import tokens
 from gateway.core.addresses import AddressProblem, parse_email
 from gateway.errors import AuditError, RecordCorrupt, StoreUnavailable
-from gateway.senders import Authenticator
+from gateway.senders import Authenticator, Busy, Refused, Throttled
 from gateway.smtp.flow import EmailFlow, Submission
 from gateway.smtp.reader import BareLineFeed, CrlfLineReader
 from gateway.smtp.server import GatewayEnvelope, GatewaySession, GatewaySMTP, Limits
@@ -60,6 +59,12 @@ def _limit_transaction(server: GatewaySMTP, limit: int | None) -> None:
         reader.transaction_limit = limit
 
 
+# RFC 4954 §6 and RFC 3463: too many failed logins from this address (the session closes)
+# and a temporary failure to check credentials (the client may try again).
+THROTTLED_REPLY = "421 4.7.0 Too many failed logins from your address, try again later"
+BUSY_REPLY = "454 4.7.0 Temporary authentication failure, try again later"
+
+
 def _peer_common_name(server: GatewaySMTP) -> str | None:
     transport = server.transport
     obj = transport.get_extra_info("ssl_object") if transport is not None else None
@@ -85,41 +90,45 @@ class GatewayHandler:
         self.links = links  # where the unsubscribe mailbox is (its domain)
         self._background: set[asyncio.Task[None]] = set()
 
-    # aiosmtpd calls this synchronously from its AUTH PLAIN/LOGIN implementations.
-    def authenticate(
-        self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, auth_data: Any
-    ) -> AuthResult:
-        if not isinstance(auth_data, LoginPassword):
-            return AuthResult(success=False, handled=False)
-        name = auth_data.login.decode("utf-8", "replace")
-        sender = self.auth.check(name, auth_data.password)
-        if sender is None:
-            log.info("auth_failed", mechanism=mechanism)
-            self._audit_auth_failure(name, mechanism)
-            return AuthResult(success=False, handled=False)
-        return AuthResult(success=True, auth_data=sender)
+    def throttled(self, client: str) -> str | None:
+        """The reply to AUTH from an address past its failed-login limit, else None."""
+        return THROTTLED_REPLY if self.auth.throttled(client) is not None else None
 
-    def _audit_auth_failure(self, name: str, mechanism: str) -> None:
-        """SPEC §7: auth failures are audited. aiosmtpd calls `authenticate` synchronously, so
-        the entry is appended in the background; the client gets 535 either way. A login
-        that is not a configured sender is recorded as "unknown": it may be an address."""
+    async def login(self, server: GatewaySMTP, mechanism: str, data: object) -> AuthResult | str:
+        """Check AUTH PLAIN/LOGIN credentials (awaited: scrypt runs off the loop). A str is
+        a reply after which the session is closed (the address is throttled)."""
+        if not isinstance(data, LoginPassword):
+            return AuthResult(success=False, handled=False)
+        name = data.login.decode("utf-8", "replace")
+        result = await self.auth.login(name, data.password, server.client_host)
+        if isinstance(result, Sender):
+            return AuthResult(success=True, auth_data=result)
+        if isinstance(result, Throttled):
+            return THROTTLED_REPLY
+        if isinstance(result, Busy):
+            return AuthResult(success=False, handled=False, message=BUSY_REPLY)
+        log.info("auth_failure", mechanism=mechanism, blocks=result.blocks)
+        await self._audit_auth_failure(name, mechanism, result)
+        return AuthResult(success=False, handled=False)  # 535 5.7.8
+
+    async def _audit_auth_failure(self, name: str, mechanism: str, result: Refused) -> None:
+        """Every failed login is audited as `auth_failure` (the one event name on every
+        channel), before the client is answered. A login that is not a configured sender
+        is recorded as "unknown": it may be an address. `blocks`: this failure reached the
+        address's limit (no address is recorded)."""
         known = name if name in self.auth.senders else "unknown"
         event = {
-            "event": "auth_failed",
+            "event": "auth_failure",
             "channel": "email",
+            "reason": "bad-credentials",
             "sender": known,
             "mechanism": mechanism,
+            "blocks": result.blocks,
         }
-
-        async def write() -> None:
-            try:
-                await self.flow.audit.append([event])
-            except AuditError:
-                log.error("audit_auth_failure_write_failed")
-
-        task = asyncio.get_running_loop().create_task(write())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        try:
+            await self.flow.audit.append([event])
+        except AuditError:
+            log.error("audit_auth_failure_write_failed")  # still refused
 
     def _sender(self, server: GatewaySMTP, session: GatewaySession) -> Sender | None:
         if session.sender is not None:

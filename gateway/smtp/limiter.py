@@ -1,9 +1,10 @@
 """Open SMTP sessions per client address, and how a stop drains them.
 
 One `ConnectionLimiter` is shared by every listener of a process: it caps connections
-per client address (the session answers ``421 4.7.0`` past the cap) and keeps the open
-sessions, so that a stop can drain them: no new transaction, ``421 4.3.2`` to every
-session between transactions, the transactions in flight answered first (see `drain`).
+per client address, one count across every worker (`gateway.core.peers`; the session
+answers ``421 4.7.0`` past the cap), and keeps this process's open sessions, so that a
+stop can drain them: no new transaction, ``421 4.3.2`` to every session between
+transactions, the transactions in flight answered first (see `drain`).
 """
 
 from __future__ import annotations
@@ -37,12 +38,12 @@ SHUTDOWN_REPLY = b"421 4.3.2 Service shutting down, try again later\r\n"
 RELAY_FINISH_S = 3.0
 
 
-class ConnectionLimiter(PerAddress):
+class ConnectionLimiter:
     """Counts open connections per client address, and keeps the open sessions so a stop
     can drain them (shared by all listeners of a process)."""
 
-    def __init__(self, limit: int) -> None:
-        super().__init__(limit)
+    def __init__(self, cap: PerAddress) -> None:
+        self.cap = cap
         self._sessions: set[Drainable] = set()
         self._none_left: asyncio.Event | None = None  # made by drain(), inside the loop
         self.draining = False

@@ -5,7 +5,12 @@ Corrections to aiosmtpd's defaults, each for a reason recorded in threats.md §2
   accepts source routes and quoted forms that a relay would read differently);
 - its stock replies get enhanced status codes (S12) in `push()`, the one place they pass;
 - idle and whole-session time limits answer `421 4.4.2` instead of a silent close (S13);
-- connections per client address are capped (`421 4.7.0`);
+- connections per client address are capped (`421 4.7.0`), one count across workers;
+- AUTH PLAIN/LOGIN credentials are checked by an awaited hook (`GatewayHandler.login`),
+  so the password hash runs off the event loop: aiosmtpd's authenticator is synchronous,
+  so it only hands the credentials on (`_deferred`), and `auth_PLAIN`/`auth_LOGIN` await
+  the check; a client address past its failed-login limit gets ``421 4.7.0`` at AUTH and
+  is closed;
 - a command line ending in a bare LF gets `500 5.5.2` and is not run (S1, threats A3:
   aiosmtpd splits commands at LF alone, so ``EHLO x\nMAIL FROM:...`` would run both);
 - `mail.log` logs every address at INFO (S14): `service.py` raises it to WARNING;
@@ -36,6 +41,7 @@ from aiosmtpd import smtp as aiosmtpd_smtp
 from aiosmtpd.smtp import (
     MISSING,
     SMTP,
+    AuthResult,
     Envelope,
     Session,
     TLSSetupException,
@@ -87,6 +93,25 @@ _STOCK_REPLIES = {
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class PendingLogin:
+    """Credentials aiosmtpd has read, not yet checked (see `_deferred`)."""
+
+    mechanism: str
+    data: object
+
+
+def _deferred(
+    server: SMTP, session: Session, envelope: Envelope, mechanism: str, auth_data: object
+) -> AuthResult:
+    """aiosmtpd's (synchronous) authenticator: it checks nothing, it hands the credentials
+    to `GatewaySMTP._checked`, which awaits the real check. Anything that bypassed that
+    would see a failed login (``535``), never a success."""
+    return AuthResult(
+        success=False, handled=False, auth_data=PendingLogin(mechanism=mechanism, data=auth_data)
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Limits:
     max_recipients: int
     session_timeout_s: float
@@ -119,14 +144,16 @@ class GatewaySMTP(SMTP):
         session_timeout_s: float,
         **kwargs: Any,
     ) -> None:
-        super().__init__(handler, **kwargs)
+        super().__init__(handler, authenticator=_deferred, **kwargs)
+        self._login = handler.login
         reader = getattr(self, "_stream_reader", None)  # asyncio.StreamReaderProtocol
         if reader is not None:  # made by SMTP.__init__, not yet connected: same state
             reader.__class__ = CrlfLineReader
             reader.on_waiting = self.close_if_idle
         self._limiter = limiter
         self._session_timeout_s = session_timeout_s
-        self._client_host: str | None = None
+        self.client_host = "?"  # the peer's address, for the per-address counts
+        self._slot: int | None = None  # this connection's handle in the per-address cap
         self._over_limit = False
         self._session_deadline: asyncio.TimerHandle | None = None
         # From the end of DATA to its reply: the message may already be with the upstream.
@@ -144,11 +171,9 @@ class GatewaySMTP(SMTP):
         if not first:
             return  # the same connection after STARTTLS
         peer = transport.get_extra_info("peername")
-        host = str(peer[0]) if peer else "?"
-        if self._limiter.acquire(host):
-            self._client_host = host
-        else:
-            self._over_limit = True
+        self.client_host = host = str(peer[0]) if peer else "?"
+        self._slot = self._limiter.cap.acquire(host)
+        self._over_limit = self._slot is None
         self._limiter.opened(self)
         self._session_deadline = self.loop.call_later(
             self._session_timeout_s, self._session_expired
@@ -156,9 +181,9 @@ class GatewaySMTP(SMTP):
 
     def connection_lost(self, error: Exception | None) -> None:
         self._limiter.closed(self)
-        if self._client_host is not None:
-            self._limiter.release(self._client_host)
-            self._client_host = None
+        if self._slot is not None:
+            self._limiter.cap.release(self._slot)
+            self._slot = None
         if self._session_deadline is not None:
             self._session_deadline.cancel()
         super().connection_lost(error)
@@ -247,6 +272,31 @@ class GatewaySMTP(SMTP):
             self._close_with(SHUTDOWN_REPLY)
             return
         await super().smtp_MAIL(arg)
+
+    @syntax("AUTH <mechanism>")
+    async def smtp_AUTH(self, arg: str) -> None:
+        refusal = self.event_handler.throttled(self.client_host)
+        if refusal is not None:  # too many failed logins from this address
+            self._close_with(refusal.encode() + b"\r\n")
+            return
+        await super().smtp_AUTH(arg)
+
+    async def auth_PLAIN(self, _: SMTP, args: list[str]) -> AuthResult:
+        return await self._checked(await super().auth_PLAIN(_, args))
+
+    async def auth_LOGIN(self, _: SMTP, args: list[str]) -> AuthResult:
+        return await self._checked(await super().auth_LOGIN(_, args))
+
+    async def _checked(self, result: AuthResult) -> AuthResult:
+        """The awaited check of the credentials `_deferred` passed on."""
+        pending = result.auth_data
+        if not isinstance(pending, PendingLogin):
+            return result  # aiosmtpd already answered (bad base64, '*', ...)
+        outcome = await self._login(self, pending.mechanism, pending.data)
+        if isinstance(outcome, str):  # throttled meanwhile: 421 and close
+            self._close_with(outcome.encode() + b"\r\n")
+            return AuthResult(success=False, handled=True)
+        return outcome
 
     def _timeout_cb(self) -> None:
         self._close_with(b"421 4.4.2 Idle timeout, closing connection\r\n")

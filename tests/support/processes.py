@@ -65,7 +65,7 @@ def optgate(
 
 class ServeProcess:
     def __init__(self, config: Path, port: int, log: Path, *, workers: int = 1) -> None:
-        self.config, self.port, self.log = config, port, log
+        self.config, self.port, self.log, self.workers = config, port, log, workers
         env = {**os.environ, "OPTGATE_TEST_APP": APP_PASSWORD}
         self.fh = log.open("wb")
         self.proc = subprocess.Popen(
@@ -85,16 +85,27 @@ class ServeProcess:
         )
 
     async def wait_ready(self) -> None:
+        """Until every worker serves. The port accepts as soon as `serve` has bound it
+        (connections queue until a worker takes them), so wait for each worker's
+        `listening` line, then for a greeting."""
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, self.log.read_text()
+            if self.log.read_text().count("event='listening'") < self.workers:
+                await asyncio.sleep(0.1)
+                continue
             try:
-                _, w = await asyncio.open_connection("127.0.0.1", self.port)
+                r, w = await asyncio.open_connection("127.0.0.1", self.port)
             except OSError:
                 await asyncio.sleep(0.1)
                 continue
-            w.close()
-            return
+            try:
+                async with asyncio.timeout(max(0.1, deadline - time.monotonic())):
+                    greeting = await r.readline()
+            finally:
+                w.close()
+            if greeting.startswith(b"220"):
+                return
         raise AssertionError(f"gateway did not start:\n{self.log.read_text()}")
 
     def stop(self) -> None:
