@@ -82,11 +82,11 @@ HTTP_MODULES: list[str] = [
 async def open_store(cfg: Config, ring: Keyring) -> tuple[OptOutStore, EmbeddedRedis | None]:
     """The configured store, starting (or attaching to) the embedded server when url is empty."""
     embedded = None
-    url = cfg.redis_url
+    url = cfg.redis.url
     if not url:
-        embedded = await EmbeddedRedis.ensure(cfg.data_dir)
+        embedded = await EmbeddedRedis.ensure(cfg.gateway.data_dir)
         url = embedded.url
-    store = OptOutStore.from_url(url, keyring=ring, timeout_ms=cfg.redis_timeout_ms)
+    store = OptOutStore.from_url(url, keyring=ring, timeout_ms=cfg.redis.timeout_ms)
     try:
         await store.check_keyring()
         moved = await store.migrate_layout()
@@ -130,23 +130,25 @@ class Gateway:
         return self._ring
 
     def rules_dir(self) -> Path:
-        return rules_io.choose_dir(self.cfg.rules_dir, self.cfg.base_dir)
+        return rules_io.choose_dir(self.cfg.rules.dir, self.cfg.base_dir)
 
     async def start(self) -> None:
         cfg = self.cfg
         self._rules = rules_io.load_dir(self.rules_dir())
-        self._ring, created = keyfile.load_or_create(cfg.keys_file)
+        self._ring, created = keyfile.load_or_create(cfg.keys.file)
         if created:
-            log.info("keys_created", path=str(cfg.keys_file))
+            log.info("keys_created", path=str(cfg.keys.file))
         auth, self.dev_sender_created = senders.build(cfg)
-        if tls.ensure_dev_certs(cfg.tls_cert, cfg.tls_key):
+        if tls.ensure_dev_certs(cfg.tls.cert, cfg.tls.key):
             log.info(
                 "dev_certificates_created",
-                cert=str(cfg.tls_cert),
-                ca=str(cfg.tls_cert.parent / "ca.pem"),
+                cert=str(cfg.tls.cert),
+                ca=str(cfg.tls.cert.parent / "ca.pem"),
             )
-        ctx = tls.server_context(cfg.tls_cert, cfg.tls_key, client_ca=cfg.tls_client_ca)
-        links = tokens.Links(public_url=cfg.public_url, domain=cfg.unsubscribe_domain)
+        ctx = tls.server_context(cfg.tls.cert, cfg.tls.key, client_ca=cfg.tls.client_ca)
+        links = tokens.Links(
+            public_url=cfg.gateway.public_url, domain=cfg.gateway.unsubscribe_domain
+        )
         dkim_keys = dkim.load_keys(cfg.dkim)  # read once; a key that cannot sign stops here
 
         self.store, embedded = await open_store(cfg, self._ring)
@@ -162,9 +164,9 @@ class Gateway:
             log.info("store_memory", detail=hint)
 
         self.audit = AuditWriter(
-            cfg.audit_dir,
-            instance=cfg.instance,
-            stream=self.stream or cfg.instance,
+            cfg.audit.dir,
+            instance=cfg.gateway.instance,
+            stream=self.stream or cfg.gateway.instance,
             keyring=self._ring,
             fsync=timed_fsync,
         )
@@ -183,7 +185,7 @@ class Gateway:
             audit=self.audit,
             rules=lambda: self.rules,
             keyring=lambda: self.keyring,
-            suppressed_reply=cfg.suppressed_reply,
+            suppressed_reply=cfg.smtp.suppressed_reply,
             links=links,
             signer=signer,
         )
@@ -198,28 +200,28 @@ class Gateway:
             flow=flow,
             auth=auth,
             limits=Limits(
-                max_recipients=cfg.max_recipients, session_timeout_s=cfg.session_timeout_s
+                max_recipients=cfg.smtp.max_recipients, session_timeout_s=cfg.smtp.session_timeout_s
             ),
             unsubscribe=unsubscribe,
             links=links,
         )
-        limiter = self._limiter = ConnectionLimiter(cfg.max_connections_per_client)
+        limiter = self._limiter = ConnectionLimiter(cfg.smtp.max_connections_per_client)
         loop = asyncio.get_running_loop()
 
         def factory(*, implicit: bool) -> GatewaySMTP:
             return GatewaySMTP(
                 handler,
                 limiter=limiter,
-                session_timeout_s=cfg.session_timeout_s,
-                hostname=cfg.smtp_hostname,
+                session_timeout_s=cfg.smtp.session_timeout_s,
+                hostname=cfg.gateway.hostname,
                 ident="optgate ESMTP",
-                data_size_limit=cfg.max_message_bytes,
+                data_size_limit=cfg.smtp.max_message_bytes,
                 enable_SMTPUTF8=True,
                 # Implicit TLS: the whole connection is TLS 1.3 already.
                 tls_context=None if implicit else ctx,
                 require_starttls=not implicit,
                 auth_require_tls=not implicit,
-                timeout=cfg.idle_timeout_s,
+                timeout=cfg.smtp.idle_timeout_s,
                 command_call_limit=dict(COMMAND_CALL_LIMIT),
                 authenticator=handler.authenticate,
                 loop=loop,
@@ -227,14 +229,14 @@ class Gateway:
 
         starttls = await loop.create_server(
             lambda: factory(implicit=False),
-            cfg.smtp_listen.host,
-            cfg.smtp_listen.port,
+            cfg.smtp.listen.host,
+            cfg.smtp.listen.port,
             reuse_port=self.reuse_port or None,
         )
         implicit = await loop.create_server(
             lambda: factory(implicit=True),
-            cfg.smtp_listen_tls.host,
-            cfg.smtp_listen_tls.port,
+            cfg.smtp.listen_tls.host,
+            cfg.smtp.listen_tls.port,
             ssl=ctx,
             reuse_port=self.reuse_port or None,
         )
@@ -269,10 +271,10 @@ class Gateway:
 
         if self.audit is None or self.store is None:
             return
-        self.audit.max_file_bytes = self.cfg.audit_max_file_bytes
+        self.audit.max_file_bytes = self.cfg.audit.max_file_bytes
         self.store.stream_addresses = any(h.include_address for h in self.cfg.sync.webhooks)
         retention = RetentionTask(
-            self.audit, retention_days=self.cfg.audit_retention_days, keyring=lambda: self.keyring
+            self.audit, retention_days=self.cfg.audit.retention_days, keyring=lambda: self.keyring
         )
         retention.start()
         self._closers.append(retention.stop)
@@ -304,12 +306,12 @@ class Gateway:
         app = http_app.build_app(deps, modules)
         runner, self.ports.http = await http_app.start_site(
             app,
-            host=self.cfg.http_listen.host,
-            port=self.cfg.http_listen.port,
+            host=self.cfg.http.listen.host,
+            port=self.cfg.http.listen.port,
             ssl_context=ctx,
             reuse_port=self.reuse_port,
             shutdown_timeout=GRACE_S,
-            max_connections_per_client=self.cfg.http_max_connections_per_client,
+            max_connections_per_client=self.cfg.http.max_connections_per_client,
         )
         self._http_runner = runner  # stopped by stop(), beside the SMTP drain
 
@@ -328,7 +330,7 @@ class Gateway:
         return True
 
     def _reloaded_keyring(self) -> Keyring:
-        ring = keyfile.load(self.cfg.keys_file)
+        ring = keyfile.load(self.cfg.keys.file)
         if ring.fingerprint != self.keyring.fingerprint:
             raise KeyringError("the pseudonym key changed; refusing (it would orphan every record)")
         if self.audit is not None:
@@ -404,7 +406,7 @@ async def serve(cfg: Config, *, worker: int | None = None) -> None:
     if worker is None:
         gw = Gateway(cfg)
     else:
-        gw = Gateway(cfg, stream=f"{cfg.instance}-w{worker}", reuse_port=True)
+        gw = Gateway(cfg, stream=f"{cfg.gateway.instance}-w{worker}", reuse_port=True)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     started = False

@@ -94,9 +94,9 @@ class Supervisor:
         loop.add_signal_handler(signal.SIGHUP, lambda: self._signal_all(signal.SIGHUP))
         prepare(self.cfg)
         self._metrics_dir = metrics.fresh_multiprocess_dir(
-            self.cfg.data_dir / METRICS_DIR / self.cfg.instance
+            self.cfg.gateway.data_dir / METRICS_DIR / self.cfg.gateway.instance
         )
-        store, embedded = await open_store(self.cfg, keyfile.load(self.cfg.keys_file))
+        store, embedded = await open_store(self.cfg, keyfile.load(self.cfg.keys.file))
         try:
             warning = await store.durability_warning()
             if warning:
@@ -168,14 +168,14 @@ class Supervisor:
 
 def prepare(cfg: Config) -> None:
     """Everything that must be valid or exist before any worker starts (raises ConfigError)."""
-    rules_io.load_dir(rules_io.choose_dir(cfg.rules_dir, cfg.base_dir))
-    keyfile.load_or_create(cfg.keys_file)
+    rules_io.load_dir(rules_io.choose_dir(cfg.rules.dir, cfg.base_dir))
+    keyfile.load_or_create(cfg.keys.file)
     _, dev = senders.build(cfg)
     if dev:
         log.info("dev_sender", name=senders.DEV_SENDER, password_file=str(cfg.dev_sender_secret))
-    tls.ensure_dev_certs(cfg.tls_cert, cfg.tls_key)
-    tls.server_context(cfg.tls_cert, cfg.tls_key, client_ca=cfg.tls_client_ca)
-    tokens.Links(public_url=cfg.public_url, domain=cfg.unsubscribe_domain)
+    tls.ensure_dev_certs(cfg.tls.cert, cfg.tls.key)
+    tls.server_context(cfg.tls.cert, cfg.tls.key, client_ca=cfg.tls.client_ca)
+    tokens.Links(public_url=cfg.gateway.public_url, domain=cfg.gateway.unsubscribe_domain)
     dkim.load_keys(cfg.dkim)  # a key that cannot sign stops the service before any worker
 
 

@@ -51,7 +51,7 @@ def make_config(home: Path, **sections: dict[str, Any]) -> Path:
 async def opened(cfg_path: Path) -> AsyncIterator[tuple[OptOutStore, Any]]:
     """The store the CLI wrote to, reached as the CLI reaches it."""
     cfg = config_mod.load(str(cfg_path))
-    ring = keyfile.load(cfg.keys_file)
+    ring = keyfile.load(cfg.keys.file)
     store, embedded = await open_store(cfg, ring)
     try:
         yield store, ring
@@ -305,7 +305,7 @@ def test_export_then_import_onto_a_fresh_store_gives_the_same_records(
 async def test_an_import_is_enforced_by_a_serving_gateway(gateway: Running) -> None:
     cfg = write_config(
         gateway.tmp_path / "cli.toml",
-        {"gateway": {"instance": "gw-test", "data_dir": str(gateway.cfg.data_dir)}},
+        {"gateway": {"instance": "gw-test", "data_dir": str(gateway.cfg.gateway.data_dir)}},
     )
     code, _ = await gateway.send(["pat@example.org", "kim@example.org"], category="marketing")
     assert code == 250
@@ -326,7 +326,7 @@ async def test_an_import_is_enforced_by_a_serving_gateway(gateway: Running) -> N
     ring = gateway.gw.keyring
     suppressed = [e for e in gateway.decisions() if e["decision"] == "suppress"]
     assert [e["recipient"] for e in suppressed] == [pseudonym(ring, "email", "pat@example.org")]
-    assert verify_path(gateway.cfg.audit_dir, ring).ok  # gateway and CLI streams both intact
+    assert verify_path(gateway.cfg.audit.dir, ring).ok  # gateway and CLI streams both intact
 
 
 # -- a store that is down ------------------------------------------------------------------
