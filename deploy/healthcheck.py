@@ -32,7 +32,7 @@ def healthz_url(listen: Listen) -> str:
 
 def main() -> int:
     try:
-        url = healthz_url(load().http_listen)
+        url = healthz_url(load().http.listen)
     except OptgateError as exc:
         print(f"healthcheck: {exc}", file=sys.stderr)
         return 1

@@ -57,7 +57,7 @@ def _config(args: argparse.Namespace) -> Config:
 def _recipient(cfg: Config, channel: str, address: str) -> tuple[str, str]:
     """(canonical address, the form its pseudonym is made from); exit 2 if invalid."""
     try:
-        return canonical(channel, address, region=cfg.sms_default_region)
+        return canonical(channel, address, region=cfg.sms.default_region)
     except BadInput as exc:
         _fail(str(exc))
 
@@ -69,7 +69,10 @@ def _recipient_key(cfg: Config, channel: str, address: str) -> str:
 @contextlib.asynccontextmanager
 async def _cli_audit(cfg: Config, ring: keys_mod.Keyring) -> AsyncIterator[AuditWriter]:
     writer = AuditWriter(
-        cfg.audit_dir, instance=cfg.instance, stream=f"{cfg.instance}-cli", keyring=ring
+        cfg.audit.dir,
+        instance=cfg.gateway.instance,
+        stream=f"{cfg.gateway.instance}-cli",
+        keyring=ring,
     )
     deadline = time.monotonic() + CLI_AUDIT_LOCK_WAIT_S
     while True:
@@ -89,14 +92,14 @@ async def _cli_audit(cfg: Config, ring: keys_mod.Keyring) -> AsyncIterator[Audit
 async def _optout(cfg: Config, args: argparse.Namespace) -> int:
     from gateway.service import open_store
 
-    rules = rules_io.load_dir(rules_io.choose_dir(cfg.rules_dir, cfg.base_dir))
+    rules = rules_io.load_dir(rules_io.choose_dir(cfg.rules.dir, cfg.base_dir))
     categories: list[str] = list(dict.fromkeys(args.category or []))
     try:
         categories_of(rules, args.channel, categories)  # the API's checks, channel included
     except BadInput as exc:
         _fail(str(exc))
     address, key_form = _recipient(cfg, args.channel, args.address)
-    ring, _ = keyfile.load_or_create(cfg.keys_file)
+    ring, _ = keyfile.load_or_create(cfg.keys.file)
     pseud = pseudonym(ring, args.channel, key_form)
     store, embedded = await open_store(cfg, ring, quiet=True)
     store.stream_addresses = any(h.include_address for h in cfg.sync.webhooks)  # issue 5
@@ -188,9 +191,9 @@ def cmd_optout(args: argparse.Namespace) -> int:
 
 def cmd_audit(args: argparse.Namespace) -> int:
     cfg = _config(args)
-    ring = keyfile.load(cfg.keys_file)
+    ring = keyfile.load(cfg.keys.file)
     if args.action == "verify":
-        path = Path(args.path) if args.path else cfg.audit_dir
+        path = Path(args.path) if args.path else cfg.audit.dir
         result = audit_verify.verify_path(path, ring)
         if not result.ok:
             print(f"{result.file}:{result.line}: {result.why}")
@@ -204,7 +207,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     since = _since(args.since) if args.since else None
     out = sys.stdout.buffer
     for entry in audit_verify.search(
-        cfg.audit_dir,
+        cfg.audit.dir,
         recipient=recipient,
         decision=args.decision,
         since=since,
@@ -232,7 +235,7 @@ def _message_ids(ring: keys_mod.Keyring, given: str | None) -> tuple[str, ...]:
 
 def cmd_keys(args: argparse.Namespace) -> int:
     cfg = _config(args)
-    path = cfg.keys_file
+    path = cfg.keys.file
     if args.action == "init":
         try:
             keyfile.save(path, keys_mod.generate(), exclusive=True)

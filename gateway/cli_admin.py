@@ -32,12 +32,10 @@ def _print_json(doc: Any) -> None:
     sys.stdout.flush()
 
 
-async def _with_store(
-    cfg: Config, work: Callable[[OptOutStore, Any], Awaitable[int]]
-) -> int:
+async def _with_store(cfg: Config, work: Callable[[OptOutStore, Any], Awaitable[int]]) -> int:
     from gateway.service import open_store
 
-    ring, _ = keyfile.load_or_create(cfg.keys_file)
+    ring, _ = keyfile.load_or_create(cfg.keys.file)
     store, embedded = await open_store(cfg, ring, quiet=True)
     try:
         return await work(store, ring)
@@ -100,10 +98,10 @@ def cmd_audit_tail(args: argparse.Namespace) -> int:
     from gateway.cli import _config
 
     cfg = _config(args)
-    for entry in tail.last_entries(cfg.audit_dir, args.lines):
+    for entry in tail.last_entries(cfg.audit.dir, args.lines):
         _print_json(entry)
     if args.follow:
-        for entry in tail.follow(cfg.audit_dir):
+        for entry in tail.follow(cfg.audit.dir):
             _print_json(entry)
     return 0
 

@@ -94,7 +94,7 @@ async def _chunks(fd: int) -> AsyncIterator[bytes]:
 
 def _deps(cfg: Config, store: OptOutStore, audit: Any, ring: Keyring) -> JobContext:
     """What the shared import job reads (the admin API hands it its `HttpDeps`)."""
-    rules = rules_io.load_dir(rules_io.choose_dir(cfg.rules_dir, cfg.base_dir))
+    rules = rules_io.load_dir(rules_io.choose_dir(cfg.rules.dir, cfg.base_dir))
     return JobContext(cfg=cfg, store=store, audit=audit, rules=lambda: rules, keyring=lambda: ring)
 
 
@@ -123,7 +123,7 @@ async def _import(cfg: Config, fd: int, name: str, csv_mode: bool) -> int:
     from gateway.cli import _cli_audit, _fail
     from gateway.service import open_store
 
-    ring, _ = keyfile.load_or_create(cfg.keys_file)
+    ring, _ = keyfile.load_or_create(cfg.keys.file)
     try:
         store, embedded = await open_store(cfg, ring, quiet=True)
     except StoreUnavailable as exc:
@@ -267,7 +267,7 @@ async def _export(
     from gateway.cli import _cli_audit
     from gateway.service import open_store
 
-    ring, _ = keyfile.load_or_create(cfg.keys_file)
+    ring, _ = keyfile.load_or_create(cfg.keys.file)
     try:
         store, embedded = await open_store(cfg, ring, quiet=True)
     except StoreUnavailable as exc:

@@ -43,12 +43,12 @@ async def _init(cfg: Config, force: bool) -> int:
     from gateway.cli import _cli_audit
     from gateway.service import open_store
 
-    ring, _ = keyfile.load_or_create(cfg.keys_file)
-    named_before = keyfile.load(cfg.keys_file).sentinel
+    ring, _ = keyfile.load_or_create(cfg.keys.file)
+    named_before = keyfile.load(cfg.keys.file).sentinel
     store, embedded = await open_store(cfg, ring, quiet=True)
     try:
         if not force:
-            before, sentinel_id = await sentinel.initialise(store, cfg.keys_file, force=False)
+            before, sentinel_id = await sentinel.initialise(store, cfg.keys.file, force=False)
             if before.found in ("missing", "mismatch"):
                 return _fail(
                     f"the store's sentinel is {before.found}: the store was emptied, restored "
@@ -61,12 +61,12 @@ async def _init(cfg: Config, force: bool) -> int:
                     await audit.append([_event(forced=False, before="none", sid=sentinel_id)])
             _print({"sentinel": "written" if written else "present", "forced": False})
             return 0
-        held = await sentinel.status(store, keyfile.load(cfg.keys_file))
+        held = await sentinel.status(store, keyfile.load(cfg.keys.file))
         sentinel_id = new_sentinel_id()
         async with _cli_audit(cfg, ring) as audit:
             # Audited first: a store accepted as new is on record before it is accepted.
             await audit.append([_event(forced=True, before=held.found, sid=sentinel_id)])
-        await sentinel.initialise(store, cfg.keys_file, force=True, sentinel_id=sentinel_id)
+        await sentinel.initialise(store, cfg.keys.file, force=True, sentinel_id=sentinel_id)
         _print({"sentinel": "written", "forced": True, "before": held.found})
         return 0
     finally:
@@ -90,7 +90,7 @@ async def _rebuild(cfg: Config, path: Path, allow_broken: bool) -> int:
     from gateway.cli import _cli_audit
     from gateway.service import open_store
 
-    ring = keyfile.load(cfg.keys_file)
+    ring = keyfile.load(cfg.keys.file)
     checked = audit_verify.verify_path(path, ring)
     if not checked.ok and not allow_broken:
         return _fail(
@@ -125,7 +125,7 @@ async def _rebuild(cfg: Config, path: Path, allow_broken: bool) -> int:
 
 def cmd_rebuild(args: argparse.Namespace) -> int:
     cfg = config_mod.load(args.config)
-    path = Path(args.path) if args.path else cfg.audit_dir
+    path = Path(args.path) if args.path else cfg.audit.dir
     if not path.exists():
         return _fail(f"{path}: no such file or directory")
     return asyncio.run(_rebuild(cfg, path, args.allow_broken_chain))

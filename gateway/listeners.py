@@ -81,9 +81,9 @@ def bind(cfg: Config) -> Listeners:
     """Bind and listen on every configured address, or raise ConfigError naming the first
     that cannot be had (and hold none)."""
     where = (
-        ("smtp", cfg.smtp_listen),
-        ("smtps", cfg.smtp_listen_tls),
-        ("http", cfg.http_listen),
+        ("smtp", cfg.smtp.listen),
+        ("smtps", cfg.smtp.listen_tls),
+        ("http", cfg.http.listen),
     )
     seen: set[tuple[str, int]] = set()
     for _, listen in where:

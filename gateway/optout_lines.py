@@ -215,7 +215,7 @@ def item_of(deps: Context, doc: dict[str, Any]) -> bulk.OptOutItem:
     if set(doc) - LINE_FIELDS - EXPORT_ONLY:
         raise BadInput("unknown member (allowed: channel, address, categories, all, source)")
     channel = channel_of(doc.get("channel"))
-    address, key_form = canonical(channel, doc.get("address"), region=deps.cfg.sms_default_region)
+    address, key_form = canonical(channel, doc.get("address"), region=deps.cfg.sms.default_region)
     everything = _bool(doc.get("all", False))
     cats = categories_of(deps.rules(), channel, member(doc, "categories"))
     if not everything and not cats:
@@ -289,7 +289,7 @@ class ImportJob:
             await self.flush(line)
         self.batch.append((line, item))
         self.keys.add(key)
-        if len(self.batch) >= self.deps.cfg.import_batch:
+        if len(self.batch) >= self.deps.cfg.admin.import_batch:
             await self.flush(line + 1)
 
     async def flush(self, next_line: int) -> None:

@@ -235,5 +235,5 @@ def build(cfg: Config, *, counts: Counts | None = None) -> tuple[Authenticator, 
             table[s.name] = _Secret(plain=None, hashed=s.password_hash)
     if problems:
         raise ConfigError(problems)
-    failures = LoginFailures(cfg.max_auth_failures, counts)
+    failures = LoginFailures(cfg.smtp.max_auth_failures, counts)
     return Authenticator(senders, table, failures), dev

@@ -96,18 +96,18 @@ async def open_store(
     from gateway.store.redis_store import SENTINEL_FIX
 
     embedded = None
-    url = cfg.redis_url
+    url = cfg.redis.url
     if not url:
-        embedded = await EmbeddedRedis.ensure(cfg.data_dir)
+        embedded = await EmbeddedRedis.ensure(cfg.gateway.data_dir)
         url = embedded.url
-    store = OptOutStore.from_url(url, keyring=ring, timeout_ms=cfg.redis_timeout_ms)
+    store = OptOutStore.from_url(url, keyring=ring, timeout_ms=cfg.redis.timeout_ms)
     store.quiet = quiet
     try:
         await store.check_keyring()
         moved = await store.migrate_layout()
         if moved:
             log.info("store layout: records moved into hash buckets", records=moved)
-        held = await sentinel.ensure(store, cfg.keys_file)
+        held = await sentinel.ensure(store, cfg.keys.file)
         if held.found != "ok" and not quiet:
             log.error("store_sentinel_missing", reason=held.found, fix=SENTINEL_FIX)
     except BaseException:
@@ -152,7 +152,7 @@ class Gateway:
         return self._ring
 
     def rules_dir(self) -> Path:
-        return rules_io.choose_dir(self.cfg.rules_dir, self.cfg.base_dir)
+        return rules_io.choose_dir(self.cfg.rules.dir, self.cfg.base_dir)
 
     async def start(self) -> None:
         """Start everything, or, when any step fails, release what was started (the
@@ -173,20 +173,22 @@ class Gateway:
             self.listeners = listeners.bind(cfg)
         socks = self.listeners
         self._closers.append(socks.close)  # the servers close them first; a no-op then
-        self._ring, created = keyfile.load_or_create(cfg.keys_file)
+        self._ring, created = keyfile.load_or_create(cfg.keys.file)
         if created:
-            log.info("keys_created", path=str(cfg.keys_file))
+            log.info("keys_created", path=str(cfg.keys.file))
         counts = self.counts = self.counts if self.counts is not None else Counts.private()
         auth, self.dev_sender_created = senders.build(cfg, counts=counts)
         self._closers.append(auth.close)
-        if tls.ensure_dev_certs(cfg.tls_cert, cfg.tls_key):
+        if tls.ensure_dev_certs(cfg.tls.cert, cfg.tls.key):
             log.info(
                 "dev_certificates_created",
-                cert=str(cfg.tls_cert),
-                ca=str(cfg.tls_cert.parent / "ca.pem"),
+                cert=str(cfg.tls.cert),
+                ca=str(cfg.tls.cert.parent / "ca.pem"),
             )
-        ctx = tls.server_context(cfg.tls_cert, cfg.tls_key, client_ca=cfg.tls_client_ca)
-        links = tokens.Links(public_url=cfg.public_url, domain=cfg.unsubscribe_domain)
+        ctx = tls.server_context(cfg.tls.cert, cfg.tls.key, client_ca=cfg.tls.client_ca)
+        links = tokens.Links(
+            public_url=cfg.gateway.public_url, domain=cfg.gateway.unsubscribe_domain
+        )
         dkim_keys = dkim.load_keys(cfg.dkim)  # read once; a key that cannot sign stops here
 
         self.store, embedded = await open_store(cfg, self._ring)
@@ -202,9 +204,9 @@ class Gateway:
             log.info("store_memory", detail=hint)
 
         self.audit = AuditWriter(
-            cfg.audit_dir,
-            instance=cfg.instance,
-            stream=self.stream or cfg.instance,
+            cfg.audit.dir,
+            instance=cfg.gateway.instance,
+            stream=self.stream or cfg.gateway.instance,
             keyring=self._ring,
             fsync=timed_fsync,
         )
@@ -223,7 +225,7 @@ class Gateway:
             audit=self.audit,
             rules=lambda: self.rules,
             keyring=lambda: self.keyring,
-            suppressed_reply=cfg.suppressed_reply,
+            suppressed_reply=cfg.smtp.suppressed_reply,
             links=links,
             signer=signer,
         )
@@ -238,13 +240,13 @@ class Gateway:
             flow=flow,
             auth=auth,
             limits=Limits(
-                max_recipients=cfg.max_recipients, session_timeout_s=cfg.session_timeout_s
+                max_recipients=cfg.smtp.max_recipients, session_timeout_s=cfg.smtp.session_timeout_s
             ),
             unsubscribe=unsubscribe,
             links=links,
         )
         limiter = self._limiter = ConnectionLimiter(
-            PerAddress(cfg.max_connections_per_client, counts, SMTP)
+            PerAddress(cfg.smtp.max_connections_per_client, counts, SMTP)
         )
         loop = asyncio.get_running_loop()
 
@@ -252,16 +254,16 @@ class Gateway:
             return GatewaySMTP(
                 handler,
                 limiter=limiter,
-                session_timeout_s=cfg.session_timeout_s,
-                hostname=cfg.smtp_hostname,
+                session_timeout_s=cfg.smtp.session_timeout_s,
+                hostname=cfg.gateway.hostname,
                 ident="optgate ESMTP",
-                data_size_limit=cfg.max_message_bytes,
+                data_size_limit=cfg.smtp.max_message_bytes,
                 enable_SMTPUTF8=True,
                 # Implicit TLS: the whole connection is TLS 1.3 already.
                 tls_context=None if implicit else ctx,
                 require_starttls=not implicit,
                 auth_require_tls=not implicit,
-                timeout=cfg.idle_timeout_s,
+                timeout=cfg.smtp.idle_timeout_s,
                 command_call_limit=dict(COMMAND_CALL_LIMIT),
                 loop=loop,
             )
@@ -308,10 +310,10 @@ class Gateway:
 
         if self.audit is None or self.store is None:
             return
-        self.audit.max_file_bytes = self.cfg.audit_max_file_bytes
+        self.audit.max_file_bytes = self.cfg.audit.max_file_bytes
         self.store.stream_addresses = any(h.include_address for h in self.cfg.sync.webhooks)
         retention = RetentionTask(
-            self.audit, retention_days=self.cfg.audit_retention_days, keyring=lambda: self.keyring
+            self.audit, retention_days=self.cfg.audit.retention_days, keyring=lambda: self.keyring
         )
         retention.start()
         self._closers.append(retention.stop)
@@ -346,7 +348,7 @@ class Gateway:
             socks=socks.http,
             ssl_context=ctx,
             shutdown_timeout=GRACE_S,
-            cap=PerAddress(self.cfg.http_max_connections_per_client, counts, HTTPS),
+            cap=PerAddress(self.cfg.http.max_connections_per_client, counts, HTTPS),
         )
         self._http_runner = runner  # stopped by stop(), beside the SMTP drain
 
@@ -365,7 +367,7 @@ class Gateway:
         return True
 
     def _reloaded_keyring(self) -> Keyring:
-        ring = keyfile.load(self.cfg.keys_file)
+        ring = keyfile.load(self.cfg.keys.file)
         if ring.fingerprint != self.keyring.fingerprint:
             raise KeyringError("the pseudonym key changed; refusing (it would orphan every record)")
         if self.audit is not None:
@@ -441,7 +443,7 @@ async def serve(cfg: Config, *, worker: int | None = None) -> None:
     if worker is None:
         gw = Gateway(cfg)
     else:
-        gw = Gateway(cfg, stream=f"{cfg.instance}-w{worker}")
+        gw = Gateway(cfg, stream=f"{cfg.gateway.instance}-w{worker}")
         handed = listeners.inherited()
         if handed is not None:  # started by the supervisor: its sockets and its counts
             gw.listeners, counts_fd = handed

@@ -119,12 +119,12 @@ class Supervisor:
         self._listeners = listeners.bind(self.cfg)
         try:
             prepare(self.cfg)
-            self._counts = shared_counts.create(self.workers, self.cfg.data_dir)
+            self._counts = shared_counts.create(self.workers, self.cfg.gateway.data_dir)
             self._view = self._counts.view(0)
             self._metrics_dir = metrics.fresh_multiprocess_dir(
-                self.cfg.data_dir / METRICS_DIR / self.cfg.instance
+                self.cfg.gateway.data_dir / METRICS_DIR / self.cfg.gateway.instance
             )
-            store, embedded = await open_store(self.cfg, keyfile.load(self.cfg.keys_file))
+            store, embedded = await open_store(self.cfg, keyfile.load(self.cfg.keys.file))
             try:
                 warning = await store.durability_warning()
                 if warning:
@@ -208,15 +208,15 @@ class Supervisor:
 
 def prepare(cfg: Config) -> None:
     """Everything that must be valid or exist before any worker starts (raises ConfigError)."""
-    rules = rules_io.load_dir(rules_io.choose_dir(cfg.rules_dir, cfg.base_dir))
+    rules = rules_io.load_dir(rules_io.choose_dir(cfg.rules.dir, cfg.base_dir))
     rules_io.check_senders(rules, cfg.senders)  # a default category outside its grant
-    keyfile.load_or_create(cfg.keys_file)
+    keyfile.load_or_create(cfg.keys.file)
     _, dev = senders.build(cfg)
     if dev:
         log.info("dev_sender", name=senders.DEV_SENDER, password_file=str(cfg.dev_sender_secret))
-    tls.ensure_dev_certs(cfg.tls_cert, cfg.tls_key)
-    tls.server_context(cfg.tls_cert, cfg.tls_key, client_ca=cfg.tls_client_ca)
-    tokens.Links(public_url=cfg.public_url, domain=cfg.unsubscribe_domain)
+    tls.ensure_dev_certs(cfg.tls.cert, cfg.tls.key)
+    tls.server_context(cfg.tls.cert, cfg.tls.key, client_ca=cfg.tls.client_ca)
+    tokens.Links(public_url=cfg.gateway.public_url, domain=cfg.gateway.unsubscribe_domain)
     dkim.load_keys(cfg.dkim)  # a key that cannot sign stops the service before any worker
 
 

@@ -197,7 +197,7 @@ class Running:
 
     def audit_entries(self) -> list[dict[str, Any]]:
         out = []
-        for f in sorted(self.cfg.audit_dir.glob("*.jsonl")):
+        for f in sorted(self.cfg.audit.dir.glob("*.jsonl")):
             out.extend(orjson.loads(line) for line in f.read_bytes().splitlines() if line)
         return out
 

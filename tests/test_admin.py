@@ -129,7 +129,7 @@ async def test_role_checks_on_every_route(api: Api) -> None:
     assert len(denials) == sum(1 for row in table if row[4] != "ok")
     assert {d["reason"] for d in denials} == {"missing", "bad key", "role"}
     assert all("@" not in orjson.dumps(d).decode() for d in denials)
-    assert verify_path(api.running.cfg.audit_dir, api.running.gw.keyring).ok
+    assert verify_path(api.running.cfg.audit.dir, api.running.gw.keyring).ok
 
 
 async def test_a_revoked_or_promoted_key_stops_working(api: Api) -> None:
@@ -199,7 +199,7 @@ async def test_put_get_delete_round_trip_audited_with_key_id(api: Api) -> None:
     assert all(e["key_id"] == kid and e["recipient"] == pseud for e in changes)
     reads = [e for e in api.running.audit_entries() if e["event"] == "admin_access"]
     assert reads and all(e["key_id"] == kid for e in reads)
-    text = b"".join(p.read_bytes() for p in api.running.cfg.audit_dir.glob("*.jsonl"))
+    text = b"".join(p.read_bytes() for p in api.running.cfg.audit.dir.glob("*.jsonl"))
     assert b"clinic.example" not in text.lower()
 
 
@@ -336,7 +336,7 @@ async def test_import_with_one_bad_line_applies_the_rest(api: Api) -> None:
         "optout.export",
         "optout.export_done",
     ]
-    assert verify_path(api.running.cfg.audit_dir, ring).ok
+    assert verify_path(api.running.cfg.audit.dir, ring).ok
 
 
 async def test_import_refuses_other_media_and_long_lines(api: Api) -> None:

@@ -51,7 +51,7 @@ def make_config(home: Path, **sections: dict[str, Any]) -> Path:
 async def opened(cfg_path: Path) -> AsyncIterator[tuple[OptOutStore, Any]]:
     """The store the CLI wrote to, reached as the CLI reaches it."""
     cfg = config_mod.load(str(cfg_path))
-    ring = keyfile.load(cfg.keys_file)
+    ring = keyfile.load(cfg.keys.file)
     store, embedded = await open_store(cfg, ring)
     try:
         yield store, ring
@@ -72,7 +72,7 @@ async def records(cfg_path: Path) -> dict[tuple[str, str], Record]:
 
 
 def audit_entries(cfg_path: Path) -> list[dict[str, Any]]:
-    audit_dir = config_mod.load(str(cfg_path)).audit_dir
+    audit_dir = config_mod.load(str(cfg_path)).audit.dir
     return [
         orjson.loads(line)
         for f in sorted(audit_dir.glob("*.jsonl"))
@@ -117,7 +117,7 @@ def test_optout_add_and_remove_audit_what_changed(tmp_path: Path) -> None:
     assert cli("remove", "--all")["categories"] == []
     cli("remove", "--all")  # nothing left to remove
 
-    ring = keyfile.load(config_mod.load(str(cfg)).keys_file)
+    ring = keyfile.load(config_mod.load(str(cfg)).keys.file)
     pseud = pseudonym(ring, "email", "pat@example.org")
     changes = [e for e in audit_entries(cfg) if e["event"] in ("optout", "optin")]
     assert [(e["event"], e["categories"], e["all"]) for e in changes] == [
@@ -200,7 +200,7 @@ def test_a_bad_line_is_reported_by_number_and_the_rest_applied(
     ]
     assert all(e["by"] == "cli" and e["via"] == "import" and "key_id" not in e for e in changes)
     assert all(e["change"] == "" for e in changes)  # audited before the write: no id yet
-    ring = keyfile.load(config_mod.load(str(cfg)).keys_file)
+    ring = keyfile.load(config_mod.load(str(cfg)).keys.file)
     assert {e["recipient"] for e in changes} == {
         pseudonym(ring, "email", "one@example.org"),  # the key form
         pseudonym(ring, "sms", "+15552010001"),
@@ -209,7 +209,7 @@ def test_a_bad_line_is_reported_by_number_and_the_rest_applied(
     [done] = [e for e in entries if e.get("action") == "optout.import"]
     assert done["event"] == "admin_access" and done["by"] == "cli"
     assert (done["applied"], done["rejected"], done["lines"]) == (3, 1, total)
-    text = b"".join(p.read_bytes() for p in config_mod.load(str(cfg)).audit_dir.glob("*.jsonl"))
+    text = b"".join(p.read_bytes() for p in config_mod.load(str(cfg)).audit.dir.glob("*.jsonl"))
     assert b"example.org" not in text.lower() and b"5552010001" not in text
     assert optgate("audit", "verify", config=cfg).returncode == 0
 
@@ -305,7 +305,7 @@ def test_export_then_import_onto_a_fresh_store_gives_the_same_records(
 async def test_an_import_is_enforced_by_a_serving_gateway(gateway: Running) -> None:
     cfg = write_config(
         gateway.tmp_path / "cli.toml",
-        {"gateway": {"instance": "gw-test", "data_dir": str(gateway.cfg.data_dir)}},
+        {"gateway": {"instance": "gw-test", "data_dir": str(gateway.cfg.gateway.data_dir)}},
     )
     code, _ = await gateway.send(["pat@example.org", "kim@example.org"], category="marketing")
     assert code == 250
@@ -326,7 +326,7 @@ async def test_an_import_is_enforced_by_a_serving_gateway(gateway: Running) -> N
     ring = gateway.gw.keyring
     suppressed = [e for e in gateway.decisions() if e["decision"] == "suppress"]
     assert [e["recipient"] for e in suppressed] == [pseudonym(ring, "email", "pat@example.org")]
-    assert verify_path(gateway.cfg.audit_dir, ring).ok  # gateway and CLI streams both intact
+    assert verify_path(gateway.cfg.audit.dir, ring).ok  # gateway and CLI streams both intact
 
 
 # -- a store that is down ------------------------------------------------------------------

@@ -243,24 +243,29 @@ def test_container_config_writes_only_under_the_image_volume() -> None:
     config_env = re.search(r"OPTGATE_CONFIG=(\S+)", text).group(1)  # type: ignore[union-attr]
     assert config_env == "/etc/optgate/optgate.toml"
     cfg = config_mod.load(str(CONTAINER_CONFIG))
-    assert [str(cfg.data_dir)] == volume
+    assert [str(cfg.gateway.data_dir)] == volume
     # Every path the config resolves (key file, audit log, TLS files, where development
     # certificates are made on first start, outboxes...), so a path added later with a
     # default relative to the config's directory is caught here too.
     written: list[Path] = [cfg.dev_sender_secret]
-    for field in dataclasses.fields(cfg):
-        value = getattr(cfg, field.name)
-        if field.name in ("path", "base_dir"):
-            continue  # the config file itself, read-only
-        if isinstance(value, Path):
-            written.append(value)
-        elif isinstance(value, str) and value.startswith("outbox:"):
-            written.append(Path(value.removeprefix("outbox:")))
-    assert {cfg.keys_file, cfg.audit_dir, cfg.tls_cert, cfg.outbox_dir} <= set(written)
+    sections = [
+        getattr(cfg, f.name)
+        for f in dataclasses.fields(cfg)
+        if f.name not in ("path", "base_dir")  # the config file itself, read-only
+        and dataclasses.is_dataclass(getattr(cfg, f.name))
+    ]
+    for section in sections:
+        for field in dataclasses.fields(section):
+            value = getattr(section, field.name)
+            if isinstance(value, Path):
+                written.append(value)
+            elif isinstance(value, str) and value.startswith("outbox:"):
+                written.append(Path(value.removeprefix("outbox:")))
+    assert {cfg.keys.file, cfg.audit.dir, cfg.tls.cert, cfg.outbox_dir} <= set(written)
     for path in written:
-        assert path.is_relative_to(cfg.data_dir), path
+        assert path.is_relative_to(cfg.gateway.data_dir), path
     # reachable from outside the container
-    for listen in (cfg.smtp_listen, cfg.smtp_listen_tls, cfg.http_listen):
+    for listen in (cfg.smtp.listen, cfg.smtp.listen_tls, cfg.http.listen):
         assert listen.host == "0.0.0.0", listen  # noqa: S104
 
 
@@ -293,7 +298,7 @@ async def test_healthcheck_probes_the_configured_https_port_not_8443(
     monkeypatch.setenv("OPTGATE_TEST_APP", APP_PASSWORD)  # the config's sender password
     port = free_port()
     cfg = write_config(tmp_path / "gw.toml", base_doc(tmp_path, pki, sink, "gw-h", port))
-    http_port = config_mod.load(str(cfg)).http_listen.port
+    http_port = config_mod.load(str(cfg)).http.listen.port
     assert http_port != 8443
 
     def probe() -> subprocess.CompletedProcess[str]:

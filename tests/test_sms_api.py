@@ -236,7 +236,7 @@ async def test_phone_numbers_and_texts_appear_in_no_file_key_value_or_log(
             scraped = await resp.read()
     assert b'channel="sms"' in scraped  # the SMS path did count its decisions
 
-    data_dir = g.running.cfg.data_dir
+    data_dir = g.running.cfg.gateway.data_dir
     r = redis.Redis(unix_socket_path=str(data_dir / "redis" / "redis.sock"))
     try:
         r.config_set("appendfsync", "always")

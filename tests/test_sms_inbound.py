@@ -176,7 +176,7 @@ async def test_failed_forward_is_kept_encrypted_and_retried_until_delivered(
     body = "my canary question q7x9 about results"
     status, text = await g.inbound({"From": PATIENT, "Body": body})
     assert (status, text) == (200, EMPTY)
-    dump = redis_dump(g.running.cfg.data_dir)
+    dump = redis_dump(g.running.cfg.gateway.data_dir)
     assert b"og:q:sms-inbound" in dump
     assert b"q7x9" not in dump and PATIENT.encode() not in dump and b"5550100077" not in dump
     await wait_for(lambda: len(g.stub.hooks) >= 2)  # retried while failing
@@ -186,7 +186,7 @@ async def test_failed_forward_is_kept_encrypted_and_retried_until_delivered(
     assert actions[0] == ("queued", None) and actions[-1][0] == "forwarded"
     assert isinstance(actions[-1][1], int) and actions[-1][1] >= 3
     assert dict(g.stub.hooks[-1].form)["Body"] == body
-    r = redis.Redis(unix_socket_path=str(g.running.cfg.data_dir / "redis" / "redis.sock"))
+    r = redis.Redis(unix_socket_path=str(g.running.cfg.gateway.data_dir / "redis" / "redis.sock"))
     try:
         assert r.xlen("og:q:sms-inbound") == 0
     finally:
@@ -202,7 +202,7 @@ async def test_forward_that_never_succeeds_is_dead_lettered_not_dropped(
     g.stub.hook_status = 500
     assert (await g.inbound({"From": PATIENT, "Body": "question"}))[0] == 200
     await wait_for(lambda: any(e["action"] == "dead-lettered" for e in events(g, "sms_inbound")))
-    r = redis.Redis(unix_socket_path=str(g.running.cfg.data_dir / "redis" / "redis.sock"))
+    r = redis.Redis(unix_socket_path=str(g.running.cfg.gateway.data_dir / "redis" / "redis.sock"))
     try:
         assert r.xlen("og:q:sms-inbound:dead") == 1 and r.xlen("og:q:sms-inbound") == 0
     finally:
@@ -334,6 +334,6 @@ async def test_message_sid_is_required_and_never_a_store_key(g: SmsGateway) -> N
     assert events(g, "optout") == []
     sid = "SM" + "5" * 32
     assert (await g.inbound({"From": PATIENT, "Body": "STOP", "MessageSid": sid}))[0] == 200
-    dump = redis_dump(g.running.cfg.data_dir)
+    dump = redis_dump(g.running.cfg.gateway.data_dir)
     assert sid.encode() not in dump and b"og:in:" in dump and b"og:kw:" in dump
     assert PATIENT.encode() not in dump and b"5550100077" not in dump

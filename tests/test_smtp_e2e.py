@@ -290,7 +290,7 @@ async def test_store_stalled_fails_closed_within_budget_and_recovers(gateway: Ru
     import os
     import signal
 
-    pid = int((gateway.cfg.data_dir / "redis" / "server.pid").read_text())
+    pid = int((gateway.cfg.gateway.data_dir / "redis" / "server.pid").read_text())
     await gateway.send(["warm@example.org"], category="marketing")
     gateway.sink.messages.clear()
     os.kill(pid, signal.SIGSTOP)
@@ -336,7 +336,7 @@ async def test_store_down_then_restarted(gateway: Running) -> None:
 
     from gateway.store.embedded import EmbeddedRedis
 
-    pid = int((gateway.cfg.data_dir / "redis" / "server.pid").read_text())
+    pid = int((gateway.cfg.gateway.data_dir / "redis" / "server.pid").read_text())
     await opt_out(gateway, "pat@example.org", "marketing")
     os.kill(pid, signal.SIGKILL)
     for _ in range(100):
@@ -347,7 +347,7 @@ async def test_store_down_then_restarted(gateway: Running) -> None:
         await asyncio.sleep(0.02)
     code, _ = await gateway.send(["pat@example.org"], category="marketing")
     assert code == 451
-    again = await EmbeddedRedis.ensure(gateway.cfg.data_dir)
+    again = await EmbeddedRedis.ensure(gateway.cfg.gateway.data_dir)
     try:
         code, text = await gateway.send(["pat@example.org"], category="marketing")
         assert code == 250 and "1 of 1" in text  # the opt-out survived kill -9 (appendfsync always)
@@ -589,7 +589,7 @@ async def test_pooled_client_sends_many_transactions_on_one_connection(gateway: 
     finally:
         smtp.close()
     assert len(gateway.sink.messages) == 30
-    assert gateway.sink.connections <= gateway.cfg.upstream_email_pool_size
+    assert gateway.sink.connections <= gateway.cfg.upstream_email.pool_size
 
 
 async def test_audit_failure_fails_closed_and_sends_nothing(gateway: Running) -> None:

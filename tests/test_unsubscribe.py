@@ -353,7 +353,7 @@ async def test_store_down_answers_503_with_retry_after_and_acknowledges_nothing(
     gateway: Running, http: aiohttp.ClientSession
 ) -> None:
     token = await token_for(gateway)
-    pid = int((gateway.cfg.data_dir / "redis" / "server.pid").read_text())
+    pid = int((gateway.cfg.gateway.data_dir / "redis" / "server.pid").read_text())
     os.kill(pid, signal.SIGSTOP)
     try:
         async with http.post(url(gateway, token), data=ONE_CLICK) as resp:
@@ -374,7 +374,7 @@ async def test_old_tokens_keep_working_after_keys_rotate_and_sighup(
     gateway: Running, http: aiohttp.ClientSession
 ) -> None:
     old = await token_for(gateway)
-    keyfile.save(gateway.cfg.keys_file, keys.rotate(gateway.gw.keyring))
+    keyfile.save(gateway.cfg.keys.file, keys.rotate(gateway.gw.keyring))
     assert await gateway.gw.reload()
     new = await token_for(gateway, "other@example.org")
     for t, who in ((old, PAT), (new, "other@example.org")):
@@ -390,8 +390,8 @@ async def test_old_tokens_keep_working_after_keys_rotate_and_sighup(
 def rotated_elsewhere(r: Running, address: str = PAT) -> str:
     """Another instance ran `keys rotate` on the shared key file and mails links signed
     with the new key; this one was not signalled. Returns such a link's token."""
-    rotated = keys.rotate(keyfile.load(r.cfg.keys_file))
-    keyfile.save(r.cfg.keys_file, rotated)
+    rotated = keys.rotate(keyfile.load(r.cfg.keys.file))
+    keyfile.save(r.cfg.keys.file, rotated)
     return tokens.mint(rotated.token, pseudonym=pseud(r, address), category="marketing",
                        now=time.time())  # fmt: skip
 

@@ -157,7 +157,7 @@ async def _target(request: web.Request) -> tuple[HttpDeps, str, str, str]:
     except BadInput:
         raise web.HTTPNotFound() from None
     address, key_form = canonical(
-        channel, request.match_info["address"], region=deps.cfg.sms_default_region
+        channel, request.match_info["address"], region=deps.cfg.sms.default_region
     )
     return deps, channel, address, pseudonym(deps.keyring(), channel, key_form)
 

@@ -61,7 +61,7 @@ async def search_audit(request: web.Request, key: ApiKey) -> web.Response:
     recipient = None
     if q.get("recipient"):
         on = channel or ("email" if "@" in q["recipient"] else "sms")
-        _, key_form = canonical(on, q["recipient"], region=deps.cfg.sms_default_region)
+        _, key_form = canonical(on, q["recipient"], region=deps.cfg.sms.default_region)
         recipient = pseudonym(deps.keyring(), on, key_form)  # the address is never kept
     since, until = _time(q.get("since"), "since"), _time(q.get("until"), "until")
     category, sender, event = q.get("category"), q.get("sender"), q.get("event")
@@ -83,7 +83,7 @@ async def search_audit(request: web.Request, key: ApiKey) -> web.Response:
 
     def run() -> list[dict[str, Any]]:
         found = audit_verify.search(
-            deps.cfg.audit_dir, recipient=recipient, decision=decision, since=since,
+            deps.cfg.audit.dir, recipient=recipient, decision=decision, since=since,
             event=event, until=until, channel=channel, category=category, sender=sender,
         )  # fmt: skip
         return list(itertools.islice(found, limit + 1))

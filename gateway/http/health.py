@@ -109,7 +109,9 @@ def _email_probe(app: web.Application, deps: HttpDeps) -> None:
     async def on_startup(_: web.Application) -> None:
         if app[CHECKS_KEY].get(EMAIL_CHECK) is not check:
             return  # a later module registered the real upstream's check
-        cfg = dataclasses.replace(deps.cfg, upstream_email_pool_size=1)
+        cfg = dataclasses.replace(
+            deps.cfg, upstream_email=dataclasses.replace(deps.cfg.upstream_email, pool_size=1)
+        )
         holder["probe"] = upstream_mod.from_config(cfg)
 
     async def on_cleanup(_: web.Application) -> None:

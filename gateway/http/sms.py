@@ -189,7 +189,7 @@ async def twilio_send(request: web.Request) -> web.Response:
     pairs = _form(body)
     if pairs is None:
         return _twilio(400, 20001, "The request body is not a valid UTF-8 form.")
-    out = message.from_twilio_form(pairs, region=deps.cfg.sms_default_region)
+    out = message.from_twilio_form(pairs, region=deps.cfg.sms.default_region)
     if isinstance(out, Refusal):
         return web.json_response(out.twilio_body(400), status=400)
     result = await request.app[SERVICES].flow.send(sender, out)
@@ -254,7 +254,7 @@ async def native_send(request: web.Request) -> web.Response:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError:
         return problem(400, "Bad Request", detail="The body is not valid JSON.")
-    parsed = message.from_native(doc, region=deps.cfg.sms_default_region)
+    parsed = message.from_native(doc, region=deps.cfg.sms.default_region)
     if isinstance(parsed, Refusal):
         return _problem(
             422, "invalid-field", "Invalid field", detail=parsed.message, field=parsed.field
@@ -336,9 +336,9 @@ async def inbound(request: web.Request) -> web.Response:
     token = services.token
     if not token:
         return problem(503, "Service Unavailable", detail="No SMS provider is configured.")
-    url = deps.cfg.public_url + request.rel_url.path_qs
+    url = deps.cfg.gateway.public_url + request.rel_url.path_qs
     given = request.headers.get(signature.HEADER, "")
-    ours = deps.cfg.upstream_sms_account_sid
+    ours = deps.cfg.upstream_sms.account_sid
     account = dict(pairs).get("AccountSid", ours)
     if not signature.verify(token, signature.candidate_urls(url), pairs, given) or (
         ours and account != ours  # signed by this token, but for another (sub)account
@@ -360,23 +360,25 @@ def setup(app: web.Application, deps: HttpDeps) -> None:
     """Mount the SMS routes. The HTTPS client and the inbound retry worker live as long as
     the app: made on startup (inside the loop), closed and cancelled on cleanup."""
     cfg = deps.cfg
-    env = cfg.upstream_sms_auth_token_env
+    env = cfg.upstream_sms.auth_token_env
     token = os.environ.get(env, "") if env else ""
-    client = HttpsClient(ca_file=cfg.upstream_sms_ca_file, timeout_s=cfg.upstream_sms_timeout_s)
+    client = HttpsClient(ca_file=cfg.upstream_sms.ca_file, timeout_s=cfg.upstream_sms.timeout_s)
     provider = None
-    if cfg.upstream_sms_url and token:
+    if cfg.upstream_sms.url and token:
         provider = Provider(
             client,
-            base_url=cfg.upstream_sms_url,
-            account_sid=cfg.upstream_sms_account_sid,
+            base_url=cfg.upstream_sms.url,
+            account_sid=cfg.upstream_sms.account_sid,
             auth_token=token,
         )
     forwarder = None
-    if cfg.sms_inbound_forward_url and token:
-        forwarder = Forwarder(client, url=cfg.sms_inbound_forward_url, token=token.encode())
+    if cfg.upstream_sms.inbound_forward_url and token:
+        forwarder = Forwarder(
+            client, url=cfg.upstream_sms.inbound_forward_url, token=token.encode()
+        )
     # The store's own client: the queue shares its connection pool and TLS settings.
     queue = InboundQueue(
-        deps.store.client, keyring=deps.keyring, consumer=f"{cfg.instance}-{os.getpid()}"
+        deps.store.client, keyring=deps.keyring, consumer=f"{cfg.gateway.instance}-{os.getpid()}"
     )
     flow = SmsFlow(
         store=deps.store, audit=deps.audit, rules=deps.rules, keyring=deps.keyring,
@@ -384,7 +386,7 @@ def setup(app: web.Application, deps: HttpDeps) -> None:
     )  # fmt: skip
     handler = Inbound(
         store=deps.store, audit=deps.audit, rules=deps.rules, keyring=deps.keyring,
-        region=cfg.sms_default_region, forwarder=forwarder, queue=queue,
+        region=cfg.sms.default_region, forwarder=forwarder, queue=queue,
     )  # fmt: skip
     app[SERVICES] = SmsServices(flow=flow, inbound=handler, queue=queue, token=token.encode())
 

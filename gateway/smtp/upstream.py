@@ -470,16 +470,16 @@ def from_config(cfg: Config) -> Upstream:
         from gateway.smtp.outbox import OutboxUpstream
 
         return OutboxUpstream(cfg.outbox_dir)
-    env = cfg.upstream_email_password_env
+    env = cfg.upstream_email.password_env
     if env and env not in os.environ:
         raise ConfigError(f"[upstream.email] password_env: {env} is not set")
     password = os.environ[env] if env else ""
     return SmtpUpstream(
-        url=cfg.upstream_email_url,
-        username=cfg.upstream_email_username,
+        url=cfg.upstream_email.url,
+        username=cfg.upstream_email.username,
         password=password,
-        ca_file=cfg.upstream_email_ca_file,
-        pool_size=cfg.upstream_email_pool_size,
-        timeout_s=cfg.upstream_email_timeout_s,
-        local_hostname=cfg.smtp_hostname,
+        ca_file=cfg.upstream_email.ca_file,
+        pool_size=cfg.upstream_email.pool_size,
+        timeout_s=cfg.upstream_email.timeout_s,
+        local_hostname=cfg.gateway.hostname,
     )

@@ -339,7 +339,7 @@ async def test_only_the_gateways_list_unsubscribe_reaches_the_recipient(
     code, text = await submit(lax, [SAM, "kim@example.org"], mail(header), user="bulk")
     assert code == 250, text
     assert len(lax.sink.messages) == 2  # marketing: one copy per recipient
-    public = lax.cfg.public_url
+    public = lax.cfg.gateway.public_url
     for m in lax.sink.messages:
         assert b"tracker.example" not in m.data
         [value] = field_values(m, "List-Unsubscribe")

@@ -74,12 +74,12 @@ def decisions_for(r: Running, address: str) -> list[str]:
 def cli_config(r: Running) -> Path:
     """A config file for `optgate` processes that reach this gateway's store and keys."""
     doc: dict[str, Any] = {
-        "gateway": {"instance": r.cfg.instance, "data_dir": str(r.cfg.data_dir)},
-        "keys": {"file": str(r.cfg.keys_file)},
-        "audit": {"dir": str(r.cfg.audit_dir)},
+        "gateway": {"instance": r.cfg.gateway.instance, "data_dir": str(r.cfg.gateway.data_dir)},
+        "keys": {"file": str(r.cfg.keys.file)},
+        "audit": {"dir": str(r.cfg.audit.dir)},
     }
-    if r.cfg.redis_url:
-        doc["redis"] = {"url": r.cfg.redis_url}
+    if r.cfg.redis.url:
+        doc["redis"] = {"url": r.cfg.redis.url}
     return processes.write_config(r.tmp_path / "cli.toml", doc)
 
 
@@ -300,13 +300,13 @@ async def test_restart_after_keys_rotate_on_an_emptied_store_still_fails_closed(
     await flushall(first)
     rotated = await optgate(first, "keys", "rotate")
     assert rotated.returncode == 0, rotated.stderr
-    named = keyfile.load(first.cfg.keys_file).sentinel
+    named = keyfile.load(first.cfg.keys.file).sentinel
     assert named  # rotation keeps the store's sentinel id
     await first.gw.stop(grace_s=1)
     again: Running = await make_gateway()  # a restart must not take the empty store as new
     await assert_deferred(again)
     assert again.sink.messages == []
-    assert keyfile.load(again.cfg.keys_file).sentinel == named
+    assert keyfile.load(again.cfg.keys.file).sentinel == named
 
 
 # -- store init --force, noticed without a signal ---------------------------------------------
@@ -344,7 +344,7 @@ async def test_store_init_force_lets_sends_flow_again_without_sighup(gateway: Ru
     assert await readyz(gateway) == 200
     (init,) = [e for e in gateway.audit_entries() if e["event"] == "store_init"]
     assert (init["forced"], init["before"]) == (True, "missing")
-    assert init["sentinel"] == keyfile.load(gateway.cfg.keys_file).sentinel
+    assert init["sentinel"] == keyfile.load(gateway.cfg.keys.file).sentinel
     # The opted-out recipient's record is gone with the flush: that is what rebuild is for.
     assert (await optgate(gateway, "audit", "verify")).returncode == 0
 
@@ -447,7 +447,7 @@ async def test_rebuild_refuses_a_broken_audit_chain(gateway: Running) -> None:
     await opt_out(gateway)
     out = await optgate(gateway, "optout", "add", "--channel", "email", "--all", OTHER)
     assert out.returncode == 0
-    (path,) = [p for p in gateway.cfg.audit_dir.glob("*-cli-*.jsonl")]
+    (path,) = [p for p in gateway.cfg.audit.dir.glob("*-cli-*.jsonl")]
     lines = path.read_bytes().splitlines(keepends=True)
     path.write_bytes(b"".join(lines[:-1]) + lines[-1].replace(b'"optout"', b'"optin"'))
     rebuilt = await optgate(gateway, "optout", "rebuild", "--from-audit")

@@ -344,4 +344,4 @@ async def sms_gateway(
 
 
 def store_pid(g: SmsGateway) -> int:
-    return int((g.running.cfg.data_dir / "redis" / "server.pid").read_text())
+    return int((g.running.cfg.gateway.data_dir / "redis" / "server.pid").read_text())
