@@ -247,6 +247,8 @@ class EmailFlow:
         bound = sub.sender.from_domains
         domain = from_domain if grants.from_permitted(bound, from_domain) else None
         links = self._links if category.unsubscribe else None
+        # Every copy has this body: its DKIM body hash is computed once, here.
+        bh = self._signer.body_hash(head.body, domain) if self._signer is not None else None
 
         def copy(rcpts: Sequence[_Rcpt]) -> Copy:
             prepend: tuple[bytes, ...] = ()
@@ -264,19 +266,20 @@ class EmailFlow:
             )
 
         if links is None or len(to_send) == 1:  # one copy: no tasks to fan out
-            return [await self._deliver(copy(to_send), domain)]
+            return [await self._deliver(copy(to_send), domain, bh)]
         gate = asyncio.Semaphore(COPY_CONCURRENCY)
 
         async def one(r: _Rcpt) -> Outcome:
             async with gate:
-                return await self._deliver(copy([r]), domain)
+                return await self._deliver(copy([r]), domain, bh)
 
         return list(await asyncio.gather(*(one(r) for r in to_send)))
 
-    async def _deliver(self, copy: Copy, domain: str | None) -> Outcome:
+    async def _deliver(self, copy: Copy, domain: str | None, bh: str | None) -> Outcome:
         if self._signer is not None:
             try:
-                copy = dataclasses.replace(copy, data=await self._signer.sign(copy.data, domain))
+                data = await self._signer.sign(copy.data, domain, body_hash=bh)
+                copy = dataclasses.replace(copy, data=data)
             except SigningFailed as exc:
                 log.error("dkim_sign_failed", error=str(exc)[:200], permanent=exc.permanent)
                 if exc.permanent:
