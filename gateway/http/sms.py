@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ import orjson
 import structlog
 from aiohttp import web
 
+from gateway import metrics
 from gateway.config import Sender
 from gateway.errors import AuditError
 from gateway.http.app import DEPS_KEY, HttpDeps, body_deadline, problem
@@ -98,8 +98,11 @@ def _sender(request: web.Request, deps: HttpDeps) -> Sender | None:
 async def _audit_auth_failure(deps: HttpDeps, route: str, reason: str, sender: str) -> None:
     known = sender if sender in deps.senders.senders else ""
     event = {"event": "auth_failure", "channel": "sms", "route": route, "reason": reason}
-    with contextlib.suppress(AuditError):
+    metrics.auth_failure("http")
+    try:
         await deps.audit.append([{**event, "sender": known}])
+    except AuditError:
+        metrics.audit_write_failure("sms")  # still refused
 
 
 async def _body(request: web.Request, content_type: str) -> bytes | int:
