@@ -11,8 +11,10 @@ and checks that the same request, sent again, succeeds with exactly one entry.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import secrets
+import time
 from typing import Any
 
 import aiohttp
@@ -22,8 +24,10 @@ import pytest
 from gateway import metrics
 from gateway.core.addresses import EmailAddress, parse_email
 from gateway.core.records import Record, pseudonym
+from gateway.errors import StoreUnavailable
 from tests.conftest import Running
 from tests.support.audit_disk import FailingAuditDisk
+from tests.support.cli import optgate
 from tests.support.sms_provider import SmsGateway
 
 PATIENT = "audit.first@example.org"
@@ -227,3 +231,51 @@ async def test_provider_21610_is_not_copied_into_the_store_without_its_audit_ent
     sent = g.stub.count
     assert (await g.rejected(NUMBER)).code == 21610  # now refused here, not by the provider
     assert g.stub.count == sent
+
+
+async def test_start_racing_an_opt_out_of_everything_by_another_writer_survives_a_rebuild(
+    g: SmsGateway,
+) -> None:
+    """The START's opt-in entry is durable, then another writer (the admin API, here on
+    another instance: its entry is in that instance's stream) opts the number out of
+    everything before the START's store write. START then lifts nothing, and the log
+    must say the other opt-out holds, or a rebuild from it would lift that opt-out."""
+    r = g.running
+    store = r.gw.store
+    assert store is not None
+    pseud = g.pseudonym(NUMBER)
+    assert (await g.inbound(text("STOP")))[0] == 200
+    loop = asyncio.get_running_loop()
+    raced: list[bool] = []
+
+    def another_writer_comes_first(tail: bytes) -> bool:  # on the audit writer's thread
+        if b'"event":"optin"' in tail and not raced:
+            raced.append(True)
+            write = store.opt_out("sms", pseud, all=True, source="api", now=time.time())
+            asyncio.run_coroutine_threadsafe(write, loop).result(timeout=10)
+        return False  # the disk works
+
+    disk = FailingAuditDisk(r.gw.audit)
+    disk.fail(when=another_writer_comes_first)
+    status, body = await g.inbound(text("START"))
+    await disk.heal()
+    assert raced and status == 200 and "not made by text" in body
+    record = await sms_record(g)
+    assert record is not None and record.all and record.source == "api"
+    events = [(e["event"], e.get("reason")) for e in changes(r, pseud)]
+    assert events == [("optout", None), ("optin", None), ("optout", "superseded")]
+
+    await store.client.flushall()
+    assert (await optgate(r, "store", "init", "--force")).returncode == 0
+    rebuilt = await optgate(r, "optout", "rebuild", "--from-audit")
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    deadline = time.monotonic() + 10
+    while True:  # the gateway takes the new sentinel by itself within seconds
+        try:
+            record = await sms_record(g)
+            break
+        except StoreUnavailable:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.2)
+    assert record is not None and record.all  # still opted out after the rebuild
+    assert (await g.rejected(NUMBER)).code == 21610
