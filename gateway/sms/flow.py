@@ -17,7 +17,8 @@ render a `Result` as Twilio's reply or as an RFC 9457 problem, and never decide 
 
 A provider error 21610 ("unsubscribed recipient": the number texted STOP to the provider
 directly) is copied into the local store as an opt-out of everything on SMS, so the next
-send is stopped here without asking the provider (threats.md B6).
+send is stopped here without asking the provider (threats.md B6). Its audit entry is
+written first: if it cannot be, nothing is copied, and the next send tries again.
 """
 
 from __future__ import annotations
