@@ -79,6 +79,13 @@ DECISION_KINDS: Final = frozenset({"allow", "suppress", "defer", "reject"})
 CHANNELS: Final = frozenset({"email", "sms"})
 CHANGE_KINDS: Final = frozenset({"optout", "optin"})
 SENTINEL_REASONS: Final = frozenset({"missing", "mismatch"})
+# Where an audit append failed: the paths that write entries (one short name per module).
+# ("writer" is for the audit writer itself, should it count its own failures.)
+AUDIT_WRITE_SITES: Final = frozenset(
+    {"smtp", "sms", "sms_inbound", "unsubscribe", "admin", "writer"}
+)
+# The listeners that authenticate: SMTP AUTH, and HTTP Basic or Bearer credentials.
+AUTH_CHANNELS: Final = frozenset({"smtp", "http"})
 
 # Store round trips are sub-millisecond on loopback and bounded by redis.timeout_ms (250 ms
 # default); upstream calls take tens of milliseconds to the provider's 30 s timeout.
@@ -218,6 +225,28 @@ AUDIT_FSYNC_SECONDS: Final = Histogram(
     buckets=AUDIT_FSYNC_BUCKETS,
     registry=REGISTRY,
 )
+AUDIT_WRITE_FAILURES: Final = Counter(
+    "optgate_audit_write_failures",
+    "Audit appends that failed (write or fsync), by where: what they were for is refused "
+    "(451 / 503) until the audit log can be written again.",
+    ["where"],
+    registry=REGISTRY,
+)
+AUTH_FAILURES: Final = Counter(
+    "optgate_auth_failures",
+    "Failed authentications (a wrong or missing credential, a role that may not call the "
+    "route), by channel (smtp, http).",
+    ["channel"],
+    registry=REGISTRY,
+)
+# Every series exists from the start at 0: Prometheus' increase() cannot see the first
+# increment of a series that appears with it, and the alerts count from the first failure.
+for _where in sorted(AUDIT_WRITE_SITES):
+    AUDIT_WRITE_FAILURES.labels(where=_where)
+for _channel in sorted(AUTH_CHANNELS):
+    AUTH_FAILURES.labels(channel=_channel)
+for _reason in sorted(SENTINEL_REASONS):
+    STORE_SENTINEL_MISSING.labels(reason=_reason)
 AUDIT_PRUNED_FILES: Final = Counter(
     "optgate_audit_pruned_files",
     "Audit files removed by retention (audit.retention_days).",
@@ -306,6 +335,16 @@ def optout_change(kind: str, source: str, count: int = 1) -> None:
 def audit_fsync(seconds: float) -> None:
     """One audit fsync took `seconds` (called on the audit writer's thread)."""
     AUDIT_FSYNC_SECONDS.observe(seconds)
+
+
+def audit_write_failure(where: str) -> None:
+    """Count one audit append that raised AuditError; `where` is one of AUDIT_WRITE_SITES."""
+    AUDIT_WRITE_FAILURES.labels(where=_one_of(where, AUDIT_WRITE_SITES)).inc()
+
+
+def auth_failure(channel: str) -> None:
+    """Count one failed authentication on `channel` ("smtp" or "http")."""
+    AUTH_FAILURES.labels(channel=_one_of(channel, AUTH_CHANNELS)).inc()
 
 
 def exposition() -> bytes:
@@ -401,6 +440,8 @@ __all__ = [
     "MULTIPROC_DIR",
     "MULTIPROC_ENV",
     "REGISTRY",
+    "audit_write_failure",
+    "auth_failure",
     "decision",
     "exposition",
     "fresh_multiprocess_dir",

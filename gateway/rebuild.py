@@ -1,8 +1,9 @@
 """`optgate optout rebuild --from-audit`: the opt-out store made again from the audit log.
 
-The audit log is the record of every opt-out and opt-in (each is audited, and through the
-admin API and the command line audited before it is applied), so a store that lost its
-data loses no opt-out: its ``optout`` and ``optin`` entries are replayed, oldest first
+The audit log is the record of every opt-out and opt-in (on every path, the admin API, the
+command line, an import, the unsubscribe links and address, texted keywords and the
+provider's 21610, each is audited before it is applied), so a store that lost its data
+loses no opt-out: its ``optout`` and ``optin`` entries are replayed, oldest first
 (by ``ts``, then stream and ``seq``, across every stream of the folder), into the store.
 The log holds pseudonyms, never addresses, and the store is keyed by pseudonym: records
 are restored by pseudonym, without an address (an export then lists them with address
@@ -15,6 +16,12 @@ Each entry is replayed as the change it states, never as a wider one:
 - an ``optin`` removes its ``categories``, and lifts the blanket opt-out when ``all`` is
   true, leaving category opt-outs in place (so a texted START after an API category
   opt-out restores what the store held).
+
+Audited first means a change whose store write then failed is in the log although it was
+never acknowledged: the caller was answered 503 / 451 and retries, so replaying it gives
+what the retry gives. A texted START whose record another writer changed in between is
+followed by an ``optout`` with ``"reason": "superseded"`` restating the opt-out that held,
+so its replay lifts nothing.
 
 The chain is verified first (`audit.verify`); a broken chain refuses the rebuild unless
 the caller allows it, since an edited log could replay opt-ins nobody asked for.

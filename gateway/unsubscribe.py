@@ -1,9 +1,14 @@
 """Recording an unsubscribe: the one path that the HTTPS routes and the mailto address share.
 
     token (verified first: pure, the same work for every input, no store access)
-      -> store write, durable (compare-and-set + WAITAOF)
+      -> store read (the record and the store's sentinel)
       -> one audit entry per category, durable (group-committed fsync)
-      -> only then acknowledged (SPEC §2.2)
+      -> store write, durable (compare-and-set + WAITAOF)
+      -> only then acknowledged
+
+The audit log is the record a lost store is rebuilt from (`optgate optout rebuild
+--from-audit`), so its entries are written before the store (`RecordWrites`' audit
+callback): an audit log that cannot be written leaves the store unchanged.
 
 Writes for one recipient are serialised within the process: the store's compare-and-set
 gives up after a few lost races, and a repeated click (or a hundred, threats A16) must
@@ -15,8 +20,10 @@ never back in (threats A16).
 
 Time to effect: a request is *received* when its handler starts (HTTP) or its DATA ends
 (SMTP); it *takes effect* when the store write is durable, because every lookup that
-starts afterwards, on any instance, reads it (SPEC §2.3). Each audit entry carries both,
-and `EFFECT` keeps the worst case seen by this process, for the metrics endpoint.
+starts afterwards, on any instance, reads it. Each audit entry carries the receipt and
+`effect_ms`, the time from receipt to the entry (written just before the store, so the
+effect follows it by one store write); `EFFECT` and the effect metric keep the time to
+the durable store write, the worst case seen by this process for the metrics endpoint.
 """
 
 from __future__ import annotations
@@ -40,6 +47,9 @@ from gateway.core import tokens
 from gateway.core.keys import Keyring
 from gateway.core.records import Record
 from gateway.core.rules import Category, Rules
+from gateway.errors import AuditError
+from gateway.store.writes import Audit as WriteAudit
+from gateway.store.writes import Written
 
 log = structlog.get_logger("optgate.unsubscribe")
 
@@ -50,7 +60,7 @@ Source = Literal["one-click", "page", "mailto"]
 class Store(Protocol):
     async def get(self, channel: str, pseudonym: str) -> Record | None: ...
 
-    async def opt_out(
+    async def opt_out_change(
         self,
         channel: str,
         pseudonym: str,
@@ -59,7 +69,8 @@ class Store(Protocol):
         all: bool = False,
         source: str,
         now: float,
-    ) -> Record: ...
+        audit: WriteAudit | None = None,
+    ) -> Written: ...
 
 
 class Audit(Protocol):
@@ -184,19 +195,13 @@ class Unsubscriber:
         unknown = [c for c in categories if c not in known]
         if unknown or (not all and not categories):
             raise ValueError("categories must name opt-outable email categories")
-        async with self._one_writer(claims.pseudonym):
-            record = await self._store.opt_out(
-                CHANNEL,
-                claims.pseudonym,
-                categories=categories,
-                all=all,
-                source=source,
-                now=self._clock(),
-            )
-        effect_s = time.perf_counter() - received.mono
         scope = ["all"] if all else list(dict.fromkeys(categories))
-        await self._audit.append(
-            [
+
+        async def first(planned: Written) -> None:
+            # One entry per category asked for, whatever the record held before (a repeated
+            # click is audited again); durable before the store is written.
+            effect_s = time.perf_counter() - received.mono
+            entries = [
                 {
                     "event": "optout",
                     "channel": CHANNEL,
@@ -208,12 +213,30 @@ class Unsubscriber:
                 }
                 for name in scope
             ]
-        )
+            try:
+                await self._audit.append(entries)
+            except AuditError:
+                metrics.audit_write_failure("unsubscribe")
+                raise
+
+        async with self._one_writer(claims.pseudonym):
+            written = await self._store.opt_out_change(
+                CHANNEL,
+                claims.pseudonym,
+                categories=categories,
+                all=all,
+                source=source,
+                now=self._clock(),
+                audit=first,
+            )
+        if written.after is None:  # an opt-out never deletes; a bug if it did
+            raise RuntimeError("opt_out removed a record")
+        effect_s = time.perf_counter() - received.mono
         EFFECT.observe(effect_s)
         metrics.optout_effect_seconds(source, effect_s)
         metrics.optout_change("optout", source)
         log.info("optout", source=source, scope=len(scope), effect_ms=round(effect_s * 1000, 1))
-        return record
+        return written.after
 
     async def by_mail(
         self, local_tokens: Sequence[str], data: bytes, *, received: Receipt

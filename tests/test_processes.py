@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import os
 import re
 import signal
@@ -27,6 +26,7 @@ import pytest
 import redis
 
 from tests.conftest import APP_PASSWORD
+from tests.support import phi
 from tests.support.processes import (
     ServeProcess,
     base_doc,
@@ -112,12 +112,7 @@ CANARIES = ["Canary.Patient+7F3A@Canary-Clinic.example", "zz.canary.q9x@Canary-C
 
 
 def forms(address: str) -> set[bytes]:
-    out: set[bytes] = set()
-    for a in {address, address.lower(), address.split("+", maxsplit=1)[0], "zz.canary.q9x"}:
-        raw = a.encode()
-        out |= {raw, base64.b64encode(raw), raw.hex().encode(), a.replace("@", "%40").encode()}
-    out.add(b"canary-clinic")
-    return out
+    return phi.needles(phi.email_forms(address) | {"zz.canary.q9x", "canary-clinic"})
 
 
 async def test_phi_canary_appears_nowhere(
@@ -140,24 +135,16 @@ async def test_phi_canary_appears_nowhere(
     r = redis.Redis(unix_socket_path=str(tmp_path / "var" / "redis" / "redis.sock"))
     try:
         r.config_set("appendfsync", "always")
-        dump = b"".join(k + b"\0" + (r.dump(k) or b"") for k in r.scan_iter())
+        stored = phi.store_blobs(r)
     finally:
         r.close()
     needles = set().union(*(forms(c) for c in CANARIES))
-    needles = {n.lower() for n in needles}
-    hits = []
-    blobs: list[tuple[str, bytes]] = [("redis", dump)]
-    for path in (tmp_path / "var").rglob("*"):
-        if path.is_file() and "outbox" not in path.parts and not path.name.endswith(".sock"):
-            blobs.append((str(path), path.read_bytes()))
+    blobs = [*stored, *phi.files_under(tmp_path / "var", skip={"outbox"})]
     a.stop()
     b.stop()
     for gw in (a, b):
         blobs.append((str(gw.log), gw.log.read_bytes()))
-    for where, blob in blobs:
-        low = blob.lower()
-        hits += [(where, n) for n in needles if n in low]
-    assert hits == []
+    assert phi.find(needles, blobs) == []
     assert any(p.suffix == ".jsonl" for p in (tmp_path / "var" / "audit").iterdir())
     # The keyed Message-ID is still found by the id the application logged.
     out = optgate("audit", "search", "--message-id", named_id, config=a.config)

@@ -74,9 +74,11 @@ async def _denied(
         "reason": reason,
         "key_id": kid,
     }
+    metrics.auth_failure("http")
     try:
         await audit(deps, [event])
     except AuditError:
+        metrics.audit_write_failure("admin")
         log.error("auth_failure_not_audited", route=event["route"])  # still denied
     if status == 401:
         return problem(
@@ -112,6 +114,7 @@ def requires(role: str) -> Callable[[AdminHandler], Callable[[web.Request], Awai
                 metrics.store_error("admin")
                 return unavailable("the opt-out store")
             except AuditError:
+                metrics.audit_write_failure("admin")
                 return unavailable("the audit log")
 
         guarded.__name__ = handler.__name__

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ import orjson
 import structlog
 from aiohttp import web
 
+from gateway import metrics
 from gateway.config import Sender
 from gateway.errors import AuditError
 from gateway.http.app import DEPS_KEY, HttpDeps, body_deadline, problem
@@ -118,8 +118,11 @@ async def _audit_auth_failure(
     }  # fmt: skip
     if blocks:  # this failure reached the client address's limit (the address is not kept)
         event["blocks"] = True
-    with contextlib.suppress(AuditError):
+    metrics.auth_failure("http")
+    try:
         await deps.audit.append([{**event, "sender": known}])
+    except AuditError:
+        metrics.audit_write_failure("sms")  # still refused
 
 
 async def _body(request: web.Request, content_type: str) -> bytes | int:

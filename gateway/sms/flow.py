@@ -17,7 +17,8 @@ render a `Result` as Twilio's reply or as an RFC 9457 problem, and never decide 
 
 A provider error 21610 ("unsubscribed recipient": the number texted STOP to the provider
 directly) is copied into the local store as an opt-out of everything on SMS, so the next
-send is stopped here without asking the provider (threats.md B6).
+send is stopped here without asking the provider (threats.md B6). Its audit entry is
+written first: if it cannot be, nothing is copied, and the next send tries again.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from gateway.errors import AuditError, RecordCorrupt, StoreUnavailable
 from gateway.sms import keywords_store, message
 from gateway.sms.message import Outgoing, Refusal
 from gateway.sms.provider import Provider, ProviderError, Reply
+from gateway.store.writes import Written
 
 log = structlog.get_logger("optgate.sms")
 
@@ -176,6 +178,7 @@ class SmsFlow:
             await self._audit.append([_decision(base, decision)])
         except AuditError:
             log.error("audit_unavailable", txn=txn, channel=CHANNEL)
+            metrics.audit_write_failure("sms")
             return Refused(txn=txn, kind="audit-unavailable")
         metrics.decision(decision.verdict.value, CHANNEL, category.name)
         if decision.verdict is Verdict.SUPPRESS:
@@ -218,6 +221,7 @@ class SmsFlow:
             await self._audit.append([_decision({**base, "category": category}, d)])
         except AuditError:
             log.error("audit_unavailable", txn=base["txn"], channel=CHANNEL)
+            metrics.audit_write_failure("sms")
             return
         metrics.decision(d.verdict.value, CHANNEL, category)
 
@@ -251,20 +255,11 @@ class SmsFlow:
             await self._audit.append([event])
         except AuditError:
             log.error("audit_outcome_write_failed", txn=base["txn"], channel=CHANNEL)
+            metrics.audit_write_failure("sms")
 
     async def _copy_provider_opt_out(self, base: dict[str, str], recipient: str, e164: str) -> None:
-        try:
-            # Claimed as a texted STOP (the number texted it to the provider), so the
-            # number's own START through the inbound webhook can lift it again.
-            await keywords_store.stop(
-                self._store,
-                CHANNEL,
-                recipient,
-                source=PROVIDER_OPT_OUT_SOURCE,
-                now=time.time(),
-                address=e164,  # sealed in the record, for the preferences export
-            )
-            metrics.optout_change("optout", PROVIDER_OPT_OUT_SOURCE)
+        async def first(planned: Written) -> None:
+            # Audit first: the log is the record a lost store is rebuilt from.
             await self._audit.append(
                 [
                     {
@@ -278,9 +273,25 @@ class SmsFlow:
                     }
                 ]
             )
-        except (StoreUnavailable, RecordCorrupt, AuditError):
+
+        try:
+            # Claimed as a texted STOP (the number texted it to the provider), so the
+            # number's own START through the inbound webhook can lift it again.
+            await keywords_store.stop(
+                self._store,
+                CHANNEL,
+                recipient,
+                source=PROVIDER_OPT_OUT_SOURCE,
+                now=time.time(),
+                address=e164,  # sealed in the record, for the preferences export
+                audit=first,
+            )
+            metrics.optout_change("optout", PROVIDER_OPT_OUT_SOURCE)
+        except (StoreUnavailable, RecordCorrupt, AuditError) as exc:
             # The provider keeps refusing this number, so nothing is lost: the copy is
             # attempted again on the next send.
+            if isinstance(exc, AuditError):
+                metrics.audit_write_failure("sms")
             log.warning("provider_opt_out_not_copied", txn=base["txn"])
 
 

@@ -7,9 +7,10 @@ handled here; anything else goes to the application's inbound webhook.
 
 - stop: the number is opted out of every opt-outable SMS category, as one record flag
   (`all`), so categories added to the rules later are covered too and emergency alerts
-  (`opt_out = false`) still flow. Acknowledged (the one TwiML confirmation, 47 CFR
-  64.1200(a)(12)) only once the store write and the audit entry are durable (SPEC §2.2);
-  otherwise 503, and the provider's retry is idempotent.
+  (`opt_out = false`) still flow. The audit entry is written first (the log is the
+  record a lost store is rebuilt from), then the store; acknowledged (the one TwiML
+  confirmation, 47 CFR 64.1200(a)(12)) only once both are durable. If either fails the
+  answer is 503 and nothing is acknowledged; the provider's retry is idempotent.
 - start: undoes what a texted STOP did and nothing else (`keywords_store`): the opt-out
   of everything is lifted when a texted STOP (or the provider's 21610) set it and no other
   source has written the record since; category opt-outs made through the API, an import
@@ -41,7 +42,7 @@ import structlog
 from gateway import metrics
 from gateway.core.addresses import parse_phone
 from gateway.core.keys import Keyring
-from gateway.core.records import pseudonym
+from gateway.core.records import Record, pseudonym
 from gateway.core.rules import KeywordMatch, Rules, normalise_reply
 from gateway.errors import AuditError, RecordCorrupt, StoreUnavailable
 from gateway.sms import keywords_store, signature
@@ -208,6 +209,7 @@ class Inbound:
             await self._audit.append([{"event": "sms_inbound", **base, "action": "duplicate"}])
         except AuditError:
             log.error("audit_unavailable", channel=CHANNEL, action="duplicate")
+            metrics.audit_write_failure("sms_inbound")
         return InboundReply(status=200)
 
     async def _act(
@@ -229,6 +231,34 @@ class Inbound:
             helped = {"event": "sms_inbound", **base, "action": "help", "rule": rule}
             return await self._audited(helped, match, twiml_message(rules.sms_help))
         started = time.monotonic()
+        kind = "optout" if match.kind == "stop" else "optin"
+        event: dict[str, Any] = {
+            "event": kind,
+            **base,
+            "categories": [],
+            "all": True,
+            "source": SOURCE,
+            "rule": rule,
+            "change": "",  # audited before the store write: no change-stream id yet
+        }
+
+        async def first(planned: Written) -> None:
+            # The log is the record a lost store is rebuilt from: the entry is durable
+            # before the store changes, and if it cannot be written nothing changes.
+            entry = dict(event)
+            if match.kind == "start":
+                # START lifts the opt-out of everything only; these stay.
+                entry["kept"] = sorted(planned.after.categories) if planned.after else []
+            await self._audit.append([{**entry, "matched": match.matched}])
+
+        async def superseded(current: Record) -> None:
+            # The START's entry is in the log but another writer's opt-out of everything
+            # now holds: say so, so a rebuild from the log keeps it.
+            await self._audit.append([{
+                "event": "optout", **base, "categories": [], "all": True,
+                "source": current.source, "rule": rule, "change": "", "reason": "superseded",
+            }])  # fmt: skip
+
         outcome = "lifted"
         written: Written | None
         try:
@@ -240,11 +270,18 @@ class Inbound:
                     source=SOURCE,
                     now=arrived,
                     address=e164,  # sealed in the record, for the preferences export
+                    audit=first,
                 )
             else:
                 outcome, written = await keywords_store.start(
-                    self._store, CHANNEL, base["recipient"], source=SOURCE, now=arrived
-                )
+                    self._store, CHANNEL, base["recipient"], source=SOURCE, now=arrived,
+                    audit=first, superseded=superseded,
+                )  # fmt: skip
+        except AuditError:
+            # Nothing was written: the provider's retry (this answer is 503) tries again.
+            log.error("audit_unavailable", channel=CHANNEL, action=match.kind)
+            metrics.audit_write_failure("sms_inbound")
+            return UNAVAILABLE
         except StoreUnavailable:
             log.warning("store_unavailable", channel=CHANNEL, action=match.kind)
             metrics.store_error("write")
@@ -256,25 +293,11 @@ class Inbound:
             return UNAVAILABLE
         if outcome != "lifted" or written is None:
             return await self._start_unchanged(base, match, rules, rule, outcome)
-        event: dict[str, Any] = {
-            "event": "optout" if match.kind == "stop" else "optin",
-            **base,
-            "categories": [],
-            "all": True,
-            "source": SOURCE,
-            "rule": rule,
-            "change": written.change_id,
-        }
-        if match.kind == "start":
-            # START lifts the opt-out of everything only; these stay.
-            event["kept"] = sorted(written.after.categories) if written.after else []
+        metrics.optout_change(kind, SOURCE)
+        if match.kind == "stop":
+            metrics.optout_effect_seconds(SOURCE, time.monotonic() - started)
         text = rules.sms_stop_reply if match.kind == "stop" else rules.sms_start_reply
-        reply = await self._audited(event, match, twiml_message(text))
-        if reply.status == 200:
-            metrics.optout_change(event["event"], SOURCE)
-            if match.kind == "stop":
-                metrics.optout_effect_seconds(SOURCE, time.monotonic() - started)
-        return reply
+        return InboundReply(status=200, twiml=twiml_message(text))
 
     async def _start_unchanged(
         self,
@@ -302,6 +325,7 @@ class Inbound:
             await self._audit.append([{**event, "matched": match.matched}])
         except AuditError:
             log.error("audit_unavailable", channel=CHANNEL, action=match.kind)
+            metrics.audit_write_failure("sms_inbound")
             return UNAVAILABLE
         return InboundReply(status=200, twiml=twiml)
 
@@ -331,6 +355,7 @@ class Inbound:
         except AuditError:
             # The text is delivered or kept; failing now would only have it sent again.
             log.error("audit_unavailable", channel=CHANNEL, action=action)
+            metrics.audit_write_failure("sms_inbound")
         return reply
 
     async def report(self, item: Queued | None, action: str, attempts: int) -> None:
@@ -347,3 +372,4 @@ class Inbound:
             await self._audit.append([event])
         except AuditError:
             log.error("audit_unavailable", channel=CHANNEL, action=action)
+            metrics.audit_write_failure("sms_inbound")

@@ -32,13 +32,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from gateway.core.keys import Keyring
 from gateway.core.records import Record
 from gateway.store.names import check_hex
-from gateway.store.writes import Written
+from gateway.store.writes import Audit, Written
 
 INBOUND_PREFIX = "og:in:"
 CLAIM_PREFIX = "og:kw:"
@@ -150,13 +151,22 @@ async def read_claim(store: Any, pseudonym: str) -> Claim | None:
 
 
 async def stop(
-    store: Any, channel: str, pseudonym: str, *, source: str, now: float, address: str
+    store: Any,
+    channel: str,
+    pseudonym: str,
+    *,
+    source: str,
+    now: float,
+    address: str,
+    audit: Audit | None = None,
 ) -> Written:
     """Opt the number out of everything (a texted STOP, or the provider's 21610), and claim
-    it. Durable when it returns; raises StoreUnavailable or RecordCorrupt."""
+    it. Durable when it returns; with `audit`, audited before the store is written (an
+    audit log that cannot be written leaves the store unchanged). Raises StoreUnavailable,
+    RecordCorrupt, or what `audit` raises."""
     before_claim = await read_claim(store, pseudonym)
     written: Written = await store.opt_out_change(
-        channel, pseudonym, all=True, source=source, now=now, address=address
+        channel, pseudonym, all=True, source=source, now=now, address=address, audit=audit
     )
     before = written.before
     # A second STOP keeps the first one's claim; an opt-out of everything by anyone else
@@ -176,10 +186,24 @@ StartOutcome = Literal["lifted", "not-opted-out", "not-by-text", "older-than-sto
 
 
 async def start(
-    store: Any, channel: str, pseudonym: str, *, source: str, now: float
+    store: Any,
+    channel: str,
+    pseudonym: str,
+    *,
+    source: str,
+    now: float,
+    audit: Audit | None = None,
+    superseded: Callable[[Record], Awaitable[None]] | None = None,
 ) -> tuple[StartOutcome, Written | None]:
     """Lift what a texted STOP set (the `all` flag; category opt-outs stay), if it still
-    holds and arrived before `now`. Raises StoreUnavailable or RecordCorrupt."""
+    holds and arrived before `now`. With `audit`, audited before the store is written.
+
+    Should another writer change the record between that audit entry and the write (the
+    compare-and-set then reads it again) so that its opt-out of everything is no longer
+    the STOP's, nothing is lifted, but the log already holds the opt-in: `superseded` is
+    called with the record as it now is, to audit that it still holds (a rebuild from the
+    log must not lift it). Raises StoreUnavailable, RecordCorrupt, or what `audit` or
+    `superseded` raise."""
     claim = await read_claim(store, pseudonym)
     record: Record | None = await store.get(channel, pseudonym)
     if record is None or not record.all:
@@ -189,7 +213,10 @@ async def start(
     if claim is not None and claim.at_ms > _ms(now):
         return "older-than-stop", None
 
+    seen: list[Record | None] = []  # the record each attempt read
+
     def lift(current: Record | None) -> Record | None:
+        seen.append(current)
         if current is None or not texted_all(current, claim):
             raise _NotTexted
         after = Record(
@@ -201,10 +228,21 @@ async def start(
         )
         return None if after.empty else after
 
+    audited = False
+
+    async def first(planned: Written) -> None:
+        nonlocal audited
+        if audit is not None:
+            await audit(planned)
+            audited = True
+
     try:
         written: Written = await store.change_record(
-            channel, pseudonym, lift, intent="optin", source=source, now=now
+            channel, pseudonym, lift, intent="optin", source=source, now=now, audit=first
         )
     except _NotTexted:
+        latest = seen[-1] if seen else None
+        if audited and superseded is not None and latest is not None and latest.all:
+            await superseded(latest)
         return "not-by-text", None
     return "lifted", written

@@ -374,7 +374,11 @@ class EmailFlow:
             }
             for r, d in zip(rcpts, decisions, strict=True)
         ]
-        await self._audit.append(events)
+        try:
+            await self._audit.append(events)
+        except AuditError:
+            metrics.audit_write_failure("smtp")  # the session answers 451
+            raise
         for d in decisions:
             metrics.decision(d.verdict.value, CHANNEL, category or "-")
 
@@ -425,6 +429,7 @@ class EmailFlow:
             # sender to retry now would only duplicate them. The writer now refuses further
             # appends, so the next message fails closed.
             log.error("audit_outcome_write_failed", txn=base["txn"])
+            metrics.audit_write_failure("smtp")
         if temp:
             if accepted:
                 try:

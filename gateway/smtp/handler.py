@@ -22,7 +22,7 @@ from aiosmtpd.smtp import (
     Session,
 )
 
-from gateway import tls
+from gateway import metrics, tls
 from gateway.config import Sender
 from gateway.core import tokens
 from gateway.core.addresses import AddressProblem, parse_email
@@ -108,6 +108,7 @@ class GatewayHandler:
         if isinstance(result, Busy):
             return AuthResult(success=False, handled=False, message=BUSY_REPLY)
         log.info("auth_failure", mechanism=mechanism, blocks=result.blocks)
+        metrics.auth_failure("smtp")
         await self._audit_auth_failure(name, mechanism, result)
         return AuthResult(success=False, handled=False)  # 535 5.7.8
 

@@ -15,9 +15,10 @@ retry writes the entry.
 
 Audit first: a write given an `audit` callback calls it with the change it is about to
 make (the record before and after; no change-stream id yet) and writes only once it
-returned, so an audit log that cannot be written leaves the store unchanged (the admin
-API's and the command line's rule). Should the compare-and-set lose to a concurrent
-writer, the change is planned again and audited again only if it differs.
+returned, so an audit log that cannot be written leaves the store unchanged (the rule of
+every opt-out and opt-in: the audit log is the record a lost store is rebuilt from).
+Should the compare-and-set lose to a concurrent writer, the change is planned again and
+audited again only if it differs.
 
 The read before a write includes the store's sentinel (``redis_store``): nothing is
 written into a store that lost its data as if it were new.
@@ -480,9 +481,12 @@ class RecordWrites:
         intent: str,
         source: str,
         now: float,
+        audit: Audit | None = None,
     ) -> Written:
         """A compare-and-set write of ``change(current)`` (None deletes the record), for a
         writer with its own merge rule (``gateway.sms.keywords_store``: START lifts only what
         a texted STOP set). `change` may run more than once; an exception it raises ends the
-        write with nothing written."""
-        return await self._write(channel, pseudonym, change, intent=intent, source=source, now=now)
+        write with nothing written. With `audit`, audited first (module docstring)."""
+        return await self._write(
+            channel, pseudonym, change, intent=intent, source=source, now=now, audit=audit
+        )

@@ -311,7 +311,12 @@ class SmsGateway:
 
 @contextlib.asynccontextmanager
 async def sms_gateway(
-    make_gateway: Any, pki: TestPki, monkeypatch: pytest.MonkeyPatch, **stub_options: Any
+    make_gateway: Any,
+    pki: TestPki,
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    senders: list[dict[str, Any]] | None = None,
+    **stub_options: Any,
 ) -> AsyncIterator[SmsGateway]:
     """A stub provider and a gateway wired to it (sends, inbound forwards), for a fixture:
 
@@ -336,7 +341,7 @@ async def sms_gateway(
                     "inbound_forward_url": stub.hook_url,
                 }
             },
-            senders=SENDERS,
+            senders=SENDERS if senders is None else senders,
         )
         yield SmsGateway(running=running, stub=stub)
     finally:
