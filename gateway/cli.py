@@ -17,13 +17,14 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import orjson
 
 from gateway import __version__, keyfile, logs, senders, tls
 from gateway import config as config_mod
 from gateway import rules as rules_io
+from gateway.audit import commands as audit_commands
 from gateway.audit import verify as audit_verify
 from gateway.audit.writer import AuditWriter
 from gateway.config import Config
@@ -66,9 +67,15 @@ def _recipient_key(cfg: Config, channel: str, address: str) -> str:
 
 
 @contextlib.asynccontextmanager
-async def _cli_audit(cfg: Config, ring: keys_mod.Keyring) -> AsyncIterator[AuditWriter]:
+async def _cli_audit(
+    cfg: Config, ring: keys_mod.Keyring, anchor_client: Any = None
+) -> AsyncIterator[AuditWriter]:
     writer = AuditWriter(
-        cfg.audit_dir, instance=cfg.instance, stream=f"{cfg.instance}-cli", keyring=ring
+        cfg.audit_dir,
+        instance=cfg.instance,
+        stream=f"{cfg.instance}-cli",
+        keyring=ring,
+        anchor_client=anchor_client,  # the store's client: the stream's head is anchored there
     )
     deadline = time.monotonic() + CLI_AUDIT_LOCK_WAIT_S
     while True:
@@ -121,7 +128,7 @@ async def _optout(cfg: Config, args: argparse.Namespace) -> int:
         events = change_events(
             written, channel=args.channel, pseud=pseud, source="cli", by={"by": "cli"}, via="cli"
         )
-        async with _cli_audit(cfg, ring) as audit:
+        async with _cli_audit(cfg, ring, store.client) as audit:
             await audit.append(events)
         print(orjson.dumps(state_json(args.channel, written.after)).decode())
         return 0
@@ -180,13 +187,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
     cfg = _config(args)
     ring = keyfile.load(cfg.keys_file)
     if args.action == "verify":
-        path = Path(args.path) if args.path else cfg.audit_dir
-        result = audit_verify.verify_path(path, ring)
-        if not result.ok:
-            print(f"{result.file}:{result.line}: {result.why}")
-            return EXIT_FAILURE
-        print(f"ok: {result.entries} entries intact in {path}", file=sys.stderr)
-        return 0
+        return asyncio.run(audit_commands.verify(cfg, ring, args.path, args.anchor))
+    if args.action == "anchor":
+        return asyncio.run(audit_commands.anchor(cfg, ring))
     recipient = None
     if args.recipient:
         channel = args.channel or ("email" if "@" in args.recipient else "sms")
@@ -325,7 +328,16 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument(
         "path", nargs="?", metavar="PATH", help="a file or directory (default: audit.dir)"
     )
+    v.add_argument(
+        "--anchor",
+        metavar="FILE",
+        help="check against a copy made by `optgate audit anchor` instead of the store",
+    )
     v.set_defaults(func=cmd_audit)
+    an = with_config(
+        ausub.add_parser("anchor", help="print every stream's head, sealed, to keep off the host")
+    )
+    an.set_defaults(func=cmd_audit)
     se = with_config(ausub.add_parser("search", help="print matching entries as JSON lines"))
     se.add_argument("--recipient", metavar="ADDRESS", help="pseudonymised before searching")
     se.add_argument(
