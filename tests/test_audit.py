@@ -589,3 +589,46 @@ async def test_search_filters_and_merges_streams(tmp_path: Path, ring: Keyring) 
     assert verify_path(tmp_path, ring) == VerifyResult(
         ok=True, file=None, line=0, why="", entries=7
     )
+
+
+# -- anchors ------------------------------------------------------------------------------
+
+
+async def test_a_store_that_never_answers_delays_no_audit_write(
+    tmp_path: Path, ring: Keyring
+) -> None:
+    """Anchors are best effort: with the store hanging, appends are as quick as ever, the
+    failure is logged once, and close() ends within the anchor budgets."""
+    import redis.asyncio as aioredis
+
+    from gateway.audit.anchors import ANCHOR_BUDGET_S
+
+    async def silent(reader: asyncio.StreamReader, writer_: asyncio.StreamWriter) -> None:
+        await reader.read()  # takes every command, answers none
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = aioredis.Redis(host="127.0.0.1", port=port, socket_timeout=30)
+    w = writer(tmp_path, ring, clock=Clock(), anchor_client=client)
+    loop = asyncio.get_running_loop()
+    try:
+        with capture_logs() as logs:
+            await w.open()
+            started = loop.time()
+            for i in range(1, 41):
+                await w.append([decision(i)])
+                if i % 10 == 0:
+                    await asyncio.sleep(0.5)  # the anchor task runs meanwhile
+            appended = loop.time() - started
+            await w.close()
+            closed = loop.time() - started - appended
+    finally:
+        await client.aclose()
+        server.close()
+    assert appended < 2.0 + 0.5 * 4  # the sleeps, plus 40 fsyncs on a loaded machine
+    assert closed < 3 * ANCHOR_BUDGET_S + 1.0
+    assert [e["event"] for e in logs if e["event"].startswith("audit_anchor")] == [
+        "audit_anchor_unchecked",
+        "audit_anchor_failed",
+    ]
+    assert verify_path(tmp_path, ring).entries == 40

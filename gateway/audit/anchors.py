@@ -225,12 +225,45 @@ class AnchorPublisher:
         self._task: asyncio.Task[None] | None = None
         self._failing = False
         self._stopping = False
+        # The stored anchor showed a cut (check_disk): it is evidence, never overwritten.
+        self.frozen = False
 
     def note(self, file: str, line: bytes) -> None:
         """The entry `line` of `file` is durable (called on the loop after each batch)."""
         self._head = (file, line)
         if self._published is None or self._published[0] != file:
             self._wake.set()  # a new stream or a new file: anchor it now
+
+    async def check_disk(self, *, seq: int, mac: str) -> None:
+        """At open: compare the stored anchor with where the stream stands on disk.
+
+        The disk must reach the anchor (entries after it are fine: a crash can come before
+        the next anchor). If it falls short, or holds another entry at the anchored seq, the
+        files were cut since: say so loudly and never overwrite that anchor, so that
+        `audit verify` keeps reporting the cut rather than a restart hiding it.
+        """
+        try:
+            async with asyncio.timeout(self._budget_s):
+                stored = await self._client.hget(self._key, self._stream)
+        except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
+            log.warning("audit_anchor_unchecked", stream=self._stream, error=type(exc).__name__)
+            return
+        if stored is None:
+            return
+        line = stored.encode() if isinstance(stored, str) else stored
+        head = open_head(line, keys=self._keys(), instance=self._instance, stream=self._stream)
+        if isinstance(head, str):
+            log.error("audit_anchor_invalid", stream=self._stream, why=head)
+            self.frozen = True
+        elif head.seq > seq or (head.seq == seq and head.mac != mac):
+            log.error(
+                "audit_anchor_ahead_of_disk",
+                stream=self._stream,
+                anchor_seq=head.seq,
+                disk_seq=seq,
+                file=head.file,
+            )
+            self.frozen = True
 
     def start(self) -> None:
         if self._task is None:
@@ -264,7 +297,7 @@ class AnchorPublisher:
         """Write the newest head (again, even if unchanged: a store restored from a backup
         or flushed gets it back within a second); False (logged) if the store failed."""
         head = self._head
-        if head is None:
+        if head is None or self.frozen:
             return True
         parsed = head_of(*head)
         if parsed is None:  # cannot happen for a line the writer sealed

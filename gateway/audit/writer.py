@@ -186,6 +186,7 @@ class AuditWriter:
                 keys=lambda: self._keys,
                 clock=self.clock,
             )
+            await self._anchors.check_disk(seq=state.seq, mac=state.prev)
             self._anchors.start()
 
     def _install(self, state: OpenState) -> None:

@@ -49,7 +49,9 @@ class Log:
     r: Running
     cfg: Path  # the config file for `optgate` processes
     dir: Path
+    make_gateway: GatewayFactory
     extra: tuple[str, ...] = ()  # what `audit verify` is given besides the config
+    sent: int = SENDS_W0 + SENDS_W1  # what the sink must hold
 
     def files(self, stream: str) -> list[Path]:
         return [p for _, _, p in files.stream_files(self.dir, stream)]
@@ -97,7 +99,8 @@ async def two_streams(make_gateway: GatewayFactory) -> Log:
         "keys": {"file": str(r.cfg.keys_file)},
         "audit": {"dir": str(r.cfg.audit_dir)},
     }
-    log = Log(r=r, cfg=write_config(r.tmp_path / "cli.toml", doc), dir=r.cfg.audit_dir)
+    cfg = write_config(r.tmp_path / "cli.toml", doc)
+    log = Log(r=r, cfg=cfg, dir=r.cfg.audit_dir, make_gateway=make_gateway)
     assert len(r.sink.messages) == SENDS_W0 + SENDS_W1
     assert log.decisions() == SENDS_W0 + SENDS_W1
     assert len(log.files(W0)) >= 2 and log.files(W1)
@@ -226,6 +229,29 @@ async def cut_the_tail_and_write_past_the_anchor(log: Log) -> str:
     return f"{log.newest()}:{line}: seq {m} is not the entry its anchor names"
 
 
+def where(log: Log, seq: int) -> str:
+    """FILE:LINE of the entry `seq` of the first stream."""
+    for path in log.files(W0):
+        for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+            if orjson.loads(raw)["seq"] == seq:
+                return f"{path}:{number}"
+    raise AssertionError(f"no seq {seq}")
+
+
+async def cut_the_tail_and_restart_the_gateway(log: Log) -> str:
+    """The restarted writer finds its stored anchor past the disk: it logs the cut and
+    never overwrites that anchor, so new entries past it cannot hide the cut."""
+    newest, m = log.newest(), log.last_seq()
+    cut_lines(newest, 2)
+    r: Running = await log.make_gateway(audit={"max_file_bytes": SMALL_FILES})
+    for i in range(3):
+        assert (await r.send([f"again{i}@example.org"]))[0] == 250
+    await r.gw.stop(grace_s=2)
+    log.sent += 3
+    assert log.last_seq() > m
+    return f"{where(log, m)}: seq {m} is not the entry its anchor names"
+
+
 async def forge_the_anchor_copy(log: Log) -> str:
     copy = log.r.tmp_path / "anchors.json"
     out = optgate("audit", "anchor", config=log.cfg)
@@ -249,6 +275,7 @@ ATTACKS: list[Callable[[Log], Awaitable[str]]] = [
     copy_another_streams_anchor_over_this_one,
     wipe_the_store_anchors_but_an_earlier_copy_catches_the_cut,
     cut_the_tail_and_write_past_the_anchor,
+    cut_the_tail_and_restart_the_gateway,
     forge_the_anchor_copy,
 ]
 
@@ -263,7 +290,7 @@ async def test_audit_deletions_are_caught_by_the_anchors(
     expected = await attack(log)
     out = log.verify(*log.extra)
     assert (out.returncode, out.stdout) == (1, expected + "\n"), out.stderr
-    assert len(log.r.sink.messages) == SENDS_W0 + SENDS_W1  # nothing sent again meanwhile
+    assert len(log.r.sink.messages) == log.sent  # what was sent, and nothing more
 
 
 async def test_a_tail_written_after_the_anchor_is_ahead_not_cut(
