@@ -17,7 +17,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import orjson
 
@@ -67,12 +67,15 @@ def _recipient_key(cfg: Config, channel: str, address: str) -> str:
 
 
 @contextlib.asynccontextmanager
-async def _cli_audit(cfg: Config, ring: keys_mod.Keyring) -> AsyncIterator[AuditWriter]:
+async def _cli_audit(
+    cfg: Config, ring: keys_mod.Keyring, anchor_client: Any = None
+) -> AsyncIterator[AuditWriter]:
     writer = AuditWriter(
         cfg.audit.dir,
         instance=cfg.gateway.instance,
         stream=f"{cfg.gateway.instance}-cli",
         keyring=ring,
+        anchor_client=anchor_client,  # the store's client: the stream's head is anchored there
     )
     deadline = time.monotonic() + CLI_AUDIT_LOCK_WAIT_S
     while True:
@@ -109,7 +112,7 @@ async def _optout(cfg: Config, args: argparse.Namespace) -> int:
             print(orjson.dumps(state_json(args.channel, record)).decode())
             return 0
         now = time.time()
-        async with _cli_audit(cfg, ring) as audit:
+        async with _cli_audit(cfg, ring, store.client) as audit:
             # The same entries as the admin API's for the same change: what was added or
             # removed and who made it, durable before the store changes (`store.writes`).
             async def audit_first(planned: Written) -> None:
@@ -341,7 +344,16 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument(
         "path", nargs="?", metavar="PATH", help="a file or directory (default: audit.dir)"
     )
+    v.add_argument(
+        "--anchor",
+        metavar="FILE",
+        help="check against a copy made by `optgate audit anchor` instead of the store",
+    )
     v.set_defaults(func=cmd_audit)
+    an = with_config(
+        ausub.add_parser("anchor", help="print every stream's head, sealed, to keep off the host")
+    )
+    an.set_defaults(func=cmd_audit)
     se = with_config(ausub.add_parser("search", help="print matching entries as JSON lines"))
     se.add_argument("--recipient", metavar="ADDRESS", help="pseudonymised before searching")
     se.add_argument(

@@ -132,7 +132,7 @@ async def _import(cfg: Config, fd: int, name: str, csv_mode: bool) -> int:
     store.stream_addresses = any(h.include_address for h in cfg.sync.webhooks)
     failure: tuple[int, str] | None = None
     try:
-        async with _cli_audit(cfg, ring) as audit:
+        async with _cli_audit(cfg, ring, store.client) as audit:
             job = ImportJob(_deps(cfg, store, audit, ring), CLI)
             try:
                 await job.run(_chunks(fd), csv_mode=csv_mode)
@@ -274,7 +274,7 @@ async def _export(
         return EXIT_TEMPFAIL, f"opt-out store unavailable: {exc}"
     export = Export(store, channels, csv_mode=csv_mode)
     try:
-        async with _cli_audit(cfg, ring) as audit:
+        async with _cli_audit(cfg, ring, store.client) as audit:
             # On record before any address leaves, as the admin API's export.
             await audit.append([CLI.access("optout.export", channels=list(channels))])
             try:

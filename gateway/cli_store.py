@@ -57,13 +57,13 @@ async def _init(cfg: Config, force: bool) -> int:
                 )
             written = not named_before
             if written:
-                async with _cli_audit(cfg, ring) as audit:
+                async with _cli_audit(cfg, ring, store.client) as audit:
                     await audit.append([_event(forced=False, before="none", sid=sentinel_id)])
             _print({"sentinel": "written" if written else "present", "forced": False})
             return 0
         held = await sentinel.status(store, keyfile.load(cfg.keys.file))
         sentinel_id = new_sentinel_id()
-        async with _cli_audit(cfg, ring) as audit:
+        async with _cli_audit(cfg, ring, store.client) as audit:
             # Audited first: a store accepted as new is on record before it is accepted.
             await audit.append([_event(forced=True, before=held.found, sid=sentinel_id)])
         await sentinel.initialise(store, cfg.keys.file, force=True, sentinel_id=sentinel_id)
@@ -101,7 +101,7 @@ async def _rebuild(cfg: Config, path: Path, allow_broken: bool) -> int:
     found = rebuild.changes(path, tally)
     store, embedded = await open_store(cfg, ring, quiet=True)
     try:
-        async with _cli_audit(cfg, ring) as audit:
+        async with _cli_audit(cfg, ring, store.client) as audit:
             await audit.append(
                 [
                     {

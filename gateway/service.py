@@ -209,6 +209,7 @@ class Gateway:
             stream=self.stream or cfg.gateway.instance,
             keyring=self._ring,
             fsync=timed_fsync,
+            anchor_client=self.store.client,  # the stream's head is anchored in the store
         )
         await self.audit.open()
         self._closers.append(self.audit.close)

@@ -19,7 +19,12 @@ import pytest
 from structlog.testing import capture_logs
 
 from gateway.audit.verify import VerifyResult, search, verify_path
-from gateway.audit.writer import AuditWriter, file_name
+from gateway.audit.writer import (
+    RECOVER_INTERVAL_S,
+    RECOVER_MIN_INTERVAL_S,
+    AuditWriter,
+    file_name,
+)
 from gateway.core import audit as core
 from gateway.core.keys import Keyring, generate, rotate
 from gateway.errors import AuditError, KeyringError
@@ -393,7 +398,8 @@ async def test_unwritable_day_file_acknowledges_nothing(tmp_path: Path, ring: Ke
         *(w.append([decision(n)]) for n in range(2, 12)), return_exceptions=True
     )
     assert all(isinstance(r, AuditError) for r in results)
-    with pytest.raises(AuditError, match="reopen"):
+    await asyncio.sleep(RECOVER_MIN_INTERVAL_S)
+    with pytest.raises(AuditError, match="cannot"):  # recovery finds the same obstacle
         await w.append([decision(12)])
     await w.close()
     assert verify_path(tmp_path, ring).entries == 1
@@ -414,7 +420,9 @@ async def test_read_only_directory_fails_closed(tmp_path: Path, ring: Keyring) -
     assert not list(tmp_path.glob("*.jsonl"))
 
 
-async def test_fsync_failure_fails_closed_until_reopened(tmp_path: Path, ring: Keyring) -> None:
+async def test_fsync_failure_fails_closed_then_recovers_by_itself(
+    tmp_path: Path, ring: Keyring
+) -> None:
     path = await write_log(tmp_path, ring, 2)
     healthy = path.read_bytes()
     disk_ok = False
@@ -428,16 +436,48 @@ async def test_fsync_failure_fails_closed_until_reopened(tmp_path: Path, ring: K
     await w.open()
     with pytest.raises(AuditError, match="Input/output error"):
         await w.append([decision(3)])
-    disk_ok = True
-    with pytest.raises(AuditError, match="reopen"):
-        await w.append([decision(4)])
-    await w.close()
+    assert not w.healthy
     assert path.read_bytes() == healthy  # the unacknowledged entry was taken back
-    await w.open()
-    await w.append([decision(3)])
+    await asyncio.sleep(RECOVER_MIN_INTERVAL_S)
+    with pytest.raises(AuditError, match="Input/output error"):
+        await w.append([decision(4)])  # the disk is still failing: still closed
+    assert path.read_bytes() == healthy
+    disk_ok = True
+    await asyncio.sleep(RECOVER_MIN_INTERVAL_S)
+    await w.append([decision(5)])  # no reopen by the caller
+    assert w.healthy
     await w.close()
-    assert [e["seq"] for e in entries_of(path)] == [1, 2, 3]
-    assert verify_path(path, ring).ok
+    got = entries_of(path)
+    assert [(e["seq"], e["event"]) for e in got] == [
+        (1, "decision"),
+        (2, "decision"),
+        (3, "audit_recovered"),
+        (4, "decision"),
+    ]
+    assert got[2]["error"] == "EIO" and got[3]["txn"] == "t5"
+    assert verify_path(tmp_path, ring).ok
+
+
+async def test_a_failed_writer_recovers_without_traffic(tmp_path: Path, ring: Keyring) -> None:
+    disk_ok = False
+
+    def flaky_fsync(fd: int) -> None:
+        if not disk_ok:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        os.fsync(fd)
+
+    w = writer(tmp_path, ring, clock=Clock(), fsync=flaky_fsync)
+    await w.open()
+    with pytest.raises(AuditError):
+        await w.append([decision(1)])
+    disk_ok = True
+    deadline = asyncio.get_running_loop().time() + 10 * RECOVER_INTERVAL_S
+    while not w.healthy and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.05)
+    assert w.healthy  # what /readyz reports
+    await w.close()
+    got = entries_of(tmp_path / file_name(STREAM, "2026-11-23"))
+    assert [(e["seq"], e["event"], e["error"]) for e in got] == [(1, "audit_recovered", "ENOSPC")]
 
 
 async def test_bad_events_queue_nothing(tmp_path: Path, ring: Keyring) -> None:
@@ -549,3 +589,46 @@ async def test_search_filters_and_merges_streams(tmp_path: Path, ring: Keyring) 
     assert verify_path(tmp_path, ring) == VerifyResult(
         ok=True, file=None, line=0, why="", entries=7
     )
+
+
+# -- anchors ------------------------------------------------------------------------------
+
+
+async def test_a_store_that_never_answers_delays_no_audit_write(
+    tmp_path: Path, ring: Keyring
+) -> None:
+    """Anchors are best effort: with the store hanging, appends are as quick as ever, the
+    failure is logged once, and close() ends within the anchor budgets."""
+    import redis.asyncio as aioredis
+
+    from gateway.audit.anchors import ANCHOR_BUDGET_S
+
+    async def silent(reader: asyncio.StreamReader, writer_: asyncio.StreamWriter) -> None:
+        await reader.read()  # takes every command, answers none
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = aioredis.Redis(host="127.0.0.1", port=port, socket_timeout=30)
+    w = writer(tmp_path, ring, clock=Clock(), anchor_client=client)
+    loop = asyncio.get_running_loop()
+    try:
+        with capture_logs() as logs:
+            await w.open()
+            started = loop.time()
+            for i in range(1, 41):
+                await w.append([decision(i)])
+                if i % 10 == 0:
+                    await asyncio.sleep(0.5)  # the anchor task runs meanwhile
+            appended = loop.time() - started
+            await w.close()
+            closed = loop.time() - started - appended
+    finally:
+        await client.aclose()
+        server.close()
+    assert appended < 2.0 + 0.5 * 4  # the sleeps, plus 40 fsyncs on a loaded machine
+    assert closed < 3 * ANCHOR_BUDGET_S + 1.0
+    assert [e["event"] for e in logs if e["event"].startswith("audit_anchor")] == [
+        "audit_anchor_unchecked",
+        "audit_anchor_failed",
+    ]
+    assert verify_path(tmp_path, ring).entries == 40

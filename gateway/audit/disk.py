@@ -93,6 +93,17 @@ class StreamDisk:
                 raise
             raise AuditError(f"audit stream {self.stream!r}: cannot open: {exc}") from exc
 
+    def reopen(self, keys: KeySet, clock: Callable[[], float]) -> OpenState:
+        """After a failed write (lock still held): drop the open file and read again where
+        the chain stands on disk, as `open()` does (a torn tail is dropped)."""
+        self._close_fd()
+        try:
+            return self._state(keys, clock)
+        except OSError as exc:
+            if isinstance(exc, AuditError):
+                raise
+            raise AuditError(f"audit stream {self.stream!r}: cannot reopen: {exc}") from exc
+
     def _state(self, keys: KeySet, clock: Callable[[], float]) -> OpenState:
         state = OpenState()
         found = files.stream_files(self.directory, self.stream)

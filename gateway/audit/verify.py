@@ -14,8 +14,13 @@ Beyond the chain, in a directory:
   (``audit_pruned``) in the stream says were kept: files removed from the start of a stream
   by anything but retention are caught.
 
-What no local check can show, and so needs a checkpoint kept elsewhere: lines cut off
-the end of the newest file, and a suffix re-sealed by someone holding the current key.
+What no local check can show, and so needs a record kept elsewhere: lines cut off the
+end of the newest file, the newest file removed with the checkpoint naming it, a whole
+stream removed. Given the instance's anchors (``audit.anchors``: from the store, or a copy
+kept off the host), each anchored stream must exist and reach its anchor's seq with the
+anchored mac there; entries after it are fine (written since the last anchor). These
+breaks name no line: ``FILE: truncated at seq N, anchor says M``, ``FILE: missing, anchor
+says seq M``, ``STREAM: missing``.
 
 Search reads entries without checking macs; run verification to trust what it returns.
 """
@@ -32,6 +37,7 @@ from typing import Any
 import orjson
 
 from gateway.audit import files
+from gateway.audit.anchors import Anchors, Head
 from gateway.core import audit as core
 from gateway.core.keys import Keyring
 
@@ -40,14 +46,25 @@ from gateway.core.keys import Keyring
 class VerifyResult:
     """`ok`, or the first break: `file`, 1-based `line` and a short `why`.
 
-    `entries` counts the entries verified (before the break, if any).
+    `entries` counts the entries verified (before the break, if any). A break found
+    against an anchor has no line (None); a missing stream has no file, only `stream`.
     """
 
     ok: bool
     file: Path | None
-    line: int
+    line: int | None
     why: str
     entries: int
+    stream: str = ""
+
+    def describe(self) -> str:
+        """The break as `optgate audit verify` prints it: FILE:LINE: why, FILE: why, or
+        STREAM: why."""
+        if self.file is None:
+            return f"{self.stream}: {self.why}"
+        if self.line is None:
+            return f"{self.file}: {self.why}"
+        return f"{self.file}:{self.line}: {self.why}"
 
 
 def _stream_and_key(path: Path) -> tuple[str, tuple[str, int]]:
@@ -84,6 +101,9 @@ class _Chain:
     entries: int = 0
     first: tuple[Path, int] | None = None  # the stream's first entry: file and seq
     kept: set[tuple[str, int]] = field(default_factory=set)  # from audit_pruned entries
+    watch: int = 0  # an anchored seq: where it is and its mac go to `watched`
+    watched: tuple[Path, int, str] | None = None
+    last: tuple[Path, int] | None = None  # the stream's last entry: file and seq
 
 
 def _fail(path: Path, line: int, why: str, chain: _Chain) -> VerifyResult:
@@ -113,6 +133,9 @@ def _verify_file(path: Path, keyring: Keyring, chain: _Chain) -> VerifyResult | 
                 chain.kept.add((kept_file, kept_seq))
         if chain.first is None:
             chain.first = (path, check.seq)
+        if check.seq == chain.watch:
+            chain.watched = (path, number, check.mac)
+        chain.last = (path, check.seq)
         first_seq = first_seq or check.seq
         last_seq = check.seq
         chain.prev, chain.expected, chain.min_kid = check.mac, check.seq + 1, check.kid_index
@@ -148,8 +171,7 @@ def _missing(named: Path, by: Path, chain: _Chain) -> VerifyResult:
     return _fail(named, 0, f"not the file that follows {by.name}", chain)
 
 
-def _verify_stream(group: list[Path], keyring: Keyring, counted: int) -> VerifyResult:
-    chain = _Chain(entries=counted)
+def _verify_stream(group: list[Path], keyring: Keyring, chain: _Chain) -> VerifyResult:
     expect: tuple[Path, str] | None = None  # (closed file, the next file its checkpoint names)
     for path in group:
         outcome = _verify_file(path, keyring, chain)
@@ -186,21 +208,61 @@ def _verify_lone_file(path: Path, keyring: Keyring) -> VerifyResult:
     return VerifyResult(ok=True, file=None, line=0, why="", entries=chain.entries)
 
 
-def verify_path(path: Path, keyring: Keyring) -> VerifyResult:
+def _check_anchor(directory: Path, head: Head, chain: _Chain) -> VerifyResult | None:
+    """The break if the verified stream `chain` falls short of its anchor `head`."""
+    last_seq = chain.last[1] if chain.last is not None else 0
+    first_seq = chain.first[1] if chain.first is not None else 0
+    if last_seq < head.seq:
+        anchored = directory / head.file
+        if not anchored.exists():
+            why = f"missing, anchor says seq {head.seq}"
+        else:
+            why = f"truncated at seq {last_seq}, anchor says {head.seq}"
+        return VerifyResult(ok=False, file=anchored, line=None, why=why, entries=chain.entries)
+    if chain.watched is not None and head.seq >= first_seq:
+        path, line, mac = chain.watched
+        if mac != head.mac:  # the entries up to the anchor were replaced
+            why = f"seq {head.seq} is not the entry its anchor names"
+            return _fail(path, line, why, chain)
+    return None
+
+
+def verify_path(path: Path, keyring: Keyring, anchors: Anchors | None = None) -> VerifyResult:
     """Verify one file, or every stream of a directory; stop at the first break.
 
     A lone file starts from its first entry's own `prev` and is checked line by line
-    only; a directory is checked as described in the module docstring.
+    only; a directory is checked as described in the module docstring, each stream
+    against its anchor in `anchors` when given (a stream anchored but absent is missing).
     """
     entries = 0
     try:
         if not path.is_dir():
             return _verify_lone_file(path, keyring)
-        for group in _streams(path):
-            result = _verify_stream(group, keyring, entries)
-            if not result.ok:
-                return result
-            entries = result.entries
+        groups = {_stream_and_key(g[0])[0]: g for g in _streams(path)}
+        anchored = set(anchors.heads) | set(anchors.bad) if anchors is not None else set()
+        for name in sorted(set(groups) | anchored):
+            head = anchors.heads.get(name) if anchors is not None else None
+            chain = _Chain(entries=entries, watch=head.seq if head is not None else 0)
+            group = groups.get(name)
+            if group is not None:
+                result = _verify_stream(group, keyring, chain)
+                if not result.ok:
+                    return result
+                entries = result.entries
+            if anchors is not None and name in anchors.bad:
+                why = f"anchor in {anchors.source} does not verify: {anchors.bad[name]}"
+                return VerifyResult(
+                    ok=False, file=None, line=None, why=why, entries=entries, stream=name
+                )
+            if head is None:
+                continue
+            if group is None:
+                return VerifyResult(
+                    ok=False, file=None, line=None, why="missing", entries=entries, stream=name
+                )
+            broken = _check_anchor(path, head, chain)
+            if broken is not None:
+                return broken
     except OSError as exc:
         where = Path(exc.filename) if exc.filename else path
         why = f"cannot read: {exc.strerror or exc}"

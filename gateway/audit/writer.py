@@ -14,16 +14,23 @@ Files are ``{directory}/{stream}-{YYYY-MM-DD}.jsonl`` (UTC day of the entry, nev
 back to an older file), continued in ``...{YYYY-MM-DD}.{n}.jsonl`` when a file would pass
 `max_file_bytes`; the chain carries across files and restarts, and each file left behind
 gets a checkpoint naming the next (``audit.files``). `prune()` removes whole files older
-than the retention period, after recording which in the stream itself. Any IO failure
-fails the affected callers with `AuditError` and fails the writer closed until it is
-reopened: the chain state in memory may then be ahead of the disk, and only the disk is
-trusted.
+than the retention period, after recording which in the stream itself. With a store client,
+the stream's durable head is kept in the store as its anchor (``audit.anchors``).
+
+Any IO failure (disk full, EIO) fails the affected callers with `AuditError`, and every
+append fails closed while the writer is failed. It recovers by itself: the next append
+(at most every `RECOVER_MIN_INTERVAL_S`), or a probe every `RECOVER_INTERVAL_S` when no
+append comes, re-reads where the chain stands *on disk* (the chain state in memory may be
+ahead of it: the failed entries were never acknowledged and were taken back) and writes an
+``audit_recovered`` entry there; once that entry is durable, appends are accepted again and
+the chain continues without a gap.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import re
 import threading
@@ -37,7 +44,8 @@ from typing import Any, Final, TypeVar
 import structlog
 
 from gateway.audit import files
-from gateway.audit.disk import DIR_MODE, FILE_MODE, FileId, Line, StreamDisk
+from gateway.audit.anchors import AnchorPublisher
+from gateway.audit.disk import DIR_MODE, FILE_MODE, FileId, Line, OpenState, StreamDisk
 from gateway.core import audit as core
 from gateway.core.keys import Keyring, KeySet
 from gateway.errors import AuditError, KeyringError
@@ -66,6 +74,12 @@ FLUSH_TURN_S: Final = 0.05
 # Chosen with loadtests/bench_sms.py (2 workers, 10 connections, paired runs): 0.5 ms and
 # 2 ms both gave about 6 % fewer requests/s than 1 ms.
 MIN_BATCH_INTERVAL_S: Final = 0.001
+# A failed writer tries to recover on the next append, but not more often than this: under a
+# flood of sends on a full disk each attempt (reopen, one entry, its failed write) is cheap,
+# and this bounds them to 10 a second; every append in between fails at once.
+RECOVER_MIN_INTERVAL_S: Final = 0.1
+# With no append to try it, a failed writer probes this often, so /readyz recovers too.
+RECOVER_INTERVAL_S: Final = 1.0
 file_name = files.file_name
 iso_ts = files.iso_ts
 
@@ -92,6 +106,7 @@ class AuditWriter:
         clock: Callable[[], float] = time.time,
         fsync: Callable[[int], None] = os.fsync,
         max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+        anchor_client: Any = None,  # the store's redis client: anchors go there (audit.anchors)
     ) -> None:
         if not STREAM_RE.fullmatch(stream):
             raise ValueError(f"bad audit stream name {stream!r}")
@@ -122,6 +137,13 @@ class AuditWriter:
         self._job: Future[None] | None = None  # the latest flush job
         self._broken: AuditError | None = None  # the failure, as the loop has seen it
         self._accepting = False  # open() finished and close() not begun
+        self._anchor_client = anchor_client
+        self._anchors: AnchorPublisher | None = None
+        # Recovery after a failed write (on the loop only).
+        self._failed_at = 0.0  # clock() when the failure was first seen
+        self._recovering: asyncio.Future[None] | None = None  # the attempt under way
+        self._last_attempt = -RECOVER_MIN_INTERVAL_S  # monotonic
+        self._prober: asyncio.Task[None] | None = None
 
     @property
     def fsyncs(self) -> int:
@@ -154,12 +176,29 @@ class AuditWriter:
             executor.submit(self._disk.release)
             executor.shutdown(wait=not isinstance(exc, asyncio.CancelledError))
             raise
+        self._install(state)
+        self._accepting = True
+        if self._anchor_client is not None:
+            self._anchors = AnchorPublisher(
+                self._anchor_client,
+                instance=self.instance,
+                stream=self.stream,
+                keys=lambda: self._keys,
+                clock=self.clock,
+            )
+            await self._anchors.check_disk(seq=state.seq, mac=state.prev)
+            self._anchors.start()
+
+    def _install(self, state: OpenState) -> None:
+        """Take the chain and file state read from disk (at open, or when recovering)."""
         self._seq, self._prev, self._kid, self._day = state.seq, state.prev, state.kid, state.day
         self._file, self._file_bytes = state.file, state.file_bytes
         self._file_first_seq, self._carry = state.file_first_seq, list(state.carry)
-        self._queued, self._queued_ckpts, self._queued_waiters = [], [], []
-        self._flushing = False
-        self._accepting = True
+        with self._lock:
+            self._queued, self._queued_ckpts, self._queued_waiters = [], [], []
+            self._flushing = False
+            self._failure = None
+        self._broken = None
 
     def set_keyring(self, ring: Keyring) -> None:
         """Seal new entries with `ring`'s current audit key (after a reload or rotation).
@@ -184,6 +223,14 @@ class AuditWriter:
                 break
             with contextlib.suppress(Exception):
                 await asyncio.wrap_future(self._job)
+        prober, self._prober = self._prober, None
+        if prober is not None:
+            prober.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await prober
+        anchors, self._anchors = self._anchors, None
+        if anchors is not None:  # the clean stop's anchor, while the stream is still ours
+            await anchors.stop()
         await self._run(self._disk.release)
         self._executor.shutdown(wait=True)
         self._executor = None
@@ -194,9 +241,15 @@ class AuditWriter:
     async def append(self, events: Sequence[Mapping[str, Any]]) -> None:
         """Seal `events` in order and return once they are on disk and fsynced.
 
-        Raises AuditError on any IO failure, now or earlier (fail closed until reopened);
-        ValueError or TypeError, with nothing queued, for an event that cannot be an entry.
+        Raises AuditError on any IO failure, now or earlier (fail closed until recovered,
+        see the module docstring); ValueError or TypeError, with nothing queued, for an
+        event that cannot be an entry.
         """
+        if self._recovering is not None or self._broken is not None or self._failure is not None:
+            await self._recover()
+        await self._append(events)
+
+    async def _append(self, events: Sequence[Mapping[str, Any]]) -> None:
         self._check_open()
         if not events:
             return
@@ -210,7 +263,7 @@ class AuditWriter:
                 self._queued_waiters.append(waiter)
                 start, self._flushing = not self._flushing, True
         if failure is not None:  # failed on the thread since the check above
-            raise AuditError(f"audit stream {self.stream!r} failed; reopen it") from failure
+            raise AuditError(f"audit stream {self.stream!r} failed: {failure}") from failure
         if start:
             self._submit_flush()
         await waiter
@@ -218,7 +271,7 @@ class AuditWriter:
     def _check_open(self) -> None:
         failure = self._broken or self._failure
         if failure is not None:
-            raise AuditError(f"audit stream {self.stream!r} failed; reopen it") from failure
+            raise AuditError(f"audit stream {self.stream!r} failed: {failure}") from failure
         if not self._accepting:
             raise AuditError(f"audit stream {self.stream!r} is not open")
 
@@ -330,25 +383,103 @@ class AuditWriter:
                     waiters += self._queued_waiters
                     self._queued, self._queued_ckpts, self._queued_waiters = [], [], []
                     self._flushing = False
-                _post(loop, self._settle, waiters, failure)
+                _post(loop, self._settle, waiters, failure, None)
                 if not isinstance(exc, Exception):
                     raise
                 return
             with self._lock:  # before the callers hear: their next entries are not load
                 busy = bool(self._queued)
-            _post(loop, self._settle, waiters, None)
+            _post(loop, self._settle, waiters, None, batch[-1])
         if more:  # the turn is over: let anything queued on the executor run, then go on
             _post(loop, self._kick)
 
-    def _settle(self, waiters: list[asyncio.Future[None]], failure: AuditError | None) -> None:
+    def _settle(
+        self,
+        waiters: list[asyncio.Future[None]],
+        failure: AuditError | None,
+        head: Line | None,
+    ) -> None:
         if failure is not None:
+            if self._broken is None and self._recovering is None:
+                self._failed_at = self.clock()
+                log.error("audit_write_failed", stream=self.stream, error=_error_name(failure))
             self._broken = failure
+            if self._prober is None and self._accepting:
+                self._prober = asyncio.get_running_loop().create_task(
+                    self._probe(), name=f"audit-recover-{self.stream}"
+                )
+        elif head is not None and self._anchors is not None:
+            self._anchors.note(*head)
         for w in waiters:
             if not w.done():
                 if failure is None:
                     w.set_result(None)
                 else:
                     w.set_exception(AuditError(str(failure)))
+
+    # -- recovery --------------------------------------------------------------------------
+
+    async def _recover(self) -> None:
+        """Make a failed writer accept entries again, or raise AuditError (one attempt at a
+        time; callers arriving meanwhile share its outcome)."""
+        if self._recovering is not None:
+            await asyncio.shield(self._recovering)
+            return
+        failure = self._broken or self._failure
+        if failure is None:
+            return
+        if not self._accepting:
+            raise AuditError(f"audit stream {self.stream!r} is not open")
+        now = time.monotonic()
+        if now - self._last_attempt < RECOVER_MIN_INTERVAL_S:
+            raise AuditError(f"audit stream {self.stream!r} failed: {failure}") from failure
+        self._last_attempt = now
+        attempt = self._recovering = asyncio.get_running_loop().create_future()
+        try:
+            await self._reopen(failure)
+        except BaseException as exc:
+            attempt.set_exception(
+                exc if isinstance(exc, AuditError) else AuditError(f"recovery failed: {exc}")
+            )
+            attempt.exception()  # retrieved: callers that shared it have seen it
+            raise
+        else:
+            attempt.set_result(None)
+        finally:
+            self._recovering = None
+
+    async def _reopen(self, failure: AuditError) -> None:
+        state = await self._run(self._disk.reopen, self._keys, self.clock)
+        self._install(state)
+        # The outage is part of the record, and this entry's fsync proves the disk is back.
+        await self._append(
+            [
+                {
+                    "event": "audit_recovered",
+                    "failed_at": iso_ts(self._failed_at),
+                    "error": _error_name(failure),
+                }
+            ]
+        )
+        prober, self._prober = self._prober, None
+        if prober is not None and prober is not asyncio.current_task():
+            prober.cancel()
+        log.warning(
+            "audit_recovered",
+            stream=self.stream,
+            failed_s=round(self.clock() - self._failed_at, 3),
+        )
+
+    async def _probe(self) -> None:
+        """While failed and open, try to recover every `RECOVER_INTERVAL_S`."""
+        try:
+            while self._accepting and (self._broken or self._failure):
+                await asyncio.sleep(RECOVER_INTERVAL_S)
+                with contextlib.suppress(AuditError):
+                    await self._recover()
+        finally:
+            if self._prober is asyncio.current_task():
+                self._prober = None
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         if self._executor is None:
@@ -387,6 +518,16 @@ class AuditWriter:
             await self._run(self._disk.remove, chunk)
             removed += chunk
             log.info("audit_pruned", stream=self.stream, files=len(chunk))
+
+
+def _error_name(failure: BaseException) -> str:
+    """The errno name behind an audit failure (ENOSPC, EIO...), else its type: never a path."""
+    cause: BaseException | None = failure
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno:
+            return errno.errorcode.get(cause.errno, str(cause.errno))
+        cause = cause.__cause__
+    return type(failure).__name__
 
 
 def _post(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: Any) -> None:

@@ -30,6 +30,9 @@ from gateway.core.keys import KeySet
 # An entry is a few hundred bytes. The cap bounds what the verifier reads per line, so a
 # garbage file without newlines cannot make it load gigabytes; no honest entry comes close.
 MAX_ENTRY_BYTES: Final = 64 * 1024
+# A sealed document (the anchors of every stream of an instance: about 200 bytes each) is
+# read whole; this bounds it far above any real instance's stream count.
+MAX_DOCUMENT_BYTES: Final = 4 * 1024 * 1024
 
 # The names the chain itself owns; callers' fields may not use them.
 CHAIN_FIELDS: Final = frozenset({"kid", "prev", "mac"})
@@ -175,3 +178,42 @@ def check_line(
     return LineCheck(
         ok=True, code="ok", why="", mac=mac, seq=seq, kid=kid, kid_index=index, entry=fields
     )
+
+
+def seal_document(fields: Mapping[str, Any], *, kid: str, key: bytes) -> bytes:
+    """A standalone sealed JSON object (not a chain entry: no ``seq``, no ``prev``), one line.
+
+    The mac is HMAC-SHA256 over ``"\\n" + body`` as for an entry that starts a chain, but the
+    body has no ``prev`` member, so a document can never pass as an entry, nor an entry
+    (which always has one) as a document. Used for the audit anchors kept off the host.
+    """
+    clash = CHAIN_FIELDS.intersection(fields)
+    if clash:
+        raise ValueError(f"document fields may not set {sorted(clash)}")
+    body = orjson.dumps({**fields, "kid": kid})
+    mac = compute_mac(key, "", body)
+    return body[:-1] + _MAC_HEAD + mac.encode("ascii") + _MAC_TAIL
+
+
+def open_document(line: bytes, *, keys: KeySet) -> dict[str, Any] | str:
+    """The fields of a document made by `seal_document` whose mac verifies, else why not."""
+    line = line.strip() + b"\n"
+    if len(line) > MAX_DOCUMENT_BYTES:
+        return "too long"
+    split = _split(line)
+    if isinstance(split, LineCheck):
+        return split.why
+    body, mac = split
+    try:
+        fields = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return "not JSON"
+    if not isinstance(fields, dict) or "prev" in fields or "mac" in fields:
+        return "not a sealed document"
+    kid = fields.get("kid")
+    key = keys.get(kid) if isinstance(kid, str) else None
+    if key is None:
+        return f"unknown key id {kid}"
+    if not hmac.compare_digest(compute_mac(key, "", body), mac):
+        return "mac mismatch"
+    return fields
