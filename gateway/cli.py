@@ -24,6 +24,7 @@ import orjson
 from gateway import __version__, keyfile, logs, senders, tls
 from gateway import config as config_mod
 from gateway import rules as rules_io
+from gateway.audit import commands as audit_commands
 from gateway.audit import verify as audit_verify
 from gateway.audit.writer import AuditWriter
 from gateway.config import Config
@@ -196,13 +197,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
     cfg = _config(args)
     ring = keyfile.load(cfg.keys.file)
     if args.action == "verify":
-        path = Path(args.path) if args.path else cfg.audit.dir
-        result = audit_verify.verify_path(path, ring)
-        if not result.ok:
-            print(f"{result.file}:{result.line}: {result.why}")
-            return EXIT_FAILURE
-        print(f"ok: {result.entries} entries intact in {path}", file=sys.stderr)
-        return 0
+        return asyncio.run(audit_commands.verify(cfg, ring, args.path, args.anchor))
+    if args.action == "anchor":
+        return asyncio.run(audit_commands.anchor(cfg, ring))
     recipient = None
     if args.recipient:
         channel = args.channel or ("email" if "@" in args.recipient else "sms")

@@ -132,7 +132,9 @@ async def _import(cfg: Config, fd: int, name: str, csv_mode: bool) -> int:
     store.stream_addresses = any(h.include_address for h in cfg.sync.webhooks)
     failure: tuple[int, str] | None = None
     try:
-        async with _cli_audit(cfg, ring, store.client) as audit:
+        # Not anchored: an import may outlive a store outage, and its one-line refusal
+        # would gain the anchor's failure log. Its entries verify by the chain alone.
+        async with _cli_audit(cfg, ring) as audit:
             job = ImportJob(_deps(cfg, store, audit, ring), CLI)
             try:
                 await job.run(_chunks(fd), csv_mode=csv_mode)
