@@ -70,7 +70,7 @@ RESTART_BACKOFF_S = (0.0, 0.0, 0.25, 0.5, 1.0, 2.0)
 # Failures to start in a row (a worker that exits before it is ready) before the service
 # gives up, and the pauses between them: a config made invalid does not heal itself.
 MAX_START_FAILURES = 5
-START_BACKOFF_S = (0.5, 1.0, 2.0, 4.0)
+START_BACKOFF_S = (0.25, 0.5, 1.0, 2.0)
 # A worker not ready this long after its start is killed and counts as failed to start (a
 # start is about a second; the store's own start wait is 10 s).
 READY_TIMEOUT_S = 60.0
