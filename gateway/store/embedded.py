@@ -514,7 +514,7 @@ class EmbeddedRedis:
 # One that dies sooner, again and again, is restarted after a growing pause (a crash loop
 # should not spin); a server starts and loads a small AOF in well under a second.
 KEEPER_QUICK_DEATH_S = 2.0
-KEEPER_BACKOFF_S = (0.0, 0.5, 1.0, 2.0, 5.0)
+KEEPER_BACKOFF_S = (0.0, 0.25, 0.5, 1.0, 2.0, 5.0)
 # Starts that fail outright (the server never answered: a corrupt AOF, a full disk) before
 # the keeper gives up and ``/healthz`` says the process cannot recover by itself.
 KEEPER_MAX_START_FAILURES = 5
