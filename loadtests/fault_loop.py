@@ -40,11 +40,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiosmtplib
-
 from harness.common import free_ports
 from harness.tls import client_context, make_pki
 
-PASSWORD = "fault-loop-password-0123456789"  # a throwaway sender on a throwaway data dir
+PASSWORD = "fault-loop-password-0123456789"  # noqa: S105 - a throwaway sender on a throwaway data dir
 RECIPIENTS = 200  # r0..r199@example.org; every tenth is opted out
 SAMPLE_S = 0.05  # how often "is any worker alive and ready?" is asked
 START_TIMEOUT_S = 60.0  # `serve` under a loaded machine: imports, two workers, the store
@@ -106,7 +105,7 @@ class Gateway:
     def cli(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
         cmd = [sys.executable, "-m", "gateway", *args, "--config", str(self.config)]
         return subprocess.run(
-            cmd, input=stdin, capture_output=True, text=True, env=self.env, timeout=120
+            cmd, input=stdin, capture_output=True, text=True, env=self.env, timeout=120, check=False
         )
 
     def opt_out_recipients(self) -> None:
@@ -120,10 +119,10 @@ class Gateway:
             raise SystemExit(f"optout import failed: {done.stderr.strip()}")
 
     async def start(self) -> None:
+        cmd = [sys.executable, "-m", "gateway", "serve", "--workers", "2"]
         with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "gateway", "serve", "--workers", "2"]
-                + ["--config", str(self.config)],
+            self.proc = subprocess.Popen(  # noqa: ASYNC220 - returns at once
+                [*cmd, "--config", str(self.config)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=self.env,
@@ -150,22 +149,29 @@ class Gateway:
         return self.log.read_text(errors="replace")
 
     def children(self) -> dict[int, tuple[str, bool]]:
-        """{pid: (state letter, is a worker)} of serve's direct children."""
+        """{pid: (state letter, is a worker)} of serve's direct children (the embedded
+        server and the spare worker are not workers)."""
         found: dict[int, tuple[str, bool]] = {}
         assert self.proc is not None
+        started = {
+            int(p)
+            for p in re.findall(r"event='worker_started' worker=\d+ pid=(\d+)", self.log_text())
+        }
         for stat in Path("/proc").glob("[0-9]*/stat"):
             try:
                 fields = stat.read_text().rpartition(")")[2].split()
-                if int(fields[1]) != self.proc.pid:
-                    continue
-                cmdline = (stat.parent / "cmdline").read_bytes()
-            except (OSError, ValueError):
+            except OSError:
                 continue
-            found[int(stat.parent.name)] = (fields[0], b"--worker-index" in cmdline)
+            if int(fields[1]) == self.proc.pid:
+                pid = int(stat.parent.name)
+                found[pid] = (fields[0], pid in started)
         return found
 
     def ready_pids(self) -> set[int]:
-        return {int(p) for p in re.findall(r"event='worker_ready' worker=\d+ pid=(\d+)", self.log_text())}
+        return {
+            int(p)
+            for p in re.findall(r"event='worker_ready' worker=\d+ pid=(\d+)", self.log_text())
+        }
 
     def store_pid(self) -> int | None:
         try:
@@ -212,23 +218,23 @@ async def sender(gw: Gateway, tally: Tally, n: int, stop: asyncio.Event) -> None
 
 async def watch(gw: Gateway, tally: Tally, stop: asyncio.Event) -> None:
     """Seconds with no live, ready worker; zombies among serve's children."""
-    seen_zombies: set[int] = set()
+    first_seen: dict[int, float] = {}  # zombie pid -> when first seen
+    counted: set[int] = set()
     ready: set[int] = set()
     while not stop.is_set():
         kids = gw.children()
         ready |= gw.ready_pids()
         if not any(w and st != "Z" and pid in ready for pid, (st, w) in kids.items()):
             tally.no_worker_s += SAMPLE_S
-        # A dead child is a zombie until the next tick of the supervisor reaps it: only
-        # one seen twice, a second apart, counts.
-        for pid, (st, _) in kids.items():
-            if st == "Z":
-                seen_zombies.add(pid)
+        # A dead child is a zombie until the supervisor's next tick (0.1 s) reaps it: one
+        # still a zombie a second later was not going to be reaped.
+        now = time.monotonic()
+        zombies = {pid for pid, (st, _) in kids.items() if st == "Z"}
+        first_seen = {pid: first_seen.get(pid, now) for pid in zombies}
+        stuck = {pid for pid, t in first_seen.items() if now - t > 1.0} - counted
+        tally.zombies += len(stuck)
+        counted |= stuck
         await asyncio.sleep(SAMPLE_S)
-        if len(seen_zombies) and int(time.monotonic() / SAMPLE_S) % 20 == 0:
-            still = {p for p, (st, _) in gw.children().items() if st == "Z"}
-            tally.zombies += len(still & seen_zombies)
-            seen_zombies = still
 
 
 async def kill_workers(gw: Gateway, tally: Tally, kills: int, interval: float) -> None:

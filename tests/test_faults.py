@@ -113,9 +113,7 @@ async def test_a_worker_killed_ten_times_in_a_row_is_replaced_and_loses_nothing(
             mid = f"<f-{n}-{i}@sender.example>"
             i += 1
             try:
-                code, _ = await send(
-                    pki, gw.port, [f"r{n}@example.org", OPTED_OUT], message_id=mid
-                )
+                code, _ = await send(pki, gw.port, [f"r{n}@example.org", OPTED_OUT], message_id=mid)
             except (OSError, aiosmtplib.SMTPException):
                 code = 0
             if code == 250:
@@ -126,11 +124,11 @@ async def test_a_worker_killed_ten_times_in_a_row_is_replaced_and_loses_nothing(
     clients = [asyncio.create_task(client(n)) for n in range(3)]
     await asyncio.sleep(1.0)
     for _ in range(10):
-        pids = worker_pids(gw.proc.pid)
+        pids = worker_pids(gw.proc.pid, gw.log)
         assert pids, gw.log.read_text()[-3000:]
         os.kill(pids[0], signal.SIGKILL)
         await asyncio.sleep(1.0)
-    assert await wait_for(lambda: len(worker_pids(gw.proc.pid)) == 2, 10)
+    assert await wait_for(lambda: len(worker_pids(gw.proc.pid, gw.log)) == 2, 10)
     await asyncio.sleep(2.0)  # sends through the replacements too
     stop.set()
     await asyncio.wait_for(asyncio.gather(*clients), 30)
@@ -141,7 +139,7 @@ async def test_a_worker_killed_ten_times_in_a_row_is_replaced_and_loses_nothing(
     delivered = {m.group(0).decode() for msg in sink.messages if (m := MID_RE.search(msg.data))}
     assert len(acked) > 10 and set(acked) <= delivered  # nothing acknowledged was lost
     assert all(OPTED_OUT not in msg.rcpts for msg in sink.messages)  # nothing leaked
-    assert await wait_for(lambda: len(worker_pids(gw.proc.pid)) == 2, 5)
+    assert await wait_for(lambda: len(worker_pids(gw.proc.pid, gw.log)) == 2, 5)
     assert no_zombies(gw.proc.pid)
 
 
@@ -156,7 +154,7 @@ async def test_a_worker_that_cannot_start_ends_serve_with_one_line_and_exit_1(
     server = store_pid(data_dir)
     assert server is not None
     gw.config.write_text(gw.config.read_text() + "\n[smtp]\nnot_a_key = 1\n")
-    os.kill(worker_pids(gw.proc.pid)[0], signal.SIGKILL)
+    os.kill(worker_pids(gw.proc.pid, gw.log)[0], signal.SIGKILL)
     code = await asyncio.to_thread(gw.proc.wait, 40)
     log = gw.log.read_text()
     assert code == 1, log[-3000:]
@@ -189,7 +187,7 @@ async def test_the_embedded_store_killed_three_times_is_back_within_two_seconds(
             assert time.monotonic() - killed < 5, codes
             await asyncio.sleep(0.05)
         assert time.monotonic() - killed < 2.5, f"kill {k}: {time.monotonic() - killed:.2f} s"
-        assert store_pid(data_dir) not in (None, victim)
+        assert await wait_for(lambda v=victim: store_pid(data_dir) not in (None, v), 2)
         code, _ = await send(pki, gw.port, [OPTED_OUT], message_id=f"<f-8-{k}@sender.example>")
         assert code == 250  # suppressed_reply = "accept": taken, and not forwarded
         assert no_zombies(gw.proc.pid)

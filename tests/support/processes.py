@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import socket
 import ssl
@@ -187,19 +188,13 @@ def children(pid: int) -> dict[int, str]:
     return found
 
 
-def worker_pids(serve_pid: int) -> list[int]:
-    """The live workers of `optgate serve --workers N` (not the embedded server)."""
-    pids = []
-    for pid, state in children(serve_pid).items():
-        if state == "Z":
-            continue
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"--worker-index" in cmdline:
-            pids.append(pid)
-    return sorted(pids)
+def worker_pids(serve_pid: int, log: Path) -> list[int]:
+    """The live workers of `optgate serve --workers N` (not the embedded server, not the
+    spare waiting to replace one): children that its log names in ``worker_started``."""
+    started = {
+        int(p) for p in re.findall(r"event='worker_started' worker=\d+ pid=(\d+)", log.read_text())
+    }
+    return sorted(p for p, state in children(serve_pid).items() if state != "Z" and p in started)
 
 
 def store_pid(data_dir: Path) -> int | None:
