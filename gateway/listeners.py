@@ -26,8 +26,10 @@ from gateway.errors import ConfigError
 # Connections the kernel queues per listener before a worker accepts them, e.g. while a
 # worker restarts (Linux caps it at net.core.somaxconn, 4096 since 5.4).
 BACKLOG = 1024
-# How a worker learns its inherited descriptors: "smtp=3,4 smtps=5 http=6 counts=7".
+# How a worker learns its inherited descriptors: "smtp=3,4 smtps=5 http=6 counts=7 ready=8".
 INHERIT_ENV = "OPTGATE_INHERITED_FDS"
+# The write end of the pipe on which a worker tells its supervisor it serves (`report_ready`).
+_READY_FD: list[int] = []
 _WHY = {
     errno.EACCES: "permission denied (a port under 1024 needs privileges)",
     errno.EADDRNOTAVAIL: "no such local address",
@@ -50,14 +52,19 @@ class Listeners:
         for sock in self.all():
             sock.close()
 
-    def handoff(self, counts_fd: int) -> tuple[str, tuple[int, ...]]:
-        """(value of INHERIT_ENV, descriptors to pass) for a worker process."""
+    def handoff(self, counts_fd: int, ready_fd: int | None = None) -> tuple[str, tuple[int, ...]]:
+        """(value of INHERIT_ENV, descriptors to pass) for a worker process; `ready_fd` is
+        the write end of the pipe the worker reports ready on (`report_ready`)."""
         parts = [
             f"{name}={','.join(str(s.fileno()) for s in socks)}"
             for name, socks in (("smtp", self.smtp), ("smtps", self.smtps), ("http", self.http))
         ]
         parts.append(f"counts={counts_fd}")
-        return " ".join(parts), (*(s.fileno() for s in self.all()), counts_fd)
+        extra: tuple[int, ...] = (counts_fd,)
+        if ready_fd is not None:
+            parts.append(f"ready={ready_fd}")
+            extra += (ready_fd,)
+        return " ".join(parts), (*(s.fileno() for s in self.all()), *extra)
 
 
 def inherited() -> tuple[Listeners, int] | None:
@@ -69,6 +76,9 @@ def inherited() -> tuple[Listeners, int] | None:
     for part in value.split():
         name, _, numbers = part.partition("=")
         fds[name] = [int(n) for n in numbers.split(",") if n]
+    if fds.get("ready"):
+        _READY_FD[:] = fds["ready"][:1]
+        os.set_inheritable(_READY_FD[0], False)  # not for the embedded server or others
     socks = {
         name: tuple(socket.socket(fileno=fd) for fd in fds.get(name, []))
         for name in ("smtp", "smtps", "http")
@@ -138,3 +148,13 @@ def _bind_one(listen: Listen) -> tuple[socket.socket, ...]:
                 sock.close()
         raise
     return tuple(socks)
+
+
+def report_ready() -> None:
+    """Tell the supervisor this worker serves (one byte on the pipe it handed down; a no-op
+    when started alone). The pipe stays open for the life of the worker: the supervisor
+    counts a worker that exits before this byte as one that failed to start."""
+    while _READY_FD:
+        fd = _READY_FD.pop()
+        with contextlib.suppress(OSError):  # a supervisor already gone: nobody to tell
+            os.write(fd, b"R")

@@ -475,6 +475,7 @@ async def serve(cfg: Config, *, worker: int | None = None) -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # a worker starts with it blocked
     await gw.start()
     started = True
+    listeners.report_ready()  # under `serve --workers N`: this worker serves now
     # Everything made at start-up (rules, keys, libraries, pools: ~83,000 objects) lives as
     # long as the process. Left to the collector, each full collection walks it again and
     # stalls the loop ~35 ms under load; frozen, a full collection took ~3 ms instead

@@ -12,8 +12,31 @@ shared store. A worker that is replaced has its connection counts cleared (its
 connections died with it).
 
 Signals: SIGHUP is forwarded to every worker (each reloads rules and keys); SIGTERM/SIGINT
-are forwarded and the supervisor waits up to the grace period before killing. A worker that
-dies is restarted with backoff and logged; one that keeps failing at start ends the service.
+are forwarded and the supervisor waits up to the grace period before killing.
+
+Restarts (as systemd's ``Restart=`` with ``StartLimitBurst``, or supervisord's
+``startsecs``): a worker reports ready once it serves (a byte on a pipe it inherits,
+`listeners.report_ready`); the supervisor never guesses from uptime.
+
+- A worker that served and then died is restarted at once; only one that keeps dying
+  within `QUICK_DEATH_S` of being ready waits a little (`RESTART_BACKOFF_S`), and a
+  healthy run resets that.
+- A worker that exits before it is ready failed to start (a config or key file made
+  invalid since the supervisor checked it, say). After `MAX_START_FAILURES` of those in a
+  row the service ends: one line on stderr, exit code 1, the store stopped. A worker
+  SIGKILLed from outside before it was ready did not fail: it is restarted, not counted.
+- Every child is reaped, the embedded server included: the supervisor is its keeper
+  (`store.embedded.Keeper`), restarting it on its own AOF within `TICK_S` of its death
+  (with back-off if it keeps dying); workers reconnect by themselves and answer ``451``
+  meanwhile. A keeper that gives up makes every worker's ``/healthz`` fail.
+
+Restart-to-ready: a worker's start is mostly its imports (about 1 s of its 1.3 s, more on
+a loaded machine). The supervisor therefore keeps one spare process that has imported
+everything a worker needs and waits (`python -m gateway.supervisor`, blocked on a pipe);
+a worker that dies is replaced by handing the spare its index, and a new spare is made
+in the background. It has inherited what a worker inherits (the listening sockets, the
+shared counts, its own ready pipe, ``PROMETHEUS_MULTIPROC_DIR``), and it reads the config
+only once it is told to serve, so a config edited since is what a replacement runs with.
 
 Metrics: each start empties ``<data_dir>/metrics/<instance>`` (mode 0700) and hands it to
 every worker as ``PROMETHEUS_MULTIPROC_DIR``, so any worker's ``/metrics`` reports the
@@ -25,12 +48,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import structlog
@@ -42,12 +67,27 @@ from gateway.core import tokens
 from gateway.core.peers import Counts
 from gateway.service import GRACE_S, open_store
 from gateway.smtp import dkim
+from gateway.store.embedded import Keeper
 
 log = structlog.get_logger("optgate.supervisor")
 
-RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
-QUICK_EXIT_S = 5.0  # a worker dying sooner than this after start counts as a start failure
-MAX_QUICK_FAILURES = 5  # consecutive start failures before the service gives up
+TICK_S = 0.1  # how often exits are looked for: a dead worker or store waits at most this
+# A worker that dies sooner than this after it was ready, again and again, gets a growing
+# pause before its restart (the first two deaths are restarted at once); a run this long
+# resets it.
+QUICK_DEATH_S = 2.0
+RESTART_BACKOFF_S = (0.0, 0.0, 0.25, 0.5, 1.0, 2.0)
+# Failures to start in a row (a worker that exits before it is ready) before the service
+# gives up, and the pauses between them: a config made invalid does not heal itself.
+MAX_START_FAILURES = 5
+START_BACKOFF_S = (0.25, 0.5, 1.0, 2.0)
+# A worker not ready this long after its start is killed and counts as failed to start (a
+# start is about a second; the store's own start wait is 10 s).
+READY_TIMEOUT_S = 60.0
+# How a spare learns its worker's arguments: the read end of a pipe; one JSON line (argv).
+STANDBY_ENV = "OPTGATE_STANDBY_FD"
+STANDBY_RETRY_S = 1.0  # a spare that died is made again after this (never a spin)
+SPARE_EXIT_S = 2.0  # a spare let go exits at once (EOF on its pipe); else it is killed
 METRICS_DIR = "metrics"  # under the data dir; one subfolder per instance name
 
 
@@ -55,9 +95,20 @@ METRICS_DIR = "metrics"  # under the data dir; one subfolder per instance name
 class _Worker:
     index: int
     proc: subprocess.Popen[bytes] | None = None
+    ready_fd: int | None = None  # the read end of its ready pipe, until it reports
     started_at: float = 0.0
-    quick_failures: int = 0
+    ready_at: float | None = None
+    start_failures: int = 0  # in a row
+    quick_deaths: int = 0  # in a row, each within QUICK_DEATH_S of being ready
+    timed_out: bool = False  # killed for not becoming ready in time
     restarts: int = 0
+
+
+@dataclass
+class _Standby:
+    proc: subprocess.Popen[bytes]
+    go_fd: int  # the write end of its pipe: its worker's argv, then closed
+    ready_fd: int  # the read end of the ready pipe it inherited
 
 
 @dataclass
@@ -71,20 +122,34 @@ class Supervisor:
     _listeners: listeners.Listeners | None = None
     _counts: shared_counts.SharedCounts | None = None
     _view: Counts | None = None  # the supervisor's own view: it clears a dead worker's column
+    _keeper: Keeper | None = None
+    _failed: str = ""  # why the service gives up
+    _standby: _Standby | None = None
+    _standby_due: float = 0.0  # when to make the next spare
+    _leaving: list[tuple[float, subprocess.Popen[bytes]]] = field(default_factory=list)
 
-    def _spawn(self, w: _Worker) -> None:
-        cmd = [sys.executable, "-m", "gateway", "serve", "--worker-index", str(w.index)]
+    def _worker_argv(self, index: int) -> list[str]:
+        argv = ["serve", "--worker-index", str(index)]
         if self.config_arg:
-            cmd += ["--config", self.config_arg]
+            argv += ["--config", self.config_arg]
+        return argv
+
+    def _popen(
+        self, cmd: list[str], extra_env: dict[str, str], extra_fds: tuple[int, ...]
+    ) -> tuple[subprocess.Popen[bytes], int]:
+        """A child that inherits what a worker inherits; (process, read end of its ready pipe)."""
         env = dict(os.environ)
         if self._metrics_dir is not None:
             # In the child's environment from its first instruction: prometheus-client
             # picks its multiprocess value store when it is imported.
             env.pop("prometheus_multiproc_dir", None)
             env[metrics.MULTIPROC_ENV] = str(self._metrics_dir)
-        fds: tuple[int, ...] = ()
+        env.update(extra_env)
+        fds: tuple[int, ...] = extra_fds
+        ready_r, ready_w = os.pipe()
         if self._listeners is not None and self._counts is not None:
-            env[listeners.INHERIT_ENV], fds = self._listeners.handoff(self._counts.fd)
+            env[listeners.INHERIT_ENV], handed = self._listeners.handoff(self._counts.fd, ready_w)
+            fds += handed
         # A SIGHUP reaching a worker before its handler is in would end it (the default
         # action), as a reload asked for just after start did: each worker starts with
         # SIGHUP blocked and unblocks it once its handler is in (`service.serve`), so such a
@@ -92,11 +157,102 @@ class Supervisor:
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
         try:
             # Workers inherit stdout/stderr, so their log lines reach the same place.
-            w.proc = subprocess.Popen(cmd, env=env, pass_fds=fds)  # noqa: S603 - fixed argv
+            proc = subprocess.Popen(cmd, env=env, pass_fds=fds)  # noqa: S603 - fixed argv
+        except OSError:
+            os.close(ready_r)
+            raise
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            os.close(ready_w)  # the worker's copy is the only one: EOF when it exits
+        return proc, ready_r
+
+    def _spawn(self, w: _Worker) -> None:
+        spare, self._standby = self._standby, None
+        if spare is not None and spare.proc.poll() is None:
+            try:
+                os.write(spare.go_fd, json.dumps(self._worker_argv(w.index)).encode() + b"\n")
+            except OSError:
+                self._drop_standby(spare)  # it died meanwhile: start one the slow way
+                spare = None
+            else:
+                w.proc, ready_r = spare.proc, spare.ready_fd
+        else:
+            self._drop_standby(spare)
+            spare = None
+        if spare is None:
+            cmd = [sys.executable, "-m", "gateway", *self._worker_argv(w.index)]
+            w.proc, ready_r = self._popen(cmd, {}, ())
+        else:
+            os.close(spare.go_fd)
+        self._standby_due = time.monotonic()  # the next spare, in the background
         w.started_at = time.monotonic()
-        log.info("worker_started", worker=w.index, pid=w.proc.pid)
+        w.ready_at, w.timed_out, w.ready_fd = None, False, ready_r
+        asyncio.get_running_loop().add_reader(ready_r, self._on_ready, w, ready_r)
+        pid = w.proc.pid if w.proc is not None else 0
+        log.info("worker_started", worker=w.index, pid=pid, spare=spare is not None)
+
+    def _keep_standby(self) -> None:
+        """Make a spare when none is waiting (not during the first starts: they come first)."""
+        spare = self._standby
+        if spare is not None and spare.proc.poll() is not None:
+            self._drop_standby(spare)
+            self._standby = None
+            self._standby_due = time.monotonic() + STANDBY_RETRY_S
+        if self._standby is not None or self._stopping or time.monotonic() < self._standby_due:
+            return
+        if any(w.proc is not None and w.ready_at is None for w in self._workers):
+            return  # a worker is starting: let it have the CPU first
+        go_r, go_w = os.pipe()
+        try:
+            cmd = [sys.executable, "-m", "gateway.supervisor"]
+            proc, ready_r = self._popen(cmd, {STANDBY_ENV: str(go_r)}, (go_r,))
+        finally:
+            os.close(go_r)
+        self._standby = _Standby(proc=proc, go_fd=go_w, ready_fd=ready_r)
+
+    def _drop_standby(self, spare: _Standby | None) -> None:
+        """Let a spare go (closing its pipe ends it); `_reap_leaving` reaps it."""
+        if spare is None:
+            return
+        for fd in (spare.go_fd, spare.ready_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._leaving.append((time.monotonic(), spare.proc))
+
+    def _reap_leaving(self, *, wait: bool = False) -> None:
+        """Reap spares let go (killed if one has not left in `SPARE_EXIT_S`)."""
+        keep = []
+        for since, proc in self._leaving:
+            if proc.poll() is None and (wait or time.monotonic() - since > SPARE_EXIT_S):
+                proc.kill()
+                proc.wait()
+            if proc.poll() is None:
+                keep.append((since, proc))
+            elif self._metrics_dir is not None:
+                metrics.process_dead(proc.pid, self._metrics_dir)
+        self._leaving = keep
+
+    def _on_ready(self, w: _Worker, fd: int) -> None:
+        """The worker's byte (it serves), or EOF (it exited before serving)."""
+        try:
+            said = os.read(fd, 16)
+        except OSError:
+            said = b""
+        self._close_ready(w)
+        if said and w.ready_fd is None and w.proc is not None:
+            w.ready_at = time.monotonic()
+            log.info(
+                "worker_ready",
+                worker=w.index,
+                pid=w.proc.pid,
+                start_s=round(w.ready_at - w.started_at, 3),
+            )
+
+    def _close_ready(self, w: _Worker) -> None:
+        fd, w.ready_fd = w.ready_fd, None
+        if fd is not None:
+            asyncio.get_running_loop().remove_reader(fd)
+            os.close(fd)
 
     def _reaped(self, w: _Worker, proc: subprocess.Popen[bytes]) -> None:
         """Bookkeeping for a worker that has exited: its live gauges leave the metrics, and
@@ -124,16 +280,28 @@ class Supervisor:
             self._metrics_dir = metrics.fresh_multiprocess_dir(
                 self.cfg.gateway.data_dir / METRICS_DIR / self.cfg.gateway.instance
             )
-            store, embedded = await open_store(self.cfg, keyfile.load(self.cfg.keys.file))
+            cfg = self.cfg
+            if not cfg.redis.url:
+                # We keep the embedded server: started (or attached to) here, restarted
+                # here when it dies, so it is always our child and never a zombie.
+                self._keeper = Keeper(cfg.gateway.data_dir)
+                embedded = await self._keeper.start()
+                cfg = replace(cfg, redis=replace(cfg.redis, url=embedded.url))
             try:
-                warning = await store.durability_warning()
-                if warning:
-                    log.warning("store_durability", detail=warning)
-                return await self._supervise()
+                store, _ = await open_store(cfg, keyfile.load(self.cfg.keys.file))
+                try:
+                    warning = await store.durability_warning()
+                    if warning:
+                        log.warning("store_durability", detail=warning)
+                    code = await self._supervise()
+                finally:
+                    await store.close()
             finally:
-                await store.close()
-                if embedded is not None:
-                    await embedded.release()
+                if self._keeper is not None:
+                    await self._keeper.release()
+            if self._failed:
+                print(f"optgate: error: {self._failed}", file=sys.stderr, flush=True)
+            return code
         finally:
             self._close_listeners()
             if self._counts is not None:
@@ -151,19 +319,25 @@ class Supervisor:
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        keeping = asyncio.ensure_future(self._keep_store(stop))
         self._workers = [_Worker(index=i) for i in range(self.workers)]
         for w in self._workers:
             self._spawn(w)
         code = 0
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=0.5)
+                await asyncio.wait_for(stop.wait(), timeout=TICK_S)
             if stop.is_set():
                 break
             if not self._reap_and_restart():
                 code = 1
                 break
+            self._keep_standby()
+            self._reap_leaving()
         self._stopping = True
+        self._drop_standby(self._standby)
+        self._standby = None
+        stop.set()
         log.info("stopping", workers=self.workers)
         self._close_listeners()
         self._signal_all(signal.SIGTERM)
@@ -175,30 +349,76 @@ class Supervisor:
                     await asyncio.to_thread(w.proc.wait, remaining)
         self._signal_all(signal.SIGKILL)
         for w in self._workers:
+            self._close_ready(w)
             if w.proc is not None:
                 w.proc.wait()
                 self._reaped(w, w.proc)
+        self._reap_leaving(wait=True)
+        with contextlib.suppress(Exception):
+            await keeping
         return code
 
+    async def _keep_store(self, stop: asyncio.Event) -> None:
+        """Restart the embedded server whenever it dies (`Keeper`), until we stop."""
+        keeper = self._keeper
+        if keeper is None:
+            return
+        while not stop.is_set():
+            try:
+                await keeper.check()
+            except Exception:  # keep keeping; the next tick tries again
+                log.exception("embedded_store_check_failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=TICK_S)
+
     def _reap_and_restart(self) -> bool:
-        """Restart dead workers. False when one keeps failing at start (give up)."""
+        """Reap exited workers and schedule their restarts. False: give up (the reason is
+        in `_failed`)."""
         now = time.monotonic()
         for w in self._workers:
-            if w.proc is None or w.proc.poll() is None:
+            if w.proc is None:
                 continue
-            lived = now - w.started_at
-            log.error(
-                "worker_exited", worker=w.index, code=w.proc.returncode, lived_s=round(lived, 1)
-            )
+            if w.proc.poll() is None:
+                if w.ready_at is None and not w.timed_out and now - w.started_at > READY_TIMEOUT_S:
+                    log.error("worker_not_ready", worker=w.index, waited_s=READY_TIMEOUT_S)
+                    w.timed_out = True
+                    with contextlib.suppress(ProcessLookupError):
+                        w.proc.kill()
+                continue
+            if w.ready_fd is not None:
+                self._on_ready(w, w.ready_fd)  # a byte it wrote just before dying counts
+            code = w.proc.returncode
             self._reaped(w, w.proc)
-            w.quick_failures = w.quick_failures + 1 if lived < QUICK_EXIT_S else 0
-            if w.quick_failures >= MAX_QUICK_FAILURES:
-                log.error("worker_failing", worker=w.index, failures=w.quick_failures)
-                return False
-            delay = RESTART_BACKOFF_S[min(w.restarts, len(RESTART_BACKOFF_S) - 1)]
-            w.restarts += 1
-            w.proc = None
-            asyncio.get_running_loop().call_later(delay, self._respawn, w)
+            w.proc, w.restarts = None, w.restarts + 1
+            if w.ready_at is not None:
+                lived = now - w.ready_at
+                w.start_failures = 0
+                w.quick_deaths = w.quick_deaths + 1 if lived < QUICK_DEATH_S else 0
+                delay = RESTART_BACKOFF_S[min(w.quick_deaths, len(RESTART_BACKOFF_S) - 1)]
+                log.error("worker_exited", worker=w.index, code=code, lived_s=round(lived, 1))
+            elif code == -signal.SIGKILL and not w.timed_out:
+                # Killed from outside while starting (an operator, the OOM killer): it did
+                # not fail, and a restart is what it needs.
+                w.quick_deaths += 1
+                delay = RESTART_BACKOFF_S[min(w.quick_deaths, len(RESTART_BACKOFF_S) - 1)]
+                log.error("worker_killed_starting", worker=w.index)
+            else:
+                w.start_failures += 1
+                log.error(
+                    "worker_start_failed", worker=w.index, code=code, failures=w.start_failures
+                )
+                if w.start_failures >= MAX_START_FAILURES:
+                    self._failed = (
+                        f"worker {w.index} failed to start {w.start_failures} times in a row "
+                        f"(last exit code {code}); see the log lines above; stopping"
+                    )
+                    log.error("giving_up", worker=w.index, failures=w.start_failures)
+                    return False
+                delay = START_BACKOFF_S[min(w.start_failures - 1, len(START_BACKOFF_S) - 1)]
+            if delay <= 0:
+                self._spawn(w)
+            else:
+                asyncio.get_running_loop().call_later(delay, self._respawn, w)
         return True
 
     def _respawn(self, w: _Worker) -> None:
@@ -224,3 +444,23 @@ def default_workers() -> int:
     return (
         len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     )
+
+
+def _standby_main() -> int:
+    """A spare worker: import what a worker needs, wait to be told its arguments, serve."""
+    go = os.fdopen(int(os.environ.pop(STANDBY_ENV)), "rb")
+    from gateway import cli, service  # the bulk of a worker's start
+
+    for name in (*service.HTTP_MODULES, "gateway.audit.retention", "gateway.sync.worker"):
+        importlib.import_module(name)
+    with contextlib.suppress(ImportError):
+        import uvloop  # noqa: F401 - installed by `serve`; imported here, ahead of time
+    line = go.readline()
+    go.close()
+    if not line:
+        return 0  # not needed after all (the service stops)
+    return cli.main(json.loads(line))
+
+
+if __name__ == "__main__":
+    sys.exit(_standby_main())

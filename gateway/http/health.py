@@ -1,6 +1,12 @@
-"""Readiness and metrics: ``GET /readyz`` and ``GET /metrics`` (``/healthz`` is in app.py).
+"""Liveness, readiness and metrics: ``GET /healthz``, ``GET /readyz`` and ``GET /metrics``.
 
-``/healthz`` says the process answers; ``/readyz`` says it can do its job: the store
+``/healthz`` says whether the process should be restarted: ``503`` only when it cannot
+recover by itself, that is when the embedded store is down and nobody will restart it
+(no supervisor keeps it, or the supervisor gave up: `store.embedded.store_recoverable`),
+or when the audit log has not been writable for `AUDIT_DOWN_S`. An external store that is
+down, or an embedded one being restarted, is not that: the process reconnects by itself,
+and restarting it would only drop the connections it holds. ``/readyz`` says it can do
+its job now: the store
 answers a PING within its budget and still holds its sentinel (a flushed or replaced
 store is not ready: it would answer every lookup with "not opted out"), the audit writer
 is open and not failed, and every upstream answers its `check()` (an SMTP NOOP, an outbox
@@ -37,6 +43,9 @@ from gateway.http.app import DEPS_KEY, HttpDeps
 log = structlog.get_logger("optgate.http.health")
 
 READY_CACHE_S: Final = 1.0  # probes every few seconds from several balancers: one check
+# An audit log unwritable this long (a full or failed disk) will not heal by waiting: the
+# writer stays failed until reopened, so a restart is what brings the process back.
+AUDIT_DOWN_S: Final = 60.0
 CHECK_TIMEOUT_S: Final = 3.0  # a readiness probe must answer well inside its own timeout
 RETRY_AFTER_S: Final = "5"
 EMAIL_CHECK: Final = "upstream.email"
@@ -89,6 +98,56 @@ async def readyz(request: web.Request) -> web.Response:
     )
 
 
+_LIVE_KEY: Final = web.AppKey("liveness_state", dict[str, Any])
+
+
+async def _liveness(app: web.Application) -> list[str]:
+    """What stops this process from recovering by itself (empty: nothing)."""
+    state = app[_LIVE_KEY]
+    now = time.monotonic()
+    if state.get("until", 0.0) > now:
+        failing: list[str] = state["failing"]
+        return failing
+    from gateway.store.embedded import store_recoverable
+
+    deps = app[DEPS_KEY]
+    failing = []
+    if deps.audit.healthy:
+        state.pop("audit_down_since", None)
+    elif now - state.setdefault("audit_down_since", now) >= AUDIT_DOWN_S:
+        failing.append("audit")
+    if not deps.cfg.redis.url:
+        try:
+            async with asyncio.timeout(CHECK_TIMEOUT_S):
+                ok = await store_recoverable(deps.cfg.gateway.data_dir)
+        except TimeoutError:
+            ok = True  # slow is not dead
+        if not ok:
+            failing.append("store")
+    state.update(failing=failing, until=time.monotonic() + READY_CACHE_S)
+    return failing
+
+
+async def healthz(request: web.Request) -> web.Response:
+    failing = await _liveness(request.app)
+    if failing:
+        log.error("not_live", checks=",".join(failing))
+        return web.json_response(
+            {"status": "failing", "checks": {name: "unrecoverable" for name in failing}},
+            status=503,
+        )
+    return web.json_response({"status": "ok"})
+
+
+@web.middleware
+async def _healthz_route(request: web.Request, handler: Any) -> web.StreamResponse:
+    """``/healthz`` answered here (app.py's route says only "the process answers")."""
+    if request.path == "/healthz" and request.method in ("GET", "HEAD"):
+        return await healthz(request)
+    response: web.StreamResponse = await handler(request)
+    return response
+
+
 async def metrics_text(request: web.Request) -> web.Response:
     # Off the event loop: with workers this reads a few files per worker ever started.
     body = await asyncio.to_thread(metrics.exposition)
@@ -126,6 +185,8 @@ def _email_probe(app: web.Application, deps: HttpDeps) -> None:
 
 def setup(app: web.Application, deps: HttpDeps) -> None:
     app[_CACHE_KEY] = {}
+    app[_LIVE_KEY] = {}
+    app.middlewares.append(_healthz_route)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_text)
     _email_probe(app, deps)

@@ -4,6 +4,14 @@ Each accepted copy is written as `<uuid>.eml` (the message) and `<uuid>.json` (t
 durably (fsync of file and folder) and atomically (temporary name, then rename), so the
 "250 only after the upstream accepted" promise holds for the outbox too. The outbox holds
 addresses and content by design: it is the provider's side of the boundary.
+
+The `.json` is the commit mark of a pair: written and renamed into place only after the
+`.eml` is durable under its final name, so a reader that takes messages by their `.json`
+never sees a half-written one (two renames cannot be one; an `.eml` alone is not yet, or
+never will be, a message). A process killed mid-write leaves a dot-named `.tmp`, or an
+`.eml` whose `.json` never came: each process removes such litter older than
+`STALE_AFTER_S` when its outbox opens (younger ones may be another worker's write in
+flight).
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ import asyncio
 import contextlib
 import json
 import os
+import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,6 +32,10 @@ from gateway.smtp.upstream import Copy, Outcome, _prevalidate, _Tally
 
 log = structlog.get_logger("optgate.upstream")
 
+# A write takes milliseconds (two fsyncs); a file that has stayed incomplete this long was
+# left by a process that died mid-write, not by a write still in flight in another worker.
+STALE_AFTER_S = 60.0
+
 
 class OutboxUpstream:
     """A folder standing in for the provider: each copy becomes `<uuid>.eml` and `<uuid>.json`.
@@ -33,6 +46,9 @@ class OutboxUpstream:
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
+        removed = clean_incomplete(directory)
+        if removed:
+            log.info("outbox_litter_removed", files=removed)
 
     async def deliver(self, copy: Copy) -> Outcome:
         tally = _Tally()
@@ -100,3 +116,29 @@ def _write_pair(directory: Path, name: str, data: bytes, envelope: bytes) -> Non
             with contextlib.suppress(OSError):
                 path.unlink(missing_ok=True)
         raise
+
+
+def clean_incomplete(directory: Path, *, older_than_s: float = STALE_AFTER_S) -> int:
+    """Remove what writes cut short left in `directory` (temporary files, an `.eml` whose
+    `.json` never came) once older than `older_than_s`; returns how many were removed."""
+    cutoff = time.time() - older_than_s
+    removed = 0
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return 0  # no outbox yet (made on first write) or unreadable: `check()` says so
+    names = {e.name for e in entries}
+    for entry in entries:
+        name = entry.name
+        incomplete = (name.startswith(".") and name.endswith(".tmp")) or (
+            name.endswith(".eml") and f"{name[: -len('.eml')]}.json" not in names
+        )
+        if not incomplete:
+            continue
+        try:
+            if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < cutoff:
+                os.unlink(entry.path)
+                removed += 1
+        except OSError:
+            continue  # gone already (another worker cleaned it) or not ours to remove
+    return removed

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import socket
 import ssl
@@ -168,3 +169,53 @@ async def send(
         return exc.code, exc.message
     finally:
         smtp.close()
+
+
+# -- fault tests: the process tree of `serve`, the embedded server, probes ------------------
+
+
+def children(pid: int) -> dict[int, str]:
+    """{child pid: state letter} of `pid`'s direct children, from /proc ("Z": a zombie)."""
+    found: dict[int, str] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        fields = text.rpartition(")")[2].split()
+        if int(fields[1]) == pid:
+            found[int(stat.parent.name)] = fields[0]
+    return found
+
+
+def worker_pids(serve_pid: int, log: Path) -> list[int]:
+    """The live workers of `optgate serve --workers N` (not the embedded server, not the
+    spare waiting to replace one): children that its log names in ``worker_started``."""
+    started = {
+        int(p) for p in re.findall(r"event='worker_started' worker=\d+ pid=(\d+)", log.read_text())
+    }
+    return sorted(p for p, state in children(serve_pid).items() if state != "Z" and p in started)
+
+
+def store_pid(data_dir: Path) -> int | None:
+    """The embedded server's pid as its pid file names it (None: not running)."""
+    try:
+        pid = int((data_dir / "redis" / "server.pid").read_text())
+    except (OSError, ValueError):
+        return None
+    return pid if Path(f"/proc/{pid}").exists() else None
+
+
+async def https_get(port: int, path: str, ca: Path) -> int:
+    """The status code of GET `path` on the gateway's HTTPS listener."""
+    ctx = ssl.create_default_context(cafile=str(ca))
+    ctx.check_hostname = False
+    r, w = await asyncio.wait_for(
+        asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname="localhost"), 5
+    )
+    try:
+        w.write(f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
+        status = await asyncio.wait_for(r.readline(), 5)
+        return int(status.split()[1])
+    finally:
+        w.close()

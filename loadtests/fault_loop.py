@@ -1,0 +1,352 @@
+"""Kill loops against `optgate serve --workers 2` under SMTP load (a harness, not a test).
+
+    python loadtests/fault_loop.py [--worker-kills N] [--worker-interval S]
+                                   [--store-kills N] [--store-interval S] [--sessions N]
+                                   [--short]
+
+Two scenarios, each on a fresh data dir with the outbox upstream (the zero-setup default,
+which tells exactly what was forwarded, to whom), `--sessions` STARTTLS + AUTH senders
+in a loop, and 1 recipient in 10 opted out beforehand:
+
+- worker-kill: a random worker SIGKILLed every `--worker-interval` seconds;
+- store-kill: the embedded valkey-server SIGKILLed every `--store-interval` seconds.
+
+Per scenario, one line: sent, delivered (250 and in the outbox), suppressed (250 to an
+opted-out recipient, not forwarded), 4xx, cut (no reply: connection gone), LOST (250 to a
+recipient not opted out, missing from the outbox), LEAKED (anything in the outbox for an
+opted-out recipient), DUP (a Message-ID forwarded twice), kills, recovery after each kill
+(median/max: to the replacement worker's ``worker_ready``; for the store, to the next
+250), seconds with no live worker (sampled every 50 ms: no worker that has reported ready
+is alive), zombies seen, and ``optgate audit verify``. Exit code 1 when LOST, LEAKED or a
+zombie is not 0, when `serve` died, or when the audit log does not verify.
+`--short` (tests/test_faults.py runs it): 5 kills each, 1 s apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiosmtplib
+from harness.common import free_ports
+from harness.tls import client_context, make_pki
+
+PASSWORD = "fault-loop-password-0123456789"  # noqa: S105 - a throwaway sender on a throwaway data dir
+RECIPIENTS = 200  # r0..r199@example.org; every tenth is opted out
+SAMPLE_S = 0.05  # how often "is any worker alive and ready?" is asked
+START_TIMEOUT_S = 60.0  # `serve` under a loaded machine: imports, two workers, the store
+MID_RE = re.compile(rb"Message-ID: <(fl-[0-9a-z-]+)@loop\.example>")
+
+
+def opted_out(i: int) -> bool:
+    return i % 10 == 0
+
+
+@dataclass
+class Tally:
+    sent: int = 0
+    acked: dict[str, int] = field(default_factory=dict)  # Message-ID -> recipient index
+    four: int = 0
+    cut: int = 0
+    kills: int = 0
+    recovery: list[float] = field(default_factory=list)
+    no_worker_s: float = 0.0
+    zombies: int = 0
+    oks: list[tuple[float, float]] = field(default_factory=list)  # (began, answered) of 250s
+
+
+class Gateway:
+    """`optgate serve --workers 2` on a fresh data dir, its log in that dir."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.pki = make_pki(root / "pki")
+        self.smtp, smtps, http = free_ports(3)
+        self.config = root / "gw.toml"
+        self.config.write_text(
+            "\n".join(
+                [
+                    "[gateway]",
+                    'instance = "loop"',
+                    f'data_dir = "{root / "var"}"',
+                    "[tls]",
+                    f'cert = "{self.pki.cert_pem}"',
+                    f'key = "{self.pki.key_pem}"',
+                    "[smtp]",
+                    f'listen = "127.0.0.1:{self.smtp}"',
+                    f'listen_tls = "127.0.0.1:{smtps}"',
+                    "[http]",
+                    f'listen = "127.0.0.1:{http}"',
+                    "[[senders]]",
+                    'name = "app"',
+                    'password_env = "FAULT_LOOP_PASSWORD"',
+                    'default_category = "marketing"',
+                    'categories = ["marketing"]',
+                ]
+            )
+            + "\n"
+        )
+        self.env = {**os.environ, "FAULT_LOOP_PASSWORD": PASSWORD}
+        self.log = root / "serve.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def cli(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "gateway", *args, "--config", str(self.config)]
+        return subprocess.run(
+            cmd, input=stdin, capture_output=True, text=True, env=self.env, timeout=120, check=False
+        )
+
+    def opt_out_recipients(self) -> None:
+        lines = [
+            json.dumps({"channel": "email", "address": f"r{i}@example.org", "all": True})
+            for i in range(RECIPIENTS)
+            if opted_out(i)
+        ]
+        done = self.cli("optout", "import", "--format", "ndjson", "-", stdin="\n".join(lines))
+        if done.returncode != 0:
+            raise SystemExit(f"optout import failed: {done.stderr.strip()}")
+
+    async def start(self) -> None:
+        cmd = [sys.executable, "-m", "gateway", "serve", "--workers", "2"]
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(  # noqa: ASYNC220 - returns at once
+                [*cmd, "--config", str(self.config)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+            )
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while self.log_text().count("event='worker_ready'") < 2:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"serve did not start:\n{self.log_text()[-3000:]}")
+            await asyncio.sleep(0.1)
+
+    def stop(self) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def children(self) -> dict[int, tuple[str, bool]]:
+        """{pid: (state letter, is a worker)} of serve's direct children (the embedded
+        server and the spare worker are not workers)."""
+        found: dict[int, tuple[str, bool]] = {}
+        assert self.proc is not None
+        started = {
+            int(p)
+            for p in re.findall(r"event='worker_started' worker=\d+ pid=(\d+)", self.log_text())
+        }
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rpartition(")")[2].split()
+            except OSError:
+                continue
+            if int(fields[1]) == self.proc.pid:
+                pid = int(stat.parent.name)
+                found[pid] = (fields[0], pid in started)
+        return found
+
+    def ready_pids(self) -> set[int]:
+        return {
+            int(p)
+            for p in re.findall(r"event='worker_ready' worker=\d+ pid=(\d+)", self.log_text())
+        }
+
+    def store_pid(self) -> int | None:
+        try:
+            return int((self.root / "var" / "redis" / "server.pid").read_text())
+        except (OSError, ValueError):
+            return None
+
+
+async def sender(gw: Gateway, tally: Tally, n: int, stop: asyncio.Event) -> None:
+    ctx = client_context(gw.pki.ca_pem)
+    i = 0
+    while not stop.is_set():
+        rcpt = random.randrange(RECIPIENTS)
+        mid = f"fl-{n}-{i}"
+        i += 1
+        body = (
+            f"From: app@sender.example\r\nTo: r{rcpt}@example.org\r\nSubject: loop\r\n"
+            f"Message-ID: <{mid}@loop.example>\r\n\r\nhello\r\n"
+        )
+        smtp = aiosmtplib.SMTP(
+            hostname="127.0.0.1", port=gw.smtp, start_tls=True, tls_context=ctx, timeout=10
+        )
+        tally.sent += 1
+        began = time.monotonic()
+        try:
+            await smtp.connect()
+            await smtp.login("app", PASSWORD)
+            await smtp.sendmail("app@sender.example", [f"r{rcpt}@example.org"], body)
+        except aiosmtplib.SMTPResponseException as exc:
+            if 400 <= exc.code < 500:
+                tally.four += 1
+            else:
+                tally.cut += 1  # not expected: counted, and shown
+            await asyncio.sleep(0.05)
+        except (OSError, aiosmtplib.SMTPException, TimeoutError):
+            tally.cut += 1
+            await asyncio.sleep(0.05)
+        else:
+            tally.acked[mid] = rcpt
+            tally.oks.append((began, time.monotonic()))
+        finally:
+            smtp.close()
+
+
+async def watch(gw: Gateway, tally: Tally, stop: asyncio.Event) -> None:
+    """Seconds with no live, ready worker; zombies among serve's children."""
+    first_seen: dict[int, float] = {}  # zombie pid -> when first seen
+    counted: set[int] = set()
+    ready: set[int] = set()
+    while not stop.is_set():
+        kids = gw.children()
+        ready |= gw.ready_pids()
+        if not any(w and st != "Z" and pid in ready for pid, (st, w) in kids.items()):
+            tally.no_worker_s += SAMPLE_S
+        # A dead child is a zombie until the supervisor's next tick (0.1 s) reaps it: one
+        # still a zombie a second later was not going to be reaped.
+        now = time.monotonic()
+        zombies = {pid for pid, (st, _) in kids.items() if st == "Z"}
+        first_seen = {pid: first_seen.get(pid, now) for pid in zombies}
+        stuck = {pid for pid, t in first_seen.items() if now - t > 1.0} - counted
+        tally.zombies += len(stuck)
+        counted |= stuck
+        await asyncio.sleep(SAMPLE_S)
+
+
+async def kill_workers(gw: Gateway, tally: Tally, kills: int, interval: float) -> None:
+    for _ in range(kills):
+        await asyncio.sleep(interval)
+        workers = [pid for pid, (st, w) in gw.children().items() if w and st != "Z"]
+        if not workers:
+            continue
+        before = gw.log_text().count("event='worker_ready'")
+        os.kill(random.choice(workers), signal.SIGKILL)
+        killed, tally.kills = time.monotonic(), tally.kills + 1
+        while gw.log_text().count("event='worker_ready'") <= before:
+            if time.monotonic() - killed > 30:
+                break
+            await asyncio.sleep(0.02)
+        tally.recovery.append(time.monotonic() - killed)
+
+
+async def kill_store(gw: Gateway, tally: Tally, kills: int, interval: float) -> None:
+    for _ in range(kills):
+        await asyncio.sleep(interval)
+        pid = gw.store_pid()
+        try:
+            os.kill(pid or 0, signal.SIGKILL) if pid else None
+        except ProcessLookupError:
+            pid = None  # the pid file still names the last victim: not restarted yet
+        if pid is None:
+            continue
+        killed, tally.kills = time.monotonic(), tally.kills + 1
+        # The next 250 for a send begun after the kill (one already past its lookup may
+        # finish with the store down).
+        while time.monotonic() - killed < 30:
+            after = [done for began, done in tally.oks[-50:] if began > killed]
+            if after:
+                tally.recovery.append(min(after) - killed)
+                break
+            await asyncio.sleep(0.01)
+        else:
+            tally.recovery.append(30.0)
+
+
+def outbox(gw: Gateway) -> tuple[dict[str, int], set[int]]:
+    """{Message-ID: copies forwarded}, and the recipient indexes anything went to."""
+    copies: dict[str, int] = {}
+    rcpts: set[int] = set()
+    for env in (gw.root / "var" / "outbox").glob("*.json"):
+        for r in json.loads(env.read_text())["rcpts"]:
+            rcpts.add(int(r.removeprefix("r").partition("@")[0]))
+        m = MID_RE.search(env.with_suffix(".eml").read_bytes())
+        if m:
+            mid = m.group(1).decode()
+            copies[mid] = copies.get(mid, 0) + 1
+    return copies, rcpts
+
+
+async def scenario(name: str, kills: int, interval: float, sessions: int) -> bool:
+    root = Path(tempfile.mkdtemp(prefix=f"fault-{name}-"))
+    gw = Gateway(root)
+    gw.opt_out_recipients()
+    await gw.start()
+    tally, stop, done = Tally(), asyncio.Event(), asyncio.Event()
+    senders = [asyncio.create_task(sender(gw, tally, n, stop)) for n in range(sessions)]
+    watcher = asyncio.create_task(watch(gw, tally, done))
+    killer = kill_workers if name == "worker-kill" else kill_store
+    await killer(gw, tally, kills, interval)
+    await asyncio.sleep(max(interval, 2.0))  # the last victim's replacement serves too
+    stop.set()
+    await asyncio.gather(*senders)
+    done.set()
+    await watcher
+    alive = gw.proc is not None and gw.proc.poll() is None
+    code = gw.stop()
+    verify = gw.cli("audit", "verify")
+    copies, reached = outbox(gw)
+    kept = {m: r for m, r in tally.acked.items() if not opted_out(r)}
+    lost = sum(1 for m in kept if m not in copies)
+    leaked = sum(1 for r in reached if opted_out(r))
+    dup = sum(1 for n in copies.values() if n > 1)
+    rec = sorted(tally.recovery) or [0.0]
+    ok_verify = "ok" if verify.returncode == 0 else f"FAILED ({verify.stdout.strip()[:80]})"
+    print(
+        f"{name:12s} sent {tally.sent} delivered {len(kept) - lost} "
+        f"suppressed {len(tally.acked) - len(kept)} 4xx {tally.four} cut {tally.cut} "
+        f"LOST {lost} LEAKED {leaked} DUP {dup} kills {tally.kills} "
+        f"recovery median {statistics.median(rec):.2f} s max {rec[-1]:.2f} s "
+        f"no-worker {tally.no_worker_s:.1f} s zombies {tally.zombies} "
+        f"serve {'running' if alive else f'DIED (exit {code})'} verify {ok_verify}",
+        flush=True,
+    )
+    return alive and not (lost or leaked or tally.zombies) and verify.returncode == 0
+
+
+async def main(args: argparse.Namespace) -> int:
+    ok = True
+    if args.worker_kills:
+        ok &= await scenario("worker-kill", args.worker_kills, args.worker_interval, args.sessions)
+    if args.store_kills:
+        ok &= await scenario("store-kill", args.store_kills, args.store_interval, args.sessions)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--worker-kills", type=int, default=20)
+    p.add_argument("--worker-interval", type=float, default=2.0)
+    p.add_argument("--store-kills", type=int, default=5)
+    p.add_argument("--store-interval", type=float, default=3.0)
+    p.add_argument("--sessions", type=int, default=4)
+    p.add_argument("--short", action="store_true", help="5 kills each, 1 s apart")
+    a = p.parse_args()
+    if a.short:
+        a.worker_kills = a.store_kills = 5
+        a.worker_interval = a.store_interval = 1.0
+        a.sessions = 3
+    sys.exit(asyncio.run(main(a)))
