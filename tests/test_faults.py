@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -252,7 +253,12 @@ async def test_outbox_litter_from_cut_writes_is_removed_at_start(
     assert "outbox_litter_removed" in gw.log.read_text()
 
 
-def test_fault_loop_short_loses_and_leaks_nothing(tmp_path: Path) -> None:
+def test_fault_loop_short_loses_and_leaks_nothing() -> None:
+    from tests.support.redis_servers import short_tempdir
+
+    # The embedded store's unix socket lives under the harness's folder: pytest's tmp_path
+    # can be too deep for one (sun_path is 108 bytes), so the harness works in /tmp.
+    root = short_tempdir("fl-")
     out = subprocess.run(
         [sys.executable, str(REPO / "loadtests" / "fault_loop.py"), "--short"],
         cwd=REPO / "loadtests",
@@ -260,8 +266,9 @@ def test_fault_loop_short_loses_and_leaks_nothing(tmp_path: Path) -> None:
         text=True,
         timeout=150,
         check=False,
-        env={**os.environ, "TMPDIR": str(tmp_path)},
+        env={**os.environ, "TMPDIR": str(root)},
     )
+    shutil.rmtree(root, ignore_errors=True)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     rows = [ln for ln in out.stdout.splitlines() if ln.startswith(("worker-kill", "store-kill"))]
     assert len(rows) == 2, out.stdout
