@@ -31,12 +31,13 @@ from gateway.core import keys as keys_mod
 from gateway.core.records import keyed_message_id, pseudonym
 from gateway.errors import (
     AuditStreamBusy,
+    BadInput,
     ConfigError,
     KeyringError,
     OptgateError,
     StoreUnavailable,
 )
-from gateway.optout_fields import BadInput, canonical, categories_of, change_events, state_json
+from gateway.optout_fields import canonical, categories_of, change_events, state_json
 from gateway.store.writes import Written
 
 EXIT_FAILURE = 1

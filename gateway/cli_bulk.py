@@ -36,8 +36,8 @@ from gateway import rules as rules_io
 from gateway.config import Config
 from gateway.core.keys import Keyring
 from gateway.core.records import CHANNELS
-from gateway.errors import AuditError, StoreUnavailable
-from gateway.optout_lines import CLI, READ_CHUNK, Export, HeaderError, ImportJob, JobContext
+from gateway.errors import AuditError, HeaderError, StoreUnavailable, UnreadableInput
+from gateway.optout_lines import CLI, READ_CHUNK, Export, ImportJob, JobContext
 from gateway.store.redis_store import OptOutStore
 
 log = structlog.get_logger("optgate.cli")
@@ -76,8 +76,6 @@ def _print_json(doc: Any) -> None:
 # -- import ----------------------------------------------------------------------------
 
 
-class _Unreadable(Exception):
-    """The input failed while it was being read."""
 
 
 async def _chunks(fd: int) -> AsyncIterator[bytes]:
@@ -86,7 +84,7 @@ async def _chunks(fd: int) -> AsyncIterator[bytes]:
         try:
             chunk = await asyncio.to_thread(os.read, fd, READ_CHUNK)
         except OSError as exc:
-            raise _Unreadable(exc.strerror or type(exc).__name__) from None
+            raise UnreadableInput(exc.strerror or type(exc).__name__) from None
         if not chunk:
             return
         yield chunk
@@ -142,7 +140,7 @@ async def _import(cfg: Config, fd: int, name: str, csv_mode: bool) -> int:
                 failure = EXIT_TEMPFAIL, f"opt-out store unavailable mid-import: {exc}"
             except AuditError as exc:
                 failure = EXIT_TEMPFAIL, f"audit log failed mid-import: {exc}"
-            except _Unreadable as exc:
+            except UnreadableInput as exc:
                 failure = EXIT_FAILURE, f"cannot read {name}: {exc}"
             finally:
                 await job.settle()

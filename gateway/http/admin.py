@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Final
+from typing import Any
 
 import orjson
 import structlog
@@ -26,10 +26,9 @@ from aiohttp import web
 from gateway import apikeys, metrics
 from gateway.apikeys import ApiKey
 from gateway.core.records import pseudonym
-from gateway.errors import AuditError, RecordCorrupt, StoreUnavailable
+from gateway.errors import RETRY_AFTER_S, AuditError, BadInput, RecordCorrupt, StoreUnavailable
 from gateway.http.app import DEPS_KEY, HttpDeps, body_deadline, problem
 from gateway.optout_fields import (
-    BadInput,
     canonical,
     categories_of,
     change_events,
@@ -42,15 +41,13 @@ from gateway.store.writes import Written
 
 log = structlog.get_logger("optgate.http.admin")
 
-RETRY_AFTER_S: Final = "1"
-
 AdminHandler = Callable[[web.Request, ApiKey], Awaitable[web.StreamResponse]]
 
 
 def unavailable(what: str) -> web.Response:
     return problem(
         503, "Service Unavailable", detail=f"{what} is unavailable; retry shortly",
-        headers={"Retry-After": RETRY_AFTER_S},
+        headers={"Retry-After": str(RETRY_AFTER_S)},
     )  # fmt: skip
 
 

@@ -27,11 +27,18 @@ from aiohttp import web
 
 from gateway.apikeys import ApiKey
 from gateway.core.records import CHANNELS
-from gateway.errors import AuditError, StoreUnavailable
+from gateway.errors import (
+    AuditError,
+    BadInput,
+    BodyStalled,
+    HeaderError,
+    StoreUnavailable,
+    retry_after,
+)
 from gateway.http import admin
 from gateway.http.app import DEPS_KEY, problem
-from gateway.optout_fields import BadInput, channel_of
-from gateway.optout_lines import READ_CHUNK, Actor, Export, HeaderError, ImportJob
+from gateway.optout_fields import channel_of
+from gateway.optout_lines import READ_CHUNK, Actor, Export, ImportJob
 
 log = structlog.get_logger("optgate.http.admin")
 
@@ -42,8 +49,6 @@ CSV_TYPE: Final = "text/csv"
 BODY_IDLE_S: Final = 30.0
 
 
-class BodyStalled(Exception):
-    """No part of the request body arrived for BODY_IDLE_S."""
 
 
 async def _paced(chunks: AsyncIterator[bytes], idle_s: float) -> AsyncIterator[bytes]:
@@ -87,7 +92,7 @@ async def import_optouts(request: web.Request, key: ApiKey) -> web.Response:
         return problem(
             503, "Service Unavailable",
             detail=f"{what} failed mid-import; lines before resume_from_line are applied",
-            headers={"Retry-After": admin.RETRY_AFTER_S},
+            headers=retry_after(exc),
             applied=job.applied, resume_from_line=job.resume_from,
         )  # fmt: skip
     finally:

@@ -20,9 +20,10 @@ from gateway import apikeys
 from gateway.apikeys import ApiKey
 from gateway.audit import verify as audit_verify
 from gateway.core.records import pseudonym
+from gateway.errors import BadInput
 from gateway.http import admin
 from gateway.http.app import DEPS_KEY, problem
-from gateway.optout_fields import BadInput, canonical, channel_of
+from gateway.optout_fields import canonical, channel_of
 
 AUDIT_LIMIT: Final = 1000  # entries per audit search page, by default
 AUDIT_MAX_LIMIT: Final = 10_000  # bounds the memory of one answer

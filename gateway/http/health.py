@@ -32,13 +32,14 @@ import structlog
 from aiohttp import web
 
 from gateway import metrics
+from gateway.errors import PROBE_RETRY_AFTER_S
 from gateway.http.app import DEPS_KEY, HttpDeps
 
 log = structlog.get_logger("optgate.http.health")
 
 READY_CACHE_S: Final = 1.0  # probes every few seconds from several balancers: one check
 CHECK_TIMEOUT_S: Final = 3.0  # a readiness probe must answer well inside its own timeout
-RETRY_AFTER_S: Final = "5"
+RETRY_AFTER_S: Final = str(PROBE_RETRY_AFTER_S)  # not ready: `gateway.errors` says why
 EMAIL_CHECK: Final = "upstream.email"
 
 Check = Callable[[], Awaitable[None]]

@@ -34,7 +34,7 @@ from aiohttp import web
 
 from gateway import metrics
 from gateway.config import Sender
-from gateway.errors import AuditError
+from gateway.errors import RETRY_AFTER_S, AuditError
 from gateway.http.app import DEPS_KEY, HttpDeps, body_deadline, problem
 from gateway.senders import Busy, Login, Refused, Throttled
 from gateway.sms import message, signature
@@ -50,7 +50,7 @@ TWILIO_ROUTE = "/2010-04-01/Accounts/{AccountSid}/Messages.json"
 NATIVE_ROUTE = "/v1/messages/sms"
 INBOUND_ROUTE = "/sms/inbound"
 PROBLEM_BASE = "urn:optgate:problem:"  # stable identifiers, not links (RFC 9457 §3.1.1)
-RETRY_AFTER_S = "5"  # store or audit trouble: a restart or failover takes seconds
+RETRY_AFTER = str(RETRY_AFTER_S)  # store or audit log trouble: `gateway.errors` says why
 MAX_FORM_FIELDS = 64  # a Twilio send has under 20 parameters; inbound webhooks about 30
 FORM = "application/x-www-form-urlencoded"
 JSON = "application/json"
@@ -225,7 +225,7 @@ def _twilio_result(result: Result) -> web.Response:
         503,
         20503,
         "The opt-out store is unavailable; nothing was sent. Try again later.",
-        {"Retry-After": RETRY_AFTER_S},
+        {"Retry-After": RETRY_AFTER},
     )
 
 
@@ -278,7 +278,7 @@ def _native_result(result: Result) -> web.Response:
         if reply.status == 400 and reply.error_code == message.OPTED_OUT.code:
             return _problem(422, "opted-out", "Recipient has opted out", txn=result.txn)
         if reply.status == 429:
-            retry = reply.retry_after if reply.retry_after.isdigit() else RETRY_AFTER_S
+            retry = reply.retry_after if reply.retry_after.isdigit() else RETRY_AFTER
             return problem(503, "Provider rate limit", headers={"Retry-After": retry})
         if reply.status < 500:
             return _problem(
@@ -320,7 +320,7 @@ def _native_result(result: Result) -> web.Response:
         503,
         "Service Unavailable",
         detail="The opt-out store is unavailable; nothing was sent.",
-        headers={"Retry-After": RETRY_AFTER_S},
+        headers={"Retry-After": RETRY_AFTER},
     )
 
 
@@ -350,7 +350,7 @@ async def inbound(request: web.Request) -> web.Response:
         return problem(403, "Forbidden", detail="The request signature does not verify.")
     reply = await services.inbound.handle(pairs)
     if reply.status != 200:
-        headers = {"Retry-After": RETRY_AFTER_S} if reply.status == 503 else None
+        headers = {"Retry-After": RETRY_AFTER} if reply.status == 503 else None
         return problem(reply.status, "Inbound text not accepted", detail=reply.detail,
                        headers=headers)  # fmt: skip
     return web.Response(text=reply.twiml, content_type="text/xml", charset="utf-8")

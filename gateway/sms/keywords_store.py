@@ -38,6 +38,7 @@ from typing import Any, Literal
 
 from gateway.core.keys import Keyring
 from gateway.core.records import Record
+from gateway.errors import NotTexted
 from gateway.store.names import check_hex
 from gateway.store.writes import Audit, Written
 
@@ -178,8 +179,6 @@ async def stop(
     return written
 
 
-class _NotTexted(Exception):
-    """The record changed under START: its opt-out is no longer the texted STOP's alone."""
 
 
 StartOutcome = Literal["lifted", "not-opted-out", "not-by-text", "older-than-stop"]
@@ -218,7 +217,7 @@ async def start(
     def lift(current: Record | None) -> Record | None:
         seen.append(current)
         if current is None or not texted_all(current, claim):
-            raise _NotTexted
+            raise NotTexted
         after = Record(
             all=False,
             categories=current.categories,
@@ -240,7 +239,7 @@ async def start(
         written: Written = await store.change_record(
             channel, pseudonym, lift, intent="optin", source=source, now=now, audit=first
         )
-    except _NotTexted:
+    except NotTexted:
         latest = seen[-1] if seen else None
         if audited and superseded is not None and latest is not None and latest.all:
             await superseded(latest)

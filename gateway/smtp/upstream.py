@@ -42,7 +42,7 @@ import aiosmtplib
 import structlog
 
 from gateway.config import Config
-from gateway.errors import ConfigError, UpstreamUnavailable
+from gateway.errors import ConfigError, UpstreamBroken, UpstreamReply, UpstreamUnavailable
 from gateway.tls import client_context
 
 log = structlog.get_logger("optgate.upstream")
@@ -90,48 +90,34 @@ class Upstream(Protocol):
 _Stage = Literal["connect", "tls", "auth", "mail", "rcpt", "data", "control", "check"]
 
 
-@dataclass(eq=False)
-class _Reply(Exception):
-    """The provider answered a transaction command with 4xx/5xx; the session is in step."""
-
-    code: int
-    text: str
-
-
-@dataclass(eq=False)
-class _Broken(Exception):
-    """The session is unusable. `retryable`: nothing was delivered and a fresh session may help."""
-
-    enhanced: str
-    reason: str
-    detail: str  # for the log: exception class and TLS reason, never server text
-    retryable: bool = False
 
 
 _TLS_POLICY = ("4.7.0", "Upstream TLS policy not met")
 
 
-def _broken(stage: _Stage, exc: BaseException, *, kind: str) -> _Broken:
+def _broken(stage: _Stage, exc: BaseException, *, kind: str) -> UpstreamBroken:
     """`kind`: "reply" (unexpected or 421), "timeout", "lost" (connection gone) or "other"."""
     detail = type(exc).__name__ + (f":{exc.reason}" if isinstance(exc, ssl.SSLError) else "")
     if stage == "tls" or (stage == "auth" and kind in ("reply", "other")):
-        return _Broken(*_TLS_POLICY, detail=detail)
+        return UpstreamBroken(*_TLS_POLICY, detail=detail)
     if stage == "data":
-        return _Broken("4.4.2", "Upstream failed after DATA, delivery unknown", detail=detail)
+        reason = "Upstream failed after DATA, delivery unknown"
+        return UpstreamBroken("4.4.2", reason, detail=detail)
     retryable = kind == "lost" and stage in ("mail", "rcpt", "check")
-    return _Broken("4.4.1", "Upstream unavailable", detail=detail, retryable=retryable)
+    return UpstreamBroken("4.4.1", "Upstream unavailable", detail=detail, retryable=retryable)
 
 
 @contextlib.contextmanager
 def _translated(stage: _Stage) -> Iterator[None]:
-    """The one place where aiosmtplib, ssl and socket errors become `_Reply` or `_Broken`."""
+    """The one place where aiosmtplib, ssl and socket errors become `UpstreamReply` or
+    `UpstreamBroken`."""
     try:
         yield
     except aiosmtplib.SMTPResponseException as exc:
         if exc.code == 421:  # the server is closing the session (often an idle one)
             raise _broken(stage, exc, kind="lost") from exc
         if 400 <= exc.code < 600 and stage in ("mail", "rcpt", "data"):
-            raise _Reply(exc.code, _clean(exc.message)) from exc
+            raise UpstreamReply(exc.code, _clean(exc.message)) from exc
         raise _broken(stage, exc, kind="reply") from exc
     except (aiosmtplib.SMTPTimeoutError, TimeoutError) as exc:
         raise _broken(stage, exc, kind="timeout") from exc
@@ -145,7 +131,7 @@ def _translated(stage: _Stage) -> Iterator[None]:
         raise _broken(stage, exc, kind="other") from exc
     except ValueError as exc:  # aiosmtplib >= 5.1.1: control characters; encoding errors
         if stage in ("mail", "rcpt"):
-            raise _Reply(553, "5.1.3 Address cannot be sent as given") from exc
+            raise UpstreamReply(553, "5.1.3 Address cannot be sent as given") from exc
         raise _broken(stage, exc, kind="other") from exc
 
 
@@ -285,7 +271,7 @@ class SmtpUpstream:
 
         try:
             await self._on_session(transaction)
-        except _Broken as exc:
+        except UpstreamBroken as exc:
             log.warning("upstream_failed", host=self.host, enhanced=exc.enhanced, detail=exc.detail)
             tally.fail(tally.undecided(rcpts), 451, f"{exc.enhanced} {exc.reason}")
         tally.perm.update(local.perm)
@@ -303,11 +289,11 @@ class SmtpUpstream:
 
         try:
             await self._on_session(noop)
-        except _Broken as exc:
+        except UpstreamBroken as exc:
             raise UpstreamUnavailable(exc.reason, enhanced=exc.enhanced) from exc
 
     async def _on_session(self, work: Callable[[aiosmtplib.SMTP], Awaitable[bool]]) -> None:
-        """Run `work` on a pooled session, which it says is reusable or not; raise `_Broken`.
+        """Run `work` on a pooled session, which it says is reusable or not; raise `UpstreamBroken`.
 
         A reused session may have died while idle. If it fails before anything could have
         been delivered, `work` runs once more on a new session.
@@ -317,7 +303,7 @@ class SmtpUpstream:
             healthy = False
             try:
                 healthy = await work(conn.smtp)
-            except _Broken as exc:
+            except UpstreamBroken as exc:
                 if not (exc.retryable and reused and attempt == 1):
                     raise
                 log.info("upstream_retry", host=self.host, detail=exc.detail)
@@ -347,7 +333,7 @@ class SmtpUpstream:
         try:
             with _translated("mail"):
                 await _envelope(smtp, b"MAIL", copy.mail_from, options, encoding)
-        except _Reply as r:
+        except UpstreamReply as r:
             t.fail(rcpts, r.code, r.text)
             return True
         live: list[str] = []
@@ -356,14 +342,14 @@ class SmtpUpstream:
                 with _translated("rcpt"):
                     await _envelope(smtp, b"RCPT", rcpt, (), encoding)
                 live.append(rcpt)
-            except _Reply as r:
+            except UpstreamReply as r:
                 t.fail([rcpt], r.code, r.text)
         if not live:
             return await self._control(smtp.rset())
         try:
             with _translated("data"):
                 await smtp.data(copy.data)
-        except _Reply as r:
+        except UpstreamReply as r:
             t.fail(live, r.code, r.text)
             return await self._control(smtp.rset())
         t.accepted.extend(live)
@@ -384,18 +370,18 @@ class SmtpUpstream:
         try:
             with _translated("control"):
                 await command
-        except (_Reply, _Broken):
+        except (UpstreamReply, UpstreamBroken):
             return False
         return True
 
     async def _acquire(self, *, fresh: bool) -> tuple[_Conn, bool]:
         if self._closed:
-            raise _Broken("4.4.1", "Upstream unavailable", detail="closed")
+            raise UpstreamBroken("4.4.1", "Upstream unavailable", detail="closed")
         try:
             async with asyncio.timeout(self._timeout):
                 await self._slots.acquire()
         except TimeoutError:
-            raise _Broken("4.4.5", "Upstream busy", detail="pool-wait") from None
+            raise UpstreamBroken("4.4.5", "Upstream busy", detail="pool-wait") from None
         try:
             now = time.monotonic()
             while self._idle and not fresh:
@@ -444,7 +430,7 @@ class SmtpUpstream:
                 await smtp.ehlo()
         if not self._implicit:
             if not smtp.supports_extension("starttls"):
-                raise _Broken(*_TLS_POLICY, detail="no-starttls")
+                raise UpstreamBroken(*_TLS_POLICY, detail="no-starttls")
             with _translated("tls"):
                 await smtp.starttls()
         with _translated("tls"):
@@ -453,7 +439,7 @@ class SmtpUpstream:
             await smtp.ehlo()  # RFC 3207 §4.2: only what was learnt under TLS counts
         if self._username:
             if not smtp.supports_extension("auth"):
-                raise _Broken(*_TLS_POLICY, detail="no-auth")
+                raise UpstreamBroken(*_TLS_POLICY, detail="no-auth")
             with _translated("auth"):
                 await smtp.login(self._username, self._password)
 
@@ -462,7 +448,7 @@ def _require_tls13(smtp: aiosmtplib.SMTP) -> None:
     tls = smtp.get_transport_info("ssl_object")
     version = tls.version() if isinstance(tls, ssl.SSLObject | ssl.SSLSocket) else None
     if version is None or version in _WEAK_TLS:
-        raise _Broken(*_TLS_POLICY, detail=f"tls-version:{version}")
+        raise UpstreamBroken(*_TLS_POLICY, detail=f"tls-version:{version}")
 
 
 def from_config(cfg: Config) -> Upstream:
