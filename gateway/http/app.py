@@ -79,6 +79,9 @@ class HttpDeps:
     # Re-read the key file after another instance's `keys rotate` (rate-limited; True when
     # the keyring changed); None where nothing can be re-read (tests, the CLI).
     refresh_keys: Callable[[], Awaitable[bool]] | None = None
+    # Builds the email upstream /readyz probes (`check()`, `close()`) from a config: a port,
+    # so that the HTTP side never imports the SMTP side; None: no email probe.
+    email_probe: Callable[[Config], Any] | None = None
 
 
 DEPS_KEY = web.AppKey("deps", HttpDeps)

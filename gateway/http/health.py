@@ -98,8 +98,9 @@ async def metrics_text(request: web.Request) -> web.Response:
 
 def _email_probe(app: web.Application, deps: HttpDeps) -> None:
     """Our own one-session probe of the email upstream, opened and closed with the app."""
-    from gateway.smtp import upstream as upstream_mod
-
+    make_probe = deps.email_probe
+    if make_probe is None:
+        return
     if CHECKS_KEY in app and EMAIL_CHECK in app[CHECKS_KEY]:
         return  # a module registered the real upstream's check already
     holder: dict[str, Any] = {}
@@ -113,7 +114,7 @@ def _email_probe(app: web.Application, deps: HttpDeps) -> None:
         cfg = dataclasses.replace(
             deps.cfg, upstream_email=dataclasses.replace(deps.cfg.upstream_email, pool_size=1)
         )
-        holder["probe"] = upstream_mod.from_config(cfg)
+        holder["probe"] = make_probe(cfg)
 
     async def on_cleanup(_: web.Application) -> None:
         probe = holder.pop("probe", None)

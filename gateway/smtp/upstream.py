@@ -27,22 +27,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import re
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from types import MappingProxyType
-from typing import Literal, Protocol
+from typing import Literal
 from urllib.parse import urlsplit
 
 import aiosmtplib
 import structlog
 
-from gateway.config import Config
 from gateway.errors import ConfigError, UpstreamBroken, UpstreamReply, UpstreamUnavailable
+from gateway.smtp.transport import Copy as Copy  # noqa: PLC0414 - re-exported: gateway.smtp.flow imports it from here
+from gateway.smtp.transport import Outcome as Outcome  # noqa: PLC0414 - re-exported, as Copy
+from gateway.smtp.transport import Tally, prevalidate
+from gateway.smtp.transport import Upstream as Upstream  # noqa: PLC0414 - re-exported, as Copy
 from gateway.tls import client_context
 
 log = structlog.get_logger("optgate.upstream")
@@ -55,34 +56,6 @@ QUIT_TIMEOUT_S = 2.0  # a polite QUIT must not hold up shutdown
 MAX_REPLY_TEXT = 200  # provider text kept per recipient; enough for an enhanced code and reason
 _WEAK_TLS = frozenset({"SSLv2", "SSLv3", "TLSv1", "TLSv1.1", "TLSv1.2"})
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-# Never in an address we send: controls, space, and the specials a Dot-string cannot hold
-# (RFC 5321 §4.1.2; the inbound parser already refuses quoted local parts and literals).
-_UNSENDABLE = re.compile(r'[\x00-\x20\x7f<>()\[\]\\,;:"]')
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Copy:
-    """One upstream transaction: addresses are canonical and sent byte-for-byte."""
-
-    mail_from: str
-    rcpts: tuple[str, ...]
-    data: bytes
-    smtputf8: bool = False
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Outcome:
-    """The provider's verdict per recipient of one `Copy`: each in exactly one field."""
-
-    accepted: tuple[str, ...] = ()
-    temp_failed: Mapping[str, tuple[int, str]] = field(default_factory=lambda: MappingProxyType({}))
-    perm_failed: Mapping[str, tuple[int, str]] = field(default_factory=lambda: MappingProxyType({}))
-
-
-class Upstream(Protocol):
-    async def deliver(self, copy: Copy) -> Outcome: ...
-    async def check(self) -> None: ...
-    async def close(self) -> None: ...
 
 
 # Where an error happened decides its meaning. "control" is RSET and QUIT, whose replies only
@@ -152,58 +125,6 @@ def _clean(text: str) -> str:
     return _CONTROL.sub(" ", text)[:MAX_REPLY_TEXT]
 
 
-def _address_problem(address: str, *, smtputf8: bool, sender: bool) -> tuple[int, str] | None:
-    """Refuse what cannot go on the wire as exactly `<address>` (threats S5, S6). MAIL and
-    RCPT are written here (`_envelope`), not through aiosmtplib's `mail()`/`rcpt()`, whose
-    address parser could send another string than the one that was checked."""
-    if _UNSENDABLE.search(address) or (not sender and "@" not in address):
-        return (553, f"5.1.{7 if sender else 3} Address cannot be sent as given")
-    if not smtputf8 and not address.isascii():
-        return (553, "5.6.7 Non-ASCII address needs SMTPUTF8")
-    return None
-
-
-class _Tally:
-    """Verdicts for one delivery attempt, built up command by command."""
-
-    def __init__(self) -> None:
-        self.accepted: list[str] = []
-        self.temp: dict[str, tuple[int, str]] = {}
-        self.perm: dict[str, tuple[int, str]] = {}
-
-    def fail(self, rcpts: Sequence[str], code: int, text: str) -> None:
-        target = self.perm if code >= 500 else self.temp
-        for r in rcpts:
-            target[r] = (code, text)
-
-    def undecided(self, rcpts: Sequence[str]) -> list[str]:
-        done = {*self.accepted, *self.temp, *self.perm}
-        return [r for r in rcpts if r not in done]
-
-    def outcome(self) -> Outcome:
-        return Outcome(
-            accepted=tuple(self.accepted),
-            temp_failed=MappingProxyType(self.temp),
-            perm_failed=MappingProxyType(self.perm),
-        )
-
-
-def _prevalidate(copy: Copy, tally: _Tally) -> list[str]:
-    """Record local refusals in `tally`; return the recipients that may be sent."""
-    problem = _address_problem(copy.mail_from, smtputf8=copy.smtputf8, sender=True)
-    if problem is not None:
-        tally.fail(copy.rcpts, *problem)
-        return []
-    sendable: list[str] = []
-    for rcpt in dict.fromkeys(copy.rcpts):  # a duplicate RCPT would be a duplicate delivery
-        problem = _address_problem(rcpt, smtputf8=copy.smtputf8, sender=False)
-        if problem is None:
-            sendable.append(rcpt)
-        else:
-            tally.fail([rcpt], *problem)
-    return sendable
-
-
 @dataclass(slots=True, eq=False)
 class _Conn:
     smtp: aiosmtplib.SMTP
@@ -258,15 +179,15 @@ class SmtpUpstream:
         self.connections_opened = 0
 
     async def deliver(self, copy: Copy) -> Outcome:
-        local = _Tally()
-        rcpts = _prevalidate(copy, local)
+        local = Tally()
+        rcpts = prevalidate(copy, local)
         if not rcpts:
             return local.outcome()
-        tally = _Tally()
+        tally = Tally()
 
         async def transaction(smtp: aiosmtplib.SMTP) -> bool:
             nonlocal tally
-            tally = _Tally()  # a retry starts over: only its verdicts count
+            tally = Tally()  # a retry starts over: only its verdicts count
             return await self._transact(smtp, copy, rcpts, tally)
 
         try:
@@ -313,7 +234,7 @@ class SmtpUpstream:
                 self._release(conn, healthy=healthy)
 
     async def _transact(
-        self, smtp: aiosmtplib.SMTP, copy: Copy, rcpts: list[str], t: _Tally
+        self, smtp: aiosmtplib.SMTP, copy: Copy, rcpts: list[str], t: Tally
     ) -> bool:
         """Run one transaction; return whether the session is still fit for reuse."""
         with _translated("mail"):  # a tripwire: no MAIL unless this session is TLS 1.3
@@ -449,23 +370,3 @@ def _require_tls13(smtp: aiosmtplib.SMTP) -> None:
     version = tls.version() if isinstance(tls, ssl.SSLObject | ssl.SSLSocket) else None
     if version is None or version in _WEAK_TLS:
         raise UpstreamBroken(*_TLS_POLICY, detail=f"tls-version:{version}")
-
-
-def from_config(cfg: Config) -> Upstream:
-    if cfg.outbox_dir is not None:
-        from gateway.smtp.outbox import OutboxUpstream
-
-        return OutboxUpstream(cfg.outbox_dir)
-    env = cfg.upstream_email.password_env
-    if env and env not in os.environ:
-        raise ConfigError(f"[upstream.email] password_env: {env} is not set")
-    password = os.environ[env] if env else ""
-    return SmtpUpstream(
-        url=cfg.upstream_email.url,
-        username=cfg.upstream_email.username,
-        password=password,
-        ca_file=cfg.upstream_email.ca_file,
-        pool_size=cfg.upstream_email.pool_size,
-        timeout_s=cfg.upstream_email.timeout_s,
-        local_hostname=cfg.gateway.hostname,
-    )

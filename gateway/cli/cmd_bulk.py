@@ -28,22 +28,21 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, BinaryIO, Final
 
-import orjson
 import structlog
 
 from gateway import keyfile
 from gateway import rules as rules_io
+from gateway.cli.common import EXIT_FAILURE, EXIT_USAGE, cli_audit, config, fail, print_json
 from gateway.config import Config
 from gateway.core.keys import Keyring
 from gateway.core.records import CHANNELS
 from gateway.errors import AuditError, HeaderError, StoreUnavailable, UnreadableInput
 from gateway.optout_lines import CLI, READ_CHUNK, Export, ImportJob, JobContext
+from gateway.store.opening import open_store
 from gateway.store.redis_store import OptOutStore
 
 log = structlog.get_logger("optgate.cli")
 
-EXIT_FAILURE: Final = 1
-EXIT_USAGE: Final = 2
 # sysexits.h EX_TEMPFAIL: the store or the audit log failed part-way. What is reported
 # applied is durable; running again (from resume_from_line) completes the import.
 EXIT_TEMPFAIL: Final = 75
@@ -66,11 +65,6 @@ def _format_of(given: str | None, path: str | None) -> str:
     if given:
         return given
     return "csv" if path and path != "-" and Path(path).suffix.lower() == ".csv" else "ndjson"
-
-
-def _print_json(doc: Any) -> None:
-    sys.stdout.buffer.write(orjson.dumps(doc) + b"\n")
-    sys.stdout.flush()
 
 
 # -- import ----------------------------------------------------------------------------
@@ -97,9 +91,7 @@ def _deps(cfg: Config, store: OptOutStore, audit: Any, ring: Keyring) -> JobCont
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from gateway.cli import _config, _fail
-
-    cfg = _config(args)
+    cfg = config(args)
     csv_mode = _format_of(args.format, args.file) == "csv"
     if args.file in (None, "-"):
         if sys.stdin.isatty():
@@ -108,19 +100,16 @@ def cmd_import(args: argparse.Namespace) -> int:
     try:
         fd = os.open(args.file, os.O_RDONLY)
     except OSError as exc:
-        _fail(f"{args.file}: {exc.strerror}")
+        fail(f"{args.file}: {exc.strerror}")
     try:
         if stat.S_ISDIR(os.fstat(fd).st_mode):
-            _fail(f"{args.file}: is a directory")
+            fail(f"{args.file}: is a directory")
         return asyncio.run(_import(cfg, fd, args.file, csv_mode))
     finally:
         os.close(fd)
 
 
 async def _import(cfg: Config, fd: int, name: str, csv_mode: bool) -> int:
-    from gateway.cli import _cli_audit, _fail
-    from gateway.service import open_store
-
     ring, _ = keyfile.load_or_create(cfg.keys.file)
     try:
         store, embedded = await open_store(cfg, ring, quiet=True)
@@ -130,7 +119,7 @@ async def _import(cfg: Config, fd: int, name: str, csv_mode: bool) -> int:
     store.stream_addresses = any(h.include_address for h in cfg.sync.webhooks)
     failure: tuple[int, str] | None = None
     try:
-        async with _cli_audit(cfg, ring) as audit:
+        async with cli_audit(cfg, ring) as audit:
             job = ImportJob(_deps(cfg, store, audit, ring), CLI)
             try:
                 await job.run(_chunks(fd), csv_mode=csv_mode)
@@ -157,9 +146,9 @@ async def _import(cfg: Config, fd: int, name: str, csv_mode: bool) -> int:
             await embedded.release()
     if failure is not None:
         if failure[0] == EXIT_USAGE:
-            _fail(failure[1])
+            fail(failure[1])
         return _stopped(job.summary(), job.resume_from, *failure)
-    _print_json(job.summary())
+    print_json(job.summary())
     if job.rejected:
         print(
             f"optgate: {job.rejected} line(s) rejected, listed in the summary; "
@@ -172,7 +161,7 @@ async def _import(cfg: Config, fd: int, name: str, csv_mode: bool) -> int:
 
 def _stopped(summary: dict[str, Any], resume_from: int, code: int, why: str) -> int:
     """An import that stopped early: the summary and where to resume, one line on stderr."""
-    _print_json({**summary, "resume_from_line": resume_from, "error": why})
+    print_json({**summary, "resume_from_line": resume_from, "error": why})
     print(
         f"optgate: error: {why} ({summary['applied']} applied; resume from line {resume_from})",
         file=sys.stderr,
@@ -222,18 +211,16 @@ class _Output:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from gateway.cli import _config, _fail
-
-    cfg = _config(args)
+    cfg = config(args)
     target = None if args.output in (None, "-") else Path(args.output)
     csv_mode = _format_of(args.format, args.output) == "csv"
     channels = (args.channel,) if args.channel else tuple(CHANNELS)
     if target is not None and target.is_dir():
-        _fail(f"--output {target}: is a directory")
+        fail(f"--output {target}: is a directory")
     try:
         out = _Output(target)  # before the store is touched: a bad path is a usage error
     except OSError as exc:
-        _fail(f"--output {target}: {exc.strerror}")
+        fail(f"--output {target}: {exc.strerror}")
     try:
         code, why = asyncio.run(_export(cfg, channels, csv_mode, out))
         if not why:
@@ -245,7 +232,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if why:
         if target is None:
             _quiet_stdout()
-        _fail(why, code)
+        fail(why, code)
     return 0
 
 
@@ -262,9 +249,6 @@ async def _export(
 ) -> tuple[int, str]:
     """(0, "") once every record is written out and the export is on record; else (exit
     code, why)."""
-    from gateway.cli import _cli_audit
-    from gateway.service import open_store
-
     ring, _ = keyfile.load_or_create(cfg.keys.file)
     try:
         store, embedded = await open_store(cfg, ring, quiet=True)
@@ -272,7 +256,7 @@ async def _export(
         return EXIT_TEMPFAIL, f"opt-out store unavailable: {exc}"
     export = Export(store, channels, csv_mode=csv_mode)
     try:
-        async with _cli_audit(cfg, ring) as audit:
+        async with cli_audit(cfg, ring) as audit:
             # On record before any address leaves, as the admin API's export.
             await audit.append([CLI.access("optout.export", channels=list(channels))])
             try:
