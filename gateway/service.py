@@ -22,8 +22,7 @@ from typing import Any, Final
 
 import structlog
 
-from gateway import keyfile, listeners, metrics, senders, tls
-from gateway import rules as rules_io
+from gateway import keyfile, listeners, metrics, rules_files, senders, tls
 from gateway.audit.writer import AuditWriter
 from gateway.config import Config
 from gateway.core import tokens
@@ -123,7 +122,7 @@ class Gateway:
         return self._ring
 
     def rules_dir(self) -> Path:
-        return rules_io.choose_dir(self.cfg.rules.dir, self.cfg.base_dir)
+        return rules_files.choose_dir(self.cfg.rules.dir, self.cfg.base_dir)
 
     async def start(self) -> None:
         """Start everything, or, when any step fails, release what was started (the
@@ -136,8 +135,8 @@ class Gateway:
 
     async def _start(self) -> None:
         cfg = self.cfg
-        self._rules = rules_io.load_dir(self.rules_dir())
-        rules_io.check_senders(self._rules, cfg.senders)  # grants and default categories
+        self._rules = rules_files.load_dir(self.rules_dir())
+        rules_files.check_senders(self._rules, cfg.senders)  # grants and default categories
         # Bound before anything is made or started (keys, certificates, the store): an
         # address another process holds ends the start here (exit 2), leaving nothing.
         if self.listeners is None:
@@ -317,7 +316,7 @@ class Gateway:
     async def reload(self) -> bool:
         """Re-read rules and keys (SIGHUP). On any problem keep the old ones and say why."""
         try:
-            new_rules = rules_io.load_dir(self.rules_dir())
+            new_rules = rules_files.load_dir(self.rules_dir())
             new_ring = self._reloaded_keyring()
         except (ConfigError, KeyringError) as exc:
             log.error("reload_failed", why=str(exc))

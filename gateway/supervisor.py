@@ -35,8 +35,7 @@ from pathlib import Path
 
 import structlog
 
-from gateway import keyfile, listeners, metrics, senders, shared_counts, tls
-from gateway import rules as rules_io
+from gateway import keyfile, listeners, metrics, rules_files, senders, shared_counts, tls
 from gateway.config import Config
 from gateway.core import tokens
 from gateway.core.peers import Counts
@@ -208,8 +207,8 @@ class Supervisor:
 
 def prepare(cfg: Config) -> None:
     """Everything that must be valid or exist before any worker starts (raises ConfigError)."""
-    rules = rules_io.load_dir(rules_io.choose_dir(cfg.rules.dir, cfg.base_dir))
-    rules_io.check_senders(rules, cfg.senders)  # a default category outside its grant
+    rules = rules_files.load_dir(rules_files.choose_dir(cfg.rules.dir, cfg.base_dir))
+    rules_files.check_senders(rules, cfg.senders)  # a default category outside its grant
     keyfile.load_or_create(cfg.keys.file)
     _, dev = senders.build(cfg)
     if dev:

@@ -27,7 +27,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway import rules as rules_io
+from gateway import rules_files
 from gateway.core import tokens
 from gateway.core.addresses import (
     AddressProblem,
@@ -41,7 +41,7 @@ from gateway.core.keys import generate
 from gateway.core.rules import Rules
 from gateway.sms import inbound, message
 
-RULES: Rules = rules_io.load_dir(Path(__file__).resolve().parent.parent / "rules")
+RULES: Rules = rules_files.load_dir(Path(__file__).resolve().parent.parent / "rules")
 RING = generate()
 NOW = 1_800_000_000.0
 CATEGORIES = ["marketing", "research"]

@@ -30,8 +30,7 @@ from typing import Any, BinaryIO, Final
 
 import structlog
 
-from gateway import keyfile
-from gateway import rules as rules_io
+from gateway import keyfile, rules_files
 from gateway.cli.common import EXIT_FAILURE, EXIT_USAGE, cli_audit, config, fail, print_json
 from gateway.config import Config
 from gateway.core.keys import Keyring
@@ -86,7 +85,7 @@ async def _chunks(fd: int) -> AsyncIterator[bytes]:
 
 def _deps(cfg: Config, store: OptOutStore, audit: Any, ring: Keyring) -> JobContext:
     """What the shared import job reads (the admin API hands it its `HttpDeps`)."""
-    rules = rules_io.load_dir(rules_io.choose_dir(cfg.rules.dir, cfg.base_dir))
+    rules = rules_files.load_dir(rules_files.choose_dir(cfg.rules.dir, cfg.base_dir))
     return JobContext(cfg=cfg, store=store, audit=audit, rules=lambda: rules, keyring=lambda: ring)
 
 

@@ -10,8 +10,7 @@ from typing import Any
 
 import orjson
 
-from gateway import keyfile
-from gateway import rules as rules_io
+from gateway import keyfile, rules_files
 from gateway.cli.common import cli_audit, config, fail, recipient, with_config
 from gateway.config import Config
 from gateway.core.records import pseudonym
@@ -22,7 +21,7 @@ from gateway.store.writes import Written
 
 
 async def _optout(cfg: Config, args: argparse.Namespace) -> int:
-    rules = rules_io.load_dir(rules_io.choose_dir(cfg.rules.dir, cfg.base_dir))
+    rules = rules_files.load_dir(rules_files.choose_dir(cfg.rules.dir, cfg.base_dir))
     categories: list[str] = list(dict.fromkeys(args.category or []))
     try:
         categories_of(rules, args.channel, categories)  # the API's checks, channel included

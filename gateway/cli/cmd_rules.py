@@ -6,12 +6,12 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from gateway import rules as rules_io
+from gateway import rules_files
 
 
 def cmd_rules(args: argparse.Namespace) -> int:
-    cfg_dir = Path(args.dir) if args.dir else rules_io.choose_dir(None, Path.cwd())
-    rules = rules_io.load_dir(cfg_dir)
+    cfg_dir = Path(args.dir) if args.dir else rules_files.choose_dir(None, Path.cwd())
+    rules = rules_files.load_dir(cfg_dir)
     names = ", ".join(sorted(rules.categories))
     print(
         f"ok: {cfg_dir}: {len(rules.categories)} categories ({names}); version {rules.version[:12]}"

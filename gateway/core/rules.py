@@ -3,7 +3,7 @@
 Pure (SPEC §8, §11): `parse()` takes the decoded TOML documents of a rules folder, each
 with its file name, and returns one immutable `Rules`, or raises one `ConfigError` naming
 every problem, each prefixed with the file it is in. Reading the folder is
-`gateway.rules`.
+`gateway.rules_files`.
 
 Merging, so a policy can be split over several files: categories and revocations
 accumulate (a name or id defined twice is an error), lists (strip globs, keywords) are

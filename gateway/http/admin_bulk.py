@@ -35,7 +35,7 @@ from gateway.errors import (
     StoreUnavailable,
     retry_after,
 )
-from gateway.http import admin
+from gateway.http import admin_auth
 from gateway.http.app import DEPS_KEY, problem
 from gateway.optout_fields import channel_of
 from gateway.optout_lines import READ_CHUNK, Actor, Export, ImportJob
@@ -64,7 +64,7 @@ async def _paced(chunks: AsyncIterator[bytes], idle_s: float) -> AsyncIterator[b
         yield chunk
 
 
-@admin.requires("preferences")
+@admin_auth.requires("preferences")
 async def import_optouts(request: web.Request, key: ApiKey) -> web.Response:
     """Add the opt-outs of an NDJSON or CSV body, line by line."""
     deps = request.app[DEPS_KEY]
@@ -101,13 +101,13 @@ async def import_optouts(request: web.Request, key: ApiKey) -> web.Response:
             "optout.import", applied=job.applied, rejected=job.rejected, lines=job.lines
         )
         try:
-            await admin.audit(deps, [summary])
+            await admin_auth.audit(deps, [summary])
         except AuditError:
             log.error("import_summary_not_audited")
     return web.json_response(job.summary())
 
 
-@admin.requires("preferences")
+@admin_auth.requires("preferences")
 async def export_optouts(request: web.Request, key: ApiKey) -> web.StreamResponse:
     """Every opt-out record, addresses decrypted, streamed."""
     deps, q = request.app[DEPS_KEY], request.query
@@ -117,7 +117,7 @@ async def export_optouts(request: web.Request, key: ApiKey) -> web.StreamRespons
         raise BadInput("format must be ndjson or csv")
     actor = Actor(key)
     export = Export(deps.store, channels, csv_mode=fmt == "csv")
-    await admin.audit(deps, [actor.access("optout.export", channels=list(channels))])
+    await admin_auth.audit(deps, [actor.access("optout.export", channels=list(channels))])
     response = web.StreamResponse(
         headers={"Content-Type": CSV_TYPE if export.csv_mode else "application/x-ndjson"}
     )
@@ -128,7 +128,7 @@ async def export_optouts(request: web.Request, key: ApiKey) -> web.StreamRespons
         if export.unreadable:
             log.warning("export_skipped_unreadable_records", count=export.unreadable)
         done = actor.access("optout.export_done", records=export.sent, unreadable=export.unreadable)
-        await admin.audit(deps, [done])  # on record before the export is complete
+        await admin_auth.audit(deps, [done])  # on record before the export is complete
     except (StoreUnavailable, AuditError) as exc:
         log.error("export_aborted", sent=export.sent, error=type(exc).__name__)
         if request.transport is not None:
