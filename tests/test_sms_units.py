@@ -13,7 +13,7 @@ from gateway import keyfile, rules_files
 from gateway.core import keys
 from gateway.core.addresses import parse_phone
 from gateway.core.rules import Rules
-from gateway.http.sms import basic_credentials
+from gateway.http.sms_input import basic_credentials
 from gateway.sms import message, queue, signature
 from gateway.sms.inbound import classify, twiml_message
 from gateway.sms.message import Outgoing, Refusal
