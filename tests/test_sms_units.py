@@ -15,7 +15,7 @@ from gateway.core.addresses import parse_phone
 from gateway.core.rules import Rules
 from gateway.http.sms_input import basic_credentials
 from gateway.sms import message, queue, signature
-from gateway.sms.inbound import classify, twiml_message
+from gateway.sms.keywords import classify, twiml_message
 from gateway.sms.message import Outgoing, Refusal
 from gateway.sms.provider import Reply
 

@@ -184,6 +184,18 @@ async def stop(
 StartOutcome = Literal["lifted", "not-opted-out", "not-by-text", "older-than-stop"]
 
 
+def _not_liftable(record: Record | None, claim: Claim | None, now: float) -> StartOutcome | None:
+    """Why START cannot lift `record` (None: it can): no opt-out of everything, one that
+    the texted STOP did not set, or a START older than that STOP."""
+    if record is None or not record.all:
+        return "not-opted-out"
+    if not texted_all(record, claim):
+        return "not-by-text"
+    if claim is not None and claim.at_ms > _ms(now):
+        return "older-than-stop"
+    return None
+
+
 async def start(
     store: Any,
     channel: str,
@@ -205,12 +217,9 @@ async def start(
     `superseded` raise."""
     claim = await read_claim(store, pseudonym)
     record: Record | None = await store.get(channel, pseudonym)
-    if record is None or not record.all:
-        return "not-opted-out", None
-    if not texted_all(record, claim):
-        return "not-by-text", None
-    if claim is not None and claim.at_ms > _ms(now):
-        return "older-than-stop", None
+    refused = _not_liftable(record, claim, now)
+    if refused is not None:
+        return refused, None
 
     seen: list[Record | None] = []  # the record each attempt read
 
