@@ -7,16 +7,18 @@ import argparse
 from collections.abc import Sequence
 
 from gateway import __version__, logs
-from gateway.cli import cmd_audit as audit
-from gateway.cli import cmd_bulk as bulk
-from gateway.cli import cmd_certs as certs
-from gateway.cli import cmd_keys as keys
-from gateway.cli import cmd_optout as optout
-from gateway.cli import cmd_rules as rules
-from gateway.cli import cmd_senders as senders
-from gateway.cli import cmd_serve as serve
-from gateway.cli import cmd_store as store
-from gateway.cli import cmd_sync as sync
+from gateway.cli import (
+    cmd_audit,
+    cmd_bulk,
+    cmd_certs,
+    cmd_keys,
+    cmd_optout,
+    cmd_rules,
+    cmd_senders,
+    cmd_serve,
+    cmd_store,
+    cmd_sync,
+)
 from gateway.cli.common import EXIT_FAILURE, fail, with_config
 from gateway.errors import ConfigError, KeyringError, OptgateError, StoreUnavailable
 
@@ -30,19 +32,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"optgate {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # The order here is the order `optgate --help` lists them in.
-    serve.add_parser(sub)
-    optout_sub = optout.add_parser(sub)  # add, remove, get
-    bulk.add_parsers(optout_sub, with_config)  # optout import|export
-    store.add_parser(sub)  # store init
-    store.add_rebuild_parser(optout_sub)  # optout rebuild
-    audit_sub = audit.add_parser(sub)  # verify, search
-    keys_sub = keys.add_parser(sub)  # init, rotate
-    senders.add_parser(sub)
-    certs.add_parser(sub)
-    rules.add_parser(sub)
-    audit.add_tail_parser(audit_sub)
-    keys.add_api_key_parser(keys_sub)
-    sync.add_parser(sub)
+    cmd_serve.add_parser(sub)
+    optout_sub = cmd_optout.add_parser(sub)  # add, remove, get
+    cmd_bulk.add_parsers(optout_sub, with_config)  # optout import|export
+    cmd_store.add_parser(sub)  # store init
+    cmd_store.add_rebuild_parser(optout_sub)  # optout rebuild
+    audit_sub = cmd_audit.add_parser(sub)  # verify, search
+    keys_sub = cmd_keys.add_parser(sub)  # init, rotate
+    cmd_senders.add_parser(sub)
+    cmd_certs.add_parser(sub)
+    cmd_rules.add_parser(sub)
+    cmd_audit.add_tail_parser(audit_sub)
+    cmd_keys.add_api_key_parser(keys_sub)
+    cmd_sync.add_parser(sub)
     return p
 
 
