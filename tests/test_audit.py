@@ -20,7 +20,7 @@ from structlog.testing import capture_logs
 
 from gateway.audit.verify import VerifyResult, search, verify_path
 from gateway.audit.writer import AuditWriter, file_name
-from gateway.core import audit as core
+from gateway.core import chain as core
 from gateway.core.keys import Keyring, generate, rotate
 from gateway.errors import AuditError, KeyringError
 

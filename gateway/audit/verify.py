@@ -32,7 +32,7 @@ from typing import Any
 import orjson
 
 from gateway.audit import files
-from gateway.core import audit as core
+from gateway.core import chain as core
 from gateway.core.keys import Keyring
 
 
