@@ -37,14 +37,9 @@ cannot export them), and a metric appears only once some worker has written a va
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import operator
 import os
 import re
-import shutil
 import time
-from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Final
@@ -55,10 +50,12 @@ from prometheus_client import (
     Gauge,
     Histogram,
     generate_latest,
-    multiprocess,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from prometheus_client.mmap_dict import MmapedDict
+
+from gateway.metrics_files import fresh_multiprocess_dir as fresh_multiprocess_dir  # noqa: PLC0414 - as below
+from gateway.metrics_files import merged
+from gateway.metrics_files import process_dead as process_dead  # noqa: PLC0414 - the supervisor and tests name them `metrics.*`
 
 REGISTRY: Final = CollectorRegistry(auto_describe=True)
 CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
@@ -352,87 +349,6 @@ def exposition() -> bytes:
     if MULTIPROC_DIR is None:
         return generate_latest(REGISTRY)
     return merged(Path(MULTIPROC_DIR))
-
-
-def merged(directory: Path) -> bytes:
-    """The metrics of every process that wrote into `directory`, merged, in the text format.
-
-    A fresh registry per call, as the library asks: its collector reads the files anew
-    (while no dead worker's files are being folded into the archive)."""
-    registry = CollectorRegistry()
-    # The library's collector is untyped; it only registers itself with `registry`.
-    multiprocess.MultiProcessCollector(registry, path=str(directory))  # type: ignore[no-untyped-call]
-    with _fold_lock(directory, fcntl.LOCK_SH):
-        return generate_latest(registry)
-
-
-def fresh_multiprocess_dir(directory: Path) -> Path:
-    """Empty `directory` (files from an earlier run would be counted again) and make it
-    private (0700: the files name every label, and other users have no business there)."""
-    if directory.is_symlink():
-        directory.unlink()  # rmtree refuses a link; never follow one out of the data dir
-    elif directory.exists():
-        shutil.rmtree(directory)
-    directory.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    directory.mkdir(mode=0o700)
-    directory.chmod(0o700)  # mkdir's mode is filtered by the umask
-    return directory
-
-
-def process_dead(pid: int, directory: Path) -> None:
-    """Tell the multiprocess files that worker `pid` is gone: its "live" gauges are dropped;
-    its counters, histograms and ``max`` gauges stay in the totals, folded into the
-    archive files (`_fold`)."""
-    # Untyped in the library; it removes gauge_live*_<pid>.db files and nothing else.
-    multiprocess.mark_process_dead(pid, str(directory))  # type: ignore[no-untyped-call]
-    with _fold_lock(directory, fcntl.LOCK_EX):
-        for prefix, join in _FOLDS:
-            _fold(directory / f"{prefix}_{pid}.db", directory / f"{prefix}_{ARCHIVE}.db", join)
-
-
-# A dead worker's files that stay in the totals, and how their values join the archive's.
-# The collector reads the text after the last "_" as the writer's pid: "archive" is one
-# more writer to it, summed (counters, histograms) or maxed (the max gauge) with the rest.
-_FOLDS: Final[tuple[tuple[str, Callable[[float, float], float]], ...]] = (
-    ("counter", operator.add),
-    ("histogram", operator.add),
-    ("gauge_max", max),
-)
-ARCHIVE: Final = "archive"
-_FOLD_LOCK: Final = ".fold.lock"  # not *.db: the collector reads only those
-
-
-@contextlib.contextmanager
-def _fold_lock(directory: Path, how: int) -> Iterator[None]:
-    """Scrapes (shared) against the supervisor's folding (exclusive): a scrape between
-    writing the archive and removing the dead file would count that worker twice."""
-    fd = os.open(directory / _FOLD_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, how)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
-
-
-def _fold(dead: Path, archive: Path, join: Callable[[float, float], float]) -> None:
-    """Add `dead`'s values into `archive` (made if absent), then remove `dead`."""
-    if not dead.exists():
-        return
-
-    def values(path: Path) -> dict[str, tuple[float, float]]:
-        rows = MmapedDict.read_all_values_from_file(str(path))  # type: ignore[no-untyped-call]
-        return {key: (value, ts) for key, value, ts, _ in rows}
-
-    kept = values(archive) if archive.exists() else {}
-    out = MmapedDict(str(archive))  # type: ignore[no-untyped-call]
-    try:
-        for key, (value, ts) in values(dead).items():
-            old_value, old_ts = kept.get(key, (None, 0.0))
-            new = value if old_value is None else join(old_value, value)
-            out.write_value(key, new, max(old_ts, ts))  # type: ignore[no-untyped-call]
-    finally:
-        out.close()  # type: ignore[no-untyped-call]
-    dead.unlink()
 
 
 __all__ = [

@@ -14,6 +14,7 @@ from typing import Any, Final
 from gateway.core.addresses import AddressProblem, parse_email, parse_phone
 from gateway.core.records import CHANNELS, Record
 from gateway.core.rules import Rules
+from gateway.errors import BadInput
 from gateway.store.redis_store import Written
 
 SOURCE_RE: Final = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # a system's name, never a person's
@@ -26,8 +27,6 @@ def member(doc: dict[str, Any] | Any, name: str) -> Any:
     return doc.get(name, _ABSENT) if hasattr(doc, "get") else _ABSENT
 
 
-class BadInput(ValueError):
-    """A request field is invalid; the message is safe to show (it never quotes input)."""
 
 
 def channel_of(value: Any) -> str:

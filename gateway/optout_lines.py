@@ -43,8 +43,8 @@ from gateway.config import Config
 from gateway.core.keys import Keyring
 from gateway.core.records import CORRUPT, Record, pseudonym
 from gateway.core.rules import Rules
+from gateway.errors import BadInput, HeaderError
 from gateway.optout_fields import (
-    BadInput,
     canonical,
     categories_of,
     change_events,
@@ -74,9 +74,6 @@ _TRUE: Final = frozenset({"true", "1", "yes"})
 _FALSE: Final = frozenset({"false", "0", "no", ""})
 
 
-class HeaderError(BadInput):
-    """The CSV header is unusable, so no line after it can be read: the whole input is
-    refused (nothing is written). The message names the line and never quotes input."""
 
 
 class Context(Protocol):

@@ -14,18 +14,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import os
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import structlog
 
-from gateway import keyfile, listeners, metrics, senders, shared_counts, tls
-from gateway import rules as rules_io
+from gateway import keyfile, listeners, metrics, rules_files, senders, tls
 from gateway.audit.writer import AuditWriter
 from gateway.config import Config
 from gateway.core import tokens
@@ -33,14 +30,21 @@ from gateway.core.keys import Keyring
 from gateway.core.peers import HTTPS, SMTP, Counts, PerAddress
 from gateway.core.rules import Rules
 from gateway.errors import ConfigError, KeyringError, OptgateError
+from gateway.http import admin as admin_routes
+from gateway.http import app as http_app
+from gateway.http import health as health_routes
+from gateway.http import openapi as openapi_routes
+from gateway.http import sms as sms_routes
+from gateway.http import unsubscribe as unsubscribe_routes
 from gateway.listeners import Listeners
+from gateway.smtp import choose as upstream_choice
 from gateway.smtp import dkim
-from gateway.smtp import upstream as upstream_mod
+from gateway.smtp import listen as smtp_listen
 from gateway.smtp.flow import EmailFlow
 from gateway.smtp.handler import GatewayHandler
 from gateway.smtp.limiter import ConnectionLimiter
-from gateway.smtp.server import COMMAND_CALL_LIMIT, GatewaySMTP, Limits
-from gateway.store.embedded import EmbeddedRedis
+from gateway.smtp.server import Limits
+from gateway.store.opening import open_store as open_store  # noqa: PLC0414 - re-exported: `optgate serve`'s supervisor and the CLI open the store through here
 from gateway.store.redis_store import OptOutStore
 from gateway.unsubscribe import Unsubscriber
 
@@ -73,49 +77,15 @@ class Ports:
     http: int = 0
 
 
-# Route modules mounted on the HTTPS listener; each exposes setup(app, deps).
-HTTP_MODULES: list[str] = [
-    "gateway.http.sms",
-    "gateway.http.unsubscribe",
-    "gateway.http.health",  # issue 5: /readyz, /metrics
-    "gateway.http.admin",  # issue 5: /v1 admin API
-    "gateway.http.openapi",  # issue 5: /openapi.json
-]
-
-
-async def open_store(
-    cfg: Config, ring: Keyring, *, quiet: bool = False
-) -> tuple[OptOutStore, EmbeddedRedis | None]:
-    """The configured store, starting (or attaching to) the embedded server when url is empty.
-
-    The store's sentinel is written on the first start and required from then on
-    (`store.sentinel`): a store that lost it opens, but every read of records fails
-    closed until `optgate store init --force`. `quiet`: say so only in the errors raised
-    (a command line prints its one line), not in the log as well."""
-    from gateway.store import sentinel
-    from gateway.store.redis_store import SENTINEL_FIX
-
-    embedded = None
-    url = cfg.redis.url
-    if not url:
-        embedded = await EmbeddedRedis.ensure(cfg.gateway.data_dir)
-        url = embedded.url
-    store = OptOutStore.from_url(url, keyring=ring, timeout_ms=cfg.redis.timeout_ms)
-    store.quiet = quiet
-    try:
-        await store.check_keyring()
-        moved = await store.migrate_layout()
-        if moved:
-            log.info("store layout: records moved into hash buckets", records=moved)
-        held = await sentinel.ensure(store, cfg.keys.file)
-        if held.found != "ok" and not quiet:
-            log.error("store_sentinel_missing", reason=held.found, fix=SENTINEL_FIX)
-    except BaseException:
-        await store.close()
-        if embedded is not None:
-            await embedded.release()
-        raise
-    return store, embedded
+# The route modules mounted on the HTTPS listener, in this order; each has setup(app, deps).
+HTTP_ROUTES: Final = (
+    sms_routes,
+    unsubscribe_routes,
+    health_routes,  # /readyz, /metrics
+    admin_routes,  # /v1 admin API
+    openapi_routes,  # /openapi.json
+)
+HTTP_MODULES: Final = [module.__name__ for module in HTTP_ROUTES]
 
 
 @dataclass
@@ -152,7 +122,7 @@ class Gateway:
         return self._ring
 
     def rules_dir(self) -> Path:
-        return rules_io.choose_dir(self.cfg.rules.dir, self.cfg.base_dir)
+        return rules_files.choose_dir(self.cfg.rules.dir, self.cfg.base_dir)
 
     async def start(self) -> None:
         """Start everything, or, when any step fails, release what was started (the
@@ -165,8 +135,8 @@ class Gateway:
 
     async def _start(self) -> None:
         cfg = self.cfg
-        self._rules = rules_io.load_dir(self.rules_dir())
-        rules_io.check_senders(self._rules, cfg.senders)  # grants and default categories
+        self._rules = rules_files.load_dir(self.rules_dir())
+        rules_files.check_senders(self._rules, cfg.senders)  # grants and default categories
         # Bound before anything is made or started (keys, certificates, the store): an
         # address another process holds ends the start here (exit 2), leaving nothing.
         if self.listeners is None:
@@ -191,100 +161,15 @@ class Gateway:
         )
         dkim_keys = dkim.load_keys(cfg.dkim)  # read once; a key that cannot sign stops here
 
-        self.store, embedded = await open_store(cfg, self._ring)
-        self.store.unknown_key_hook = lambda: self._key_file_changed("a record under a new key")
-        if embedded is not None:
-            self._closers.append(embedded.release)  # runs last: after the store is closed
-        self._closers.append(self.store.close)
-        warning = await self.store.durability_warning()
-        if warning:
-            log.warning("store_durability", detail=warning)
-        hint = await self.store.memory_hint()
-        if hint:
-            log.info("store_memory", detail=hint)
-
-        self.audit = AuditWriter(
-            cfg.audit.dir,
-            instance=cfg.gateway.instance,
-            stream=self.stream or cfg.gateway.instance,
-            keyring=self._ring,
-            fsync=timed_fsync,
-            anchor_client=self.store.client,  # the stream's head is anchored in the store
-        )
-        await self.audit.open()
-        self._closers.append(self.audit.close)
-        upstream = upstream_mod.from_config(cfg)
-        self._closers.append(upstream.close)
-        signer = dkim.Signer(dkim_keys) if dkim_keys else None
-        if signer is not None:
-            await signer.start()
-            self._closers.append(signer.close)
-
-        flow = EmailFlow(
-            store=self.store,
-            upstream=upstream,
-            audit=self.audit,
-            rules=lambda: self.rules,
-            keyring=lambda: self.keyring,
-            suppressed_reply=cfg.smtp.suppressed_reply,
-            links=links,
-            signer=signer,
-        )
-        unsubscribe = Unsubscriber(
-            store=self.store,
-            audit=self.audit,
-            keyring=lambda: self.keyring,
-            rules=lambda: self.rules,
-            refresh_keys=self._token_key_unknown,
-        )
-        handler = GatewayHandler(
-            flow=flow,
-            auth=auth,
-            limits=Limits(
-                max_recipients=cfg.smtp.max_recipients, session_timeout_s=cfg.smtp.session_timeout_s
-            ),
-            unsubscribe=unsubscribe,
-            links=links,
-        )
-        limiter = self._limiter = ConnectionLimiter(
-            PerAddress(cfg.smtp.max_connections_per_client, counts, SMTP)
-        )
-        loop = asyncio.get_running_loop()
-
-        def factory(*, implicit: bool) -> GatewaySMTP:
-            return GatewaySMTP(
-                handler,
-                limiter=limiter,
-                session_timeout_s=cfg.smtp.session_timeout_s,
-                hostname=cfg.gateway.hostname,
-                ident="optgate ESMTP",
-                data_size_limit=cfg.smtp.max_message_bytes,
-                enable_SMTPUTF8=True,
-                # Implicit TLS: the whole connection is TLS 1.3 already.
-                tls_context=None if implicit else ctx,
-                require_starttls=not implicit,
-                auth_require_tls=not implicit,
-                timeout=cfg.smtp.idle_timeout_s,
-                command_call_limit=dict(COMMAND_CALL_LIMIT),
-                loop=loop,
-            )
-
-        for sock in socks.smtp:
-            self._servers.append(
-                await loop.create_server(
-                    lambda: factory(implicit=False), sock=sock, backlog=listeners.BACKLOG
-                )
-            )
-        for sock in socks.smtps:
-            self._servers.append(
-                await loop.create_server(
-                    lambda: factory(implicit=True), sock=sock, ssl=ctx, backlog=listeners.BACKLOG
-                )
-            )
+        store, audit = await self._open_backends(self._ring)
+        await self._start_smtp(
+            store=store, audit=audit, ctx=ctx, auth=auth, socks=socks, counts=counts,
+            links=links, dkim_keys=dkim_keys,
+        )  # fmt: skip
         await self._start_http(ctx, auth, socks, counts)
         self.ports.smtp = socks.smtp[0].getsockname()[1]
         self.ports.smtps = socks.smtps[0].getsockname()[1]
-        await self.audit.append(
+        await audit.append(
             [
                 {
                     "event": "start",
@@ -301,6 +186,86 @@ class Gateway:
             https=self.ports.http,
             rules=self.rules.version[:12],
         )
+
+    async def _open_backends(self, ring: Keyring) -> tuple[OptOutStore, AuditWriter]:
+        """The opt-out store (and the embedded server it may need), then the audit log."""
+        cfg = self.cfg
+        self.store, embedded = await open_store(cfg, ring)
+        self.store.unknown_key_hook = lambda: self._key_file_changed("a record under a new key")
+        if embedded is not None:
+            self._closers.append(embedded.release)  # runs last: after the store is closed
+        self._closers.append(self.store.close)
+        warning = await self.store.durability_warning()
+        if warning:
+            log.warning("store_durability", detail=warning)
+        hint = await self.store.memory_hint()
+        if hint:
+            log.info("store_memory", detail=hint)
+
+        self.audit = AuditWriter(
+            cfg.audit.dir,
+            instance=cfg.gateway.instance,
+            stream=self.stream or cfg.gateway.instance,
+            keyring=ring,
+            fsync=timed_fsync,
+            anchor_client=self.store.client,  # the stream's head is anchored in the store
+        )
+        await self.audit.open()
+        self._closers.append(self.audit.close)
+        return self.store, self.audit
+
+    async def _start_smtp(
+        self,
+        *,
+        store: OptOutStore,
+        audit: AuditWriter,
+        ctx: Any,
+        auth: Any,
+        socks: Listeners,
+        counts: Counts,
+        links: tokens.Links,
+        dkim_keys: tuple[dkim.KeyMaterial, ...],
+    ) -> None:
+        """The SMTP side: the upstream, the DKIM signer, the email flow and the unsubscribe
+        mailbox behind one handler, served on the bound SMTP and SMTPS sockets."""
+        cfg = self.cfg
+        upstream = upstream_choice.from_config(cfg)
+        self._closers.append(upstream.close)
+        signer = dkim.Signer(dkim_keys) if dkim_keys else None
+        if signer is not None:
+            await signer.start()
+            self._closers.append(signer.close)
+
+        flow = EmailFlow(
+            store=store,
+            upstream=upstream,
+            audit=audit,
+            rules=lambda: self.rules,
+            keyring=lambda: self.keyring,
+            suppressed_reply=cfg.smtp.suppressed_reply,
+            links=links,
+            signer=signer,
+        )
+        unsubscribe = Unsubscriber(
+            store=store,
+            audit=audit,
+            keyring=lambda: self.keyring,
+            rules=lambda: self.rules,
+            refresh_keys=self._token_key_unknown,
+        )
+        handler = GatewayHandler(
+            flow=flow,
+            auth=auth,
+            limits=Limits(
+                max_recipients=cfg.smtp.max_recipients, session_timeout_s=cfg.smtp.session_timeout_s
+            ),
+            unsubscribe=unsubscribe,
+            links=links,
+        )
+        self._limiter = ConnectionLimiter(
+            PerAddress(cfg.smtp.max_connections_per_client, counts, SMTP)
+        )
+        await smtp_listen.serve(handler, self._limiter, cfg, ctx, socks, servers=self._servers)
 
     async def _start_background(self) -> None:
         """Issue 5: audit rotation by size and retention pruning, and the sync worker that
@@ -329,10 +294,6 @@ class Gateway:
         self._closers.append(worker.stop)
 
     async def _start_http(self, ctx: Any, auth: Any, socks: Listeners, counts: Counts) -> None:
-        import importlib
-
-        from gateway.http import app as http_app
-
         deps = http_app.HttpDeps(
             cfg=self.cfg,
             store=self.store,
@@ -341,9 +302,9 @@ class Gateway:
             keyring=lambda: self.keyring,
             senders=auth,
             refresh_keys=self._token_key_unknown,
+            email_probe=upstream_choice.from_config,
         )
-        modules = [importlib.import_module(name).setup for name in HTTP_MODULES]
-        app = http_app.build_app(deps, modules)
+        app = http_app.build_app(deps, [module.setup for module in HTTP_ROUTES])
         runner, self.ports.http = await http_app.start_site(
             app,
             socks=socks.http,
@@ -356,7 +317,7 @@ class Gateway:
     async def reload(self) -> bool:
         """Re-read rules and keys (SIGHUP). On any problem keep the old ones and say why."""
         try:
-            new_rules = rules_io.load_dir(self.rules_dir())
+            new_rules = rules_files.load_dir(self.rules_dir())
             new_ring = self._reloaded_keyring()
         except (ConfigError, KeyringError) as exc:
             log.error("reload_failed", why=str(exc))
@@ -437,57 +398,3 @@ class Gateway:
             with contextlib.suppress(Exception):
                 await close()
         self._closers = []
-
-
-async def serve(cfg: Config, *, worker: int | None = None) -> None:
-    """Run one gateway process; `worker` is its index under `optgate serve --workers N`."""
-    if worker is None:
-        gw = Gateway(cfg)
-    else:
-        gw = Gateway(cfg, stream=f"{cfg.gateway.instance}-w{worker}")
-        handed = listeners.inherited()
-        if handed is not None:  # started by the supervisor: its sockets and its counts
-            gw.listeners, counts_fd = handed
-            gw.counts = shared_counts.attach(counts_fd).view(worker)
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    started = False
-    hup_pending = False
-    reloads: set[asyncio.Task[bool]] = set()
-
-    def reload_now() -> None:
-        task = asyncio.ensure_future(gw.reload())
-        reloads.add(task)  # keep a reference until it finishes
-        task.add_done_callback(reloads.discard)
-
-    def on_hup() -> None:
-        nonlocal hup_pending
-        if started:
-            reload_now()
-        else:
-            hup_pending = True  # a reload asked for during start-up runs right after it
-
-    # Handlers go in before the listeners open: a signal during start-up must neither kill
-    # the process (SIGHUP's default action) nor be lost.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, on_hup)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # a worker starts with it blocked
-    await gw.start()
-    started = True
-    listeners.report_ready()  # under `serve --workers N`: this worker serves now
-    # Everything made at start-up (rules, keys, libraries, pools: ~83,000 objects) lives as
-    # long as the process. Left to the collector, each full collection walks it again and
-    # stalls the loop ~35 ms under load; frozen, a full collection took ~3 ms instead
-    # (measured with a gc.callbacks probe at 700 msg/s; loadtests/README.md).
-    gc.collect()
-    gc.freeze()
-    if hup_pending:
-        reload_now()
-    if gw.dev_sender_created and worker is None:
-        log.info("dev_sender", name=senders.DEV_SENDER, password_file=str(cfg.dev_sender_secret))
-    try:
-        await stop.wait()
-    finally:
-        log.info("stopping")
-        await gw.stop()

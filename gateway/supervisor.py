@@ -30,13 +30,8 @@ Restarts (as systemd's ``Restart=`` with ``StartLimitBurst``, or supervisord's
   (with back-off if it keeps dying); workers reconnect by themselves and answer ``451``
   meanwhile. A keeper that gives up makes every worker's ``/healthz`` fail.
 
-Restart-to-ready: a worker's start is mostly its imports (about 1 s of its 1.3 s, more on
-a loaded machine). The supervisor therefore keeps one spare process that has imported
-everything a worker needs and waits (`python -m gateway.supervisor`, blocked on a pipe);
-a worker that dies is replaced by handing the spare its index, and a new spare is made
-in the background. It has inherited what a worker inherits (the listening sockets, the
-shared counts, its own ready pipe, ``PROMETHEUS_MULTIPROC_DIR``), and it reads the config
-only once it is told to serve, so a config edited since is what a replacement runs with.
+Restart-to-ready: a replacement is a spare process that has already imported
+everything a worker needs (`gateway.spares`).
 
 Metrics: each start empties ``<data_dir>/metrics/<instance>`` (mode 0700) and hands it to
 every worker as ``PROMETHEUS_MULTIPROC_DIR``, so any worker's ``/metrics`` reports the
@@ -48,8 +43,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
-import json
 import os
 import signal
 import subprocess
@@ -60,13 +53,13 @@ from pathlib import Path
 
 import structlog
 
-from gateway import keyfile, listeners, metrics, senders, shared_counts, tls
-from gateway import rules as rules_io
+from gateway import keyfile, listeners, metrics, rules_files, senders, shared_counts, tls
 from gateway.config import Config
 from gateway.core import tokens
 from gateway.core.peers import Counts
 from gateway.service import GRACE_S, open_store
 from gateway.smtp import dkim
+from gateway.spares import Spares
 from gateway.store.embedded import Keeper
 
 log = structlog.get_logger("optgate.supervisor")
@@ -84,10 +77,6 @@ START_BACKOFF_S = (0.25, 0.5, 1.0, 2.0)
 # A worker not ready this long after its start is killed and counts as failed to start (a
 # start is about a second; the store's own start wait is 10 s).
 READY_TIMEOUT_S = 60.0
-# How a spare learns its worker's arguments: the read end of a pipe; one JSON line (argv).
-STANDBY_ENV = "OPTGATE_STANDBY_FD"
-STANDBY_RETRY_S = 1.0  # a spare that died is made again after this (never a spin)
-SPARE_EXIT_S = 2.0  # a spare let go exits at once (EOF on its pipe); else it is killed
 METRICS_DIR = "metrics"  # under the data dir; one subfolder per instance name
 
 
@@ -105,13 +94,6 @@ class _Worker:
 
 
 @dataclass
-class _Standby:
-    proc: subprocess.Popen[bytes]
-    go_fd: int  # the write end of its pipe: its worker's argv, then closed
-    ready_fd: int  # the read end of the ready pipe it inherited
-
-
-@dataclass
 class Supervisor:
     cfg: Config
     workers: int
@@ -124,9 +106,7 @@ class Supervisor:
     _view: Counts | None = None  # the supervisor's own view: it clears a dead worker's column
     _keeper: Keeper | None = None
     _failed: str = ""  # why the service gives up
-    _standby: _Standby | None = None
-    _standby_due: float = 0.0  # when to make the next spare
-    _leaving: list[tuple[float, subprocess.Popen[bytes]]] = field(default_factory=list)
+    _spares: Spares | None = None
 
     def _worker_argv(self, index: int) -> list[str]:
         argv = ["serve", "--worker-index", str(index)]
@@ -167,70 +147,17 @@ class Supervisor:
         return proc, ready_r
 
     def _spawn(self, w: _Worker) -> None:
-        spare, self._standby = self._standby, None
-        if spare is not None and spare.proc.poll() is None:
-            try:
-                os.write(spare.go_fd, json.dumps(self._worker_argv(w.index)).encode() + b"\n")
-            except OSError:
-                self._drop_standby(spare)  # it died meanwhile: start one the slow way
-                spare = None
-            else:
-                w.proc, ready_r = spare.proc, spare.ready_fd
-        else:
-            self._drop_standby(spare)
-            spare = None
-        if spare is None:
+        taken = self._spares.take(self._worker_argv(w.index)) if self._spares else None
+        if taken is None:
             cmd = [sys.executable, "-m", "gateway", *self._worker_argv(w.index)]
             w.proc, ready_r = self._popen(cmd, {}, ())
         else:
-            os.close(spare.go_fd)
-        self._standby_due = time.monotonic()  # the next spare, in the background
+            w.proc, ready_r = taken
         w.started_at = time.monotonic()
         w.ready_at, w.timed_out, w.ready_fd = None, False, ready_r
         asyncio.get_running_loop().add_reader(ready_r, self._on_ready, w, ready_r)
         pid = w.proc.pid if w.proc is not None else 0
-        log.info("worker_started", worker=w.index, pid=pid, spare=spare is not None)
-
-    def _keep_standby(self) -> None:
-        """Make a spare when none is waiting (not during the first starts: they come first)."""
-        spare = self._standby
-        if spare is not None and spare.proc.poll() is not None:
-            self._drop_standby(spare)
-            self._standby = None
-            self._standby_due = time.monotonic() + STANDBY_RETRY_S
-        if self._standby is not None or self._stopping or time.monotonic() < self._standby_due:
-            return
-        if any(w.proc is not None and w.ready_at is None for w in self._workers):
-            return  # a worker is starting: let it have the CPU first
-        go_r, go_w = os.pipe()
-        try:
-            cmd = [sys.executable, "-m", "gateway.supervisor"]
-            proc, ready_r = self._popen(cmd, {STANDBY_ENV: str(go_r)}, (go_r,))
-        finally:
-            os.close(go_r)
-        self._standby = _Standby(proc=proc, go_fd=go_w, ready_fd=ready_r)
-
-    def _drop_standby(self, spare: _Standby | None) -> None:
-        """Let a spare go (closing its pipe ends it); `_reap_leaving` reaps it."""
-        if spare is None:
-            return
-        for fd in (spare.go_fd, spare.ready_fd):
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self._leaving.append((time.monotonic(), spare.proc))
-
-    def _reap_leaving(self, *, wait: bool = False) -> None:
-        """Reap spares let go (killed if one has not left in `SPARE_EXIT_S`)."""
-        keep = []
-        for since, proc in self._leaving:
-            if proc.poll() is None and (wait or time.monotonic() - since > SPARE_EXIT_S):
-                proc.kill()
-                proc.wait()
-            if proc.poll() is None:
-                keep.append((since, proc))
-            elif self._metrics_dir is not None:
-                metrics.process_dead(proc.pid, self._metrics_dir)
-        self._leaving = keep
+        log.info("worker_started", worker=w.index, pid=pid, spare=taken is not None)
 
     def _on_ready(self, w: _Worker, fd: int) -> None:
         """The worker's byte (it serves), or EOF (it exited before serving)."""
@@ -320,6 +247,7 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         keeping = asyncio.ensure_future(self._keep_store(stop))
+        spares = self._spares = Spares(popen=self._popen, metrics_dir=self._metrics_dir)
         self._workers = [_Worker(index=i) for i in range(self.workers)]
         for w in self._workers:
             self._spawn(w)
@@ -332,11 +260,12 @@ class Supervisor:
             if not self._reap_and_restart():
                 code = 1
                 break
-            self._keep_standby()
-            self._reap_leaving()
+            # A spare only while no worker is starting: the first starts come first.
+            starting = any(w.proc is not None and w.ready_at is None for w in self._workers)
+            spares.keep(may_start=not starting)
+            spares.reap()
         self._stopping = True
-        self._drop_standby(self._standby)
-        self._standby = None
+        spares.drop_waiting()
         stop.set()
         log.info("stopping", workers=self.workers)
         self._close_listeners()
@@ -353,7 +282,7 @@ class Supervisor:
             if w.proc is not None:
                 w.proc.wait()
                 self._reaped(w, w.proc)
-        self._reap_leaving(wait=True)
+        spares.reap(wait=True)
         with contextlib.suppress(Exception):
             await keeping
         return code
@@ -428,8 +357,8 @@ class Supervisor:
 
 def prepare(cfg: Config) -> None:
     """Everything that must be valid or exist before any worker starts (raises ConfigError)."""
-    rules = rules_io.load_dir(rules_io.choose_dir(cfg.rules.dir, cfg.base_dir))
-    rules_io.check_senders(rules, cfg.senders)  # a default category outside its grant
+    rules = rules_files.load_dir(rules_files.choose_dir(cfg.rules.dir, cfg.base_dir))
+    rules_files.check_senders(rules, cfg.senders)  # a default category outside its grant
     keyfile.load_or_create(cfg.keys.file)
     _, dev = senders.build(cfg)
     if dev:
@@ -444,23 +373,3 @@ def default_workers() -> int:
     return (
         len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     )
-
-
-def _standby_main() -> int:
-    """A spare worker: import what a worker needs, wait to be told its arguments, serve."""
-    go = os.fdopen(int(os.environ.pop(STANDBY_ENV)), "rb")
-    from gateway import cli, service  # the bulk of a worker's start
-
-    for name in (*service.HTTP_MODULES, "gateway.audit.retention", "gateway.sync.worker"):
-        importlib.import_module(name)
-    with contextlib.suppress(ImportError):
-        import uvloop  # noqa: F401 - installed by `serve`; imported here, ahead of time
-    line = go.readline()
-    go.close()
-    if not line:
-        return 0  # not needed after all (the service stops)
-    return cli.main(json.loads(line))
-
-
-if __name__ == "__main__":
-    sys.exit(_standby_main())

@@ -25,7 +25,7 @@ from gateway.audit.writer import (
     AuditWriter,
     file_name,
 )
-from gateway.core import audit as core
+from gateway.core import chain as core
 from gateway.core.keys import Keyring, generate, rotate
 from gateway.errors import AuditError, KeyringError
 

@@ -9,7 +9,7 @@ never raises, and what it accepts keeps the properties the rest of the gateway r
   E.164 again gives the same number;
 - `tokens.verify` (unsubscribe links and mailto local parts): anything but a minted token
   is None, and a minted token with any one character changed is None;
-- `inbound.classify` (a texted reply): a keyword match or None, and words inside a longer
+- `keywords.classify` (a texted reply): a keyword match or None, and words inside a longer
   message are never a stop;
 - `message.from_twilio_form` (the Twilio send form): an `Outgoing` or a `Refusal`.
 
@@ -27,7 +27,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway import rules as rules_io
+from gateway import rules_files
 from gateway.core import tokens
 from gateway.core.addresses import (
     AddressProblem,
@@ -39,9 +39,9 @@ from gateway.core.addresses import (
 )
 from gateway.core.keys import generate
 from gateway.core.rules import Rules
-from gateway.sms import inbound, message
+from gateway.sms import keywords, message
 
-RULES: Rules = rules_io.load_dir(Path(__file__).resolve().parent.parent / "rules")
+RULES: Rules = rules_files.load_dir(Path(__file__).resolve().parent.parent / "rules")
 RING = generate()
 NOW = 1_800_000_000.0
 CATEGORIES = ["marketing", "research"]
@@ -115,7 +115,7 @@ def test_a_minted_token_with_one_character_changed_is_refused(at: int, char: str
 @FUZZ
 @given(ANY_TEXT)
 def test_texted_replies(text: str) -> None:
-    got = inbound.classify(RULES, text)
+    got = keywords.classify(RULES, text)
     assert got is None or got.kind in ("stop", "start", "help")
 
 
@@ -129,7 +129,7 @@ def test_texted_replies(text: str) -> None:
 )
 def test_a_keyword_inside_a_longer_message_is_not_a_stop(words: list[str]) -> None:
     text = " ".join([*words[:1], "stop", *words[1:]])
-    assert inbound.classify(RULES, text) is None
+    assert keywords.classify(RULES, text) is None
 
 
 FORM_KEYS = st.sampled_from(["To", "From", "Body", "MessagingServiceSid", "StatusCallback", "X"])
@@ -147,5 +147,5 @@ def test_twilio_send_forms(pairs: list[tuple[str, str]]) -> None:
 
 @pytest.mark.parametrize("text", ["STOP", " stop ", "Stop.", "UNSUBSCRIBE", "opt out"])
 def test_the_plain_keywords_still_stop(text: str) -> None:
-    got = inbound.classify(RULES, text)
+    got = keywords.classify(RULES, text)
     assert got is not None and got.kind == "stop"

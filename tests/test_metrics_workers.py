@@ -34,7 +34,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway import metrics
+from gateway import metrics, metrics_files
 from tests.support.processes import (
     ServeProcess,
     base_doc,
@@ -154,7 +154,7 @@ def test_dead_workers_fold_into_one_archive_with_the_same_totals(tmp_path: Path)
 def test_a_scrape_waits_for_a_fold_in_progress(tmp_path: Path) -> None:
     directory = metrics.fresh_multiprocess_dir(tmp_path / "metrics")
     write_as_worker(directory, 2, 1, 0.1)
-    with ThreadPoolExecutor(1) as pool, metrics._fold_lock(directory, fcntl.LOCK_EX):
+    with ThreadPoolExecutor(1) as pool, metrics_files.fold_lock(directory, fcntl.LOCK_EX):
         scrape = pool.submit(metrics.merged, directory)
         time.sleep(0.3)
         assert not scrape.done()  # held while the supervisor folds

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway import rules as rules_io
+from gateway import rules_files
 from gateway.config import Sender
 from gateway.core import rules as core
 from gateway.errors import ConfigError
@@ -37,7 +37,7 @@ def write(folder: Path, **files: str) -> Path:
 
 def problems_of(folder: Path) -> list[str]:
     with pytest.raises(ConfigError) as info:
-        rules_io.load_dir(folder)
+        rules_files.load_dir(folder)
     return info.value.problems
 
 
@@ -60,7 +60,7 @@ EXPECTED = {  # name: (opt_out, unsubscribe)
 
 @pytest.fixture(scope="module")
 def shipped() -> core.Rules:
-    return rules_io.load_dir(SHIPPED)
+    return rules_files.load_dir(SHIPPED)
 
 
 def test_shipped_rules_have_every_required_category_with_a_basis(shipped: core.Rules) -> None:
@@ -108,7 +108,7 @@ def test_packaged_default_rules_are_byte_identical_to_rules_dir() -> None:
     packaged = {p.name: p.read_bytes() for p in PACKAGED.glob("*.toml")}
     assert repo
     assert packaged == repo
-    assert rules_io.load_dir(PACKAGED).version == rules_io.load_dir(SHIPPED).version
+    assert rules_files.load_dir(PACKAGED).version == rules_files.load_dir(SHIPPED).version
 
 
 def test_category_lookup_ignores_case_and_unknown_is_none(shipped: core.Rules) -> None:
@@ -153,7 +153,7 @@ def test_strips_is_case_insensitive_and_globs(shipped: core.Rules) -> None:
 
 def test_question_mark_glob_matches_one_character(tmp_path: Path) -> None:
     folder = write(tmp_path, a=MINIMAL + '[strip]\nheaders = ["X-Trace-??"]\n')
-    r = rules_io.load_dir(folder)
+    r = rules_files.load_dir(folder)
     assert r.strips("x-trace-ab")
     assert not r.strips("X-Trace-abc")
     assert not r.strips("X-Trace-a")
@@ -161,11 +161,11 @@ def test_question_mark_glob_matches_one_character(tmp_path: Path) -> None:
 
 def test_x_optgate_is_always_stripped_even_when_no_file_says_so(tmp_path: Path) -> None:
     folder = write(tmp_path, a=MINIMAL + '[strip]\nheaders = ["X-Other-*"]\n')
-    r = rules_io.load_dir(folder)
+    r = rules_files.load_dir(folder)
     assert r.strip_headers[0] == "X-Optgate-*"
     assert r.strips("X-Optgate-Category")
     assert r.strips("X-Other-Thing")
-    bare = rules_io.load_dir(write(tmp_path / "bare", a=MINIMAL))  # no [strip] at all
+    bare = rules_files.load_dir(write(tmp_path / "bare", a=MINIMAL))  # no [strip] at all
     assert bare.strips("x-optgate-sender")
 
 
@@ -173,7 +173,7 @@ def test_a_custom_category_header_is_always_stripped(tmp_path: Path) -> None:
     text = MINIMAL.replace(
         'category = "marketing"', 'category = "marketing"\ncategory_header = "X-App-Kind"'
     )
-    r = rules_io.load_dir(write(tmp_path, a=text))
+    r = rules_files.load_dir(write(tmp_path, a=text))
     assert r.category_header == "X-App-Kind"
     assert r.strips("x-app-kind")
 
@@ -316,14 +316,14 @@ def test_empty_and_missing_folders(tmp_path: Path) -> None:
 def test_dot_files_are_ignored(tmp_path: Path) -> None:
     folder = write(tmp_path, a=MINIMAL)
     (folder / ".#a.toml").write_text("this is an editor lock file [", encoding="utf-8")
-    assert rules_io.load_dir(folder).default_category == "marketing"
+    assert rules_files.load_dir(folder).default_category == "marketing"
 
 
 # --- keywords ------------------------------------------------------------------------------
 
 
 def test_stop_floor_cannot_be_removed(tmp_path: Path) -> None:
-    r = rules_io.load_dir(write(tmp_path, a=MINIMAL + '[keywords]\nstop = ["ARRET"]\n'))
+    r = rules_files.load_dir(write(tmp_path, a=MINIMAL + '[keywords]\nstop = ["ARRET"]\n'))
     assert core.ALWAYS_STOP | {"ARRET"} <= r.stop_keywords
     assert "HELP" in r.help_keywords
 
@@ -357,38 +357,38 @@ def test_keyword_never_matches_inside_a_longer_message(shipped: core.Rules, text
 
 def test_choose_dir(tmp_path: Path) -> None:
     configured = tmp_path / "elsewhere"
-    assert rules_io.choose_dir(configured, tmp_path) == configured
-    assert rules_io.choose_dir(None, tmp_path) == PACKAGED
-    assert rules_io.choose_dir(None, tmp_path).is_dir()
+    assert rules_files.choose_dir(configured, tmp_path) == configured
+    assert rules_files.choose_dir(None, tmp_path) == PACKAGED
+    assert rules_files.choose_dir(None, tmp_path).is_dir()
     (tmp_path / "rules").mkdir()
-    assert rules_io.choose_dir(None, tmp_path) == tmp_path / "rules"
+    assert rules_files.choose_dir(None, tmp_path) == tmp_path / "rules"
 
 
 def test_version_changes_with_content_not_location(tmp_path: Path) -> None:
-    one = rules_io.load_dir(write(tmp_path / "one", a=MINIMAL))
-    two = rules_io.load_dir(write(tmp_path / "two", a=MINIMAL))
-    three = rules_io.load_dir(write(tmp_path / "three", a=MINIMAL + "\n"))
-    renamed = rules_io.load_dir(write(tmp_path / "four", b=MINIMAL))
+    one = rules_files.load_dir(write(tmp_path / "one", a=MINIMAL))
+    two = rules_files.load_dir(write(tmp_path / "two", a=MINIMAL))
+    three = rules_files.load_dir(write(tmp_path / "three", a=MINIMAL + "\n"))
+    renamed = rules_files.load_dir(write(tmp_path / "four", b=MINIMAL))
     assert one.version == two.version
     assert len({one.version, three.version, renamed.version}) == 3
 
 
 def test_a_default_category_outside_the_senders_grant_is_a_config_error() -> None:
-    rules = rules_io.load_dir(rules_io.packaged_dir())
+    rules = rules_files.load_dir(rules_files.packaged_dir())
     ok = [
         Sender(name="a", default_category="emergency-alert", categories=("emergency-alert",)),
         Sender(name="b"),
         Sender(name="c", default_category="billing"),
         Sender(name="d", categories=("billing",)),  # no default: refused at send time instead
     ]
-    rules_io.check_senders(rules, ok)
+    rules_files.check_senders(rules, ok)
     bad = [
         Sender(name="x", default_category="emergency-alert"),
         Sender(name="y", default_category="marketing", categories=("billing",)),
         Sender(name="z", default_category="nope"),
     ]
     with pytest.raises(ConfigError) as info:
-        rules_io.check_senders(rules, bad)
+        rules_files.check_senders(rules, bad)
     assert [p.split(":")[0] for p in info.value.problems] == [
         "[[senders]] x",
         "[[senders]] y",

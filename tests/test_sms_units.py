@@ -9,14 +9,13 @@ from pathlib import Path
 import pytest
 from twilio.request_validator import RequestValidator
 
-from gateway import keyfile
-from gateway import rules as rules_io
+from gateway import keyfile, rules_files
 from gateway.core import keys
 from gateway.core.addresses import parse_phone
 from gateway.core.rules import Rules
-from gateway.http.sms import basic_credentials
+from gateway.http.sms_input import basic_credentials
 from gateway.sms import message, queue, signature
-from gateway.sms.inbound import classify, twiml_message
+from gateway.sms.keywords import classify, twiml_message
 from gateway.sms.message import Outgoing, Refusal
 from gateway.sms.provider import Reply
 
@@ -25,7 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def rules() -> Rules:
-    return rules_io.load_dir(REPO / "rules")
+    return rules_files.load_dir(REPO / "rules")
 
 
 # --- numbers (threats.md C5) -------------------------------------------------------------------

@@ -20,13 +20,10 @@ import structlog
 
 from gateway import config as config_mod
 from gateway.errors import ConfigError, UpstreamUnavailable
+from gateway.smtp.choose import from_config
 from gateway.smtp.outbox import OutboxUpstream
-from gateway.smtp.upstream import (
-    Copy,
-    Outcome,
-    SmtpUpstream,
-    from_config,
-)
+from gateway.smtp.transport import Copy, Outcome
+from gateway.smtp.upstream import SmtpUpstream
 from tests.support.smtp_sink import Sink, TestPki, make_test_pki
 
 FROM = "app@sender.example"

@@ -42,7 +42,7 @@ import structlog
 from redis.exceptions import RedisClusterException, RedisError
 
 from gateway.audit import files
-from gateway.core import audit as core
+from gateway.core import chain as core
 from gateway.core.keys import KeySet
 from gateway.errors import StoreUnavailable
 

@@ -21,7 +21,7 @@ import orjson
 import structlog
 
 from gateway.audit import files
-from gateway.core import audit as core
+from gateway.core import chain as core
 from gateway.core.keys import KeySet
 from gateway.errors import AuditError, AuditStreamBusy
 

@@ -30,7 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
-from gateway.core import audit as core
+from gateway.core import chain as core
 from gateway.core.keys import KeySet
 
 FILE_RE: Final = re.compile(

@@ -38,7 +38,7 @@ import orjson
 
 from gateway.audit import files
 from gateway.audit.anchors import Anchors, Head
-from gateway.core import audit as core
+from gateway.core import chain as core
 from gateway.core.keys import Keyring
 
 

@@ -46,7 +46,7 @@ import structlog
 from gateway.audit import files
 from gateway.audit.anchors import AnchorPublisher
 from gateway.audit.disk import DIR_MODE, FILE_MODE, FileId, Line, OpenState, StreamDisk
-from gateway.core import audit as core
+from gateway.core import chain as core
 from gateway.core.keys import Keyring, KeySet
 from gateway.errors import AuditError, KeyringError
 

@@ -13,6 +13,8 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from gateway.errors import MalformedHeader as MalformedHeader  # noqa: PLC0414 - re-exported: gateway.smtp.flow imports it from here
+
 # A CR not followed by LF, or an LF not preceded by CR: the SMTP smuggling primitives.
 # The definition; `has_bare_cr_or_lf` computes the same answer faster (tested).
 # (CVE-2023-51764/5/6). aiosmtpd ends DATA only on CRLF.CRLF but keeps these bytes.
@@ -65,8 +67,6 @@ class Head:
         return values[0] if values else None
 
 
-class MalformedHeader(ValueError):
-    """The header section is not a sequence of RFC 5322 fields."""
 
 
 def parse_head(data: bytes) -> Head:

@@ -16,20 +16,19 @@ the route template only, and no problem document ever quotes an address.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any, Final
+from typing import Any
 
-import orjson
 import structlog
 from aiohttp import web
 
 from gateway import apikeys, metrics
 from gateway.apikeys import ApiKey
 from gateway.core.records import pseudonym
-from gateway.errors import AuditError, RecordCorrupt, StoreUnavailable
-from gateway.http.app import DEPS_KEY, HttpDeps, body_deadline, problem
+from gateway.errors import BadInput, RecordCorrupt
+from gateway.http import admin_bulk, admin_review
+from gateway.http.admin_auth import audit, json_body, requires
+from gateway.http.app import DEPS_KEY, HttpDeps, problem
 from gateway.optout_fields import (
-    BadInput,
     canonical,
     categories_of,
     change_events,
@@ -41,88 +40,6 @@ from gateway.optout_fields import (
 from gateway.store.writes import Written
 
 log = structlog.get_logger("optgate.http.admin")
-
-RETRY_AFTER_S: Final = "1"
-
-AdminHandler = Callable[[web.Request, ApiKey], Awaitable[web.StreamResponse]]
-
-
-def unavailable(what: str) -> web.Response:
-    return problem(
-        503, "Service Unavailable", detail=f"{what} is unavailable; retry shortly",
-        headers={"Retry-After": RETRY_AFTER_S},
-    )  # fmt: skip
-
-
-def route_of(request: web.Request) -> str:
-    resource = request.match_info.route.resource
-    return resource.canonical if resource is not None else "-"
-
-
-async def audit(deps: HttpDeps, events: list[dict[str, Any]]) -> None:
-    await deps.audit.append(events)
-
-
-async def _denied(
-    deps: HttpDeps, request: web.Request, status: int, reason: str, kid: str
-) -> web.Response:
-    event = {
-        "event": "auth_failure",
-        "interface": "admin",
-        "route": route_of(request),
-        "method": request.method,
-        "reason": reason,
-        "key_id": kid,
-    }
-    metrics.auth_failure("http")
-    try:
-        await audit(deps, [event])
-    except AuditError:
-        metrics.audit_write_failure("admin")
-        log.error("auth_failure_not_audited", route=event["route"])  # still denied
-    if status == 401:
-        return problem(
-            401, "Unauthorized", detail="a valid API key is required",
-            headers={"WWW-Authenticate": 'Bearer realm="optgate"'},
-        )  # fmt: skip
-    return problem(403, "Forbidden", detail="this API key's role may not call this route")
-
-
-def requires(role: str) -> Callable[[AdminHandler], Callable[[web.Request], Awaitable[Any]]]:
-    """Wrap a handler so it runs only for a key whose role permits `role`."""
-
-    def wrap(handler: AdminHandler) -> Callable[[web.Request], Awaitable[Any]]:
-        async def guarded(request: web.Request) -> web.StreamResponse:
-            deps = request.app[DEPS_KEY]
-            scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-            token = token.strip()
-            if scheme.lower() != "bearer" or not token:
-                return await _denied(deps, request, 401, "missing", "")
-            try:
-                key = await apikeys.verify(deps.store, deps.keyring(), token)
-            except StoreUnavailable:
-                return unavailable("the opt-out store")
-            if key is None:
-                return await _denied(deps, request, 401, "bad key", apikeys.key_id_of(token))
-            if not apikeys.permits(key.role, role):
-                return await _denied(deps, request, 403, "role", key.kid)
-            try:
-                return await handler(request, key)
-            except BadInput as exc:
-                return problem(400, "Bad Request", detail=str(exc))
-            except StoreUnavailable:
-                metrics.store_error("admin")
-                return unavailable("the opt-out store")
-            except AuditError:
-                metrics.audit_write_failure("admin")
-                return unavailable("the audit log")
-
-        guarded.__name__ = handler.__name__
-        guarded.__doc__ = handler.__doc__
-        return guarded
-
-    return wrap
-
 
 def count_change(events: list[dict[str, Any]], source: str, started: float) -> None:
     for e in events:
@@ -177,18 +94,6 @@ async def get_optout(request: web.Request, key: ApiKey) -> web.Response:
     return web.json_response(record_json(channel, pseud, record))
 
 
-async def json_body(request: web.Request) -> dict[str, Any]:
-    async with body_deadline():
-        raw = await request.read()
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise BadInput("the body must be a JSON object") from None
-    if not isinstance(body, dict):
-        raise BadInput("the body must be a JSON object")
-    return body
-
-
 @requires("preferences")
 async def put_optout(request: web.Request, key: ApiKey) -> web.Response:
     """Set an address's opt-outs to exactly the given categories (or all)."""
@@ -224,8 +129,6 @@ async def delete_optout(request: web.Request, key: ApiKey) -> web.Response:
 
 
 def setup(app: web.Application, deps: HttpDeps) -> None:
-    from gateway.http import admin_bulk, admin_review
-
     r = app.router
     r.add_post("/v1/optouts:import", admin_bulk.import_optouts)
     r.add_get("/v1/optouts:export", admin_bulk.export_optouts)

@@ -27,11 +27,18 @@ from aiohttp import web
 
 from gateway.apikeys import ApiKey
 from gateway.core.records import CHANNELS
-from gateway.errors import AuditError, StoreUnavailable
-from gateway.http import admin
+from gateway.errors import (
+    AuditError,
+    BadInput,
+    BodyStalled,
+    HeaderError,
+    StoreUnavailable,
+    retry_after,
+)
+from gateway.http import admin_auth
 from gateway.http.app import DEPS_KEY, problem
-from gateway.optout_fields import BadInput, channel_of
-from gateway.optout_lines import READ_CHUNK, Actor, Export, HeaderError, ImportJob
+from gateway.optout_fields import channel_of
+from gateway.optout_lines import READ_CHUNK, Actor, Export, ImportJob
 
 log = structlog.get_logger("optgate.http.admin")
 
@@ -42,8 +49,6 @@ CSV_TYPE: Final = "text/csv"
 BODY_IDLE_S: Final = 30.0
 
 
-class BodyStalled(Exception):
-    """No part of the request body arrived for BODY_IDLE_S."""
 
 
 async def _paced(chunks: AsyncIterator[bytes], idle_s: float) -> AsyncIterator[bytes]:
@@ -59,7 +64,7 @@ async def _paced(chunks: AsyncIterator[bytes], idle_s: float) -> AsyncIterator[b
         yield chunk
 
 
-@admin.requires("preferences")
+@admin_auth.requires("preferences")
 async def import_optouts(request: web.Request, key: ApiKey) -> web.Response:
     """Add the opt-outs of an NDJSON or CSV body, line by line."""
     deps = request.app[DEPS_KEY]
@@ -87,7 +92,7 @@ async def import_optouts(request: web.Request, key: ApiKey) -> web.Response:
         return problem(
             503, "Service Unavailable",
             detail=f"{what} failed mid-import; lines before resume_from_line are applied",
-            headers={"Retry-After": admin.RETRY_AFTER_S},
+            headers=retry_after(exc),
             applied=job.applied, resume_from_line=job.resume_from,
         )  # fmt: skip
     finally:
@@ -96,13 +101,13 @@ async def import_optouts(request: web.Request, key: ApiKey) -> web.Response:
             "optout.import", applied=job.applied, rejected=job.rejected, lines=job.lines
         )
         try:
-            await admin.audit(deps, [summary])
+            await admin_auth.audit(deps, [summary])
         except AuditError:
             log.error("import_summary_not_audited")
     return web.json_response(job.summary())
 
 
-@admin.requires("preferences")
+@admin_auth.requires("preferences")
 async def export_optouts(request: web.Request, key: ApiKey) -> web.StreamResponse:
     """Every opt-out record, addresses decrypted, streamed."""
     deps, q = request.app[DEPS_KEY], request.query
@@ -112,7 +117,7 @@ async def export_optouts(request: web.Request, key: ApiKey) -> web.StreamRespons
         raise BadInput("format must be ndjson or csv")
     actor = Actor(key)
     export = Export(deps.store, channels, csv_mode=fmt == "csv")
-    await admin.audit(deps, [actor.access("optout.export", channels=list(channels))])
+    await admin_auth.audit(deps, [actor.access("optout.export", channels=list(channels))])
     response = web.StreamResponse(
         headers={"Content-Type": CSV_TYPE if export.csv_mode else "application/x-ndjson"}
     )
@@ -123,7 +128,7 @@ async def export_optouts(request: web.Request, key: ApiKey) -> web.StreamRespons
         if export.unreadable:
             log.warning("export_skipped_unreadable_records", count=export.unreadable)
         done = actor.access("optout.export_done", records=export.sent, unreadable=export.unreadable)
-        await admin.audit(deps, [done])  # on record before the export is complete
+        await admin_auth.audit(deps, [done])  # on record before the export is complete
     except (StoreUnavailable, AuditError) as exc:
         log.error("export_aborted", sent=export.sent, error=type(exc).__name__)
         if request.transport is not None:

@@ -20,9 +20,10 @@ from gateway import apikeys
 from gateway.apikeys import ApiKey
 from gateway.audit import verify as audit_verify
 from gateway.core.records import pseudonym
-from gateway.http import admin
+from gateway.errors import BadInput
+from gateway.http import admin_auth
 from gateway.http.app import DEPS_KEY, problem
-from gateway.optout_fields import BadInput, canonical, channel_of
+from gateway.optout_fields import canonical, channel_of
 
 AUDIT_LIMIT: Final = 1000  # entries per audit search page, by default
 AUDIT_MAX_LIMIT: Final = 10_000  # bounds the memory of one answer
@@ -50,7 +51,7 @@ def _limit(value: str | None) -> int:
     return int(value)
 
 
-@admin.requires("auditor")
+@admin_auth.requires("auditor")
 async def search_audit(request: web.Request, key: ApiKey) -> web.Response:
     """Audit entries matching every filter given, oldest first."""
     deps, q = request.app[DEPS_KEY], request.query
@@ -76,7 +77,7 @@ async def search_audit(request: web.Request, key: ApiKey) -> web.Response:
         "event": event,
         "recipient": recipient,
     }
-    await admin.audit(
+    await admin_auth.audit(
         deps,
         [apikeys.access_event(key, "audit.search", filters={k: v for k, v in shown.items() if v})],
     )
@@ -108,18 +109,18 @@ def _key_json(info: ApiKey) -> dict[str, Any]:
     }
 
 
-@admin.requires("admin")
+@admin_auth.requires("admin")
 async def list_api_keys(request: web.Request, key: ApiKey) -> web.Response:
     deps = request.app[DEPS_KEY]
     keys = await apikeys.list_keys(deps.store)
-    await admin.audit(deps, [apikeys.access_event(key, "api_keys.list")])
+    await admin_auth.audit(deps, [apikeys.access_event(key, "api_keys.list")])
     return web.json_response({"keys": [_key_json(k) for k in keys]})
 
 
-@admin.requires("admin")
+@admin_auth.requires("admin")
 async def create_api_key(request: web.Request, key: ApiKey) -> web.Response:
     deps = request.app[DEPS_KEY]
-    body = await admin.json_body(request)
+    body = await admin_auth.json_body(request)
     if set(body) - {"role", "label"}:
         raise BadInput("unknown member in the body (allowed: role, label)")
     role, label = body.get("role"), body.get("label", "")
@@ -128,18 +129,18 @@ async def create_api_key(request: web.Request, key: ApiKey) -> web.Response:
     if not isinstance(label, str) or not apikeys.LABEL_RE.fullmatch(label):
         raise BadInput("label: up to 64 letters, digits, spaces and _ . : -")
     made = await apikeys.create(deps.store, deps.keyring(), role=role, now=time.time(), label=label)
-    await admin.audit(
+    await admin_auth.audit(
         deps,
         [{"event": "api_key_created", "key_id": made.info.kid, "role": role, "by": key.kid}],
     )
     return web.json_response({**_key_json(made.info), "key": made.key}, status=201)
 
 
-@admin.requires("admin")
+@admin_auth.requires("admin")
 async def revoke_api_key(request: web.Request, key: ApiKey) -> web.Response:
     deps = request.app[DEPS_KEY]
     kid = request.match_info["key_id"]
     if not await apikeys.revoke(deps.store, kid):
         return problem(404, "Not Found", detail="no such API key")
-    await admin.audit(deps, [{"event": "api_key_revoked", "key_id": kid, "by": key.kid}])
+    await admin_auth.audit(deps, [{"event": "api_key_revoked", "key_id": kid, "by": key.kid}])
     return web.json_response({"id": kid, "revoked": True})

@@ -21,6 +21,7 @@ import logging
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any
 
 import structlog
@@ -33,6 +34,7 @@ from gateway.config import Config
 from gateway.core.keys import Keyring
 from gateway.core.peers import PerAddress
 from gateway.core.rules import Rules
+from gateway.errors import PROBE_RETRY_AFTER_S, OptgateError, retry_after
 
 log = structlog.get_logger("optgate.http")
 
@@ -48,8 +50,8 @@ HEADER_TIMEOUT_S = 10.0
 # no such deadline of its own. (The bulk import streams its body: admin_bulk.BODY_IDLE_S.)
 BODY_TIMEOUT_S = 10.0
 BUSY_REPLY = (
-    b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 5\r\nConnection: close\r\n"
-    b"Content-Length: 0\r\n\r\n"
+    b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: %d\r\nConnection: close\r\n"
+    b"Content-Length: 0\r\n\r\n" % PROBE_RETRY_AFTER_S
 )
 PROBLEM_TYPE = "application/problem+json"
 
@@ -77,6 +79,9 @@ class HttpDeps:
     # Re-read the key file after another instance's `keys rotate` (rate-limited; True when
     # the keyring changed); None where nothing can be re-read (tests, the CLI).
     refresh_keys: Callable[[], Awaitable[bool]] | None = None
+    # Builds the email upstream /readyz probes (`check()`, `close()`) from a config: a port,
+    # so that the HTTP side never imports the SMTP side; None: no email probe.
+    email_probe: Callable[[Config], Any] | None = None
 
 
 DEPS_KEY = web.AppKey("deps", HttpDeps)
@@ -122,6 +127,12 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
             exc.reason,
             headers={k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")},
         )
+    except OptgateError as exc:
+        # The one place a failure the routes did not answer themselves becomes its status
+        # (store or audit log down: 503 with Retry-After; anything else of ours: 500).
+        log.error("http_handler_error", route=_route(request), error=type(exc).__name__)
+        status = exc.http_status
+        return problem(status, HTTPStatus(status).phrase, headers=retry_after(exc))
     except Exception as exc:  # noqa: BLE001 - the one place an unexpected failure becomes a 500
         log.error("http_handler_error", route=_route(request), error=type(exc).__name__)
         return problem(500, "Internal Server Error")

@@ -38,6 +38,7 @@ import structlog
 from aiohttp import web
 
 from gateway import metrics
+from gateway.errors import PROBE_RETRY_AFTER_S
 from gateway.http.app import DEPS_KEY, HttpDeps
 
 log = structlog.get_logger("optgate.http.health")
@@ -47,7 +48,7 @@ READY_CACHE_S: Final = 1.0  # probes every few seconds from several balancers: o
 # writer stays failed until reopened, so a restart is what brings the process back.
 AUDIT_DOWN_S: Final = 60.0
 CHECK_TIMEOUT_S: Final = 3.0  # a readiness probe must answer well inside its own timeout
-RETRY_AFTER_S: Final = "5"
+RETRY_AFTER_S: Final = str(PROBE_RETRY_AFTER_S)  # not ready: `gateway.errors` says why
 EMAIL_CHECK: Final = "upstream.email"
 
 Check = Callable[[], Awaitable[None]]
@@ -156,8 +157,9 @@ async def metrics_text(request: web.Request) -> web.Response:
 
 def _email_probe(app: web.Application, deps: HttpDeps) -> None:
     """Our own one-session probe of the email upstream, opened and closed with the app."""
-    from gateway.smtp import upstream as upstream_mod
-
+    make_probe = deps.email_probe
+    if make_probe is None:
+        return
     if CHECKS_KEY in app and EMAIL_CHECK in app[CHECKS_KEY]:
         return  # a module registered the real upstream's check already
     holder: dict[str, Any] = {}
@@ -171,7 +173,7 @@ def _email_probe(app: web.Application, deps: HttpDeps) -> None:
         cfg = dataclasses.replace(
             deps.cfg, upstream_email=dataclasses.replace(deps.cfg.upstream_email, pool_size=1)
         )
-        holder["probe"] = upstream_mod.from_config(cfg)
+        holder["probe"] = make_probe(cfg)
 
     async def on_cleanup(_: web.Application) -> None:
         probe = holder.pop("probe", None)

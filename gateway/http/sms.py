@@ -20,23 +20,21 @@ No handler logs a number, a body or a path (the access log names the route templ
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qsl
 
 import orjson
 import structlog
 from aiohttp import web
 
-from gateway import metrics
 from gateway.config import Sender
-from gateway.errors import AuditError
-from gateway.http.app import DEPS_KEY, HttpDeps, body_deadline, problem
-from gateway.senders import Busy, Login, Refused, Throttled
+from gateway.errors import RETRY_AFTER_S
+from gateway.http import sms_input
+from gateway.http.app import DEPS_KEY, HttpDeps, problem
+from gateway.http.sms_input import FORM
+from gateway.senders import Busy, Throttled
 from gateway.sms import message, signature
 from gateway.sms.flow import Failed, Result, Sent, SmsFlow
 from gateway.sms.inbound import Forwarder, Inbound
@@ -50,13 +48,10 @@ TWILIO_ROUTE = "/2010-04-01/Accounts/{AccountSid}/Messages.json"
 NATIVE_ROUTE = "/v1/messages/sms"
 INBOUND_ROUTE = "/sms/inbound"
 PROBLEM_BASE = "urn:optgate:problem:"  # stable identifiers, not links (RFC 9457 §3.1.1)
-RETRY_AFTER_S = "5"  # store or audit trouble: a restart or failover takes seconds
-MAX_FORM_FIELDS = 64  # a Twilio send has under 20 parameters; inbound webhooks about 30
-FORM = "application/x-www-form-urlencoded"
+RETRY_AFTER = str(RETRY_AFTER_S)  # store or audit log trouble: `gateway.errors` says why
 JSON = "application/json"
 REALM = 'Basic realm="optgate"'
 WORKER_STOP_S = 5.0  # the retry worker's last Redis call or forward may take this long
-MAX_AUTH_CHARS = 2048  # base64 of a sender name and a password (senders.MAX_PASSWORD_BYTES)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -72,95 +67,6 @@ class SmsServices:
 SERVICES = web.AppKey("sms_services", SmsServices)
 
 
-# --- shared input checks -----------------------------------------------------------------
-
-
-def basic_credentials(header: str) -> tuple[str, bytes] | None:
-    """(user, password) from an `Authorization: Basic` header (RFC 7617), else None."""
-    scheme, _, encoded = header.partition(" ")
-    if scheme.lower() != "basic" or len(encoded) > MAX_AUTH_CHARS:
-        return None
-    try:
-        user, colon, password = base64.b64decode(encoded.strip(), validate=True).partition(b":")
-        name = user.decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError):
-        return None
-    return (name, password) if colon else None
-
-
-async def _login(request: web.Request, deps: HttpDeps, route: str) -> Login | None:
-    """The Basic-auth sender, or why not (None: no usable credentials, a 401). A failed
-    login is audited here; a client address past its failed-login limit is `Throttled`
-    whatever it sends (`gateway.senders`)."""
-    creds = basic_credentials(request.headers.get("Authorization", ""))
-    client = request.remote or "?"
-    if creds is None:
-        throttled: Throttled | None = deps.senders.throttled(client)
-        if throttled is None:
-            await _audit_auth_failure(deps, route, "bad-credentials", "")
-        return throttled
-    result: Login = await deps.senders.login(*creds, client)
-    if isinstance(result, Refused):
-        await _audit_auth_failure(deps, route, "bad-credentials", "", blocks=result.blocks)
-    return result
-
-
-def _retry_after(result: Throttled | Busy) -> dict[str, str]:
-    return {"Retry-After": str(result.retry_after_s if isinstance(result, Throttled) else 1)}
-
-
-async def _audit_auth_failure(
-    deps: HttpDeps, route: str, reason: str, sender: str, *, blocks: bool = False
-) -> None:
-    known = sender if sender in deps.senders.senders else ""
-    event: dict[str, Any] = {
-        "event": "auth_failure", "channel": "sms", "route": route, "reason": reason,
-    }  # fmt: skip
-    if blocks:  # this failure reached the client address's limit (the address is not kept)
-        event["blocks"] = True
-    metrics.auth_failure("http")
-    try:
-        await deps.audit.append([{**event, "sender": known}])
-    except AuditError:
-        metrics.audit_write_failure("sms")  # still refused
-
-
-async def _body(request: web.Request, content_type: str) -> bytes | int:
-    """The request body, or the status refusing it (415 wrong type, 413 too large, 408 not
-    all in within the body deadline)."""
-    if request.content_type != content_type:
-        return 415
-    try:
-        async with body_deadline():
-            return await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        return 413
-    except web.HTTPRequestTimeout:
-        return 408
-
-
-# What each `_body` refusal is called: its problem title, and Twilio's message for it.
-BODY_TITLES = {408: "Request Timeout", 413: "Content Too Large", 415: "Unsupported Media Type"}
-TWILIO_BODY_TEXTS = {
-    408: "The request body did not arrive in time.",
-    413: "Request body too large.",
-    415: f"Content-Type must be {FORM}.",
-}
-
-
-def _form(body: bytes) -> list[tuple[str, str]] | None:
-    try:
-        return parse_qsl(
-            body.decode("utf-8"),
-            keep_blank_values=True,
-            strict_parsing=True,
-            errors="strict",
-            max_num_fields=MAX_FORM_FIELDS,
-        )
-    except ValueError:  # also UnicodeDecodeError
-        return None
-
-
 # --- Twilio-compatible send ----------------------------------------------------------------
 
 
@@ -173,23 +79,23 @@ def _twilio(
 
 async def twilio_send(request: web.Request) -> web.Response:
     deps = request.app[DEPS_KEY]
-    sender = await _login(request, deps, TWILIO_ROUTE)
+    sender = await sms_input.login(request, deps, TWILIO_ROUTE)
     if isinstance(sender, Throttled):
         text = "Too many failed logins from this address; try again later."
-        return _twilio(429, 20429, text, _retry_after(sender))
+        return _twilio(429, 20429, text, sms_input.retry_after(sender))
     if isinstance(sender, Busy):
-        return _twilio(503, 20503, "Try again shortly.", _retry_after(sender))
+        return _twilio(503, 20503, "Try again shortly.", sms_input.retry_after(sender))
     if not isinstance(sender, Sender):
         return _twilio(401, 20003, "Authenticate", {"WWW-Authenticate": REALM})
     if request.match_info["AccountSid"] != sender.name:
-        await _audit_auth_failure(deps, TWILIO_ROUTE, "foreign-account-sid", sender.name)
+        await sms_input.audit_auth_failure(deps, TWILIO_ROUTE, "foreign-account-sid", sender.name)
         return _twilio(403, 20003, "The AccountSid in the URL is not the authenticated sender.")
     if "sms" not in sender.channels:
         return _twilio(403, 20003, "This sender may not send SMS.")
-    body = await _body(request, FORM)
+    body = await sms_input.read_body(request, FORM)
     if isinstance(body, int):
-        return _twilio(body, 20001, TWILIO_BODY_TEXTS[body])
-    pairs = _form(body)
+        return _twilio(body, 20001, sms_input.TWILIO_BODY_TEXTS[body])
+    pairs = sms_input.parse_form(body)
     if pairs is None:
         return _twilio(400, 20001, "The request body is not a valid UTF-8 form.")
     out = message.from_twilio_form(pairs, region=deps.cfg.sms.default_region)
@@ -225,7 +131,7 @@ def _twilio_result(result: Result) -> web.Response:
         503,
         20503,
         "The opt-out store is unavailable; nothing was sent. Try again later.",
-        {"Retry-After": RETRY_AFTER_S},
+        {"Retry-After": RETRY_AFTER},
     )
 
 
@@ -238,21 +144,21 @@ def _problem(status: int, kind: str, title: str, **extra: Any) -> web.Response:
 
 async def native_send(request: web.Request) -> web.Response:
     deps = request.app[DEPS_KEY]
-    sender = await _login(request, deps, NATIVE_ROUTE)
+    sender = await sms_input.login(request, deps, NATIVE_ROUTE)
     if isinstance(sender, Throttled):
         return problem(
             429, "Too Many Requests", detail="Too many failed logins from this address.",
-            headers=_retry_after(sender),
+            headers=sms_input.retry_after(sender),
         )  # fmt: skip
     if isinstance(sender, Busy):
-        return problem(503, "Service Unavailable", headers=_retry_after(sender))
+        return problem(503, "Service Unavailable", headers=sms_input.retry_after(sender))
     if not isinstance(sender, Sender):
         return problem(401, "Unauthorized", headers={"WWW-Authenticate": REALM})
     if "sms" not in sender.channels:
         return problem(403, "Forbidden", detail="This sender may not send SMS.")
-    body = await _body(request, JSON)
+    body = await sms_input.read_body(request, JSON)
     if isinstance(body, int):
-        return problem(body, BODY_TITLES[body])
+        return problem(body, sms_input.BODY_TITLES[body])
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -278,7 +184,7 @@ def _native_result(result: Result) -> web.Response:
         if reply.status == 400 and reply.error_code == message.OPTED_OUT.code:
             return _problem(422, "opted-out", "Recipient has opted out", txn=result.txn)
         if reply.status == 429:
-            retry = reply.retry_after if reply.retry_after.isdigit() else RETRY_AFTER_S
+            retry = reply.retry_after if reply.retry_after.isdigit() else RETRY_AFTER
             return problem(503, "Provider rate limit", headers={"Retry-After": retry})
         if reply.status < 500:
             return _problem(
@@ -320,7 +226,7 @@ def _native_result(result: Result) -> web.Response:
         503,
         "Service Unavailable",
         detail="The opt-out store is unavailable; nothing was sent.",
-        headers={"Retry-After": RETRY_AFTER_S},
+        headers={"Retry-After": RETRY_AFTER},
     )
 
 
@@ -330,10 +236,10 @@ def _native_result(result: Result) -> web.Response:
 async def inbound(request: web.Request) -> web.Response:
     deps = request.app[DEPS_KEY]
     services = request.app[SERVICES]
-    body = await _body(request, FORM)
+    body = await sms_input.read_body(request, FORM)
     if isinstance(body, int):
-        return problem(body, BODY_TITLES[body])
-    pairs = _form(body)
+        return problem(body, sms_input.BODY_TITLES[body])
+    pairs = sms_input.parse_form(body)
     if pairs is None or len({k for k, _ in pairs}) != len(pairs):
         return problem(400, "Bad Request", detail="Expected a form with each field once.")
     token = services.token
@@ -346,11 +252,11 @@ async def inbound(request: web.Request) -> web.Response:
     if not signature.verify(token, signature.candidate_urls(url), pairs, given) or (
         ours and account != ours  # signed by this token, but for another (sub)account
     ):
-        await _audit_auth_failure(deps, INBOUND_ROUTE, "bad-signature", "")
+        await sms_input.audit_auth_failure(deps, INBOUND_ROUTE, "bad-signature", "")
         return problem(403, "Forbidden", detail="The request signature does not verify.")
     reply = await services.inbound.handle(pairs)
     if reply.status != 200:
-        headers = {"Retry-After": RETRY_AFTER_S} if reply.status == 503 else None
+        headers = {"Retry-After": RETRY_AFTER} if reply.status == 503 else None
         return problem(reply.status, "Inbound text not accepted", detail=reply.detail,
                        headers=headers)  # fmt: skip
     return web.Response(text=reply.twiml, content_type="text/xml", charset="utf-8")

@@ -20,7 +20,7 @@ import structlog
 from aiohttp import web
 
 from gateway.core.records import Record
-from gateway.errors import AuditError, RecordCorrupt, StoreUnavailable
+from gateway.errors import RETRY_AFTER_S, AuditError, RecordCorrupt, StoreUnavailable
 from gateway.http import unsubscribe_page as page
 from gateway.http.app import DEPS_KEY, HttpDeps, body_deadline
 from gateway.unsubscribe import CHANNEL, Receipt, Source, Unsubscriber
@@ -28,7 +28,6 @@ from gateway.unsubscribe import CHANNEL, Receipt, Source, Unsubscriber
 log = structlog.get_logger("optgate.unsubscribe")
 
 ROUTE = "/u/{token}"
-RETRY_AFTER_S = 30  # a store failover or fsync stall clears well within this
 ONE_CLICK_FIELD = "List-Unsubscribe"
 ONE_CLICK_VALUE = "One-Click"  # RFC 8058 §3.1: the single key/value pair
 UNSUBSCRIBER_KEY = web.AppKey("unsubscriber", Unsubscriber)

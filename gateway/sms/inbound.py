@@ -32,10 +32,9 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
-from xml.sax.saxutils import escape
 
 import structlog
 
@@ -43,10 +42,11 @@ from gateway import metrics
 from gateway.core.addresses import parse_phone
 from gateway.core.keys import Keyring
 from gateway.core.records import Record, pseudonym
-from gateway.core.rules import KeywordMatch, Rules, normalise_reply
+from gateway.core.rules import KeywordMatch, Rules
 from gateway.errors import AuditError, RecordCorrupt, StoreUnavailable
 from gateway.sms import keywords_store, signature
 from gateway.sms.flow import CHANNEL, Audit
+from gateway.sms.keywords import EMPTY_TWIML, classify, twiml_message
 from gateway.sms.provider import HttpsClient, ProviderError
 from gateway.sms.queue import InboundQueue, Queued
 from gateway.store.writes import Written
@@ -56,44 +56,7 @@ log = structlog.get_logger("optgate.sms.inbound")
 SOURCE = keywords_store.KEYWORD_SOURCE
 # The provider waits 15 s for the webhook's answer (Twilio); leave room for the queue write.
 FORWARD_TIMEOUT_S = 5.0
-XML_DECL = '<?xml version="1.0" encoding="UTF-8"?>'
-EMPTY_TWIML = f"{XML_DECL}<Response/>"
 _SID = re.compile(r"[A-Za-z0-9]{1,64}")
-# Courtesy words around a revocation ("please stop texting me", "STOP, thanks"). They are
-# only ever stripped to find a *stop*: "yes please" must not opt anyone back in.
-_POLITE = r"(?:please|pls|plz|kindly|thanks|thank you|thx|por favor|gracias)"
-_POLITE_HEAD = re.compile(rf"^(?:{_POLITE}[\s,]+)+")
-_POLITE_TAIL = re.compile(rf"(?:[\s,]+{_POLITE})+$")
-_BREAKS = re.compile(r"[\s._-]+")  # spaces, dots, hyphens, underscores inside a reply
-
-
-def classify(rules: Rules, text: str) -> KeywordMatch | None:
-    """The rules' keyword or revocation that `text` is, as a whole, or None.
-
-    Beyond `Rules.keyword`, a reply is also read as a stop when it is one once courtesy
-    words around it are removed, its hyphens read as spaces ("opt-out") or its word breaks
-    taken out ("stop all", "s.t.o.p"): FCC 24-24
-    counts what a reasonable person would understand as a revocation. Those readings
-    never produce a start or help match, and words inside a longer message never count
-    ("stop by the front desk" is not a revocation).
-    """
-    match = rules.keyword(text)
-    if match is not None:
-        return match
-    reply = normalise_reply(text)
-    bare = [_POLITE_TAIL.sub("", _POLITE_HEAD.sub("", f)) for f in (reply, reply.replace("-", " "))]
-    # Last, with the word breaks taken out: "stop all" is STOPALL, "s.t.o.p" is STOP.
-    for candidate in (*bare, _BREAKS.sub("", bare[0])):
-        if candidate and candidate != text:
-            found = rules.keyword(candidate)
-            if found is not None and found.kind == "stop":
-                return found
-    return None
-
-
-def twiml_message(text: str) -> str:
-    """Exactly one reply message."""
-    return f"{XML_DECL}<Response><Message>{escape(text)}</Message></Response>"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -232,6 +195,30 @@ class Inbound:
             return await self._audited(helped, match, twiml_message(rules.sms_help))
         started = time.monotonic()
         kind = "optout" if match.kind == "stop" else "optin"
+        changed = await self._change(base, match, rule, kind, e164=e164, arrived=arrived)
+        if isinstance(changed, InboundReply):
+            return changed
+        outcome, written = changed
+        if outcome != "lifted" or written is None:
+            return await self._start_unchanged(base, match, rules, rule, outcome)
+        metrics.optout_change(kind, SOURCE)
+        if match.kind == "stop":
+            metrics.optout_effect_seconds(SOURCE, time.monotonic() - started)
+        text = rules.sms_stop_reply if match.kind == "stop" else rules.sms_start_reply
+        return InboundReply(status=200, twiml=twiml_message(text))
+
+    async def _change(
+        self,
+        base: dict[str, Any],
+        match: KeywordMatch,
+        rule: str,
+        kind: str,
+        *,
+        e164: str,
+        arrived: float,
+    ) -> tuple[str, Written | None] | InboundReply:
+        """The STOP or START, audited before the store changes: (outcome, what was
+        written), or the reply when the store or the audit log failed it."""
         event: dict[str, Any] = {
             "event": kind,
             **base,
@@ -259,6 +246,22 @@ class Inbound:
                 "source": current.source, "rule": rule, "change": "", "reason": "superseded",
             }])  # fmt: skip
 
+        return await self._write(
+            match=match, recipient=base["recipient"], e164=e164, arrived=arrived,
+            first=first, superseded=superseded,
+        )  # fmt: skip
+
+    async def _write(
+        self,
+        *,
+        match: KeywordMatch,
+        recipient: str,
+        e164: str,
+        arrived: float,
+        first: Callable[[Written], Awaitable[None]],
+        superseded: Callable[[Record], Awaitable[None]],
+    ) -> tuple[str, Written | None] | InboundReply:
+        """Write the keyword's change; UNAVAILABLE (nothing written) when it failed."""
         outcome = "lifted"
         written: Written | None
         try:
@@ -266,7 +269,7 @@ class Inbound:
                 written = await keywords_store.stop(
                     self._store,
                     CHANNEL,
-                    base["recipient"],
+                    recipient,
                     source=SOURCE,
                     now=arrived,
                     address=e164,  # sealed in the record, for the preferences export
@@ -274,7 +277,7 @@ class Inbound:
                 )
             else:
                 outcome, written = await keywords_store.start(
-                    self._store, CHANNEL, base["recipient"], source=SOURCE, now=arrived,
+                    self._store, CHANNEL, recipient, source=SOURCE, now=arrived,
                     audit=first, superseded=superseded,
                 )  # fmt: skip
         except AuditError:
@@ -291,13 +294,7 @@ class Inbound:
             # neither keyword can tell what the record held. An admin PUT or DELETE repairs it.
             log.error("record_corrupt", channel=CHANNEL, action=match.kind)
             return UNAVAILABLE
-        if outcome != "lifted" or written is None:
-            return await self._start_unchanged(base, match, rules, rule, outcome)
-        metrics.optout_change(kind, SOURCE)
-        if match.kind == "stop":
-            metrics.optout_effect_seconds(SOURCE, time.monotonic() - started)
-        text = rules.sms_stop_reply if match.kind == "stop" else rules.sms_start_reply
-        return InboundReply(status=200, twiml=twiml_message(text))
+        return outcome, written
 
     async def _start_unchanged(
         self,

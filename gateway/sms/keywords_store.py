@@ -38,6 +38,7 @@ from typing import Any, Literal
 
 from gateway.core.keys import Keyring
 from gateway.core.records import Record
+from gateway.errors import NotTexted
 from gateway.store.names import check_hex
 from gateway.store.writes import Audit, Written
 
@@ -178,11 +179,21 @@ async def stop(
     return written
 
 
-class _NotTexted(Exception):
-    """The record changed under START: its opt-out is no longer the texted STOP's alone."""
 
 
 StartOutcome = Literal["lifted", "not-opted-out", "not-by-text", "older-than-stop"]
+
+
+def _not_liftable(record: Record | None, claim: Claim | None, now: float) -> StartOutcome | None:
+    """Why START cannot lift `record` (None: it can): no opt-out of everything, one that
+    the texted STOP did not set, or a START older than that STOP."""
+    if record is None or not record.all:
+        return "not-opted-out"
+    if not texted_all(record, claim):
+        return "not-by-text"
+    if claim is not None and claim.at_ms > _ms(now):
+        return "older-than-stop"
+    return None
 
 
 async def start(
@@ -206,19 +217,16 @@ async def start(
     `superseded` raise."""
     claim = await read_claim(store, pseudonym)
     record: Record | None = await store.get(channel, pseudonym)
-    if record is None or not record.all:
-        return "not-opted-out", None
-    if not texted_all(record, claim):
-        return "not-by-text", None
-    if claim is not None and claim.at_ms > _ms(now):
-        return "older-than-stop", None
+    refused = _not_liftable(record, claim, now)
+    if refused is not None:
+        return refused, None
 
     seen: list[Record | None] = []  # the record each attempt read
 
     def lift(current: Record | None) -> Record | None:
         seen.append(current)
         if current is None or not texted_all(current, claim):
-            raise _NotTexted
+            raise NotTexted
         after = Record(
             all=False,
             categories=current.categories,
@@ -240,7 +248,7 @@ async def start(
         written: Written = await store.change_record(
             channel, pseudonym, lift, intent="optin", source=source, now=now, audit=first
         )
-    except _NotTexted:
+    except NotTexted:
         latest = seen[-1] if seen else None
         if audited and superseded is not None and latest is not None and latest.all:
             await superseded(latest)

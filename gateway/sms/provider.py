@@ -20,14 +20,14 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import quote, urlencode
 
 import aiohttp
 import orjson
 
 from gateway import tls
-from gateway.errors import UpstreamUnavailable
+from gateway.errors import ProviderError as ProviderError  # noqa: PLC0414 - re-exported: gateway.sms.flow imports it from here
 
 CONNECT_TIMEOUT_S = 3.0  # TCP + TLS to a provider on the internet; more means it is down
 POOL_LIMIT = 100  # concurrent outbound requests; beyond this, sends queue for a connection
@@ -36,17 +36,6 @@ MAX_REPLY_BYTES = 64 * 1024  # a Twilio message resource is ~1 KiB
 USER_AGENT = "optgate"
 FORM = "application/x-www-form-urlencoded"
 
-Outcome = Literal["failed", "unknown"]
-
-
-class ProviderError(UpstreamUnavailable):
-    """The provider gave no usable answer. `status` is what the gateway answers (502/504);
-    `outcome` is "failed" (nothing reached it) or "unknown" (it may have sent the text)."""
-
-    def __init__(self, message: str, *, status: int, outcome: Outcome) -> None:
-        super().__init__(message)
-        self.status = status
-        self.outcome = outcome
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

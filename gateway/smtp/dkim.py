@@ -51,7 +51,8 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa, uti
 from gateway.config import DkimKey
 from gateway.core import message as msg
 from gateway.core.addresses import domain_a_label, header_from_domain
-from gateway.errors import ConfigError, OptgateError
+from gateway.errors import ConfigError
+from gateway.errors import SigningFailed as SigningFailed  # noqa: PLC0414 - re-exported: gateway.smtp.flow imports it from here
 
 SIGNED = (
     "from", "sender", "reply-to", "to", "cc", "subject", "date", "message-id",
@@ -75,13 +76,6 @@ _SELECTOR = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
 PrivateKey = rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
 
 
-class SigningFailed(OptgateError):
-    """A message could not be signed. `permanent`: a retry would fail the same way (every
-    failure of inline signing is; the flag stays for callers that tell the sender which)."""
-
-    def __init__(self, message: str, *, permanent: bool = True) -> None:
-        super().__init__(message)
-        self.permanent = permanent
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -26,10 +26,10 @@ from gateway import metrics, tls
 from gateway.config import Sender
 from gateway.core import tokens
 from gateway.core.addresses import AddressProblem, parse_email
-from gateway.errors import AuditError, RecordCorrupt, StoreUnavailable
+from gateway.errors import AuditError, BareLineFeed, RecordCorrupt, StoreUnavailable, smtp_reply
 from gateway.senders import Authenticator, Busy, Refused, Throttled
 from gateway.smtp.flow import EmailFlow, Submission
-from gateway.smtp.reader import BareLineFeed, CrlfLineReader
+from gateway.smtp.reader import CrlfLineReader
 from gateway.smtp.server import GatewayEnvelope, GatewaySession, GatewaySMTP, Limits
 from gateway.unsubscribe import MailResult, Receipt, Unsubscriber
 
@@ -259,7 +259,7 @@ class GatewayHandler:
             result = await unsub.by_mail(local_tokens, data, received=received)
         except (StoreUnavailable, RecordCorrupt, AuditError) as exc:
             log.warning("unsubscribe_unavailable", error=type(exc).__name__)
-            return "451 4.3.0 Temporary failure, try again later"
+            return smtp_reply(exc)
         if result is MailResult.DONE:
             return "250 2.0.0 Ok: unsubscribed"
         if result is MailResult.MALFORMED:
@@ -267,8 +267,8 @@ class GatewayHandler:
         return "550 5.1.1 Unknown unsubscribe address"
 
     async def handle_exception(self, error: Exception) -> str:
-        if isinstance(error, BareLineFeed):
-            return "500 5.5.2 Syntax error: bare <LF> received"
-        # Never a traceback to the client; the sender retries (nothing was answered 250).
-        log.error("smtp_session_error", error=type(error).__name__)
-        return "451 4.3.0 Internal error, try again later"
+        """The one place a failure no hook answered becomes its reply (`errors.smtp_reply`).
+        Never a traceback to the client; the sender retries (nothing was answered 250)."""
+        if not isinstance(error, BareLineFeed):
+            log.error("smtp_session_error", error=type(error).__name__)
+        return smtp_reply(error)

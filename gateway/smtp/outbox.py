@@ -28,7 +28,9 @@ from pathlib import Path
 import structlog
 
 from gateway.errors import UpstreamUnavailable
-from gateway.smtp.upstream import Copy, Outcome, _prevalidate, _Tally
+from gateway.smtp.transport import Copy, Outcome
+from gateway.smtp.transport import Tally as _Tally
+from gateway.smtp.transport import prevalidate as _prevalidate
 
 log = structlog.get_logger("optgate.upstream")
 

@@ -15,9 +15,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-
-class BareLineFeed(Exception):
-    """A command line ended in LF without CR."""
+from gateway.errors import BareLineFeed
 
 
 class CrlfLineReader(asyncio.StreamReader):

@@ -27,22 +27,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import re
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from types import MappingProxyType
-from typing import Literal, Protocol
+from typing import Literal
 from urllib.parse import urlsplit
 
 import aiosmtplib
 import structlog
 
-from gateway.config import Config
-from gateway.errors import ConfigError, UpstreamUnavailable
+from gateway.errors import ConfigError, UpstreamBroken, UpstreamReply, UpstreamUnavailable
+from gateway.smtp.transport import Copy as Copy  # noqa: PLC0414 - re-exported: gateway.smtp.flow imports it from here
+from gateway.smtp.transport import Outcome as Outcome  # noqa: PLC0414 - re-exported, as Copy
+from gateway.smtp.transport import Tally, prevalidate
+from gateway.smtp.transport import Upstream as Upstream  # noqa: PLC0414 - re-exported, as Copy
 from gateway.tls import client_context
 
 log = structlog.get_logger("optgate.upstream")
@@ -55,34 +56,6 @@ QUIT_TIMEOUT_S = 2.0  # a polite QUIT must not hold up shutdown
 MAX_REPLY_TEXT = 200  # provider text kept per recipient; enough for an enhanced code and reason
 _WEAK_TLS = frozenset({"SSLv2", "SSLv3", "TLSv1", "TLSv1.1", "TLSv1.2"})
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-# Never in an address we send: controls, space, and the specials a Dot-string cannot hold
-# (RFC 5321 §4.1.2; the inbound parser already refuses quoted local parts and literals).
-_UNSENDABLE = re.compile(r'[\x00-\x20\x7f<>()\[\]\\,;:"]')
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Copy:
-    """One upstream transaction: addresses are canonical and sent byte-for-byte."""
-
-    mail_from: str
-    rcpts: tuple[str, ...]
-    data: bytes
-    smtputf8: bool = False
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Outcome:
-    """The provider's verdict per recipient of one `Copy`: each in exactly one field."""
-
-    accepted: tuple[str, ...] = ()
-    temp_failed: Mapping[str, tuple[int, str]] = field(default_factory=lambda: MappingProxyType({}))
-    perm_failed: Mapping[str, tuple[int, str]] = field(default_factory=lambda: MappingProxyType({}))
-
-
-class Upstream(Protocol):
-    async def deliver(self, copy: Copy) -> Outcome: ...
-    async def check(self) -> None: ...
-    async def close(self) -> None: ...
 
 
 # Where an error happened decides its meaning. "control" is RSET and QUIT, whose replies only
@@ -90,48 +63,34 @@ class Upstream(Protocol):
 _Stage = Literal["connect", "tls", "auth", "mail", "rcpt", "data", "control", "check"]
 
 
-@dataclass(eq=False)
-class _Reply(Exception):
-    """The provider answered a transaction command with 4xx/5xx; the session is in step."""
-
-    code: int
-    text: str
-
-
-@dataclass(eq=False)
-class _Broken(Exception):
-    """The session is unusable. `retryable`: nothing was delivered and a fresh session may help."""
-
-    enhanced: str
-    reason: str
-    detail: str  # for the log: exception class and TLS reason, never server text
-    retryable: bool = False
 
 
 _TLS_POLICY = ("4.7.0", "Upstream TLS policy not met")
 
 
-def _broken(stage: _Stage, exc: BaseException, *, kind: str) -> _Broken:
+def _broken(stage: _Stage, exc: BaseException, *, kind: str) -> UpstreamBroken:
     """`kind`: "reply" (unexpected or 421), "timeout", "lost" (connection gone) or "other"."""
     detail = type(exc).__name__ + (f":{exc.reason}" if isinstance(exc, ssl.SSLError) else "")
     if stage == "tls" or (stage == "auth" and kind in ("reply", "other")):
-        return _Broken(*_TLS_POLICY, detail=detail)
+        return UpstreamBroken(*_TLS_POLICY, detail=detail)
     if stage == "data":
-        return _Broken("4.4.2", "Upstream failed after DATA, delivery unknown", detail=detail)
+        reason = "Upstream failed after DATA, delivery unknown"
+        return UpstreamBroken("4.4.2", reason, detail=detail)
     retryable = kind == "lost" and stage in ("mail", "rcpt", "check")
-    return _Broken("4.4.1", "Upstream unavailable", detail=detail, retryable=retryable)
+    return UpstreamBroken("4.4.1", "Upstream unavailable", detail=detail, retryable=retryable)
 
 
 @contextlib.contextmanager
 def _translated(stage: _Stage) -> Iterator[None]:
-    """The one place where aiosmtplib, ssl and socket errors become `_Reply` or `_Broken`."""
+    """The one place where aiosmtplib, ssl and socket errors become `UpstreamReply` or
+    `UpstreamBroken`."""
     try:
         yield
     except aiosmtplib.SMTPResponseException as exc:
         if exc.code == 421:  # the server is closing the session (often an idle one)
             raise _broken(stage, exc, kind="lost") from exc
         if 400 <= exc.code < 600 and stage in ("mail", "rcpt", "data"):
-            raise _Reply(exc.code, _clean(exc.message)) from exc
+            raise UpstreamReply(exc.code, _clean(exc.message)) from exc
         raise _broken(stage, exc, kind="reply") from exc
     except (aiosmtplib.SMTPTimeoutError, TimeoutError) as exc:
         raise _broken(stage, exc, kind="timeout") from exc
@@ -145,7 +104,7 @@ def _translated(stage: _Stage) -> Iterator[None]:
         raise _broken(stage, exc, kind="other") from exc
     except ValueError as exc:  # aiosmtplib >= 5.1.1: control characters; encoding errors
         if stage in ("mail", "rcpt"):
-            raise _Reply(553, "5.1.3 Address cannot be sent as given") from exc
+            raise UpstreamReply(553, "5.1.3 Address cannot be sent as given") from exc
         raise _broken(stage, exc, kind="other") from exc
 
 
@@ -164,58 +123,6 @@ async def _envelope(
 
 def _clean(text: str) -> str:
     return _CONTROL.sub(" ", text)[:MAX_REPLY_TEXT]
-
-
-def _address_problem(address: str, *, smtputf8: bool, sender: bool) -> tuple[int, str] | None:
-    """Refuse what cannot go on the wire as exactly `<address>` (threats S5, S6). MAIL and
-    RCPT are written here (`_envelope`), not through aiosmtplib's `mail()`/`rcpt()`, whose
-    address parser could send another string than the one that was checked."""
-    if _UNSENDABLE.search(address) or (not sender and "@" not in address):
-        return (553, f"5.1.{7 if sender else 3} Address cannot be sent as given")
-    if not smtputf8 and not address.isascii():
-        return (553, "5.6.7 Non-ASCII address needs SMTPUTF8")
-    return None
-
-
-class _Tally:
-    """Verdicts for one delivery attempt, built up command by command."""
-
-    def __init__(self) -> None:
-        self.accepted: list[str] = []
-        self.temp: dict[str, tuple[int, str]] = {}
-        self.perm: dict[str, tuple[int, str]] = {}
-
-    def fail(self, rcpts: Sequence[str], code: int, text: str) -> None:
-        target = self.perm if code >= 500 else self.temp
-        for r in rcpts:
-            target[r] = (code, text)
-
-    def undecided(self, rcpts: Sequence[str]) -> list[str]:
-        done = {*self.accepted, *self.temp, *self.perm}
-        return [r for r in rcpts if r not in done]
-
-    def outcome(self) -> Outcome:
-        return Outcome(
-            accepted=tuple(self.accepted),
-            temp_failed=MappingProxyType(self.temp),
-            perm_failed=MappingProxyType(self.perm),
-        )
-
-
-def _prevalidate(copy: Copy, tally: _Tally) -> list[str]:
-    """Record local refusals in `tally`; return the recipients that may be sent."""
-    problem = _address_problem(copy.mail_from, smtputf8=copy.smtputf8, sender=True)
-    if problem is not None:
-        tally.fail(copy.rcpts, *problem)
-        return []
-    sendable: list[str] = []
-    for rcpt in dict.fromkeys(copy.rcpts):  # a duplicate RCPT would be a duplicate delivery
-        problem = _address_problem(rcpt, smtputf8=copy.smtputf8, sender=False)
-        if problem is None:
-            sendable.append(rcpt)
-        else:
-            tally.fail([rcpt], *problem)
-    return sendable
 
 
 @dataclass(slots=True, eq=False)
@@ -272,20 +179,20 @@ class SmtpUpstream:
         self.connections_opened = 0
 
     async def deliver(self, copy: Copy) -> Outcome:
-        local = _Tally()
-        rcpts = _prevalidate(copy, local)
+        local = Tally()
+        rcpts = prevalidate(copy, local)
         if not rcpts:
             return local.outcome()
-        tally = _Tally()
+        tally = Tally()
 
         async def transaction(smtp: aiosmtplib.SMTP) -> bool:
             nonlocal tally
-            tally = _Tally()  # a retry starts over: only its verdicts count
+            tally = Tally()  # a retry starts over: only its verdicts count
             return await self._transact(smtp, copy, rcpts, tally)
 
         try:
             await self._on_session(transaction)
-        except _Broken as exc:
+        except UpstreamBroken as exc:
             log.warning("upstream_failed", host=self.host, enhanced=exc.enhanced, detail=exc.detail)
             tally.fail(tally.undecided(rcpts), 451, f"{exc.enhanced} {exc.reason}")
         tally.perm.update(local.perm)
@@ -303,11 +210,11 @@ class SmtpUpstream:
 
         try:
             await self._on_session(noop)
-        except _Broken as exc:
+        except UpstreamBroken as exc:
             raise UpstreamUnavailable(exc.reason, enhanced=exc.enhanced) from exc
 
     async def _on_session(self, work: Callable[[aiosmtplib.SMTP], Awaitable[bool]]) -> None:
-        """Run `work` on a pooled session, which it says is reusable or not; raise `_Broken`.
+        """Run `work` on a pooled session, which it says is reusable or not; raise `UpstreamBroken`.
 
         A reused session may have died while idle. If it fails before anything could have
         been delivered, `work` runs once more on a new session.
@@ -317,7 +224,7 @@ class SmtpUpstream:
             healthy = False
             try:
                 healthy = await work(conn.smtp)
-            except _Broken as exc:
+            except UpstreamBroken as exc:
                 if not (exc.retryable and reused and attempt == 1):
                     raise
                 log.info("upstream_retry", host=self.host, detail=exc.detail)
@@ -327,7 +234,7 @@ class SmtpUpstream:
                 self._release(conn, healthy=healthy)
 
     async def _transact(
-        self, smtp: aiosmtplib.SMTP, copy: Copy, rcpts: list[str], t: _Tally
+        self, smtp: aiosmtplib.SMTP, copy: Copy, rcpts: list[str], t: Tally
     ) -> bool:
         """Run one transaction; return whether the session is still fit for reuse."""
         with _translated("mail"):  # a tripwire: no MAIL unless this session is TLS 1.3
@@ -347,7 +254,7 @@ class SmtpUpstream:
         try:
             with _translated("mail"):
                 await _envelope(smtp, b"MAIL", copy.mail_from, options, encoding)
-        except _Reply as r:
+        except UpstreamReply as r:
             t.fail(rcpts, r.code, r.text)
             return True
         live: list[str] = []
@@ -356,14 +263,14 @@ class SmtpUpstream:
                 with _translated("rcpt"):
                     await _envelope(smtp, b"RCPT", rcpt, (), encoding)
                 live.append(rcpt)
-            except _Reply as r:
+            except UpstreamReply as r:
                 t.fail([rcpt], r.code, r.text)
         if not live:
             return await self._control(smtp.rset())
         try:
             with _translated("data"):
                 await smtp.data(copy.data)
-        except _Reply as r:
+        except UpstreamReply as r:
             t.fail(live, r.code, r.text)
             return await self._control(smtp.rset())
         t.accepted.extend(live)
@@ -384,18 +291,18 @@ class SmtpUpstream:
         try:
             with _translated("control"):
                 await command
-        except (_Reply, _Broken):
+        except (UpstreamReply, UpstreamBroken):
             return False
         return True
 
     async def _acquire(self, *, fresh: bool) -> tuple[_Conn, bool]:
         if self._closed:
-            raise _Broken("4.4.1", "Upstream unavailable", detail="closed")
+            raise UpstreamBroken("4.4.1", "Upstream unavailable", detail="closed")
         try:
             async with asyncio.timeout(self._timeout):
                 await self._slots.acquire()
         except TimeoutError:
-            raise _Broken("4.4.5", "Upstream busy", detail="pool-wait") from None
+            raise UpstreamBroken("4.4.5", "Upstream busy", detail="pool-wait") from None
         try:
             now = time.monotonic()
             while self._idle and not fresh:
@@ -444,7 +351,7 @@ class SmtpUpstream:
                 await smtp.ehlo()
         if not self._implicit:
             if not smtp.supports_extension("starttls"):
-                raise _Broken(*_TLS_POLICY, detail="no-starttls")
+                raise UpstreamBroken(*_TLS_POLICY, detail="no-starttls")
             with _translated("tls"):
                 await smtp.starttls()
         with _translated("tls"):
@@ -453,7 +360,7 @@ class SmtpUpstream:
             await smtp.ehlo()  # RFC 3207 §4.2: only what was learnt under TLS counts
         if self._username:
             if not smtp.supports_extension("auth"):
-                raise _Broken(*_TLS_POLICY, detail="no-auth")
+                raise UpstreamBroken(*_TLS_POLICY, detail="no-auth")
             with _translated("auth"):
                 await smtp.login(self._username, self._password)
 
@@ -462,24 +369,4 @@ def _require_tls13(smtp: aiosmtplib.SMTP) -> None:
     tls = smtp.get_transport_info("ssl_object")
     version = tls.version() if isinstance(tls, ssl.SSLObject | ssl.SSLSocket) else None
     if version is None or version in _WEAK_TLS:
-        raise _Broken(*_TLS_POLICY, detail=f"tls-version:{version}")
-
-
-def from_config(cfg: Config) -> Upstream:
-    if cfg.outbox_dir is not None:
-        from gateway.smtp.outbox import OutboxUpstream
-
-        return OutboxUpstream(cfg.outbox_dir)
-    env = cfg.upstream_email.password_env
-    if env and env not in os.environ:
-        raise ConfigError(f"[upstream.email] password_env: {env} is not set")
-    password = os.environ[env] if env else ""
-    return SmtpUpstream(
-        url=cfg.upstream_email.url,
-        username=cfg.upstream_email.username,
-        password=password,
-        ca_file=cfg.upstream_email.ca_file,
-        pool_size=cfg.upstream_email.pool_size,
-        timeout_s=cfg.upstream_email.timeout_s,
-        local_hostname=cfg.gateway.hostname,
-    )
+        raise UpstreamBroken(*_TLS_POLICY, detail=f"tls-version:{version}")

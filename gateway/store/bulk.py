@@ -127,13 +127,7 @@ async def opt_out_many(
     if not items:
         return []
     if isinstance(store.client, RedisCluster):
-        planned = await _gathered([_plan_one(store, it, now) for it in items])
-        if audit is not None:
-            await audit(planned)
-        ones = [_one(store, it, now) for it, p in zip(items, planned, strict=True) if not p.error]
-        written = iter(await _gathered(ones))
-        return [p if p.error else next(written) for p in planned]
-    ring = store.keyring
+        return await _opt_out_each(store, items, now=now, audit=audit)
     keys = [record_key(it.channel, it.pseudonym) for it in items]
     if len(set(keys)) != len(keys):
         raise ValueError("opt_out_many needs distinct records in one batch")
@@ -144,11 +138,61 @@ async def opt_out_many(
     await store.check_sentinel(raw_values[len(slots) :])
     raw_values = raw_values[: len(slots)]
     await store.refresh_keys(raw_values)
-    results: list[ItemResult | None] = [None] * len(items)
-    befores: list[Record | None] = [None] * len(items)
-    afters: list[Record | None] = [None] * len(items)
-    # (item index, [bucket, field, expected, new, e, ad])
-    writes: list[tuple[int, list[Any]]] = []
+    batch = _plan(store, items, keys, slots, raw_values, now)
+    if audit is not None:
+        trio = zip(batch.results, batch.befores, batch.afters, strict=True)
+        await audit([r or ItemResult(before=b, after=a) for r, b, a in trio])
+    results = batch.results
+    replies = await _run_cas(store, [w for _, w in batch.writes])
+    for (i, _), reply in zip(batch.writes, replies, strict=True):
+        if reply:  # written: the entry id
+            change_id = reply.decode() if isinstance(reply, bytes) else str(reply)
+            results[i] = ItemResult(
+                before=batch.befores[i], after=batch.afters[i], change_id=change_id
+            )
+        else:  # someone else wrote first: the single-record path retries
+            results[i] = await _one(store, items[i], now)
+    return [r if r is not None else ItemResult(error="not written") for r in results]
+
+
+async def _opt_out_each(
+    store: OptOutStore,
+    items: Sequence[OptOutItem],
+    *,
+    now: float,
+    audit: Callable[[list[ItemResult]], Awaitable[None]] | None,
+) -> list[ItemResult]:
+    """A Cluster's records live on many nodes: plan, audit and write them one by one."""
+    planned = await _gathered([_plan_one(store, it, now) for it in items])
+    if audit is not None:
+        await audit(planned)
+    ones = [_one(store, it, now) for it, p in zip(items, planned, strict=True) if not p.error]
+    written = iter(await _gathered(ones))
+    return [p if p.error else next(written) for p in planned]
+
+
+@dataclass(slots=True)
+class _Batch:
+    """One batch planned: per item its refusal (or None), the record before and after,
+    and the compare-and-set of each item that is written, by item index."""
+
+    results: list[ItemResult | None]
+    befores: list[Record | None]
+    afters: list[Record | None]
+    writes: list[tuple[int, list[Any]]]  # (item index, [bucket, field, expected, new, e, ad])
+
+
+def _plan(  # noqa: PLR0917 - the batch as read, item by item
+    store: OptOutStore,
+    items: Sequence[OptOutItem],
+    keys: list[str],
+    slots: list[tuple[str, bytes]],
+    raw_values: list[Any],
+    now: float,
+) -> _Batch:
+    ring = store.keyring
+    n = len(items)
+    batch = _Batch(results=[None] * n, befores=[None] * n, afters=[None] * n, writes=[])
     with_address = store.stream_addresses
     for i, (item, key, slot, raw) in enumerate(zip(items, keys, slots, raw_values, strict=True)):
         current = None
@@ -156,7 +200,7 @@ async def opt_out_many(
             try:
                 current = open_record(ring, key, raw)
             except RecordCorrupt:
-                results[i] = ItemResult(
+                batch.results[i] = ItemResult(
                     error="the stored record does not authenticate; it was not changed"
                 )
                 continue
@@ -172,19 +216,9 @@ async def opt_out_many(
             now=now,
             address=after.address if with_address else "",
         )
-        writes.append((i, [*slot, raw or b"", seal(ring, key, after), e, ad]))
-        befores[i], afters[i] = current, after
-    if audit is not None:
-        trio = zip(results, befores, afters, strict=True)
-        await audit([r or ItemResult(before=b, after=a) for r, b, a in trio])
-    replies = await _run_cas(store, [w for _, w in writes])
-    for (i, _), reply in zip(writes, replies, strict=True):
-        if reply:  # written: the entry id
-            change_id = reply.decode() if isinstance(reply, bytes) else str(reply)
-            results[i] = ItemResult(before=befores[i], after=afters[i], change_id=change_id)
-        else:  # someone else wrote first: the single-record path retries
-            results[i] = await _one(store, items[i], now)
-    return [r if r is not None else ItemResult(error="not written") for r in results]
+        batch.writes.append((i, [*slot, raw or b"", seal(ring, key, after), e, ad]))
+        batch.befores[i], batch.afters[i] = current, after
+    return batch
 
 
 async def _run_cas(store: OptOutStore, writes: list[list[Any]]) -> list[Any]:

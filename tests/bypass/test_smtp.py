@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from gateway import rules as rules_io
+from gateway import rules_files
 from gateway.core.addresses import EmailAddress, parse_email
 from gateway.core.records import pseudonym
 from tests.conftest import ALL_CATEGORIES, APP_PASSWORD, GatewayFactory, Running
@@ -304,7 +304,7 @@ async def test_bcc_header_is_not_forwarded_to_other_recipients(
 async def lax(make_gateway: GatewayFactory, tmp_path: Path) -> Running:
     """A gateway whose strip rules do not name List-* (only X-Internal-*)."""
     folder = tmp_path / "rules"
-    shutil.copytree(rules_io.packaged_dir(), folder)
+    shutil.copytree(rules_files.packaged_dir(), folder)
     (folder / "strip.toml").write_text('[strip]\nheaders = ["X-Internal-*"]\n')
     r: Running = await make_gateway(senders=SENDERS, rules={"dir": str(folder)})
     await opt_out_all(r)

@@ -28,22 +28,20 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, BinaryIO, Final
 
-import orjson
 import structlog
 
-from gateway import keyfile
-from gateway import rules as rules_io
+from gateway import keyfile, rules_files
+from gateway.cli.common import EXIT_FAILURE, EXIT_USAGE, cli_audit, config, fail, print_json
 from gateway.config import Config
 from gateway.core.keys import Keyring
 from gateway.core.records import CHANNELS
-from gateway.errors import AuditError, StoreUnavailable
-from gateway.optout_lines import CLI, READ_CHUNK, Export, HeaderError, ImportJob, JobContext
+from gateway.errors import AuditError, HeaderError, StoreUnavailable, UnreadableInput
+from gateway.optout_lines import CLI, READ_CHUNK, Export, ImportJob, JobContext
+from gateway.store.opening import open_store
 from gateway.store.redis_store import OptOutStore
 
 log = structlog.get_logger("optgate.cli")
 
-EXIT_FAILURE: Final = 1
-EXIT_USAGE: Final = 2
 # sysexits.h EX_TEMPFAIL: the store or the audit log failed part-way. What is reported
 # applied is durable; running again (from resume_from_line) completes the import.
 EXIT_TEMPFAIL: Final = 75
@@ -68,16 +66,9 @@ def _format_of(given: str | None, path: str | None) -> str:
     return "csv" if path and path != "-" and Path(path).suffix.lower() == ".csv" else "ndjson"
 
 
-def _print_json(doc: Any) -> None:
-    sys.stdout.buffer.write(orjson.dumps(doc) + b"\n")
-    sys.stdout.flush()
-
-
 # -- import ----------------------------------------------------------------------------
 
 
-class _Unreadable(Exception):
-    """The input failed while it was being read."""
 
 
 async def _chunks(fd: int) -> AsyncIterator[bytes]:
@@ -86,7 +77,7 @@ async def _chunks(fd: int) -> AsyncIterator[bytes]:
         try:
             chunk = await asyncio.to_thread(os.read, fd, READ_CHUNK)
         except OSError as exc:
-            raise _Unreadable(exc.strerror or type(exc).__name__) from None
+            raise UnreadableInput(exc.strerror or type(exc).__name__) from None
         if not chunk:
             return
         yield chunk
@@ -94,14 +85,12 @@ async def _chunks(fd: int) -> AsyncIterator[bytes]:
 
 def _deps(cfg: Config, store: OptOutStore, audit: Any, ring: Keyring) -> JobContext:
     """What the shared import job reads (the admin API hands it its `HttpDeps`)."""
-    rules = rules_io.load_dir(rules_io.choose_dir(cfg.rules.dir, cfg.base_dir))
+    rules = rules_files.load_dir(rules_files.choose_dir(cfg.rules.dir, cfg.base_dir))
     return JobContext(cfg=cfg, store=store, audit=audit, rules=lambda: rules, keyring=lambda: ring)
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from gateway.cli import _config, _fail
-
-    cfg = _config(args)
+    cfg = config(args)
     csv_mode = _format_of(args.format, args.file) == "csv"
     if args.file in (None, "-"):
         if sys.stdin.isatty():
@@ -110,19 +99,16 @@ def cmd_import(args: argparse.Namespace) -> int:
     try:
         fd = os.open(args.file, os.O_RDONLY)
     except OSError as exc:
-        _fail(f"{args.file}: {exc.strerror}")
+        fail(f"{args.file}: {exc.strerror}")
     try:
         if stat.S_ISDIR(os.fstat(fd).st_mode):
-            _fail(f"{args.file}: is a directory")
+            fail(f"{args.file}: is a directory")
         return asyncio.run(_import(cfg, fd, args.file, csv_mode))
     finally:
         os.close(fd)
 
 
 async def _import(cfg: Config, fd: int, name: str, csv_mode: bool) -> int:
-    from gateway.cli import _cli_audit, _fail
-    from gateway.service import open_store
-
     ring, _ = keyfile.load_or_create(cfg.keys.file)
     try:
         store, embedded = await open_store(cfg, ring, quiet=True)
@@ -134,7 +120,7 @@ async def _import(cfg: Config, fd: int, name: str, csv_mode: bool) -> int:
     try:
         # Not anchored: an import may outlive a store outage, and its one-line refusal
         # would gain the anchor's failure log. Its entries verify by the chain alone.
-        async with _cli_audit(cfg, ring) as audit:
+        async with cli_audit(cfg, ring) as audit:
             job = ImportJob(_deps(cfg, store, audit, ring), CLI)
             try:
                 await job.run(_chunks(fd), csv_mode=csv_mode)
@@ -144,7 +130,7 @@ async def _import(cfg: Config, fd: int, name: str, csv_mode: bool) -> int:
                 failure = EXIT_TEMPFAIL, f"opt-out store unavailable mid-import: {exc}"
             except AuditError as exc:
                 failure = EXIT_TEMPFAIL, f"audit log failed mid-import: {exc}"
-            except _Unreadable as exc:
+            except UnreadableInput as exc:
                 failure = EXIT_FAILURE, f"cannot read {name}: {exc}"
             finally:
                 await job.settle()
@@ -161,9 +147,9 @@ async def _import(cfg: Config, fd: int, name: str, csv_mode: bool) -> int:
             await embedded.release()
     if failure is not None:
         if failure[0] == EXIT_USAGE:
-            _fail(failure[1])
+            fail(failure[1])
         return _stopped(job.summary(), job.resume_from, *failure)
-    _print_json(job.summary())
+    print_json(job.summary())
     if job.rejected:
         print(
             f"optgate: {job.rejected} line(s) rejected, listed in the summary; "
@@ -176,7 +162,7 @@ async def _import(cfg: Config, fd: int, name: str, csv_mode: bool) -> int:
 
 def _stopped(summary: dict[str, Any], resume_from: int, code: int, why: str) -> int:
     """An import that stopped early: the summary and where to resume, one line on stderr."""
-    _print_json({**summary, "resume_from_line": resume_from, "error": why})
+    print_json({**summary, "resume_from_line": resume_from, "error": why})
     print(
         f"optgate: error: {why} ({summary['applied']} applied; resume from line {resume_from})",
         file=sys.stderr,
@@ -226,18 +212,16 @@ class _Output:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from gateway.cli import _config, _fail
-
-    cfg = _config(args)
+    cfg = config(args)
     target = None if args.output in (None, "-") else Path(args.output)
     csv_mode = _format_of(args.format, args.output) == "csv"
     channels = (args.channel,) if args.channel else tuple(CHANNELS)
     if target is not None and target.is_dir():
-        _fail(f"--output {target}: is a directory")
+        fail(f"--output {target}: is a directory")
     try:
         out = _Output(target)  # before the store is touched: a bad path is a usage error
     except OSError as exc:
-        _fail(f"--output {target}: {exc.strerror}")
+        fail(f"--output {target}: {exc.strerror}")
     try:
         code, why = asyncio.run(_export(cfg, channels, csv_mode, out))
         if not why:
@@ -249,7 +233,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if why:
         if target is None:
             _quiet_stdout()
-        _fail(why, code)
+        fail(why, code)
     return 0
 
 
@@ -266,9 +250,6 @@ async def _export(
 ) -> tuple[int, str]:
     """(0, "") once every record is written out and the export is on record; else (exit
     code, why)."""
-    from gateway.cli import _cli_audit
-    from gateway.service import open_store
-
     ring, _ = keyfile.load_or_create(cfg.keys.file)
     try:
         store, embedded = await open_store(cfg, ring, quiet=True)
@@ -276,7 +257,7 @@ async def _export(
         return EXIT_TEMPFAIL, f"opt-out store unavailable: {exc}"
     export = Export(store, channels, csv_mode=csv_mode)
     try:
-        async with _cli_audit(cfg, ring, store.client) as audit:
+        async with cli_audit(cfg, ring, store.client) as audit:
             # On record before any address leaves, as the admin API's export.
             await audit.append([CLI.access("optout.export", channels=list(channels))])
             try:

@@ -17,7 +17,8 @@ from typing import Any
 
 from gateway.config import Sender
 from gateway.core import grants
-from gateway.core.rules import Rules, parse, version_of
+from gateway.core.rules import Rules
+from gateway.core.rules_parse import parse, version_of
 from gateway.errors import ConfigError
 
 PACKAGE_RULES = "default_rules"

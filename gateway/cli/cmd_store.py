@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +21,11 @@ import orjson
 from gateway import config as config_mod
 from gateway import keyfile, rebuild
 from gateway.audit import verify as audit_verify
+from gateway.cli.common import cli_audit, with_config
 from gateway.config import Config
 from gateway.core.records import new_sentinel_id
 from gateway.store import sentinel
+from gateway.store.opening import open_store
 
 EXIT_FAILURE = 1
 
@@ -40,9 +41,6 @@ def _print(doc: dict[str, Any], *, err: bool = False) -> None:
 
 
 async def _init(cfg: Config, force: bool) -> int:
-    from gateway.cli import _cli_audit
-    from gateway.service import open_store
-
     ring, _ = keyfile.load_or_create(cfg.keys.file)
     named_before = keyfile.load(cfg.keys.file).sentinel
     store, embedded = await open_store(cfg, ring, quiet=True)
@@ -57,13 +55,13 @@ async def _init(cfg: Config, force: bool) -> int:
                 )
             written = not named_before
             if written:
-                async with _cli_audit(cfg, ring, store.client) as audit:
+                async with cli_audit(cfg, ring, store.client) as audit:
                     await audit.append([_event(forced=False, before="none", sid=sentinel_id)])
             _print({"sentinel": "written" if written else "present", "forced": False})
             return 0
         held = await sentinel.status(store, keyfile.load(cfg.keys.file))
         sentinel_id = new_sentinel_id()
-        async with _cli_audit(cfg, ring, store.client) as audit:
+        async with cli_audit(cfg, ring, store.client) as audit:
             # Audited first: a store accepted as new is on record before it is accepted.
             await audit.append([_event(forced=True, before=held.found, sid=sentinel_id)])
         await sentinel.initialise(store, cfg.keys.file, force=True, sentinel_id=sentinel_id)
@@ -87,9 +85,6 @@ def cmd_store(args: argparse.Namespace) -> int:
 
 
 async def _rebuild(cfg: Config, path: Path, allow_broken: bool) -> int:
-    from gateway.cli import _cli_audit
-    from gateway.service import open_store
-
     ring = keyfile.load(cfg.keys.file)
     checked = audit_verify.verify_path(path, ring)
     if not checked.ok and not allow_broken:
@@ -101,7 +96,7 @@ async def _rebuild(cfg: Config, path: Path, allow_broken: bool) -> int:
     found = rebuild.changes(path, tally)
     store, embedded = await open_store(cfg, ring, quiet=True)
     try:
-        async with _cli_audit(cfg, ring, store.client) as audit:
+        async with cli_audit(cfg, ring, store.client) as audit:
             await audit.append(
                 [
                     {
@@ -131,12 +126,8 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
     return asyncio.run(_rebuild(cfg, path, args.allow_broken_chain))
 
 
-def extend(
-    sub: Any,
-    optout_sub: Any,
-    with_config: Callable[[argparse.ArgumentParser], argparse.ArgumentParser],
-) -> None:
-    """Add ``store init`` and ``optout rebuild`` to the `optgate` parser."""
+def add_parser(sub: Any) -> None:
+    """Add ``store init``."""
     st = sub.add_parser("store", help="the opt-out store's sentinel")
     stsub = st.add_subparsers(dest="action", required=True, metavar="ACTION")
     init = with_config(
@@ -151,6 +142,9 @@ def extend(
     )
     init.set_defaults(func=cmd_store)
 
+
+def add_rebuild_parser(optout_sub: Any) -> None:
+    """Add ``optout rebuild``."""
     rb = with_config(
         optout_sub.add_parser(
             "rebuild", help="replay the audit log's opt-outs and opt-ins into the store"

@@ -1,0 +1,132 @@
+"""`optgate audit verify|search|tail`: check the hash chain, search entries (a recipient is
+pseudonymised before searching), print the newest entries or follow them."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import sys
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+
+from gateway import keyfile
+from gateway.audit import commands as audit_commands
+from gateway.audit import tail
+from gateway.audit import verify as audit_verify
+from gateway.cli.common import config, fail, print_json, recipient_key, with_config
+from gateway.core import keys as keys_mod
+from gateway.core.records import keyed_message_id, pseudonym
+
+_RELATIVE = re.compile(r"^(\d+)([smhd])$")
+
+
+def _since(text: str) -> datetime:
+    m = _RELATIVE.match(text)
+    if m:
+        unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[m.group(2)]
+        return datetime.now(UTC) - timedelta(**{unit: int(m.group(1))})
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        fail(f"--since: expected ISO-8601 time or e.g. 24h/7d, got {text!r}")
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def _message_ids(ring: keys_mod.Keyring, given: str | None) -> tuple[str, ...]:
+    """A Message-ID as the log may hold it: as given, with or without its angle brackets,
+    or as the keyed digest of any of those (`records.audit_message_id`)."""
+    if not given:
+        return ()
+    bare = given.strip().strip("<>")
+    forms = {given.strip(), bare, f"<{bare}>"}
+    return tuple(forms | {keyed_message_id(ring, f) for f in forms})
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    cfg = config(args)
+    ring = keyfile.load(cfg.keys.file)
+    if args.action == "verify":
+        return asyncio.run(audit_commands.verify(cfg, ring, args.path, args.anchor))
+    if args.action == "anchor":
+        return asyncio.run(audit_commands.anchor(cfg, ring))
+    recipient = None
+    if args.recipient:
+        channel = args.channel or ("email" if "@" in args.recipient else "sms")
+        recipient = pseudonym(ring, channel, recipient_key(cfg, channel, args.recipient))
+    since = _since(args.since) if args.since else None
+    out = sys.stdout.buffer
+    for entry in audit_verify.search(
+        cfg.audit.dir,
+        recipient=recipient,
+        decision=args.decision,
+        since=since,
+        until=_since(args.until) if args.until else None,
+        channel=args.channel,
+        category=args.category,
+        sender=args.sender,
+        event=args.event,
+        message_ids=_message_ids(ring, args.message_id),
+    ):
+        out.write(orjson.dumps(entry) + b"\n")
+    out.flush()
+    return 0
+
+
+def cmd_audit_tail(args: argparse.Namespace) -> int:
+    cfg = config(args)
+    for entry in tail.last_entries(cfg.audit.dir, args.lines):
+        print_json(entry)
+    if args.follow:
+        for entry in tail.follow(cfg.audit.dir):
+            print_json(entry)
+    return 0
+
+
+def add_parser(sub: Any) -> Any:
+    """Add ``audit verify|search``; return the ``audit`` group (``tail`` is added later)."""
+    au = sub.add_parser("audit", help="verify and search the audit log")
+    ausub = au.add_subparsers(dest="action", required=True, metavar="ACTION")
+    v = with_config(
+        ausub.add_parser(
+            "verify", help="check the hash chain; exit 1 naming FILE:LINE of the first break"
+        )
+    )
+    v.add_argument(
+        "path", nargs="?", metavar="PATH", help="a file or directory (default: audit.dir)"
+    )
+    v.add_argument(
+        "--anchor",
+        metavar="FILE",
+        help="check against a copy made by `optgate audit anchor` instead of the store",
+    )
+    v.set_defaults(func=cmd_audit)
+    an = with_config(
+        ausub.add_parser("anchor", help="print every stream's head, sealed, to keep off the host")
+    )
+    an.set_defaults(func=cmd_audit)
+    se = with_config(ausub.add_parser("search", help="print matching entries as JSON lines"))
+    se.add_argument("--recipient", metavar="ADDRESS", help="pseudonymised before searching")
+    se.add_argument(
+        "--message-id",
+        metavar="ID",
+        help="the Message-ID header; also finds entries that keep it as a keyed digest",
+    )
+    se.add_argument("--channel", choices=("email", "sms"))
+    se.add_argument("--decision", choices=("allow", "suppress", "defer", "reject"))
+    se.add_argument("--since", metavar="T", help="ISO-8601 time, or 30m/24h/7d ago")
+    se.add_argument("--until", metavar="T", help="ISO-8601 time, or 30m/24h/7d ago (exclusive)")
+    se.add_argument("--category", metavar="NAME")
+    se.add_argument("--sender", metavar="NAME")
+    se.add_argument("--event", metavar="NAME", help="decision, optout, optin, auth_failure...")
+    se.set_defaults(func=cmd_audit)
+    return ausub
+
+
+def add_tail_parser(audit_sub: Any) -> None:
+    t = with_config(audit_sub.add_parser("tail", help="print the newest entries; -f follows"))
+    t.add_argument("-n", "--lines", type=int, default=10, metavar="N", help="default 10")
+    t.add_argument("-f", "--follow", action="store_true", help="keep printing new entries")
+    t.set_defaults(func=cmd_audit_tail)
