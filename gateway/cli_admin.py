@@ -24,6 +24,7 @@ import orjson
 
 from gateway import apikeys, keyfile
 from gateway.config import Config
+from gateway.core.entries import ApiKeyCreated, ApiKeyRevoked, Entry, SyncReplay
 from gateway.store.redis_store import OptOutStore
 
 
@@ -45,7 +46,7 @@ async def _with_store(cfg: Config, work: Callable[[OptOutStore, Any], Awaitable[
             await embedded.release()
 
 
-async def _audit_cli(cfg: Config, ring: Any, events: list[dict[str, Any]]) -> None:
+async def _audit_cli(cfg: Config, ring: Any, events: list[Entry]) -> None:
     from gateway.cli import _cli_audit
 
     async with _cli_audit(cfg, ring) as audit:
@@ -62,7 +63,7 @@ def cmd_api_key(args: argparse.Namespace) -> int:
         await _audit_cli(
             cfg,
             ring,
-            [{"event": "api_key_created", "key_id": made.info.kid, "role": args.role, "by": "cli"}],
+            [ApiKeyCreated(key_id=made.info.kid, role=args.role, by="cli")],
         )
         print(made.key)
         print(
@@ -82,7 +83,7 @@ def cmd_api_key(args: argparse.Namespace) -> int:
     async def revoke(store: OptOutStore, ring: Any) -> int:
         if not await apikeys.revoke(store, args.key_id):
             _fail(f"no API key {args.key_id!r}", 1)
-        event = {"event": "api_key_revoked", "key_id": args.key_id, "by": "cli"}
+        event = ApiKeyRevoked(key_id=args.key_id, by="cli")
         await _audit_cli(cfg, ring, [event])
         print(f"revoked API key {args.key_id}", file=sys.stderr)
         return 0
@@ -145,7 +146,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
         for name in targets:
             done[name] = await feed.replay(name, args.ids or None)
             if done[name]:
-                event = {"event": "sync_replay", "webhook": name, "count": done[name], "by": "cli"}
+                event = SyncReplay(webhook=name, count=done[name], by="cli")
                 await _audit_cli(cfg, ring, [event])
         _print_json({"replayed": done})
         return 0

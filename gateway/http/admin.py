@@ -16,7 +16,7 @@ the route template only, and no problem document ever quotes an address.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final
 
 import orjson
@@ -25,6 +25,7 @@ from aiohttp import web
 
 from gateway import apikeys, metrics
 from gateway.apikeys import ApiKey
+from gateway.core.entries import AuthFailure, Entry, OptIn, OptOut
 from gateway.core.records import pseudonym
 from gateway.errors import AuditError, RecordCorrupt, StoreUnavailable
 from gateway.http.app import DEPS_KEY, HttpDeps, body_deadline, problem
@@ -59,27 +60,26 @@ def route_of(request: web.Request) -> str:
     return resource.canonical if resource is not None else "-"
 
 
-async def audit(deps: HttpDeps, events: list[dict[str, Any]]) -> None:
+async def audit(deps: HttpDeps, events: Sequence[Entry]) -> None:
     await deps.audit.append(events)
 
 
 async def _denied(
     deps: HttpDeps, request: web.Request, status: int, reason: str, kid: str
 ) -> web.Response:
-    event = {
-        "event": "auth_failure",
-        "interface": "admin",
-        "route": route_of(request),
-        "method": request.method,
-        "reason": reason,
-        "key_id": kid,
-    }
+    event = AuthFailure(
+        interface="admin",
+        route=route_of(request),
+        method=request.method,
+        reason=reason,
+        key_id=kid,
+    )
     metrics.auth_failure("http")
     try:
         await audit(deps, [event])
     except AuditError:
         metrics.audit_write_failure("admin")
-        log.error("auth_failure_not_audited", route=event["route"])  # still denied
+        log.error("auth_failure_not_audited", route=event.route)  # still denied
     if status == 401:
         return problem(
             401, "Unauthorized", detail="a valid API key is required",
@@ -124,10 +124,10 @@ def requires(role: str) -> Callable[[AdminHandler], Callable[[web.Request], Awai
     return wrap
 
 
-def count_change(events: list[dict[str, Any]], source: str, started: float) -> None:
+def count_change(events: Sequence[OptOut | OptIn], source: str, started: float) -> None:
     for e in events:
-        metrics.optout_change(str(e["event"]), source)
-    if any(e["event"] == "optout" for e in events):
+        metrics.optout_change(e.EVENT, source)
+    if any(isinstance(e, OptOut) for e in events):
         metrics.optout_effect_seconds("api", time.monotonic() - started)
 
 
@@ -142,7 +142,7 @@ class AuditFirst:
     def __init__(self, deps: HttpDeps, *, channel: str, pseud: str, source: str, kid: str) -> None:
         self._deps, self._channel, self._pseud = deps, channel, pseud
         self._source, self._kid = source, kid
-        self.events: list[dict[str, Any]] = []
+        self.events: list[OptOut | OptIn] = []
 
     async def __call__(self, planned: Written) -> None:
         events = change_events(
