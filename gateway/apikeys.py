@@ -27,6 +27,7 @@ from typing import Any, Final
 
 import orjson
 
+from gateway.core.entries import AdminAccess
 from gateway.core.keys import Keyring
 from gateway.store.redis_store import OptOutStore
 
@@ -51,10 +52,10 @@ class ApiKey:
     label: str = ""
 
 
-def access_event(key: ApiKey, action: str, **fields: Any) -> dict[str, Any]:
-    """The ``admin_access`` audit entry of a call made with `key`."""
-    return {"event": "admin_access", "action": action, "key_id": key.kid, "role": key.role,
-            **fields}  # fmt: skip
+def access_event(key: ApiKey, action: str, **detail: Any) -> AdminAccess:
+    """The ``admin_access`` audit entry of a call made with `key`; `detail` are the
+    entry's optional fields (`AdminAccess`)."""
+    return AdminAccess(action=action, key_id=key.kid, role=key.role, **detail)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 from gateway.core.addresses import AddressProblem, parse_email, parse_phone
+from gateway.core.entries import OptIn, OptOut
 from gateway.core.records import CHANNELS, Record
 from gateway.core.rules import Rules
 from gateway.errors import BadInput
@@ -96,22 +97,27 @@ def record_json(channel: str, pseud: str, record: Record | None) -> dict[str, An
 
 def change_events(
     written: Written, *, channel: str, pseud: str, source: str, by: dict[str, str], via: str
-) -> list[dict[str, Any]]:
+) -> list[OptOut | OptIn]:
     """The audit entries of one write: an ``optout`` for what was added, an ``optin`` for
     what was removed (one call may do both); a write that changed nothing is an
     ``optout`` re-affirming the state (or an ``optin`` of nothing). `by` names who made
     it (``{"key_id": ...}`` for an API key, ``{"by": "cli"}`` for the command line)."""
     b, a = written.before or Record(), written.after or Record()
-    base = {"channel": channel, "recipient": pseud, "source": source, **by}
-    base.update(via=via, change=written.change_id)
+
+    def entry(kind: type[OptOut | OptIn], categories: list[str], all_: bool) -> OptOut | OptIn:
+        return kind(
+            categories=tuple(categories), all=all_, channel=channel, recipient=pseud,
+            source=source, key_id=by.get("key_id"), by=by.get("by"), via=via,
+            change=written.change_id,
+        )  # fmt: skip
+
     added, removed = sorted(a.categories - b.categories), sorted(b.categories - a.categories)
     all_on, all_off = a.all and not b.all, b.all and not a.all
-    events = []
+    events: list[OptOut | OptIn] = []
     if added or all_on:
-        events.append({"event": "optout", "categories": added, "all": all_on, **base})
+        events.append(entry(OptOut, added, all_on))
     if removed or all_off:
-        events.append({"event": "optin", "categories": removed, "all": all_off, **base})
+        events.append(entry(OptIn, removed, all_off))
     if not events:
-        kind = "optout" if not a.empty else "optin"
-        events.append({"event": kind, "categories": sorted(a.categories), "all": a.all, **base})
+        events.append(entry(OptOut if not a.empty else OptIn, sorted(a.categories), a.all))
     return events

@@ -40,6 +40,7 @@ import orjson
 from gateway import metrics
 from gateway.apikeys import ApiKey, access_event
 from gateway.config import Config
+from gateway.core.entries import AdminAccess, OptIn, OptOut
 from gateway.core.keys import Keyring
 from gateway.core.records import CORRUPT, Record, pseudonym
 from gateway.core.rules import Rules
@@ -109,13 +110,13 @@ class Actor:
 
     key: ApiKey | None = None
 
-    def access(self, action: str, **fields: Any) -> dict[str, Any]:
+    def access(self, action: str, **detail: Any) -> AdminAccess:
         """An ``admin_access`` entry for `action` ("optout.import", "optout.export"...)."""
         if self.key is not None:
-            return access_event(self.key, action, **fields)
-        return {"event": "admin_access", "action": action, "by": "cli", **fields}
+            return access_event(self.key, action, **detail)
+        return AdminAccess(action=action, by="cli", **detail)
 
-    def changes(self, written: Written, item: bulk.OptOutItem) -> list[dict[str, Any]]:
+    def changes(self, written: Written, item: bulk.OptOutItem) -> list[OptOut | OptIn]:
         """The ``optout`` entries of one imported record (`change_events`)."""
         by = {"key_id": self.key.kid} if self.key is not None else {"by": "cli"}
         return change_events(
@@ -331,7 +332,7 @@ class ImportJob:
     async def _write(self, batch: list[tuple[int, bulk.OptOutItem]]) -> None:
         async def audit_first(planned: list[bulk.ItemResult]) -> None:
             # Durable before the batch is written (SPEC §6): no change-stream ids yet.
-            events: list[dict[str, Any]] = []
+            events: list[OptOut | OptIn] = []
             for (_, item), res in zip(batch, planned, strict=True):
                 if not res.error:
                     written = Written(before=res.before, after=res.after, change_id="")

@@ -26,6 +26,7 @@ from gateway import keyfile, listeners, metrics, rules_files, senders, tls
 from gateway.audit.writer import AuditWriter
 from gateway.config import Config
 from gateway.core import tokens
+from gateway.core.entries import ConfigReload, Start
 from gateway.core.keys import Keyring
 from gateway.core.peers import HTTPS, SMTP, Counts, PerAddress
 from gateway.core.rules import Rules
@@ -170,13 +171,7 @@ class Gateway:
         self.ports.smtp = socks.smtp[0].getsockname()[1]
         self.ports.smtps = socks.smtps[0].getsockname()[1]
         await audit.append(
-            [
-                {
-                    "event": "start",
-                    "rules_version": self.rules.version,
-                    "keys": self._ring.audit.current[0],
-                }
-            ]
+            [Start(rules_version=self.rules.version, keys=self._ring.audit.current[0])]
         )
         await self._start_background()
         log.info(
@@ -369,14 +364,7 @@ class Gateway:
             return
         with contextlib.suppress(OptgateError):
             await self.audit.append(
-                [
-                    {
-                        "event": "config_reload",
-                        "ok": ok,
-                        "why": why,
-                        "rules_version": self.rules.version,
-                    }
-                ]
+                [ConfigReload(ok=ok, why=why, rules_version=self.rules.version)]
             )
 
     async def stop(self, grace_s: float = GRACE_S) -> None:

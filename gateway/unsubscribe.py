@@ -33,10 +33,10 @@ import contextlib
 import email.errors
 import email.header
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Literal, Protocol
+from typing import Literal
 
 import structlog
 
@@ -44,37 +44,19 @@ from gateway import metrics
 from gateway.audit.writer import iso_ts
 from gateway.core import message as msg
 from gateway.core import tokens
+from gateway.core.entries import OptOut
 from gateway.core.keys import Keyring
 from gateway.core.records import Record
 from gateway.core.rules import Category, Rules
 from gateway.errors import AuditError
-from gateway.store.writes import Audit as WriteAudit
+from gateway.ports import Audit
+from gateway.ports import ConsentStore as Store
 from gateway.store.writes import Written
 
 log = structlog.get_logger("optgate.unsubscribe")
 
 CHANNEL = "email"
 Source = Literal["one-click", "page", "mailto"]
-
-
-class Store(Protocol):
-    async def get(self, channel: str, pseudonym: str) -> Record | None: ...
-
-    async def opt_out_change(
-        self,
-        channel: str,
-        pseudonym: str,
-        *,
-        categories: Iterable[str] = (),
-        all: bool = False,
-        source: str,
-        now: float,
-        audit: WriteAudit | None = None,
-    ) -> Written: ...
-
-
-class Audit(Protocol):
-    async def append(self, events: Sequence[dict[str, Any]]) -> None: ...
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -202,15 +184,14 @@ class Unsubscriber:
             # click is audited again); durable before the store is written.
             effect_s = time.perf_counter() - received.mono
             entries = [
-                {
-                    "event": "optout",
-                    "channel": CHANNEL,
-                    "source": source,
-                    "category": name,
-                    "recipient": claims.pseudonym,
-                    "received": iso_ts(received.wall),
-                    "effect_ms": round(effect_s * 1000, 3),
-                }
+                OptOut(
+                    channel=CHANNEL,
+                    source=source,
+                    category=name,
+                    recipient=claims.pseudonym,
+                    received=iso_ts(received.wall),
+                    effect_ms=round(effect_s * 1000, 3),
+                )
                 for name in scope
             ]
             try:

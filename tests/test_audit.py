@@ -10,9 +10,10 @@ import os
 import random
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import orjson
 import pytest
@@ -26,8 +27,10 @@ from gateway.audit.writer import (
     file_name,
 )
 from gateway.core import chain as core
+from gateway.core.entries import ConfigReload, Entry
 from gateway.core.keys import Keyring, generate, rotate
 from gateway.errors import AuditError, KeyringError
+from tests.support.entries import Sample
 
 DAY1 = datetime(2026, 11, 23, 23, 59, 58, tzinfo=UTC).timestamp()
 STREAM = "gw1"
@@ -55,8 +58,8 @@ def writer(directory: Path, ring: Keyring, **kw: Any) -> AuditWriter:
     return AuditWriter(directory, instance="i1", stream=STREAM, keyring=ring, **kw)
 
 
-def decision(n: int, verdict: str = "suppress") -> dict[str, Any]:
-    return {"event": "decision", "decision": verdict, "recipient": f"ps{n:04d}", "txn": f"t{n}"}
+def decision(n: int, verdict: str = "suppress") -> Sample:
+    return Sample(decision=verdict, recipient=f"ps{n:04d}", txn=f"t{n}")
 
 
 async def write_log(directory: Path, ring: Keyring, n: int, **kw: Any) -> Path:
@@ -480,15 +483,23 @@ async def test_a_failed_writer_recovers_without_traffic(tmp_path: Path, ring: Ke
     assert [(e["seq"], e["event"], e["error"]) for e in got] == [(1, "audit_recovered", "ENOSPC")]
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Clash(Entry):
+    """An entry that sets a field only the writer may set."""
+
+    EVENT: ClassVar[str] = "x"
+    seq: int
+
+
 async def test_bad_events_queue_nothing(tmp_path: Path, ring: Keyring) -> None:
     w = writer(tmp_path, ring, clock=Clock())
     await w.open()
     with pytest.raises(ValueError, match="seq"):
-        await w.append([decision(1), {"event": "x", "seq": 9}])
-    with pytest.raises(ValueError, match="event"):
-        await w.append([{"decision": "deliver"}])
+        await w.append([decision(1), _Clash(seq=9)])
+    with pytest.raises(TypeError, match="Entry"):
+        await w.append([{"event": "decision", "decision": "deliver"}])  # type: ignore[list-item]  # a dict is what is refused
     with pytest.raises(TypeError):
-        await w.append([{"event": "x", "what": object()}])
+        await w.append([Sample(what=object())])
     await w.append([decision(1)])
     await w.close()
     assert [e["seq"] for e in entries_of(tmp_path / file_name(STREAM, "2026-11-23"))] == [1]
@@ -528,7 +539,7 @@ async def test_concurrent_appenders_share_fsyncs(tmp_path: Path, ring: Keyring) 
 
     async def session(n: int) -> None:
         for k in range(5):
-            await w.append([{"event": "decision", "txn": f"{n}.{k}", "part": p} for p in (0, 1)])
+            await w.append([Sample(txn=f"{n}.{k}", part=p) for p in (0, 1)])
 
     await asyncio.gather(*(session(n) for n in range(200)))
     fsyncs = w.fsyncs - before
@@ -562,7 +573,7 @@ async def test_search_filters_and_merges_streams(tmp_path: Path, ring: Keyring) 
     clock.t += 1
     await b.append([decision(1, "deliver"), decision(2, "suppress")])
     clock.t += 86_400
-    await a.append([decision(1, "suppress"), {"event": "config_reload", "ok": True}])
+    await a.append([decision(1, "suppress"), ConfigReload(ok=True, why="", rules_version="")])
     await a.close()
     await b.close()
 

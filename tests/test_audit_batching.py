@@ -22,6 +22,7 @@ from gateway.audit.verify import verify_path
 from gateway.audit.writer import AuditWriter
 from gateway.core.keys import Keyring, generate
 from gateway.errors import AuditError
+from tests.support.entries import Sample
 
 STREAM = "gw1"
 
@@ -49,8 +50,8 @@ def entries_of(path: Path) -> list[dict[str, Any]]:
     return [orjson.loads(line) for line in path.read_bytes().splitlines()]
 
 
-def entry(n: int) -> dict[str, Any]:
-    return {"event": "decision", "decision": "allow", "recipient": f"ps{n:05d}", "txn": f"t{n}"}
+def entry(n: int) -> Sample:
+    return Sample(decision="allow", recipient=f"ps{n:05d}", txn=f"t{n}")
 
 
 async def test_a_lone_caller_is_written_at_once(

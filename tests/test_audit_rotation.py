@@ -23,6 +23,7 @@ from gateway.audit.verify import verify_path
 from gateway.audit.writer import AuditWriter
 from gateway.core.keys import Keyring, generate
 from gateway.errors import AuditError
+from tests.support.entries import Sample
 
 DAY1 = datetime(2026, 11, 23, 12, 0, 0, tzinfo=UTC).timestamp()
 STREAM = "gw1"
@@ -48,8 +49,8 @@ def writer(directory: Path, ring: Keyring, clock: Clock, **kw: Any) -> AuditWrit
     )
 
 
-def decision(n: int) -> dict[str, Any]:
-    return {"event": "decision", "decision": "suppress", "recipient": f"{n:032x}", "txn": n}
+def decision(n: int) -> Sample:
+    return Sample(decision="suppress", recipient=f"{n:032x}", txn=n)
 
 
 async def write_rotated(

@@ -35,7 +35,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -47,6 +47,7 @@ from gateway.audit import files
 from gateway.audit.anchors import AnchorPublisher
 from gateway.audit.disk import DIR_MODE, FILE_MODE, FileId, Line, OpenState, StreamDisk
 from gateway.core import chain as core
+from gateway.core.entries import AuditPruned, AuditRecovered, Decision, Entry
 from gateway.core.keys import Keyring, KeySet
 from gateway.errors import AuditError, KeyringError
 
@@ -238,18 +239,18 @@ class AuditWriter:
 
     # -- appending -------------------------------------------------------------------------
 
-    async def append(self, events: Sequence[Mapping[str, Any]]) -> None:
+    async def append(self, events: Sequence[Entry]) -> None:
         """Seal `events` in order and return once they are on disk and fsynced.
 
         Raises AuditError on any IO failure, now or earlier (fail closed until recovered,
         see the module docstring); ValueError or TypeError, with nothing queued, for an
-        event that cannot be an entry.
+        event that cannot be an entry (anything but an `Entry`, or one too large).
         """
         if self._recovering is not None or self._broken is not None or self._failure is not None:
             await self._recover()
         await self._append(events)
 
-    async def _append(self, events: Sequence[Mapping[str, Any]]) -> None:
+    async def _append(self, events: Sequence[Entry]) -> None:
         self._check_open()
         if not events:
             return
@@ -283,7 +284,7 @@ class AuditWriter:
             return (file[0], file[1] + 1)
         return file
 
-    def _seal_all(self, events: Sequence[Mapping[str, Any]]) -> tuple[list[Line], list[Line]]:
+    def _seal_all(self, events: Sequence[Entry]) -> tuple[list[Line], list[Line]]:
         """Seal every event (and the checkpoint of each file left behind), committing the
         chain state only if all of them seal."""
         seq, prev, day = self._seq, self._prev, self._day
@@ -291,10 +292,10 @@ class AuditWriter:
         kid, key = self._keys.current
         lines: list[Line] = []
         ckpts: list[Line] = list(self._carry)
-        for event in events:
-            name = event.get("event")
-            if not isinstance(name, str) or not name:
-                raise ValueError("an audit event needs a non-empty 'event' string")
+        for entry in events:
+            if not isinstance(entry, Entry):
+                raise TypeError(f"an audit entry must be an Entry, not {type(entry).__name__}")
+            event = entry.fields()
             clash = WRITER_FIELDS.intersection(event)
             if clash:
                 raise ValueError(f"audit events may not set {sorted(clash)}")
@@ -305,7 +306,7 @@ class AuditWriter:
                 "seq": seq,
                 "instance": self.instance,
                 "stream": self.stream,
-                "event": name,  # first among the caller's own fields, wherever they put it
+                "event": entry.EVENT,
             }
             fields.update(event)
             last_mac = prev
@@ -453,13 +454,7 @@ class AuditWriter:
         self._install(state)
         # The outage is part of the record, and this entry's fsync proves the disk is back.
         await self._append(
-            [
-                {
-                    "event": "audit_recovered",
-                    "failed_at": iso_ts(self._failed_at),
-                    "error": _error_name(failure),
-                }
-            ]
+            [AuditRecovered(failed_at=iso_ts(self._failed_at), error=_error_name(failure))]
         )
         prober, self._prober = self._prober, None
         if prober is not None and prober is not asyncio.current_task():
@@ -506,13 +501,12 @@ class AuditWriter:
                 return removed
             await self.append(
                 [
-                    {
-                        "event": "audit_pruned",
-                        "files": chunk,
-                        "kept_file": kept,
-                        "kept_seq": kept_seq,
-                        "retention_days": retention_days,
-                    }
+                    AuditPruned(
+                        files=tuple(chunk),
+                        kept_file=kept,
+                        kept_seq=kept_seq,
+                        retention_days=retention_days,
+                    )
                 ]
             )
             await self._run(self._disk.remove, chunk)
@@ -540,6 +534,12 @@ async def bench(directory: Path, writers: int, seconds: float) -> float:
     """Entries per second with `writers` concurrent appenders of one entry each, real fsync."""
     from gateway.core.keys import generate
 
+    def entry(n: int) -> Decision:
+        return Decision(
+            channel="email", sender="bench", txn=str(n), decision="allow", category="bench",
+            recipient="", message_id="", rule="bench", reason="bench",
+        )  # fmt: skip
+
     writer = AuditWriter(directory, instance="bench", stream="bench", keyring=generate())
     await writer.open()
     count = 0
@@ -549,7 +549,7 @@ async def bench(directory: Path, writers: int, seconds: float) -> float:
     async def one(n: int) -> None:
         nonlocal count
         while loop.time() < deadline:
-            await writer.append([{"event": "decision", "decision": "deliver", "txn": n}])
+            await writer.append([entry(n)])
             count += 1
 
     start = loop.time()

@@ -14,6 +14,7 @@ from typing import Any
 from gateway import apikeys, keyfile
 from gateway.cli.common import audit_cli, config, fail, print_json, with_config, with_store
 from gateway.core import keys as keys_mod
+from gateway.core.entries import ApiKeyCreated, ApiKeyRevoked
 from gateway.store.redis_store import OptOutStore
 
 
@@ -45,7 +46,7 @@ def cmd_api_key(args: argparse.Namespace) -> int:
         await audit_cli(
             cfg,
             ring,
-            [{"event": "api_key_created", "key_id": made.info.kid, "role": args.role, "by": "cli"}],
+            [ApiKeyCreated(key_id=made.info.kid, role=args.role, by="cli")],
         )
         print(made.key)
         print(
@@ -65,7 +66,7 @@ def cmd_api_key(args: argparse.Namespace) -> int:
     async def revoke(store: OptOutStore, ring: Any) -> int:
         if not await apikeys.revoke(store, args.key_id):
             fail(f"no API key {args.key_id!r}", 1)
-        event = {"event": "api_key_revoked", "key_id": args.key_id, "by": "cli"}
+        event = ApiKeyRevoked(key_id=args.key_id, by="cli")
         await audit_cli(cfg, ring, [event])
         print(f"revoked API key {args.key_id}", file=sys.stderr)
         return 0

@@ -23,6 +23,7 @@ from gateway import keyfile, rebuild
 from gateway.audit import verify as audit_verify
 from gateway.cli.common import cli_audit, with_config
 from gateway.config import Config
+from gateway.core.entries import StoreInit, StoreRebuild
 from gateway.core.records import new_sentinel_id
 from gateway.store import sentinel
 from gateway.store.opening import open_store
@@ -73,10 +74,10 @@ async def _init(cfg: Config, force: bool) -> int:
             await embedded.release()
 
 
-def _event(*, forced: bool, before: str, sid: str) -> dict[str, Any]:
+def _event(*, forced: bool, before: str, sid: str) -> StoreInit:
     """A ``store_init`` entry: the sentinel written, and what the store held before
     ("none": the key file named no sentinel yet; "ok", "missing", "mismatch")."""
-    return {"event": "store_init", "forced": forced, "before": before, "sentinel": sid, "by": "cli"}
+    return StoreInit(forced=forced, before=before, sentinel=sid, by="cli")
 
 
 def cmd_store(args: argparse.Namespace) -> int:
@@ -98,14 +99,7 @@ async def _rebuild(cfg: Config, path: Path, allow_broken: bool) -> int:
     try:
         async with cli_audit(cfg, ring, store.client) as audit:
             await audit.append(
-                [
-                    {
-                        "event": "store_rebuild",
-                        "changes": len(found),
-                        "chain_ok": checked.ok,
-                        "by": "cli",
-                    }
-                ]
+                [StoreRebuild(changes=len(found), chain_ok=checked.ok, by="cli")]
             )
         await rebuild.replay(
             store, found, tally, progress=lambda t: _print({"progress": t.summary()}, err=True)

@@ -8,6 +8,7 @@ import asyncio
 from typing import Any
 
 from gateway.cli.common import audit_cli, config, fail, print_json, with_config, with_store
+from gateway.core.entries import SyncReplay
 from gateway.store.redis_store import OptOutStore
 from gateway.store.streams import ChangeFeed
 
@@ -48,7 +49,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
         for name in targets:
             done[name] = await feed.replay(name, args.ids or None)
             if done[name]:
-                event = {"event": "sync_replay", "webhook": name, "count": done[name], "by": "cli"}
+                event = SyncReplay(webhook=name, count=done[name], by="cli")
                 await audit_cli(cfg, ring, [event])
         print_json({"replayed": done})
         return 0

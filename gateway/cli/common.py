@@ -19,6 +19,7 @@ from gateway import keyfile
 from gateway.audit.writer import AuditWriter
 from gateway.config import Config
 from gateway.core import keys as keys_mod
+from gateway.core.entries import Entry
 from gateway.errors import AuditStreamBusy, BadInput
 from gateway.optout_fields import canonical
 from gateway.store.opening import open_store
@@ -96,7 +97,7 @@ async def cli_audit(
         await writer.close()
 
 
-async def audit_cli(cfg: Config, ring: Any, events: list[dict[str, Any]]) -> None:
+async def audit_cli(cfg: Config, ring: Any, events: list[Entry]) -> None:
     """Append `events` to the CLI's audit stream."""
     async with cli_audit(cfg, ring) as audit:
         await audit.append(events)

@@ -16,13 +16,14 @@ the route template only, and no problem document ever quotes an address.
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Sequence
 
 import structlog
 from aiohttp import web
 
 from gateway import apikeys, metrics
 from gateway.apikeys import ApiKey
+from gateway.core.entries import OptIn, OptOut
 from gateway.core.records import pseudonym
 from gateway.errors import BadInput, RecordCorrupt
 from gateway.http import admin_bulk, admin_review
@@ -41,10 +42,10 @@ from gateway.store.writes import Written
 
 log = structlog.get_logger("optgate.http.admin")
 
-def count_change(events: list[dict[str, Any]], source: str, started: float) -> None:
+def count_change(events: Sequence[OptOut | OptIn], source: str, started: float) -> None:
     for e in events:
-        metrics.optout_change(str(e["event"]), source)
-    if any(e["event"] == "optout" for e in events):
+        metrics.optout_change(e.EVENT, source)
+    if any(isinstance(e, OptOut) for e in events):
         metrics.optout_effect_seconds("api", time.monotonic() - started)
 
 
@@ -59,7 +60,7 @@ class AuditFirst:
     def __init__(self, deps: HttpDeps, *, channel: str, pseud: str, source: str, kid: str) -> None:
         self._deps, self._channel, self._pseud = deps, channel, pseud
         self._source, self._kid = source, kid
-        self.events: list[dict[str, Any]] = []
+        self.events: list[OptOut | OptIn] = []
 
     async def __call__(self, planned: Written) -> None:
         events = change_events(

@@ -8,7 +8,7 @@ audited as ``auth_failure`` (and still refused when the audit log cannot be writ
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import orjson
@@ -17,6 +17,7 @@ from aiohttp import web
 
 from gateway import apikeys, metrics
 from gateway.apikeys import ApiKey
+from gateway.core.entries import AuthFailure, Entry
 from gateway.errors import RETRY_AFTER_S, AuditError, BadInput, StoreUnavailable
 from gateway.http.app import DEPS_KEY, HttpDeps, body_deadline, problem
 
@@ -37,27 +38,26 @@ def route_of(request: web.Request) -> str:
     return resource.canonical if resource is not None else "-"
 
 
-async def audit(deps: HttpDeps, events: list[dict[str, Any]]) -> None:
+async def audit(deps: HttpDeps, events: Sequence[Entry]) -> None:
     await deps.audit.append(events)
 
 
 async def _denied(
     deps: HttpDeps, request: web.Request, status: int, reason: str, kid: str
 ) -> web.Response:
-    event = {
-        "event": "auth_failure",
-        "interface": "admin",
-        "route": route_of(request),
-        "method": request.method,
-        "reason": reason,
-        "key_id": kid,
-    }
+    event = AuthFailure(
+        interface="admin",
+        route=route_of(request),
+        method=request.method,
+        reason=reason,
+        key_id=kid,
+    )
     metrics.auth_failure("http")
     try:
         await audit(deps, [event])
     except AuditError:
         metrics.audit_write_failure("admin")
-        log.error("auth_failure_not_audited", route=event["route"])  # still denied
+        log.error("auth_failure_not_audited", route=event.route)  # still denied
     if status == 401:
         return problem(
             401, "Unauthorized", detail="a valid API key is required",

@@ -19,6 +19,7 @@ from aiohttp import web
 from gateway import apikeys
 from gateway.apikeys import ApiKey
 from gateway.audit import verify as audit_verify
+from gateway.core.entries import ApiKeyCreated, ApiKeyRevoked
 from gateway.core.records import pseudonym
 from gateway.errors import BadInput
 from gateway.http import admin_auth
@@ -131,7 +132,7 @@ async def create_api_key(request: web.Request, key: ApiKey) -> web.Response:
     made = await apikeys.create(deps.store, deps.keyring(), role=role, now=time.time(), label=label)
     await admin_auth.audit(
         deps,
-        [{"event": "api_key_created", "key_id": made.info.kid, "role": role, "by": key.kid}],
+        [ApiKeyCreated(key_id=made.info.kid, role=role, by=key.kid)],
     )
     return web.json_response({**_key_json(made.info), "key": made.key}, status=201)
 
@@ -142,5 +143,5 @@ async def revoke_api_key(request: web.Request, key: ApiKey) -> web.Response:
     kid = request.match_info["key_id"]
     if not await apikeys.revoke(deps.store, kid):
         return problem(404, "Not Found", detail="no such API key")
-    await admin_auth.audit(deps, [{"event": "api_key_revoked", "key_id": kid, "by": key.kid}])
+    await admin_auth.audit(deps, [ApiKeyRevoked(key_id=kid, by=key.kid)])
     return web.json_response({"id": kid, "revoked": True})

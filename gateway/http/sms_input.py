@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Any
 from urllib.parse import parse_qsl
 
 from aiohttp import web
 
 from gateway import metrics
+from gateway.core.entries import AuthFailure
 from gateway.errors import AuditError
 from gateway.http.app import HttpDeps, body_deadline
 from gateway.senders import Busy, Login, Refused, Throttled
@@ -59,14 +59,14 @@ async def audit_auth_failure(
     deps: HttpDeps, route: str, reason: str, sender: str, *, blocks: bool = False
 ) -> None:
     known = sender if sender in deps.senders.senders else ""
-    event: dict[str, Any] = {
-        "event": "auth_failure", "channel": "sms", "route": route, "reason": reason,
-    }  # fmt: skip
-    if blocks:  # this failure reached the client address's limit (the address is not kept)
-        event["blocks"] = True
+    event = AuthFailure(
+        channel="sms", route=route, reason=reason, sender=known,
+        # this failure reached the client address's limit (the address is not kept)
+        blocks=True if blocks else None,
+    )  # fmt: skip
     metrics.auth_failure("http")
     try:
-        await deps.audit.append([{**event, "sender": known}])
+        await deps.audit.append([event])
     except AuditError:
         metrics.audit_write_failure("sms")  # still refused
 

@@ -25,20 +25,24 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Literal
 
 import structlog
 
 from gateway import metrics
 from gateway.config import Sender
-from gateway.core import grants, policy
+from gateway.core import categories, entries, grants, policy
+from gateway.core.categories import Unchosen, Why
+from gateway.core.entries import Delivery, OptOut
 from gateway.core.keys import Keyring
 from gateway.core.policy import Decision, Verdict
-from gateway.core.records import State, pseudonym
-from gateway.core.rules import Rules
+from gateway.core.records import pseudonym
+from gateway.core.rules import Category, Rules
 from gateway.errors import AuditError, RecordCorrupt, StoreUnavailable
+from gateway.ports import Audit
+from gateway.ports import TextStore as Store
 from gateway.sms import keywords_store, message
 from gateway.sms.message import Outgoing, Refusal
 from gateway.sms.provider import Provider, ProviderError, Reply
@@ -60,26 +64,6 @@ RefusedKind = Literal[
     "body-too-long",
     "not-configured",
 ]
-
-
-class Store(Protocol):
-    async def lookup(self, channel: str, pseudonyms: Sequence[str]) -> list[State]: ...
-
-    async def opt_out(
-        self,
-        channel: str,
-        pseudonym: str,
-        *,
-        categories: Sequence[str] = ...,
-        all: bool = ...,
-        source: str,
-        now: float,
-        address: str = ...,
-    ) -> Any: ...
-
-
-class Audit(Protocol):
-    async def append(self, events: Sequence[dict[str, Any]]) -> None: ...
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -109,6 +93,15 @@ class Failed:
 
 
 Result = Sent | Refused | Failed
+
+
+# The SMS API names no category twice (one field), so `Why.TWICE` cannot happen here.
+_UNCHOSEN: dict[Why, tuple[RefusedKind, Refusal]] = {
+    Why.TWICE: ("unknown-category", message.UNKNOWN_CATEGORY),
+    Why.UNKNOWN: ("unknown-category", message.UNKNOWN_CATEGORY),
+    Why.NOT_FOR_CHANNEL: ("not-sms-category", message.NOT_SMS_CATEGORY),
+    Why.NOT_PERMITTED: ("category-not-permitted", message.CATEGORY_NOT_PERMITTED),
+}
 
 
 def outcome_of(status: int) -> str:
@@ -141,39 +134,22 @@ class SmsFlow:
         rules = self._rules()
         recipient = pseudonym(self._keyring(), CHANNEL, out.to.key_form)
         base = {"channel": CHANNEL, "sender": sender.name, "txn": txn, "recipient": recipient}
-        name = category_name or sender.default_category or rules.default_category
-        category = rules.category(name)
-        if category is None or not category.allows(CHANNEL):
-            kind: RefusedKind = "unknown-category" if category is None else "not-sms-category"
-            await self._reject(base, kind, "" if category is None else category.name)
-            refusal = message.UNKNOWN_CATEGORY if category is None else message.NOT_SMS_CATEGORY
-            return Refused(txn=txn, kind=kind, refusal=refusal)
-        if not grants.permitted(sender.categories, category):
-            # A category the sender may not use (one with opt_out = false skips the lookup):
-            # refused before anything is looked up or sent.
-            await self._reject(
-                base, "category-not-permitted", category.name, rule=grants.RULE,
-                reason=grants.REASON,
-            )  # fmt: skip
-            return Refused(
-                txn=txn, kind="category-not-permitted", refusal=message.CATEGORY_NOT_PERMITTED
-            )
+        category = categories.choose(
+            rules,
+            asked=(category_name,) if category_name else (),
+            default=sender.default_category,
+            granted=sender.categories,
+            channel=CHANNEL,
+        )
+        if isinstance(category, Unchosen):
+            return await self._unchosen(base, category)
         body = message.with_footer(out.body, rules, unsubscribe=category.unsubscribe)
         if isinstance(body, Refusal):
             await self._reject(base, "body-too-long", category.name)
             return Refused(txn=txn, kind="body-too-long", refusal=body)
         base["category"] = category.name
 
-        decision = policy.NOT_OPT_OUTABLE
-        if category.opt_out:
-            try:
-                with metrics.lookup_latency(CHANNEL):
-                    states = await self._store.lookup(CHANNEL, [recipient])
-                decision = policy.decide(category, states)
-            except StoreUnavailable:
-                log.warning("store_unavailable", txn=txn, channel=CHANNEL)
-                metrics.store_error("lookup")
-                decision = policy.STORE_UNAVAILABLE
+        decision = await self._lookup(category, recipient, txn)
         try:
             await self._audit.append([_decision(base, decision)])
         except AuditError:
@@ -186,9 +162,29 @@ class SmsFlow:
         if decision.verdict is not Verdict.ALLOW:
             return Refused(txn=txn, kind="store-unavailable")
 
+        return await self._provide(self._provider, base, out, body)
+
+    async def _lookup(self, category: Category, recipient: str, txn: str) -> Decision:
+        """The decision for one number; a failed lookup fails closed (defer)."""
+        if not category.opt_out:
+            return policy.NOT_OPT_OUTABLE
+        try:
+            with metrics.lookup_latency(CHANNEL):
+                states = await self._store.lookup(CHANNEL, [recipient])
+        except StoreUnavailable:
+            log.warning("store_unavailable", txn=txn, channel=CHANNEL)
+            metrics.store_error("lookup")
+            return policy.STORE_UNAVAILABLE
+        return policy.decide(category, states)
+
+    async def _provide(
+        self, provider: Provider, base: dict[str, str], out: Outgoing, body: str
+    ) -> Result:
+        """Send an allowed text and audit what the provider did."""
+        txn, recipient = base["txn"], base["recipient"]
         try:
             with metrics.upstream_latency(CHANNEL):
-                reply = await self._provider.send(out.form(body))
+                reply = await provider.send(out.form(body))
         except ProviderError as exc:
             log.warning("sms_provider_error", txn=txn, status=exc.status, outcome=exc.outcome)
             metrics.upstream_error(CHANNEL, "timeout" if exc.status == 504 else "unavailable")
@@ -206,6 +202,17 @@ class SmsFlow:
         if reply.status == 400 and reply.error_code == UNSUBSCRIBED:
             await self._copy_provider_opt_out(base, recipient, out.to.e164)
         return Sent(txn=txn, reply=reply)
+
+    async def _unchosen(self, base: dict[str, str], unchosen: Unchosen) -> Refused:
+        """Refused before anything is looked up or sent: an unknown category, one not sent
+        by SMS, or one the sender may not use (one with opt_out = false skips the lookup)."""
+        kind, refusal = _UNCHOSEN[unchosen.why]
+        name = unchosen.category.name if unchosen.category is not None else ""
+        if unchosen.why is Why.NOT_PERMITTED:
+            await self._reject(base, kind, name, rule=grants.RULE, reason=grants.REASON)
+        else:
+            await self._reject(base, kind, name)
+        return Refused(txn=base["txn"], kind=kind, refusal=refusal)
 
     async def _reject(
         self,
@@ -242,15 +249,17 @@ class SmsFlow:
         the application send it twice; the writer now refuses appends, so the next send
         fails closed.
         """
-        event: dict[str, Any] = {
-            "event": "delivery",
-            **base,
-            "message_id": message_id,
-            "outcome": outcome,
-            "code": code,
-        }
-        if provider_code is not None:
-            event["provider_code"] = provider_code
+        event = Delivery(
+            channel=base["channel"],
+            sender=base["sender"],
+            txn=base["txn"],
+            category=base["category"],
+            recipient=base["recipient"],
+            message_id=message_id,
+            outcome=outcome,
+            code=code,
+            provider_code=provider_code,
+        )
         try:
             await self._audit.append([event])
         except AuditError:
@@ -262,15 +271,14 @@ class SmsFlow:
             # Audit first: the log is the record a lost store is rebuilt from.
             await self._audit.append(
                 [
-                    {
-                        "event": "optout",
-                        "channel": CHANNEL,
-                        "recipient": recipient,
-                        "categories": [],
-                        "all": True,
-                        "source": PROVIDER_OPT_OUT_SOURCE,
-                        "txn": base["txn"],
-                    }
+                    OptOut(
+                        channel=CHANNEL,
+                        recipient=recipient,
+                        categories=(),
+                        all=True,
+                        source=PROVIDER_OPT_OUT_SOURCE,
+                        txn=base["txn"],
+                    )
                 ]
             )
 
@@ -295,16 +303,15 @@ class SmsFlow:
             log.warning("provider_opt_out_not_copied", txn=base["txn"])
 
 
-def _decision(base: dict[str, str], d: Decision) -> dict[str, Any]:
-    return {
-        "event": "decision",
-        "decision": d.verdict.value,
-        "channel": base["channel"],
-        "category": base.get("category", ""),
-        "sender": base["sender"],
-        "recipient": base["recipient"],
-        "message_id": "",  # the provider's id is not known yet; the delivery entry has it
-        "txn": base["txn"],
-        "rule": d.rule,
-        "reason": d.reason,
-    }
+def _decision(base: dict[str, str], d: Decision) -> entries.Decision:
+    return entries.Decision(
+        decision=d.verdict.value,
+        channel=base["channel"],
+        category=base.get("category", ""),
+        sender=base["sender"],
+        recipient=base["recipient"],
+        message_id="",  # the provider's id is not known yet; the delivery entry has it
+        txn=base["txn"],
+        rule=d.rule,
+        reason=d.reason,
+    )

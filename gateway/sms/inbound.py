@@ -30,6 +30,7 @@ Every outcome writes an audit entry with the number's pseudonym, never the numbe
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -40,12 +41,14 @@ import structlog
 
 from gateway import metrics
 from gateway.core.addresses import parse_phone
+from gateway.core.entries import OptIn, OptOut, SmsInbound
 from gateway.core.keys import Keyring
 from gateway.core.records import Record, pseudonym
 from gateway.core.rules import KeywordMatch, Rules
 from gateway.errors import AuditError, RecordCorrupt, StoreUnavailable
+from gateway.ports import Audit
 from gateway.sms import keywords_store, signature
-from gateway.sms.flow import CHANNEL, Audit
+from gateway.sms.flow import CHANNEL
 from gateway.sms.keywords import EMPTY_TWIML, classify, twiml_message
 from gateway.sms.provider import HttpsClient, ProviderError
 from gateway.sms.queue import InboundQueue, Queued
@@ -169,7 +172,7 @@ class Inbound:
     async def _duplicate(self, base: dict[str, Any]) -> InboundReply:
         """A text handled before (the provider's retry, or a replay): nothing changes."""
         try:
-            await self._audit.append([{"event": "sms_inbound", **base, "action": "duplicate"}])
+            await self._audit.append([SmsInbound(**base, action="duplicate")])
         except AuditError:
             log.error("audit_unavailable", channel=CHANNEL, action="duplicate")
             metrics.audit_write_failure("sms_inbound")
@@ -191,7 +194,7 @@ class Inbound:
         if match.matched in {r.id for r in rules.revocations}:
             rule = "sms.revocation"
         if match.kind == "help":
-            helped = {"event": "sms_inbound", **base, "action": "help", "rule": rule}
+            helped = SmsInbound(**base, action="help", rule=rule)
             return await self._audited(helped, match, twiml_message(rules.sms_help))
         started = time.monotonic()
         kind = "optout" if match.kind == "stop" else "optin"
@@ -219,32 +222,32 @@ class Inbound:
     ) -> tuple[str, Written | None] | InboundReply:
         """The STOP or START, audited before the store changes: (outcome, what was
         written), or the reply when the store or the audit log failed it."""
-        event: dict[str, Any] = {
-            "event": kind,
+        event = (OptOut if match.kind == "stop" else OptIn)(
             **base,
-            "categories": [],
-            "all": True,
-            "source": SOURCE,
-            "rule": rule,
-            "change": "",  # audited before the store write: no change-stream id yet
-        }
+            categories=(),
+            all=True,
+            source=SOURCE,
+            rule=rule,
+            change="",  # audited before the store write: no change-stream id yet
+        )
 
         async def first(planned: Written) -> None:
             # The log is the record a lost store is rebuilt from: the entry is durable
             # before the store changes, and if it cannot be written nothing changes.
-            entry = dict(event)
+            entry = event
             if match.kind == "start":
                 # START lifts the opt-out of everything only; these stay.
-                entry["kept"] = sorted(planned.after.categories) if planned.after else []
-            await self._audit.append([{**entry, "matched": match.matched}])
+                kept = tuple(sorted(planned.after.categories)) if planned.after else ()
+                entry = dataclasses.replace(entry, kept=kept)
+            await self._audit.append([dataclasses.replace(entry, matched=match.matched)])
 
         async def superseded(current: Record) -> None:
             # The START's entry is in the log but another writer's opt-out of everything
             # now holds: say so, so a rebuild from the log keeps it.
-            await self._audit.append([{
-                "event": "optout", **base, "categories": [], "all": True,
-                "source": current.source, "rule": rule, "change": "", "reason": "superseded",
-            }])  # fmt: skip
+            await self._audit.append([OptOut(
+                **base, categories=(), all=True, source=current.source, rule=rule, change="",
+                reason="superseded",
+            )])  # fmt: skip
 
         return await self._write(
             match=match, recipient=base["recipient"], e164=e164, arrived=arrived,
@@ -307,8 +310,7 @@ class Inbound:
         """A START that lifts nothing: the number was not opted out of everything (its
         category opt-outs, if any, stay), the opt-out was not made by text, or a STOP that
         arrived later already holds."""
-        event = {"event": "sms_inbound", **base, "action": "start-unchanged", "rule": rule,
-                 "reason": outcome}  # fmt: skip
+        event = SmsInbound(**base, action="start-unchanged", rule=rule, reason=outcome)
         twiml = {
             "not-opted-out": twiml_message(rules.sms_start_reply),
             "not-by-text": twiml_message(NOT_BY_TEXT_REPLY),
@@ -316,10 +318,10 @@ class Inbound:
         return await self._audited(event, match, twiml)
 
     async def _audited(
-        self, event: dict[str, Any], match: KeywordMatch, twiml: str
+        self, event: SmsInbound, match: KeywordMatch, twiml: str
     ) -> InboundReply:
         try:
-            await self._audit.append([{**event, "matched": match.matched}])
+            await self._audit.append([dataclasses.replace(event, matched=match.matched)])
         except AuditError:
             log.error("audit_unavailable", channel=CHANNEL, action=match.kind)
             metrics.audit_write_failure("sms_inbound")
@@ -348,7 +350,7 @@ class Inbound:
                 log.error("inbound_text_not_kept", channel=CHANNEL)
                 action, reply = "failed", UNAVAILABLE
         try:
-            await self._audit.append([{"event": "sms_inbound", **base, "action": action}])
+            await self._audit.append([SmsInbound(**base, action=action)])
         except AuditError:
             # The text is delivered or kept; failing now would only have it sent again.
             log.error("audit_unavailable", channel=CHANNEL, action=action)
@@ -357,14 +359,13 @@ class Inbound:
 
     async def report(self, item: Queued | None, action: str, attempts: int) -> None:
         """The queue worker's outcome for one entry, as an audit entry."""
-        event: dict[str, Any] = {
-            "event": "sms_inbound",
-            "channel": CHANNEL,
-            "recipient": item.recipient if item else "",
-            "message_id": item.message_id if item else "",
-            "action": action,
-            "attempts": attempts,
-        }
+        event = SmsInbound(
+            channel=CHANNEL,
+            recipient=item.recipient if item else "",
+            message_id=item.message_id if item else "",
+            action=action,
+            attempts=attempts,
+        )
         try:
             await self._audit.append([event])
         except AuditError:

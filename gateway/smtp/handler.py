@@ -26,6 +26,7 @@ from gateway import metrics, tls
 from gateway.config import Sender
 from gateway.core import tokens
 from gateway.core.addresses import AddressProblem, parse_email
+from gateway.core.entries import AuthFailure
 from gateway.errors import AuditError, BareLineFeed, RecordCorrupt, StoreUnavailable, smtp_reply
 from gateway.senders import Authenticator, Busy, Refused, Throttled
 from gateway.smtp.flow import EmailFlow, Submission
@@ -118,14 +119,13 @@ class GatewayHandler:
         is recorded as "unknown": it may be an address. `blocks`: this failure reached the
         address's limit (no address is recorded)."""
         known = name if name in self.auth.senders else "unknown"
-        event = {
-            "event": "auth_failure",
-            "channel": "email",
-            "reason": "bad-credentials",
-            "sender": known,
-            "mechanism": mechanism,
-            "blocks": result.blocks,
-        }
+        event = AuthFailure(
+            channel="email",
+            reason="bad-credentials",
+            sender=known,
+            mechanism=mechanism,
+            blocks=result.blocks,
+        )
         try:
             await self.flow.audit.append([event])
         except AuditError:
@@ -249,7 +249,7 @@ class GatewayHandler:
             data=envelope.original_content,
             smtputf8=bool(envelope.smtp_utf8),
         )
-        return await self.flow.process(submission)
+        return str(await self.flow.process(submission))
 
     async def _unsubscribe_data(self, unsub: Unsubscriber, envelope: GatewayEnvelope) -> str:
         received = Receipt.now()

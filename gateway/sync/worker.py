@@ -23,14 +23,16 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, Final, Protocol
+from collections.abc import Awaitable, Callable
+from typing import Final
 
 import structlog
 
 from gateway import metrics
+from gateway.core.entries import SyncDeadLetter
 from gateway.core.keys import Keyring
 from gateway.errors import AuditError, StoreUnavailable
+from gateway.ports import Audit
 from gateway.store import changes
 from gateway.store.redis_store import OptOutStore
 from gateway.store.streams import ChangeFeed, Entry
@@ -53,12 +55,6 @@ def _stop_if_cancelled() -> None:
         raise asyncio.CancelledError
 
 
-class AuditSink(Protocol):
-    """What the worker needs of the audit writer."""
-
-    async def append(self, events: Sequence[Mapping[str, Any]]) -> None: ...
-
-
 class SyncWorker:
     """Delivers changes to the configured webhooks until stopped."""
 
@@ -67,7 +63,7 @@ class SyncWorker:
         *,
         settings: SyncSettings,
         store: OptOutStore,
-        audit: AuditSink | None,
+        audit: Audit | None,
         keyring: Callable[[], Keyring],
         consumer: str,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
@@ -200,16 +196,15 @@ class SyncWorker:
         log.error("sync_dead_lettered", webhook=hook.name, attempts=attempts, why=why)
         if self._audit is None:
             return
-        event = {
-            "event": "sync_dead_letter",
-            "webhook": hook.name,
-            "change": change.original_id or change.id,
-            "dead_letter": dead_id,
-            "channel": change.channel,
-            "recipient": change.pseudonym,
-            "attempts": attempts,
-            "last_error": why,
-        }
+        event = SyncDeadLetter(
+            webhook=hook.name,
+            change=change.original_id or change.id,
+            dead_letter=dead_id,
+            channel=change.channel,
+            recipient=change.pseudonym,
+            attempts=attempts,
+            last_error=why,
+        )
         try:
             await self._audit.append([event])
         except AuditError:

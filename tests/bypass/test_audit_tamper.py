@@ -30,6 +30,7 @@ from gateway.audit.writer import AuditWriter
 from gateway.service import Gateway
 from gateway.store.embedded import EmbeddedRedis
 from tests.conftest import GatewayFactory, Running
+from tests.support.entries import Sample
 from tests.support.processes import optgate, write_config
 
 W0 = "gw-test"  # the in-process gateway's stream (the fixture's instance name)
@@ -217,7 +218,7 @@ async def cut_the_tail_and_write_past_the_anchor(log: Log) -> str:
     cut_lines(newest, 2)
     writer = AuditWriter(log.dir, instance="gw-test", stream=W0, keyring=log.r.gw.keyring)
     await writer.open()
-    await writer.append([{"event": "decision", "decision": "allow", "txn": f"x{i}"} for i in "abc"])
+    await writer.append([Sample(decision="allow", txn=f"x{i}") for i in "abc"])
     await writer.close()
     log.extra = ("--anchor", str(copy))
     line = next(
@@ -302,7 +303,7 @@ async def test_a_tail_written_after_the_anchor_is_ahead_not_cut(
     # Entries the writer made durable but had not anchored yet (it anchors once a second).
     writer = AuditWriter(log.dir, instance="gw-test", stream=W0, keyring=log.r.gw.keyring)
     await writer.open()
-    await writer.append([{"event": "decision", "decision": "allow", "txn": "late"}])
+    await writer.append([Sample(decision="allow", txn="late")])
     await writer.close()
     for extra in ((), ("--anchor", str(copy))):
         out = log.verify(*extra)

@@ -1,0 +1,263 @@
+"""The audit entries: one frozen record type per event, and their one serialisation.
+
+Every entry the gateway writes is one of these; the audit writer (`gateway.audit.writer`)
+takes nothing else, adds its own fields (``ts``, ``seq``, ``instance``, ``stream`` and the
+chain fields) and seals what `Entry.fields()` gives. A field left `None` is not written, so
+each entry carries exactly the keys its event has always had; a field that is written empty
+(``"message_id": ""``) is a plain `str`.
+
+Entries name recipients by pseudonym only (`gateway.core.records.pseudonym`), never an
+address or a number, and never hold a body, a password or a token. No IO here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, cast
+
+
+class Entry:
+    """One audit entry. `EVENT` is its ``event`` field, the first of its fields."""
+
+    __slots__ = ()
+    EVENT: ClassVar[str]
+    _NAMES: ClassVar[dict[type, tuple[str, ...]]] = {}
+
+    @property
+    def event(self) -> str:
+        return self.EVENT
+
+    def fields(self) -> dict[str, Any]:
+        """The entry as the writer seals it: ``event`` first, then every field set."""
+        cls = type(self)
+        names = Entry._NAMES.get(cls)
+        if names is None:
+            names = Entry._NAMES[cls] = tuple(f.name for f in dataclasses.fields(cast(Any, cls)))
+        out: dict[str, Any] = {"event": self.EVENT}
+        for name in names:
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value
+        return out
+
+
+# -- sending ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Decision(Entry):
+    """The verdict for one recipient of one message, durable before anything is sent."""
+
+    EVENT: ClassVar[str] = "decision"
+    channel: str
+    sender: str
+    txn: str
+    decision: str  # allow, suppress, defer, reject
+    category: str  # "" when the message named none the rules know
+    recipient: str
+    message_id: str  # the audit form of the message's id; "" for SMS (not known yet)
+    rule: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Delivery(Entry):
+    """What the upstream (SMTP relay, SMS provider) did with one copy."""
+
+    EVENT: ClassVar[str] = "delivery"
+    channel: str
+    sender: str
+    txn: str
+    category: str
+    recipient: str
+    message_id: str
+    outcome: str  # accepted, deferred, rejected (email); accepted, rejected, failed, unknown
+    code: int
+    provider_code: int | None = None  # the SMS provider's own error code, when it gave one
+
+
+# -- consent changes -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Change(Entry):
+    """The fields of an ``optout`` or ``optin``: which are set depends on where it came
+    from (an unsubscribe link, a texted keyword, the admin API, the command line, a
+    provider's refusal). The opt-out store can be rebuilt from these entries alone."""
+
+    channel: str
+    recipient: str
+    source: str
+    category: str | None = None  # an unsubscribe link: one entry per category
+    categories: tuple[str, ...] | None = None
+    all: bool | None = None
+    message_id: str | None = None  # the inbound text's id
+    rule: str | None = None
+    change: str | None = None  # the change-stream id ("" when audited before the write)
+    kept: tuple[str, ...] | None = None  # a START: the category opt-outs it left in place
+    matched: str | None = None  # the keyword that matched
+    reason: str | None = None  # "superseded": another writer's opt-out now holds
+    txn: str | None = None
+    received: str | None = None  # an unsubscribe link: when the request arrived
+    effect_ms: float | None = None  # ... and how long until it took effect
+    key_id: str | None = None  # made with an API key
+    by: str | None = None  # "cli": made on the command line
+    via: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OptOut(_Change):
+    EVENT: ClassVar[str] = "optout"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OptIn(_Change):
+    EVENT: ClassVar[str] = "optin"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SmsInbound(Entry):
+    """An inbound text that changed no consent: help, forwarded, queued, a duplicate..."""
+
+    EVENT: ClassVar[str] = "sms_inbound"
+    channel: str
+    recipient: str  # "" for a queue outcome whose item was lost
+    message_id: str
+    action: str
+    rule: str | None = None
+    reason: str | None = None
+    matched: str | None = None
+    attempts: int | None = None
+
+
+# -- access ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AuthFailure(Entry):
+    """A refused login or API key, on any interface (one event name everywhere)."""
+
+    EVENT: ClassVar[str] = "auth_failure"
+    channel: str | None = None  # email (SMTP AUTH), sms (the SMS API)
+    interface: str | None = None  # admin (the admin API)
+    route: str | None = None
+    method: str | None = None
+    reason: str
+    sender: str | None = None  # a configured sender's name, else "unknown" or ""
+    mechanism: str | None = None  # the SASL mechanism
+    blocks: bool | None = None  # this failure reached the client's limit
+    key_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AdminAccess(Entry):
+    """A call to the admin API (`key_id`, `role`) or a bulk command line job (`by`)."""
+
+    EVENT: ClassVar[str] = "admin_access"
+    action: str
+    key_id: str | None = None
+    role: str | None = None
+    by: str | None = None
+    filters: Mapping[str, str] | None = None  # an audit search: the filters given
+    channel: str | None = None
+    recipient: str | None = None
+    channels: tuple[str, ...] | None = None  # an export
+    applied: int | None = None  # an import's summary
+    rejected: int | None = None
+    lines: int | None = None
+    records: int | None = None  # an export's summary
+    unreadable: int | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ApiKeyCreated(Entry):
+    EVENT: ClassVar[str] = "api_key_created"
+    key_id: str
+    role: str
+    by: str  # the key id that made it, or "cli"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ApiKeyRevoked(Entry):
+    EVENT: ClassVar[str] = "api_key_revoked"
+    key_id: str
+    by: str
+
+
+# -- the gateway itself ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Start(Entry):
+    EVENT: ClassVar[str] = "start"
+    rules_version: str
+    keys: str  # the id of the current audit key
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConfigReload(Entry):
+    EVENT: ClassVar[str] = "config_reload"
+    ok: bool
+    why: str
+    rules_version: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SyncDeadLetter(Entry):
+    EVENT: ClassVar[str] = "sync_dead_letter"
+    webhook: str
+    change: str
+    dead_letter: str
+    channel: str
+    recipient: str
+    attempts: int
+    last_error: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SyncReplay(Entry):
+    EVENT: ClassVar[str] = "sync_replay"
+    webhook: str
+    count: int
+    by: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StoreInit(Entry):
+    """The store's sentinel written; `before`: none, ok, missing or mismatch."""
+
+    EVENT: ClassVar[str] = "store_init"
+    forced: bool
+    before: str
+    sentinel: str
+    by: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StoreRebuild(Entry):
+    EVENT: ClassVar[str] = "store_rebuild"
+    changes: int
+    chain_ok: bool
+    by: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AuditRecovered(Entry):
+    """The writer is back after an IO failure; `error` is an errno name, never a path."""
+
+    EVENT: ClassVar[str] = "audit_recovered"
+    failed_at: str
+    error: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AuditPruned(Entry):
+    """Whole files removed by retention, recorded before they go."""
+
+    EVENT: ClassVar[str] = "audit_pruned"
+    files: tuple[str, ...]
+    kept_file: str
+    kept_seq: int
+    retention_days: int

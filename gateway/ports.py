@@ -1,0 +1,72 @@
+"""The ports: what the flows need of the opt-out store and of the audit log, declared once.
+
+The flows (`gateway.smtp.flow`, `gateway.sms.flow`, `gateway.unsubscribe`) and the sync
+worker depend on these protocols, not on `gateway.store.redis_store.OptOutStore` or
+`gateway.audit.writer.AuditWriter`, so the decision sequence can be read (and tested)
+without the IO underneath it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol
+
+from gateway.core.entries import Entry
+from gateway.core.records import Record, State
+from gateway.store.writes import Audit as AuditFirst
+from gateway.store.writes import Written
+
+
+class Audit(Protocol):
+    """The audit log: `append` returns once the entries are durable, else raises
+    `AuditError` (and keeps refusing until the writer has recovered)."""
+
+    async def append(self, events: Sequence[Entry]) -> None: ...
+
+
+class MessageStore(Protocol):
+    """The email path's one round trip per message, and its retry bookkeeping."""
+
+    async def lookup_message(
+        self, channel: str, pseudonyms: Sequence[str], *, digest: str, candidates: Sequence[str]
+    ) -> tuple[list[State], set[str]]: ...
+
+    async def remember_delivered(
+        self, digest: str, pseudonyms: Sequence[str], ttl_s: int = ...
+    ) -> None: ...
+
+
+class TextStore(Protocol):
+    """The SMS path: one lookup per text, and the copy of a provider's opt-out."""
+
+    async def lookup(self, channel: str, pseudonyms: Sequence[str]) -> list[State]: ...
+
+    async def opt_out(
+        self,
+        channel: str,
+        pseudonym: str,
+        *,
+        categories: Sequence[str] = ...,
+        all: bool = ...,
+        source: str,
+        now: float,
+        address: str = ...,
+    ) -> Any: ...
+
+
+class ConsentStore(Protocol):
+    """The unsubscribe path: read one record, change it audit-first."""
+
+    async def get(self, channel: str, pseudonym: str) -> Record | None: ...
+
+    async def opt_out_change(
+        self,
+        channel: str,
+        pseudonym: str,
+        *,
+        categories: Iterable[str] = (),
+        all: bool = False,
+        source: str,
+        now: float,
+        audit: AuditFirst | None = None,
+    ) -> Written: ...
