@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway import rules as rules_io
+from gateway import rules_files
 from gateway.core import categories, mail, policy
 from gateway.core import message as msg
 from gateway.core.categories import Unchosen, Why
@@ -19,7 +19,7 @@ from gateway.core.policy import Decision
 from gateway.core.records import Record
 from gateway.core.rules import Category, Rules
 
-DEFAULT_RULES = Path(rules_io.__file__).parent / rules_io.PACKAGE_RULES
+DEFAULT_RULES = Path(rules_files.__file__).parent / rules_files.PACKAGE_RULES
 EXTRA = """
 [[categories]]
 name = "letters"
@@ -36,7 +36,7 @@ def rules(tmp_path_factory: pytest.TempPathFactory) -> Rules:
     for f in DEFAULT_RULES.glob("*.toml"):
         shutil.copy(f, folder / f.name)
     (folder / "letters.toml").write_text(EXTRA)
-    return rules_io.load_dir(folder)
+    return rules_files.load_dir(folder)
 
 
 def head(*fields: str) -> msg.Head:
