@@ -75,7 +75,8 @@ class Bench:
                 self._start_postfix(target, sink.pid, ports[2])
         for target in GATEWAY_TARGETS:
             if target in self.args.target_list:
-                n = self.args.n_workers if target.startswith("optgate-n") else self.args.workers
+                n_workers = target in ("optgate-n", "optgate-n-nodkim")
+                n = self.args.n_workers if n_workers else self.args.workers
                 self._start_gateway(target, sink.pid, sink_port, n)
         if "relay" in self.args.target_list:
             self._start_relay(sink.pid, sink_port)
@@ -96,7 +97,7 @@ class Bench:
         why = installed()
         if why:
             return why
-        self.opendkim = OpenDkim(self.root, self.dkim, free_ports(1)[0])
+        self.opendkim = OpenDkim(self.root, self.dkim)
         try:
             took = self.opendkim.start()
         except (RuntimeError, OSError) as exc:
@@ -269,7 +270,7 @@ class Bench:
             row.note = self._drain_postfix(self.postfixes[target], row, sunk)
         row.dkim = self._check_dkim(case, target)
         print(
-            f"  {case:<11} {label or TARGET_LABELS[target]:<17} {row.rate:7.0f} msg/s"
+            f"  {case:<11} {label or TARGET_LABELS[target]:<18} {row.rate:7.0f} msg/s"
             f"  p50 {fmt(row.p(0.5), '.2f')} ms  p99 {fmt(row.p(0.99), '.2f')} ms"
             f"  errors {result.errors}  (host: {speed:.1f} ms)"
             + (f"\n{'':15}{fsync_note} (warm-up included)" if fsync_note else ""),
