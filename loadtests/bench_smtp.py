@@ -12,6 +12,12 @@ One invocation measures, on the same load and side by side:
 5. with --postfix: client -> a private Postfix instance (harness/smtp/postfix.py; plaintext,
    no AUTH) -> the sink's plaintext listener, and the plaintext limit;
 6. with --compare-workers: optgate with os.cpu_count() workers too, and the 1 -> N scaling.
+7. with --realistic: the one-click workload against a provider --rtt-ms away (10 KB
+   multipart, category marketing, DKIM RSA-2048, 100 sessions): the harness limit,
+   Postfix + OpenDKIM (harness/smtp/postfix.py, opendkim.py), optgate 1 and N workers; the
+   last lines give the best optgate row / Postfix + OpenDKIM per recipient count.
+8. with --dkim: the gateways sign with an RSA-2048 key for the From domain; --compare-dkim
+   runs every optgate row without and with it and prints with/without per case.
 
 Every process is separate so that no two share an interpreter: the client (N concurrent
 aiosmtplib sessions, STARTTLS + AUTH PLAIN once per connection, TLS 1.3), the sink
@@ -48,6 +54,7 @@ from harness.smtp.profiler import profile
 from harness.smtp.report import (
     TARGET_LABELS,
     Row,
+    print_dkim_compare,
     print_errors,
     print_header,
     print_legend,
@@ -55,6 +62,7 @@ from harness.smtp.report import (
     print_others,
     print_paced,
     print_ratios,
+    print_realistic,
     print_replies,
     print_table,
 )
@@ -65,13 +73,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument(
-        "--sessions", type=int, default=10, help="concurrent client sessions (default 10)"
+        "--sessions", type=int, help="concurrent client sessions (default 10; --realistic: 100)"
     )
     p.add_argument(
         "--seconds", type=float, default=10.0, help="measured seconds per run (default 10)"
     )
     p.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds first (default 2)")
-    p.add_argument("--sizes", default="2KB,50KB", help="message sizes: 2KB,50KB (default both)")
+    p.add_argument(
+        "--sizes", help="message sizes: 2KB,10KB,50KB (default 2KB,50KB; --realistic: 10KB)"
+    )
     p.add_argument("--rcpts", default="1,5", help="recipients per message (default 1,5)")
     p.add_argument(
         "--targets", default="limit,optgate", help="limit,optgate,relay (default limit,optgate)"
@@ -148,6 +158,29 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--keep", action="store_true", help="keep the temporary directory (logs, profile)"
     )
     p.add_argument(
+        "--realistic",
+        action="store_true",
+        help="10 KB multipart text+HTML, category marketing, DKIM RSA-2048, a sink --rtt-ms"
+        " away offering PIPELINING, 100 sessions; rows: harness limit, Postfix + OpenDKIM,"
+        " optgate 1 and N workers",
+    )
+    p.add_argument(
+        "--rtt-ms",
+        type=float,
+        help="the sink as a provider this far away: PIPELINING offered, every reply held this"
+        " long (default 0 and no PIPELINING; --realistic: 20)",
+    )
+    p.add_argument(
+        "--dkim",
+        action="store_true",
+        help="the gateways sign with a generated RSA-2048 key for the From domain",
+    )
+    p.add_argument(
+        "--compare-dkim",
+        action="store_true",
+        help="run every optgate row without and with DKIM (implies --dkim)",
+    )
+    p.add_argument(
         "--baseline",
         type=Path,
         metavar="DIR",
@@ -155,6 +188,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         " optgate@base, same interpreter, config and workers, and report optgate/optgate@base",
     )
     args = p.parse_args(argv)
+    args.provider = args.realistic or args.rtt_ms is not None  # the sink offers PIPELINING
+    args.rtt_ms = args.rtt_ms if args.rtt_ms is not None else 20.0 if args.realistic else 0.0
+    args.sessions = args.sessions or (100 if args.realistic else 10)
+    args.sizes = args.sizes or ("10KB" if args.realistic else "2KB,50KB")
+    args.dkim = args.dkim or args.compare_dkim or args.realistic
+    if args.realistic:
+        args.targets = ",".join(["limit", "postfix-dkim", *args.targets.split(",")])
+        args.compare_workers = True
+    if args.rtt_ms < 0 or (args.provider and args.sink != "lean"):
+        p.error("--rtt-ms needs the lean sink and a delay of 0 or more")
     args.size_list = [s.strip().upper() for s in args.sizes.split(",") if s.strip()]
     args.rcpt_list = [int(n) for n in args.rcpts.split(",") if n.strip()]
     args.target_list = [t.strip() for t in args.targets.split(",") if t.strip()]
@@ -170,6 +213,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.n_workers = os.cpu_count() or 1
     if args.compare_workers and args.n_workers != args.workers:
         args.target_list.append("optgate-n")
+    if args.compare_dkim:
+        signing = [t for t in ("optgate", "optgate-n") if t in args.target_list]
+        args.target_list += [f"{t}-nodkim" for t in signing]
     order = list(TARGET_LABELS)
     args.target_list = sorted(
         set(args.target_list), key=lambda t: order.index(t) if t in order else 0
@@ -204,12 +250,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    TARGET_LABELS["optgate"] = f"optgate {args.workers} worker" + ("s" if args.workers > 1 else "")
-    TARGET_LABELS["optgate-n"] = f"optgate {args.n_workers} workers"
+    for target, n in (("optgate", args.workers), ("optgate-n", args.n_workers)):
+        label = f"optgate {n} worker" + ("s" if n > 1 else "")
+        TARGET_LABELS[target] = label + (", DKIM" if args.compare_dkim else "")
+        TARGET_LABELS[f"{target}-nodkim"] = label + ", no DKIM"
     root = Path(tempfile.mkdtemp(prefix="optgate-bench-"))
     addresses = [f"user{i:04d}@{RCPT_DOMAIN}" for i in range(args.pool)]
     random.Random(1).shuffle(addresses)
-    cases = [(f"{s} x{n}rcpt", SIZES[s], n) for s in args.size_list for n in args.rcpt_list]
+    kind = " mime" if args.realistic else ""
+    cases = [(f"{s}{kind} x{n}rcpt", SIZES[s], n) for s in args.size_list for n in args.rcpt_list]
     paced_runs = 1 + sum(t.startswith("optgate") for t in args.target_list) if args.paced else 0
     runs = len(cases) * (len(args.target_list) + paced_runs) + (1 if args.profile else 0)
     print_header(args, root, runs)
@@ -259,7 +308,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\nprofile of the gateway (optgate, {case}):\n" + profile_text)
     if args.keep:
         print(f"kept {root}")
-    return 1 if any(r.result.errors for r in rows + paced) or notes else 0
+    print_dkim_compare(rows, len(args.size_list) == 1)
+    if args.realistic:
+        print_realistic(rows)
+    unsigned = any(r.dkim and r.dkim != "verified" for r in rows)
+    return 1 if any(r.result.errors for r in rows + paced) or notes or unsigned else 0
 
 
 if __name__ == "__main__":

@@ -102,3 +102,73 @@ async def test_pipelined_input_cut_anywhere(cut: int) -> None:
     first = ["220", "250", "250", "250", "354", "250"]
     assert codes == [*first, "250", "250", "250", "354", "250", "250", "250", "221"]
     assert counts == [2, 3]
+
+
+RTT_S = 0.05  # the provider's round trip in the timing test below
+
+
+async def _replies(reader: asyncio.StreamReader, n: int) -> list[bytes]:
+    """The next n complete replies (a multiline reply counts once)."""
+    out: list[bytes] = []
+    while len(out) < n:
+        line = await asyncio.wait_for(reader.readline(), 5)
+        if line[3:4] == b" ":
+            out.append(line[:3])
+    return out
+
+
+async def test_rtt_is_paid_once_per_pipelined_batch_and_once_per_unpipelined_command() -> None:
+    """A provider RTT_S away: 3 transactions cost 2 round trips each when MAIL, RCPT and DATA
+    go in one write (then the content), 4 each when every command waits for its reply."""
+    counts = [0, 0]
+    server, port = await _server(
+        counts, ctx=None, secure=False, credentials=None, provider=True, rtt=RTT_S
+    )
+    envelope = [b"MAIL FROM:<s@x.example>\r\n", b"RCPT TO:<a@x.example>\r\n", b"DATA\r\n"]
+    content = b"Subject: x\r\n\r\nhello\r\n.\r\n"
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        assert await _replies(reader, 1) == [b"220"]
+        writer.write(b"EHLO c\r\n")
+        ehlo = await asyncio.wait_for(reader.readuntil(b"250 HELP\r\n"), 5)
+        assert b"250-PIPELINING" in ehlo
+        started = asyncio.get_running_loop().time()
+        for _ in range(3):
+            writer.write(b"".join(envelope))
+            assert await _replies(reader, 3) == [b"250", b"250", b"354"]
+            writer.write(content)
+            assert await _replies(reader, 1) == [b"250"]
+        pipelined = asyncio.get_running_loop().time() - started
+        started = asyncio.get_running_loop().time()
+        for _ in range(3):
+            for command, code in zip(envelope, (b"250", b"250", b"354"), strict=True):
+                writer.write(command)
+                assert await _replies(reader, 1) == [code]
+            writer.write(content)
+            assert await _replies(reader, 1) == [b"250"]
+        unpipelined = asyncio.get_running_loop().time() - started
+        writer.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert 6 * RTT_S * 0.9 <= pipelined < 11 * RTT_S, pipelined
+    assert unpipelined >= 12 * RTT_S * 0.95, unpipelined
+    assert counts == [6, 6]
+
+
+async def test_the_sink_keeps_one_message_on_request_unstuffed(tmp_path: Path) -> None:
+    counts = [0, 0, 1]  # messages, recipients, "keep the next one"
+    kept = tmp_path / "sample.eml"
+    server, port = await _server(counts, ctx=None, secure=False, credentials=None, capture=kept)
+    message = b"Subject: x\r\n\r\n..leading dot\r\n" + b"line\r\n" * 20_000
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"EHLO c\r\n" + 2 * (b"MAIL FROM:<s@x.example>\r\nRCPT TO:<a@x.example>\r\n"
+                     b"DATA\r\n" + message + b".\r\n") + b"QUIT\r\n")  # fmt: skip
+        await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert kept.read_bytes() == message.replace(b"\r\n..", b"\r\n.", 1)
+    assert counts == [2, 2, 0]

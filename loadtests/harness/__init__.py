@@ -13,7 +13,9 @@ Shared by both benchmarks:
 
 smtp/ (bench_smtp.py): sink (the lean SMTP sink), sink_process (the sink child), relay (the
 bare relay and its valkey-server), client, gateway (`optgate serve` as a subprocess),
-postfix, profiler (py-spy), bench (starting the targets, one measured run), report.
+postfix, opendkim (the milter of the Postfix + OpenDKIM row), dkimkey (the bench DKIM key
+and the check of a received message), profiler (py-spy), bench (starting the targets, one
+measured run), report.
 
 sms/ (bench_sms.py, sms_breakdown.py, slowloris.py): load (the request and the result
 types), provider (the stub provider and the bare proxy), client (wrk or Python), gateway,

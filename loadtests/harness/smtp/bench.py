@@ -1,5 +1,7 @@
 """Starting the benchmark's targets side by side (the sink, the gateways, the bare relay,
-Postfix), one measured client run against one of them, and stopping them in order."""
+Postfix, Postfix + OpenDKIM), one measured client run against one of them, and stopping
+them in order. With a DKIM key (--dkim, --realistic), each run of a signing target ends by
+checking one message the sink received from it (the sink keeps one on request)."""
 
 from __future__ import annotations
 
@@ -14,11 +16,13 @@ from typing import Any
 from harness.common import MP, REPO, Child, free_ports, start_child
 from harness.host import host_speed_ms
 from harness.smtp.client import ClientSpec, run_client
-from harness.smtp.gateway import GatewayProcess, audit_fsyncs, fsync_summary
+from harness.smtp.dkimkey import RSA_BITS, DkimKey, make_key, verify
+from harness.smtp.gateway import CATEGORY, GatewayProcess, audit_fsyncs, fsync_summary
+from harness.smtp.opendkim import OpenDkim, installed
 from harness.smtp.postfix import Postfix, ensure_installed
 from harness.smtp.relay import BareValkey, RelaySpec, relay_main
-from harness.smtp.report import TARGET_LABELS, Row, fmt
-from harness.smtp.sink_process import sink_main
+from harness.smtp.report import GATEWAY_TARGETS, PLAINTEXT_TARGETS, TARGET_LABELS, Row, fmt
+from harness.smtp.sink_process import SinkOptions, sink_main
 from harness.tls import make_pki
 
 POSTFIX_DRAIN_S = 60.0  # after a Postfix run: how long to wait for its queue to empty
@@ -35,17 +39,23 @@ class Bench:
     counts: Any = None
     gateways: dict[str, GatewayProcess] = field(default_factory=dict)  # target -> its gateway
     bare: BareValkey | None = None
-    postfix: Postfix | None = None
+    postfixes: dict[str, Postfix] = field(default_factory=dict)  # target -> its instance
+    opendkim: OpenDkim | None = None
+    dkim: DkimKey | None = None
     ports: dict[str, tuple[int, ...]] = field(default_factory=dict)  # STARTTLS, implicit
     watch: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
     trees: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
 
     def start(self) -> None:
         self.pki = make_pki(self.root / "pki")
-        self.counts = MP.RawArray("q", 2)
-        sink, ports = start_child(
-            "sink", sink_main, self.pki, self.password, self.counts, self.args.sink
-        )
+        self.counts = MP.RawArray("q", 3)  # messages, recipients, "keep the next message"
+        if self.args.dkim:
+            self.dkim = make_key(self.root / "dkim")
+        options = SinkOptions(
+            kind=self.args.sink, pipelining=self.args.provider, rtt_ms=self.args.rtt_ms,
+            capture=self.capture,
+        )  # fmt: skip
+        sink, ports = start_child("sink", sink_main, self.pki, self.password, self.counts, options)
         sink_port = ports[0]  # the gateway and the relay forward with STARTTLS
         self.children.append(sink)
         self.ports["limit"] = ports
@@ -54,14 +64,20 @@ class Bench:
         kind = "sink.py (asyncio protocol)" if self.args.sink == "lean" else "aiosmtpd"
         print(f"  sink      pid {sink.pid:<7} {kind}, STARTTLS required, TLS 1.3, counts only;")
         print("                    a third listener without TLS or AUTH for the plaintext rows")
-        if "postfix" in self.args.target_list:
-            self._start_postfix(sink.pid, ports[2])
-        if "optgate" in self.args.target_list:
-            self._start_gateway("optgate", sink.pid, sink_port, self.args.workers)
-        if "optgate@base" in self.args.target_list:
-            self._start_gateway("optgate@base", sink.pid, sink_port, self.args.workers)
-        if "optgate-n" in self.args.target_list:
-            self._start_gateway("optgate-n", sink.pid, sink_port, self.args.n_workers)
+        if self.args.provider:
+            print(f"                    a provider {self.args.rtt_ms:g} ms away: PIPELINING"
+                  " offered, every reply held that long (harness/smtp/sink.py)")  # fmt: skip
+        if self.dkim is not None:
+            print(f"  dkim      RSA-{RSA_BITS} key for d={self.dkim.domain} s={self.dkim.selector}:"
+                  f" {self.dkim.key_file}")  # fmt: skip
+        for target in ("postfix", "postfix-dkim"):
+            if target in self.args.target_list:
+                self._start_postfix(target, sink.pid, ports[2])
+        for target in GATEWAY_TARGETS:
+            if target in self.args.target_list:
+                n_workers = target in ("optgate-n", "optgate-n-nodkim")
+                n = self.args.n_workers if n_workers else self.args.workers
+                self._start_gateway(target, sink.pid, sink_port, n)
         if "relay" in self.args.target_list:
             self._start_relay(sink.pid, sink_port)
 
@@ -70,13 +86,37 @@ class Bench:
         """The gateway of this checkout with --workers (the one --profile samples)."""
         return self.gateways.get("optgate")
 
-    def _start_postfix(self, sink_pid: int, plain_port: int) -> None:
+    @property
+    def capture(self) -> Path | None:
+        """Where the sink keeps the one message it is asked for (with a DKIM key only)."""
+        return self.root / "sink-sample.eml" if self.args.dkim else None
+
+    def _start_milter(self) -> str:
+        """OpenDKIM for the postfix-dkim row; '' or why it cannot run."""
+        assert self.dkim is not None
+        why = installed()
+        if why:
+            return why
+        self.opendkim = OpenDkim(self.root, self.dkim)
+        try:
+            took = self.opendkim.start()
+        except (RuntimeError, OSError) as exc:
+            return str(exc)
+        od = self.opendkim
+        print(f"  opendkim  pid {od.pid:<7} opendkim -f -x {od.conf} (Mode s, relaxed/relaxed),"
+              f" {od.socket}, ready in {took:.1f} s")  # fmt: skip
+        return ""
+
+    def _start_postfix(self, target: str, sink_pid: int, plain_port: int) -> None:
         why = ensure_installed()
+        if not why and target == "postfix-dkim":
+            why = self._start_milter()
         pf = None
         if not why:
             pf = Postfix(
                 self.root, port=free_ports(1)[0], sink_port=plain_port,
-                concurrency=self.args.sessions,
+                concurrency=self.args.sessions, name=target,
+                milter=self.opendkim.milter if self.opendkim and target == "postfix-dkim" else "",
             )  # fmt: skip
             try:
                 took = pf.start()
@@ -85,13 +125,15 @@ class Bench:
                 pf.stop()
         master = pf.master_pid() if pf is not None and not why else None
         if pf is None or master is None:
-            print(f"  postfix   SKIPPED: {why or 'no master.pid after start'}")
-            self.args.target_list.remove("postfix")
+            print(f"  {target:<9} SKIPPED: {why or 'no master.pid after start'}")
+            self.args.target_list.remove(target)
             return
-        self.postfix = pf
-        self.ports["postfix"] = (pf.port, pf.port)
-        self.watch["postfix"] = [("sink", sink_pid)]
-        self.trees["postfix"] = [("postfix", master)]
+        self.postfixes[target] = pf
+        self.ports[target] = (pf.port, pf.port)
+        self.watch[target] = [("sink", sink_pid)]
+        if target == "postfix-dkim" and self.opendkim is not None:
+            self.watch[target].append(("opendkim", self.opendkim.pid))
+        self.trees[target] = [(target, master)]
         version = (
             subprocess.run(
                 ["postconf", "-d", "-h", "mail_version"],
@@ -111,16 +153,20 @@ class Bench:
             f"                    config, queue and data dirs in {pf.dir};"
             f" destination concurrency {max(20, self.args.sessions)}; log to {pf.maillog.name}"
         )
+        if target == "postfix-dkim":
+            print("                    smtpd_milters = OpenDKIM above; connection cache to"
+                  " the sink, pipelining when offered")  # fmt: skip
 
     def _start_gateway(
         self, target: str, sink_pid: int, sink_port: int, workers: int
     ) -> GatewayProcess:
         base = target == "optgate@base"
+        signs = self.dkim is not None and not target.endswith("-nodkim")
+        name = f"gateway-base-{workers}w" if base else f"gateway-{workers}w"
         gw = GatewayProcess(
             self.root, self.pki, sink_port=sink_port, pool_size=self.args.sessions,
-            password=self.password, workers=workers,
-            name=f"gateway-base-{workers}w" if base else f"gateway-{workers}w",
-            source=self.args.baseline if base else REPO,
+            password=self.password, workers=workers, name=name + ("-dkim" if signs else ""),
+            source=self.args.baseline if base else REPO, dkim=self.dkim if signs else None,
         )  # fmt: skip
         origin = gw.origin()
         if origin != gw.source.resolve() / "gateway":
@@ -128,7 +174,7 @@ class Bench:
         self.gateways[target] = gw  # stopped by stop() even if it fails to start
         took = gw.start()
         print(f"  gateway   pid {gw.pid:<7} python -m gateway serve --workers {gw.workers},"
-              f" ready in {took:.1f} s")  # fmt: skip
+              f" ready in {took:.1f} s" + (", DKIM-signing" if signs else ""))  # fmt: skip
         if base:
             print(f"            optgate@base: the gateway of {gw.source} ({origin})")
         workers = gw.worker_pids()
@@ -171,8 +217,10 @@ class Bench:
                 child.stop()
         if self.bare is not None:
             self.bare.stop()
-        if self.postfix is not None:
-            notes.extend(self.postfix.stop())
+        for pf in self.postfixes.values():
+            notes.extend(pf.stop())
+        if self.opendkim is not None:
+            notes.extend(self.opendkim.stop())
         for gw in self.gateways.values():
             notes.extend(gw.stop())
         for child in self.children:
@@ -198,8 +246,10 @@ class Bench:
             optout_share=a.optout_share,
             watch=tuple(self.watch[target]),
             run_id=secrets.token_hex(4),
-            plaintext=target in ("postfix", "limit-plain"),
+            plaintext=target in PLAINTEXT_TARGETS,
             watch_trees=tuple(self.trees.get(target, ())),
+            multipart=a.realistic,
+            category=CATEGORY if a.realistic else "",
         )
 
     def measure(self, case: str, target: str, spec: ClientSpec, *, label: str = "") -> Row:
@@ -207,15 +257,20 @@ class Bench:
         speed = host_speed_ms()
         gw = self.gateways.get(target)
         fsyncs = audit_fsyncs(gw) if gw is not None else {}
+        if self.capture is not None:
+            self.capture.unlink(missing_ok=True)
+            self.counts[2] = 1  # the sink keeps the next message it gets
         result = run_client(spec)
         fsync_note = fsync_summary(fsyncs, audit_fsyncs(gw)) if gw is not None else ""
         row = Row(
-            case, target, result, spec.seconds, self.counts[0] - sunk[0], self.counts[1] - sunk[1]
-        )
-        if target == "postfix" and self.postfix is not None:
-            row.note = self._drain_postfix(row, sunk)
+            case, target, result, spec.seconds, self.counts[0] - sunk[0], self.counts[1] - sunk[1],
+            rcpts=spec.rcpts,
+        )  # fmt: skip
+        if target in self.postfixes:
+            row.note = self._drain_postfix(self.postfixes[target], row, sunk)
+        row.dkim = self._check_dkim(case, target)
         print(
-            f"  {case:<11} {label or TARGET_LABELS[target]:<17} {row.rate:7.0f} msg/s"
+            f"  {case:<11} {label or TARGET_LABELS[target]:<18} {row.rate:7.0f} msg/s"
             f"  p50 {fmt(row.p(0.5), '.2f')} ms  p99 {fmt(row.p(0.99), '.2f')} ms"
             f"  errors {result.errors}  (host: {speed:.1f} ms)"
             + (f"\n{'':15}{fsync_note} (warm-up included)" if fsync_note else ""),
@@ -223,14 +278,29 @@ class Bench:
         )
         return row
 
-    def _drain_postfix(self, row: Row, sunk: tuple[int, int]) -> str:
+    def _check_dkim(self, case: str, target: str) -> str:
+        """The message the sink kept during this run, for a signing target: verified or why
+        not; it is kept as <root>/samples/<target> <case>.eml (see --keep)."""
+        signing = target == "postfix-dkim" or (
+            target in GATEWAY_TARGETS and not target.endswith("-nodkim")
+        )
+        if self.dkim is None or self.capture is None or not signing:
+            return ""
+        self.counts[2] = 0
+        if not self.capture.exists():
+            return "NOT checked (the sink kept no message)"
+        kept = self.root / "samples" / f"{target} {case}.eml"
+        kept.parent.mkdir(exist_ok=True)
+        self.capture.replace(kept)
+        return verify(kept.read_bytes(), self.dkim)
+
+    def _drain_postfix(self, pf: Postfix, row: Row, sunk: tuple[int, int]) -> str:
         """Postfix queues: wait (bounded) until its queue is empty; the sink counts before/after."""
-        assert self.postfix is not None
-        at_end, queued = row.sink_messages, self.postfix.queued()
+        at_end, queued = row.sink_messages, pf.queued()
         started = time.monotonic()
         while queued and time.monotonic() - started < POSTFIX_DRAIN_S:
             time.sleep(0.2)
-            queued = self.postfix.queued()
+            queued = pf.queued()
         row.sink_messages, row.sink_rcpts = self.counts[0] - sunk[0], self.counts[1] - sunk[1]
         left = f", {queued} STILL QUEUED after {POSTFIX_DRAIN_S:.0f} s" if queued else ""
         return (

@@ -25,8 +25,10 @@ from harness.tls import client_context
 
 MAIL_FROM = "bench@sender.example"
 RCPT_DOMAIN = "rcpt.example"
-SIZES = {"2KB": 2 * 1024, "50KB": 50 * 1024}  # --sizes: the message sizes offered
+SIZES = {"2KB": 2 * 1024, "10KB": 10 * 1024, "50KB": 50 * 1024}  # --sizes: those offered
 BODY_LINE = b"The quick brown fox jumps over the lazy dog; pack my box with five dozen jugs.\r\n"
+HTML_LINE = b"<p>The quick <b>brown fox</b> jumps over the <i>lazy dog</i>; five jugs.</p>\r\n"
+BOUNDARY = "=_bench_alternative_7f3a"
 SMTP_TIMEOUT_S = 30.0
 DRAIN_S = 20.0  # in-flight messages after the window may take this long before being cut
 CLIENT_EXTRA_S = 60.0  # beyond warm-up + window: spawn, connect, drain, report
@@ -53,6 +55,9 @@ class ClientSpec:
     plaintext: bool = False  # no TLS, no AUTH (Postfix and the sink's plaintext listener)
     # (role, pid): that process and its descendants at the window's edges (Postfix's master)
     watch_trees: tuple[tuple[str, int], ...] = ()
+    # --realistic: multipart/alternative (text + HTML, half each) and this category header
+    multipart: bool = False
+    category: str = ""
 
 
 @dataclass
@@ -70,6 +75,21 @@ class ClientResult:
     cut: int = 0  # sessions still busy DRAIN_S after the window, cancelled
 
 
+def multipart_body(size: int) -> bytes:
+    """About `size` bytes of multipart/alternative: a text/plain and a text/html part of
+    about half each, as a newsletter or a reminder with an HTML version is sent."""
+    part = max(len(HTML_LINE), (size - 300) // 2)
+    text = BODY_LINE * max(1, part // len(BODY_LINE))
+    html = b"<html><body>\r\n" + HTML_LINE * max(1, part // len(HTML_LINE)) + b"</body></html>\r\n"
+    head = f"--{BOUNDARY}\r\nContent-Type: text/{{}}; charset=us-ascii\r\n" + (
+        "Content-Transfer-Encoding: 7bit\r\n\r\n"
+    )
+    return (
+        head.format("plain").encode() + text + head.format("html").encode() + html
+        + f"--{BOUNDARY}--\r\n".encode()
+    )  # fmt: skip
+
+
 class Client:
     def __init__(self, spec: ClientSpec, out: Connection | None = None) -> None:
         self.spec = spec
@@ -78,16 +98,23 @@ class Client:
         self.result = ClientResult()
         self.date = formatdate(localtime=False)
         headers = self._headers(0, 0, [f"user0000@{RCPT_DOMAIN}"] * spec.rcpts)
-        lines = max(1, (spec.size - len(headers)) // len(BODY_LINE))
-        self.body = BODY_LINE * lines
+        room = max(len(BODY_LINE), spec.size - len(headers))
+        self.body = multipart_body(room) if spec.multipart else BODY_LINE * (room // len(BODY_LINE))
         self.begin = self.end = 0.0
 
     def _headers(self, session: int, n: int, rcpts: Sequence[str]) -> bytes:
+        spec = self.spec
+        kind = (
+            f'multipart/alternative; boundary="{BOUNDARY}"'
+            if spec.multipart
+            else "text/plain; charset=us-ascii"
+        )
+        category = f"X-Optgate-Category: {spec.category}\r\n" if spec.category else ""
         return (
             f"From: Bench <{MAIL_FROM}>\r\nTo: {', '.join(rcpts)}\r\n"
             f"Subject: Benchmark message {n}\r\nDate: {self.date}\r\n"
-            f"Message-ID: <{self.spec.run_id}.{session}.{n}@sender.example>\r\n"
-            "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n"
+            f"Message-ID: <{spec.run_id}.{session}.{n}@sender.example>\r\n{category}"
+            f"MIME-Version: 1.0\r\nContent-Type: {kind}\r\n\r\n"
         ).encode()
 
     def _pick(self, rng: random.Random) -> list[str]:

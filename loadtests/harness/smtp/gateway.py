@@ -25,6 +25,7 @@ from pathlib import Path
 import psutil  # type: ignore[import-untyped]
 
 from harness.common import PASSWORD_ENV, REPO, SENDER, free_ports, toml_str
+from harness.smtp.dkimkey import DkimKey
 from harness.tls import Pki, client_context
 
 CATEGORY = "marketing"
@@ -39,7 +40,7 @@ class GatewayProcess:
 
     def __init__(
         self, root: Path, pki: Pki, *, sink_port: int, pool_size: int, password: str, workers: int,
-        name: str = "gateway", source: Path = REPO,
+        name: str = "gateway", source: Path = REPO, dkim: DkimKey | None = None,
     ) -> None:  # fmt: skip
         self.workers = workers
         self.source = source
@@ -69,6 +70,7 @@ class GatewayProcess:
                     f'listen = "127.0.0.1:{self.smtp_port}"',
                     f'listen_tls = "127.0.0.1:{self.smtps_port}"',
                     "max_recipients = 100",
+                    *per_client_cap(pool_size),
                     "[http]",
                     f'listen = "127.0.0.1:{self.http_port}"',
                     "[redis]",
@@ -84,6 +86,7 @@ class GatewayProcess:
                     "",
                 ]
             )
+            + (dkim.toml() if dkim is not None else "")  # signs the From domain's copies
         )
 
     def command(self, *args: str) -> list[str]:
@@ -239,6 +242,13 @@ class GatewayProcess:
                 notes.append("valkey-server ignored SIGTERM: SIGKILL")
                 valkey.kill()
         return notes
+
+
+def per_client_cap(sessions: int) -> list[str]:
+    """The client's sessions all come from 127.0.0.1: above the gateway's default cap of 50
+    connections per client address (as Postfix's smtpd_client_connection_count_limit), the
+    cap is raised to the session count; at or below it the config does not name the key."""
+    return [f"max_connections_per_client = {sessions}"] if sessions > 50 else []
 
 
 def audit_fsyncs(gw: GatewayProcess) -> dict[str, float]:

@@ -5,6 +5,13 @@ the benchmark's temp dir (main.cf, master.cf, queue_directory, data_directory, m
 with `postfix -c DIR start` and stopped with `postfix -c DIR stop`. It listens on
 127.0.0.1:PORT without TLS or AUTH (mynetworks = 127.0.0.0/8 may relay), delivers nothing
 locally and relays everything to `[127.0.0.1]:SINK` in plaintext.
+
+With `milter` (the Postfix + OpenDKIM row): every message passes that milter
+(`smtpd_milters`, `non_smtpd_milters`; `milter_default_action = tempfail`, so a message
+the milter did not see is refused rather than sent unsigned), and the SMTP client keeps its
+connections to the sink (`smtp_connection_cache_destinations`) and pipelines on them
+(Postfix uses PIPELINING whenever the server offers it). The instance lives in
+`<root>/<name>`.
 """
 
 from __future__ import annotations
@@ -73,8 +80,11 @@ def ensure_installed() -> str:
 class Postfix:
     """One private instance: `start()` returns the seconds it took to answer 220."""
 
-    def __init__(self, root: Path, *, port: int, sink_port: int, concurrency: int) -> None:
-        self.dir = root / "postfix"
+    def __init__(
+        self, root: Path, *, port: int, sink_port: int, concurrency: int, milter: str = "",
+        name: str = "postfix",
+    ) -> None:  # fmt: skip
+        self.dir = root / name
         self.conf = self.dir / "etc"
         self.queue = self.dir / "queue"
         self.maillog = self.dir / "maillog"
@@ -116,6 +126,13 @@ class Postfix:
             "smtputf8_enable": "no",
             "biff": "no",
         }
+        if milter:
+            settings |= {
+                "smtpd_milters": milter,
+                "non_smtpd_milters": "$smtpd_milters",
+                "milter_default_action": "tempfail",
+                "smtp_connection_cache_destinations": f"[127.0.0.1]:{sink_port}",
+            }
         (self.conf / "main.cf").write_text("".join(f"{k} = {v}\n" for k, v in settings.items()))
         (self.conf / "master.cf").write_text(MASTER_CF.format(listen=f"127.0.0.1:{port}"))
 

@@ -17,17 +17,23 @@ from harness.common import REPO, percentile
 from harness.host import checkout_rev, fs_type
 from harness.smtp.client import ClientResult
 
-# "optgate" and "optgate-n" are relabelled in main() with their worker counts.
+# The optgate labels are set in main() with their worker counts (and DKIM or not).
 TARGET_LABELS = {
     "limit": "harness limit",
     "limit-plain": "limit plaintext",
     "postfix": "Postfix",
+    "postfix-dkim": "Postfix + OpenDKIM",
+    "optgate-nodkim": "optgate 1 worker, no DKIM",  # --compare-dkim
     "optgate": "optgate 1 worker",
     "optgate@base": "optgate@base",  # --baseline DIR: DIR's gateway, same config and workers
+    "optgate-n-nodkim": "optgate N workers, no DKIM",
     "optgate-n": "optgate N workers",
     "relay": "bare relay",
 }
-GATEWAY_TARGETS = ("optgate", "optgate@base", "optgate-n")  # an `optgate serve` each
+GATEWAY_TARGETS = ("optgate", "optgate@base", "optgate-n", "optgate-nodkim", "optgate-n-nodkim")
+PLAINTEXT_TARGETS = ("limit-plain", "postfix", "postfix-dkim")  # no TLS, no AUTH from the client
+# The roles whose CPU is the server's: Postfix + OpenDKIM is the instance and the milter.
+SERVER_ROLES = {"postfix-dkim": ("postfix-dkim", "opendkim")}
 
 
 @dataclass
@@ -39,6 +45,8 @@ class Row:
     sink_messages: int
     sink_rcpts: int
     note: str = ""
+    rcpts: int = 0  # recipients per message of the case
+    dkim: str = ""  # a sample the sink got: "verified" or why not ("" = not checked)
 
     @property
     def rate(self) -> float:
@@ -52,6 +60,13 @@ class Row:
         if cpu is None or not self.result.messages:
             return None
         return 1000 * cpu / self.result.messages
+
+    @property
+    def server_cpu_per_k(self) -> float | None:
+        if self.target in GATEWAY_TARGETS:
+            return self.cpu_per_k("gateway")
+        parts = [self.cpu_per_k(role) for role in SERVER_ROLES.get(self.target, (self.target,))]
+        return None if None in parts else sum(p for p in parts if p is not None)
 
     @property
     def total_cpu_per_k(self) -> float:
@@ -83,7 +98,7 @@ def table_row(r: Row, ncpu: int, per_message: bool, first: bool) -> list[str]:
     m = {k: 100 * v / window for k, v in res.machine_s.items()} if window else {}
     ours = 100 * sum(res.cpu_s.values()) / window if window else math.nan
     other = max(0.0, m.get("busy", math.nan) - ours - m.get("irq", 0.0) - m.get("steal", 0.0))
-    sut = r.cpu_per_k("gateway" if r.target in GATEWAY_TARGETS else r.target)
+    sut = r.server_cpu_per_k
     cells = [r.case if first else "", TARGET_LABELS[r.target], f"{r.rate:.0f}"]
     cells += [fmt(r.p(0.5)), fmt(r.p(0.99))]
     if per_message:
@@ -123,29 +138,32 @@ def ratio_row(case: str, other: Row, base: Row) -> list[str]:
 def print_ratios(rows: list[Row]) -> None:
     by = {(r.case, r.target): r for r in rows}
     cases = list(dict.fromkeys(r.case for r in rows))
-    servers = ("postfix", "optgate", "optgate@base", "optgate-n", "relay")
+    servers = ("postfix", "postfix-dkim", *GATEWAY_TARGETS, "relay")
     body: list[list[str]] = []
     for case in cases:  # Postfix (plaintext) against the plaintext limit, the rest against TLS
         for target in servers:
-            base = by.get((case, "limit-plain" if target == "postfix" else "limit"))
+            plain = target in PLAINTEXT_TARGETS and (case, "limit-plain") in by
+            base = by.get((case, "limit-plain" if plain else "limit"))
             other = by.get((case, target))
             if base is not None and other is not None and base.rate:
                 body.append(ratio_row(case, other, base))
     if body:
         header = ["vs harness limit", "target", "msg/s", "p50", "p99", "CPU/msg", "p99 added ms"]
         print("\n" + render(header, body))
-        print("  (Postfix against the plaintext limit, the others against the TLS + AUTH limit)")
+        print("  (Postfix against the plaintext limit when it ran, the others against the TLS +")
+        print("  AUTH limit)")
     body = []
     for case in cases:
-        postfix = by.get((case, "postfix"))
-        for target in servers[1:]:
+        postfix = by.get((case, "postfix-dkim")) or by.get((case, "postfix"))
+        for target in servers[2:]:
             other = by.get((case, target))
             if postfix is not None and other is not None and postfix.rate:
                 body.append(ratio_row(case, other, postfix))
     if body:
         header = ["vs Postfix", "target", "msg/s", "p50", "p99", "CPU/msg", "p99 - Postfix p99"]
         print("\n" + render(header, body))
-        print("  (optgate and the relay with STARTTLS + AUTH, Postfix plaintext without AUTH)")
+        print("  (against Postfix + OpenDKIM when it ran; optgate and the relay with STARTTLS +")
+        print("  AUTH, Postfix plaintext without AUTH; Postfix answers after queueing)")
     print_baseline(by, cases)
     for case in cases:
         one, many = by.get((case, "optgate")), by.get((case, "optgate-n"))
@@ -194,6 +212,38 @@ def print_notes(rows: list[Row]) -> None:
     for r in rows:
         if r.note:
             print(f"  {r.case} / {TARGET_LABELS[r.target]}: {r.note}")
+        if r.dkim:
+            print(f"  {r.case} / {TARGET_LABELS[r.target]}: DKIM-Signature of one message the"
+                  f" sink got: {r.dkim} (dkimpy, the bench key)")  # fmt: skip
+
+
+def print_dkim_compare(rows: list[Row], one_size: bool) -> None:
+    """--compare-dkim: each optgate row with DKIM against the same gateway without."""
+    by = {(r.case, r.target): r for r in rows}
+    for r in rows:
+        without = by.get((r.case, f"{r.target}-nodkim"))
+        if without is None or not without.rate:
+            continue
+        case = f"{r.rcpts}rcpt" if one_size else f"{r.case.split()[0]} {r.rcpts}rcpt"
+        print(
+            f"dkim {case}: with/without = {r.rate / without.rate:.2f}  ({TARGET_LABELS[r.target]};"
+            f" gateway CPU per message: with {fmt(r.cpu_per_k('gateway'))} ms,"
+            f" without {fmt(without.cpu_per_k('gateway'))} ms)"
+        )
+
+
+def print_realistic(rows: list[Row]) -> None:
+    """--realistic's last lines: the best optgate row of each case against Postfix + OpenDKIM."""
+    for case in dict.fromkeys(r.case for r in rows):
+        here = [r for r in rows if r.case == case]
+        postfix = next((r for r in here if r.target == "postfix-dkim"), None)
+        best = max((r.rate for r in here if r.target in ("optgate", "optgate-n")), default=0.0)
+        n = here[0].rcpts
+        if postfix is None or not postfix.rate:
+            why = "did not run" if postfix is None else "delivered nothing"
+            print(f"realistic {n}rcpt: optgate/postfix+opendkim = n/a (Postfix + OpenDKIM {why})")
+        else:
+            print(f"realistic {n}rcpt: optgate/postfix+opendkim = {best / postfix.rate:.2f}")
 
 
 def print_others(rows: list[Row]) -> None:

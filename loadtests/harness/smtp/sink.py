@@ -16,6 +16,19 @@ aiosmtpd did and, like it, not PIPELINING, so Postfix and the gateway talk to it
 they talked to aiosmtpd. As the aiosmtpd sink was set up: on the STARTTLS listener MAIL
 needs TLS; AUTH is offered over TLS and checked when used, not required (the gateway relays
 without it); the plaintext listener (Postfix's) offers neither.
+
+A distant provider (`provider=True`, `rtt` seconds; bench_smtp.py's --realistic and
+--rtt-ms): EHLO offers PIPELINING too (RFC 2920), and every reply is held `rtt` seconds
+from the read that completed its command, replies leaving in order. This is a link with
+rtt/2 each way folded into the reply path (the sink's own work is ~0): a client that sends
+MAIL, RCPT... and DATA in one write gets their replies together one rtt later, a client that
+waits for each reply pays one rtt per command. The 220 greeting is held one rtt too (the
+TCP handshake); the TLS handshake after STARTTLS is not (once per connection, and the
+connections are reused).
+
+`capture` (a path): when the shared `counts[2]` is set, the next message is kept and
+written there (un-dot-stuffed), and `counts[2]` is cleared: one sample of what arrived, for
+the benchmark's DKIM check, at no cost to the other messages.
 """
 
 from __future__ import annotations
@@ -26,8 +39,11 @@ import binascii
 import contextlib
 import signal
 import ssl
+import time
+from collections import deque
 from collections.abc import Callable
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any, cast
 
 MAX_LINE = 4096
@@ -45,6 +61,9 @@ class SinkProtocol(asyncio.Protocol):
         secure: bool,
         credentials: bytes | None,
         name: bytes = b"sink.bench",
+        provider: bool = False,
+        rtt: float = 0.0,
+        capture: Path | None = None,
     ) -> None:
         self.counts = counts  # shared [messages, recipients]
         self.ctx = ctx  # offered by STARTTLS (and then required for MAIL) when not yet secure
@@ -63,21 +82,64 @@ class SinkProtocol(asyncio.Protocol):
         # come before the handshake task resumes (asyncio's order); kept until it has.
         self.switching = False
         self.pending = bytearray()
+        self.provider = provider  # offers PIPELINING
+        self.rtt = rtt  # seconds each reply is held (provider mode)
+        # Held replies, in order: (due, bytes, then) with then "" / "tls" / "close".
+        self.held: deque[tuple[float, bytes, str]] = deque()
+        self.timer: asyncio.TimerHandle | None = None
+        self.capture_to = capture
+        self.captured: bytearray | None = None  # the message being kept, when one is
 
     # -- connection -----------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass of it
-        self.transport.write(b"220 " + self.name + b" ESMTP\r\n")
+        self._send(b"220 " + self.name + b" ESMTP\r\n", "")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.held.clear()
+
+    def _send(self, out: bytes, then: str) -> None:
+        """Write replies now, or hold them `rtt` (after the earlier held ones); `then` closes
+        the connection or starts TLS once they are written."""
+        if not self.rtt:
+            self._deliver(out, then)
+            return
+        self.held.append((time.monotonic() + self.rtt, out, then))
+        if self.timer is None:
+            self.timer = asyncio.get_running_loop().call_later(self.rtt, self._release)
+
+    def _release(self) -> None:
+        self.timer = None
+        now = time.monotonic()
+        while self.held and self.held[0][0] <= now + 0.0005:  # timers fire a little early
+            _, out, then = self.held.popleft()
+            self._deliver(out, then)
+        if self.held and self.transport is not None:
+            delay = max(0.0, self.held[0][0] - now)
+            self.timer = asyncio.get_running_loop().call_later(delay, self._release)
+
+    def _deliver(self, out: bytes, then: str) -> None:
+        if self.transport is None:
+            return
+        if out:
+            self.transport.write(out)
+        if then == "close":
+            self.transport.close()
+            self.transport = None
+        elif then == "tls":
+            self._start_tls()
 
     def data_received(self, data: bytes) -> None:
         if self.switching:
-            self.pending += data
-            return
-        if self.transport is None:
+            if not self.held:  # the 220 is written: this is decrypted input (see __init__)
+                self.pending += data
+            return  # else plaintext behind STARTTLS: discarded (RFC 3207 §4.2)
+        if self.transport is None or self.quit:
             return
         self.buf += data
         out: list[bytes] = []
@@ -97,13 +159,11 @@ class SinkProtocol(asyncio.Protocol):
             out.append(self._command(line))
             if self.quit:
                 break
-        if out and self.transport is not None:
-            self.transport.write(b"".join(out))
-        if self.quit and self.transport is not None:
-            self.transport.close()
-            self.transport = None
-        elif self.switching:
-            self._start_tls()
+        if self.transport is None:
+            return
+        then = "close" if self.quit else "tls" if self.switching else ""
+        if out or then:
+            self._send(b"".join(out), then)
 
     def _data(self, out: list[bytes]) -> bool:
         """Consume content up to CRLF "." CRLF; False when more input is needed."""
@@ -116,12 +176,17 @@ class SinkProtocol(asyncio.Protocol):
             if at < 0:
                 # Keep the last 4 bytes: the end may straddle two reads.
                 keep = min(len(self.buf), len(END) - 1)
+                if self.captured is not None:
+                    self.captured += self.buf[: len(self.buf) - keep]
                 self.data_bytes += len(self.buf) - keep
                 del self.buf[: len(self.buf) - keep]
                 if self.data_bytes > MAX_MESSAGE and self.transport is not None:
                     self.transport.close()
                     self.transport = None
                 return False
+        if self.captured is not None:
+            self._keep(self.captured + self.buf[: at + 2 if skip == len(END) else 0])
+            self.captured = None
         del self.buf[: at + skip]
         self.in_data = False
         self.data_bytes = 0
@@ -140,6 +205,8 @@ class SinkProtocol(asyncio.Protocol):
             self.greeted = True
             self.mail, self.rcpts = False, 0
             ext = [b"SIZE 33554432", b"8BITMIME", b"SMTPUTF8"]
+            if self.provider:
+                ext.append(b"PIPELINING")
             if not self.secure and self.ctx is not None:
                 ext.append(b"STARTTLS")
             if self.secure and self.credentials is not None:
@@ -183,8 +250,19 @@ class SinkProtocol(asyncio.Protocol):
             if not self.rcpts:
                 return b"503 5.5.1 Need RCPT first\r\n"
             self.in_data, self.data_bytes = True, 0
+            if self.capture_to is not None and len(self.counts) > 2 and self.counts[2]:
+                self.counts[2] = 0
+                self.captured = bytearray()
             return b"354 End data with <CR><LF>.<CR><LF>\r\n"
         return b"502 5.5.2 Command not implemented\r\n"
+
+    def _keep(self, content: bytes) -> None:
+        """Write the kept message, un-dot-stuffed (RFC 5321 §4.5.2), atomically."""
+        assert self.capture_to is not None
+        text = content[1:] if content.startswith(b"..") else content
+        tmp = self.capture_to.with_suffix(".tmp")
+        tmp.write_bytes(text.replace(b"\r\n..", b"\r\n."))
+        tmp.replace(self.capture_to)
 
     def _auth(self, arg: bytes) -> bytes:
         mechanism, _, initial = arg.partition(b" ")
@@ -233,27 +311,33 @@ _TASKS: set[asyncio.Task[None]] = set()
 
 
 def factory(
-    counts: Any, *, ctx: ssl.SSLContext | None, secure: bool, credentials: bytes | None
-) -> Callable[[], SinkProtocol]:
-    return lambda: SinkProtocol(counts=counts, ctx=ctx, secure=secure, credentials=credentials)
+    counts: Any, *, ctx: ssl.SSLContext | None, secure: bool, credentials: bytes | None,
+    provider: bool = False, rtt: float = 0.0, capture: Path | None = None,
+) -> Callable[[], SinkProtocol]:  # fmt: skip
+    return lambda: SinkProtocol(
+        counts=counts, ctx=ctx, secure=secure, credentials=credentials, provider=provider,
+        rtt=rtt, capture=capture,
+    )  # fmt: skip
 
 
 async def serve(
-    ctx: ssl.SSLContext, user: str, password: str, counts: Any, port_out: Connection
-) -> None:
+    ctx: ssl.SSLContext, user: str, password: str, counts: Any, port_out: Connection,
+    *, provider: bool = False, rtt: float = 0.0, capture: Path | None = None,
+) -> None:  # fmt: skip
     """Listen on three free loopback ports: STARTTLS (required), implicit TLS, plaintext
     without TLS or AUTH (for Postfix); send them back; serve until SIGTERM."""
     loop = asyncio.get_running_loop()
     creds = b"\0" + user.encode() + b"\0" + password.encode()
+    kw: dict[str, Any] = {"provider": provider, "rtt": rtt, "capture": capture}
     servers = [
         await loop.create_server(
-            factory(counts, ctx=ctx, secure=False, credentials=creds), "127.0.0.1", 0
+            factory(counts, ctx=ctx, secure=False, credentials=creds, **kw), "127.0.0.1", 0
         ),
         await loop.create_server(
-            factory(counts, ctx=None, secure=True, credentials=creds), "127.0.0.1", 0, ssl=ctx
+            factory(counts, ctx=None, secure=True, credentials=creds, **kw), "127.0.0.1", 0, ssl=ctx
         ),
         await loop.create_server(
-            factory(counts, ctx=None, secure=False, credentials=None), "127.0.0.1", 0
+            factory(counts, ctx=None, secure=False, credentials=None, **kw), "127.0.0.1", 0
         ),
     ]
     await serve_until_sigterm(servers, port_out)

@@ -9,6 +9,7 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 from aiosmtpd.smtp import SMTP as SMTPServer
@@ -93,10 +94,28 @@ async def serve_until_sigterm(
     await lean_sink.serve_until_sigterm(servers, port_out)
 
 
-def sink_main(pki: Pki, password: str, counts: Any, kind: str, port_out: Connection) -> None:
+@dataclass(frozen=True)
+class SinkOptions:
+    """`kind`: "lean" or "aiosmtpd". The lean sink only, as a distant provider (sink.py):
+    PIPELINING offered when `pipelining`, every reply held `rtt_ms`; one message kept in
+    `capture` on request (counts[2])."""
+
+    kind: str = "lean"
+    pipelining: bool = False
+    rtt_ms: float = 0.0
+    capture: Path | None = None
+
+
+def sink_main(
+    pki: Pki, password: str, counts: Any, options: SinkOptions, port_out: Connection
+) -> None:
     quiet_child()
-    if kind == "lean":
-        run_async(lean_sink.serve(server_context(pki), SENDER, password, counts, port_out))
+    if options.kind == "lean":
+        serve = lean_sink.serve(
+            server_context(pki), SENDER, password, counts, port_out,
+            provider=options.pipelining, rtt=options.rtt_ms / 1000, capture=options.capture,
+        )  # fmt: skip
+        run_async(serve)
         return
     run_async(
         serve_until_sigterm(
