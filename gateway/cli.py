@@ -169,6 +169,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # Until the event loop installs its handlers, a reload request must not end the process.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     cfg = _config(args)
+    logs.configure(cfg.log.format)  # [log] format: console or json, access lines included
     try:
         import uvloop
 

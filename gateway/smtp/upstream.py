@@ -469,7 +469,7 @@ def from_config(cfg: Config) -> Upstream:
     if cfg.outbox_dir is not None:
         from gateway.smtp.outbox import OutboxUpstream
 
-        return OutboxUpstream(cfg.outbox_dir)
+        return OutboxUpstream(cfg.outbox_dir, retention=cfg.email_outbox_retention)
     env = cfg.upstream_email.password_env
     if env and env not in os.environ:
         raise ConfigError(f"[upstream.email] password_env: {env} is not set")
