@@ -55,7 +55,7 @@ def readme_sms_blocks() -> list[tuple[str, str]]:
 
 
 def audit(data_dir: Path) -> list[dict[str, Any]]:
-    out = []
+    out: list[dict[str, Any]] = []
     for f in sorted((data_dir / "audit").glob("*.jsonl")):
         out.extend(json.loads(line) for line in f.read_bytes().splitlines() if line)
     return out
@@ -158,13 +158,14 @@ def test_sms_upstream_config_defaults_and_refusals(tmp_path: Path) -> None:
     doc = {"upstream": {"sms": {"url": "outbox:texts", "outbox_keep": 5}}}
     cfg = config_mod.build(doc, path=None, base_dir=tmp_path)
     assert cfg.sms_outbox_dir == tmp_path / "texts" and cfg.sms_outbox_retention.keep == 5
-    for bad, says in [
+    cases: list[tuple[dict[str, Any], str]] = [
         ({"upstream": {"sms": {"url": "outbox:"}}}, "outbox: needs a folder"),
         ({"upstream": {"sms": {"url": "http://sms.example"}}}, "outbox:DIR or https://"),
         ({"upstream": {"sms": {"url": "https://sms.example"}}}, "account_sid is required"),
         ({"upstream": {"email": {"outbox_keep": -1}}}, "outbox_keep must be at least 0"),
         ({"log": {"format": "jsn"}}, "did you mean 'json'"),
-    ]:
+    ]
+    for bad, says in cases:
         with pytest.raises(ConfigError) as caught:
             config_mod.build(bad, path=None, base_dir=tmp_path)
         assert says in str(caught.value.problems), caught.value.problems
