@@ -18,9 +18,12 @@ Everything comes from environment variables (see loadtests/README.md):
     OPTGATE_RECIPIENTS      size of the recipient pool         (1000)
 
 Opted-out recipients are `optout-N@loadtest.invalid` / numbers +1202555{N:04d} with N < pool
-size; opt them out first (`loadtests/README.md`). A suppressed email still gets `250`
-(counted as "smtp suppressed"); a suppressed SMS gets Twilio's 21610 (counted as
-"sms suppressed", not a failure). Locust runs on gevent, so SMTP uses the standard
+size; opt them out first (`loadtests/README.md`). Email is reported by what the gateway's
+`250` says: "smtp delivered" (`delivered upstream`) or "smtp suppressed" (`message
+suppressed`; `550 5.7.1` with `[smtp] suppressed_reply = "reject"`), and an opted-out
+recipient answered "delivered" is a failure. A suppressed SMS gets Twilio's 21610 (counted
+as "sms suppressed", not a failure); with the gateway's default local SMS outbox every
+allowed text is a `201` ("sms send"). Locust runs on gevent, so SMTP uses the standard
 library's smtplib (aiosmtplib needs asyncio), one persistent connection per simulated user.
 """
 
@@ -46,6 +49,7 @@ OPTED_OUT_SHARE = float(os.environ.get("OPTGATE_OPTED_OUT_SHARE", "0.1"))
 CATEGORY = os.environ.get("OPTGATE_CATEGORY", "marketing")
 POOL = int(os.environ.get("OPTGATE_RECIPIENTS", "1000"))
 SMTP_TIMEOUT_S = 30.0
+MAIL_FROM = "loadtest@sender.invalid"
 BODY = "This is a load-test message from locust.\r\n" * 40  # about 2 KB with headers
 
 
@@ -96,14 +100,12 @@ class SmtpUser(User):
             f"Message-ID: <{time.time_ns()}.{random.getrandbits(32)}@sender.invalid>\r\n"
             f"X-Optgate-Category: {CATEGORY}\r\n\r\n{BODY}"
         ).encode()
-        name = "smtp suppressed" if opted_out else "smtp send"
         start = time.perf_counter()
+        name = "smtp error"
         exc: Exception | None = None
         try:
             smtp = self._connection()
-            refused = smtp.sendmail("loadtest@sender.invalid", [rcpt], msg)
-            if refused:
-                exc = smtplib.SMTPRecipientsRefused(refused)
+            name, exc = _judge_smtp(smtp, rcpt, msg, opted_out)
         except (smtplib.SMTPException, OSError) as err:
             exc = err
             self._drop()  # a broken session is not reused
@@ -115,6 +117,32 @@ class SmtpUser(User):
             exception=exc,
             context={},
         )
+
+
+def _judge_smtp(
+    smtp: smtplib.SMTP, rcpt: str, msg: bytes, opted_out: bool
+) -> tuple[str, Exception | None]:
+    """One transaction; its request name from the gateway's reply, and what went wrong."""
+    code, text = smtp.mail(MAIL_FROM)
+    if code != 250:
+        smtp.rset()
+        return "smtp error", smtplib.SMTPSenderRefused(code, text, MAIL_FROM)
+    code, text = smtp.rcpt(rcpt)
+    if code not in (250, 251):
+        smtp.rset()
+        return "smtp error", smtplib.SMTPRecipientsRefused({rcpt: (code, text)})
+    try:
+        code, text = smtp.data(msg)
+    except smtplib.SMTPDataError as err:  # any reply but 250; the session is still good
+        code = err.smtp_code
+        text = err.smtp_error if isinstance(err.smtp_error, bytes) else err.smtp_error.encode()
+    if code == 250 and b"delivered upstream" in text:
+        if opted_out:
+            return "smtp delivered", AssertionError("an opted-out recipient was delivered")
+        return "smtp delivered", None
+    if (code == 250 and b"message suppressed" in text) or (code == 550 and b"5.7.1" in text):
+        return "smtp suppressed", None
+    return "smtp error", smtplib.SMTPDataError(code, text)
 
 
 class SmsUser(HttpUser):

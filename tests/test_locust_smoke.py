@@ -1,14 +1,17 @@
 """CI smoke test of loadtests/locustfile.py: a few seconds of headless locust against a
-real `optgate serve`, then the CSV must show requests and zero failures."""
+real `optgate serve` with its default SMS upstream (the local SMS outbox), then the CSV must
+show email delivered and suppressed, SMS sent and suppressed, and zero failures."""
 
 from __future__ import annotations
 
 import asyncio
 import csv
+import json
 import os
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -23,6 +26,11 @@ from tests.support.processes import (
     write_config,
 )
 from tests.support.smtp_sink import Sink, TestPki
+
+
+def cfg_http_port(path: Path) -> int:
+    return int(tomllib.loads(path.read_text())["http"]["listen"].rpartition(":")[2])
+
 
 pytestmark = pytest.mark.slow
 LOCUSTFILE = Path(__file__).resolve().parent.parent / "loadtests" / "locustfile.py"
@@ -52,6 +60,10 @@ async def test_locust_smoke_run_has_requests_and_no_failures(
                 config=cfg,
             )
             assert out.returncode == 0, out.stderr
+            number = f"+1202555{n:04d}"  # the locustfile's opted-out numbers
+            out = optgate("optout", "add", "--channel", "sms", "--all", number, config=cfg)
+            assert out.returncode == 0, out.stderr
+        http_port = cfg_http_port(cfg)
         env = {
             **os.environ,
             "OPTGATE_HOST": "127.0.0.1",
@@ -59,7 +71,8 @@ async def test_locust_smoke_run_has_requests_and_no_failures(
             "OPTGATE_SENDER": "app",
             "OPTGATE_PASSWORD": APP_PASSWORD,
             "OPTGATE_CA": str(pki.ca_pem),
-            "OPTGATE_SMS_WEIGHT": "0",  # no SMS provider in this smoke test
+            "OPTGATE_HTTP_PORT": str(http_port),
+            "OPTGATE_SMS_WEIGHT": "1",  # the default SMS upstream: the local SMS outbox
             "OPTGATE_RECIPIENTS": "5",  # every optout-N of the pool is opted out above
             "OPTGATE_OPTED_OUT_SHARE": "0.3",
         }
@@ -76,10 +89,20 @@ async def test_locust_smoke_run_has_requests_and_no_failures(
         total = rows["Aggregated"]
         assert int(total["Request Count"]) > 0
         assert int(total["Failure Count"]) == 0
-        assert "smtp send" in rows and "smtp suppressed" in rows
+        # Told apart by the gateway's 250 text, not by what the locustfile meant to send.
+        assert "smtp delivered" in rows and "smtp suppressed" in rows, sorted(rows)
+        assert "smtp error" not in rows
         delivered = [r for m in sink.messages for r in m.rcpts]
         assert not [r for r in delivered if r.startswith("optout-")], "opted-out recipient sent to"
         # Locust's CSV covers its stats window; the sink saw at least every counted send.
-        assert len(delivered) >= int(rows["smtp send"]["Request Count"]) > 0
+        assert len(delivered) >= int(rows["smtp delivered"]["Request Count"]) > 0
+        # SMS with defaults: every allowed text is a 201 from the outbox, every opted-out
+        # number Twilio's 21610; none reached the outbox.
+        assert int(rows["sms send"]["Request Count"]) > 0
+        assert int(rows["sms suppressed"]["Request Count"]) > 0
+        outbox = tmp_path / "var" / "sms-outbox"
+        texts = [json.loads(p.read_bytes()) for p in outbox.glob("SM*.json")]
+        assert len(texts) >= int(rows["sms send"]["Request Count"])
+        assert not [t for t in texts if t["to"].startswith("+1202555")], "opted-out number sent to"
     finally:
         gw.stop()

@@ -8,6 +8,7 @@ import asyncio
 import signal
 from typing import Any
 
+from gateway import logs
 from gateway.cli.common import config, fail, with_config
 
 
@@ -18,6 +19,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # Until the event loop installs its handlers, a reload request must not end the process.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     cfg = config(args)
+    logs.configure(cfg.log.format)  # [log] format: console or json, access lines included
     try:
         import uvloop
 

@@ -24,6 +24,7 @@ from gateway.config.sections import (
     GatewayConfig,
     HttpConfig,
     KeysConfig,
+    LogConfig,
     RedisConfig,
     RulesConfig,
     Sender,
@@ -34,6 +35,7 @@ from gateway.config.sections import (
     UpstreamSmsConfig,
 )
 from gateway.errors import ConfigError
+from gateway.outboxes import Retention
 from gateway.sync.settings import SyncSettings
 from gateway.sync.settings import parse as parse_sync
 
@@ -54,6 +56,7 @@ SECTIONS: dict[str, type] = {
     "upstream.sms": UpstreamSmsConfig,
     "sms": SmsConfig,
     "audit": AuditConfig,
+    "log": LogConfig,
     "admin": AdminConfig,
     "rules": RulesConfig,
 }
@@ -76,6 +79,7 @@ class Config:
     audit: AuditConfig
     admin: AdminConfig
     rules: RulesConfig
+    log: LogConfig = dataclasses.field(default_factory=LogConfig)
     senders: tuple[Sender, ...] = ()
     dkim: tuple[DkimKey, ...] = ()
     sync: SyncSettings = dataclasses.field(default_factory=SyncSettings)
@@ -84,6 +88,20 @@ class Config:
     def outbox_dir(self) -> Path | None:
         if self.upstream_email.url.startswith("outbox:"):
             return self.resolve(self.upstream_email.url.removeprefix("outbox:"))
+        return None
+
+    @property
+    def email_outbox_retention(self) -> Retention:
+        return Retention.of(self.upstream_email, companions=(".eml",))
+
+    @property
+    def sms_outbox_retention(self) -> Retention:
+        return Retention.of(self.upstream_sms)
+
+    @property
+    def sms_outbox_dir(self) -> Path | None:
+        if self.upstream_sms.url.startswith("outbox:"):
+            return self.resolve(self.upstream_sms.url.removeprefix("outbox:"))
         return None
 
     def resolve(self, p: str | Path) -> Path:
@@ -138,6 +156,9 @@ def build(doc: dict[str, Any], *, path: Path | None, base_dir: Path) -> Config:
     s["keys"] = _default(s["keys"], file=data_dir / "keys.json")
     s["audit"] = _default(s["audit"], dir=data_dir / "audit")
     s["upstream_email"] = _default(s["upstream_email"], url=f"outbox:{data_dir / 'outbox'}")
+    sms_table = tables.get("upstream.sms", {})
+    if not (isinstance(sms_table, dict) and "url" in sms_table):  # an explicit "" = none
+        s["upstream_sms"] = _default(s["upstream_sms"], url=f"outbox:{data_dir / 'sms-outbox'}")
     if not _INSTANCE.fullmatch(gw.instance):
         p.append(
             "[gateway] instance must be 1-48 letters, digits, '.', '_' or '-'"
@@ -146,7 +167,7 @@ def build(doc: dict[str, Any], *, path: Path | None, base_dir: Path) -> Config:
     s["gateway"] = dataclasses.replace(gw, public_url=gw.public_url.rstrip("/"))
     _check_redis(s["redis"], p)
     s["upstream_email"] = _check_upstream_email(s["upstream_email"], p, resolve)
-    s["upstream_sms"] = _check_upstream_sms(s["upstream_sms"], p)
+    s["upstream_sms"] = _check_upstream_sms(s["upstream_sms"], p, resolve)
     senders = _array(doc, "senders", Sender, p, resolve)
     s["senders"] = tuple(_check_senders(senders, p))
     s["dkim"] = tuple(_check_dkim(_array(doc, "dkim", DkimKey, p, resolve), p))
@@ -231,11 +252,20 @@ def _check_upstream_email(
     return u
 
 
-def _check_upstream_sms(u: UpstreamSmsConfig, p: list[str]) -> UpstreamSmsConfig:
-    u = dataclasses.replace(u, url=u.url.rstrip("/"))
-    if u.url and urlsplit(u.url).scheme != "https":
-        p.append("[upstream.sms] url must be https:// (TLS 1.3 only)")
-    if u.url and not u.account_sid:
+def _check_upstream_sms(
+    u: UpstreamSmsConfig, p: list[str], resolve: Callable[[str], Path]
+) -> UpstreamSmsConfig:
+    if u.url.startswith("outbox:"):
+        folder = u.url.removeprefix("outbox:")
+        if not folder:
+            p.append("[upstream.sms] url: outbox: needs a folder (outbox:DIR)")
+        else:
+            u = dataclasses.replace(u, url=f"outbox:{resolve(folder)}")
+    else:
+        u = dataclasses.replace(u, url=u.url.rstrip("/"))
+        if u.url and urlsplit(u.url).scheme != "https":
+            p.append("[upstream.sms] url must be outbox:DIR or https:// (TLS 1.3 only)")
+    if u.url.startswith("https:") and not u.account_sid:
         p.append("[upstream.sms] account_sid is required when url is set")
     if u.auth_token_env and not os.environ.get(u.auth_token_env):
         p.append(f"[upstream.sms] environment variable {u.auth_token_env} is not set")

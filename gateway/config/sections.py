@@ -27,6 +27,12 @@ REDIS_TIMEOUT_MS = 250  # a lookup slower than this fails closed (451 4.3.0)
 AUDIT_RETENTION_DAYS = 2190  # six years: HIPAA 45 CFR 164.316(b)(2)(i)
 AUDIT_MAX_FILE_BYTES = 64 * 1024 * 1024  # a day of a busy gateway, still quick to verify
 IMPORT_BATCH = 500  # import lines per store round trip and audit fsync
+# The outboxes stand in for a provider on a development or test machine: what is kept is
+# for a person to look at, and a load test writes thousands a minute (121 MB of email in a
+# minute of locust). Ten thousand messages is more than anyone reads back and, at a typical
+# 2-20 KB per email, well under a gigabyte; a week covers a working week's debugging.
+OUTBOX_KEEP = 10_000
+OUTBOX_MAX_AGE_S = 7 * 24 * 3600.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -192,14 +198,37 @@ class UpstreamEmailConfig:
     timeout_s: float = setting(
         30.0, "Seconds for one upstream command.", kind="float", minimum=0.001
     )
+    outbox_keep: int = setting(
+        OUTBOX_KEEP,
+        "With an outbox: keep at most this many messages, the newest (0 = no limit). Ten"
+        " thousand is more than anyone reads back and bounds a load test's litter; checked"
+        " about once a minute, so the folder may exceed it by a minute's messages.",
+        kind="int",
+        minimum=0,
+    )
+    outbox_max_age_s: float = setting(
+        OUTBOX_MAX_AGE_S,
+        "With an outbox: remove messages older than this many seconds (0 = no limit); a"
+        " week (604800) covers a working week's debugging.",
+        kind="float",
+        minimum=0,
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class UpstreamSmsConfig:
     url: str = setting(
-        "", "A Twilio-compatible base URL, https:// (e.g. https://api.twilio.com).", kind="str"
+        "",
+        "The SMS provider: outbox:DIR (a local SMS outbox: each accepted text is written"
+        " there as one JSON file and answered with a Twilio-shaped 201) or a Twilio-compatible"
+        ' base URL, https:// (e.g. https://api.twilio.com). An explicit url = "" means no'
+        " provider: every send is answered 503 (No SMS provider is configured).",
+        kind="str",
+        default_doc="outbox:<data_dir>/sms-outbox",
     )
-    account_sid: str = setting("", "The provider account (required with url).", kind="str")
+    account_sid: str = setting(
+        "", "The provider account (required with an https:// url).", kind="str"
+    )
     auth_token_env: str = setting(
         "",
         "Environment variable with the provider token; also the key inbound webhook"
@@ -213,6 +242,21 @@ class UpstreamSmsConfig:
         "", "Where inbound texts that are not keywords go (https://).", kind="str"
     )
     timeout_s: float = setting(10.0, "Seconds for one provider call.", kind="float", minimum=0.001)
+    outbox_keep: int = setting(
+        OUTBOX_KEEP,
+        "With an outbox: keep at most this many messages, the newest (0 = no limit). Ten"
+        " thousand is more than anyone reads back and bounds a load test's litter; checked"
+        " about once a minute, so the folder may exceed it by a minute's messages.",
+        kind="int",
+        minimum=0,
+    )
+    outbox_max_age_s: float = setting(
+        OUTBOX_MAX_AGE_S,
+        "With an outbox: remove messages older than this many seconds (0 = no limit); a"
+        " week (604800) covers a working week's debugging.",
+        kind="float",
+        minimum=0,
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -238,6 +282,18 @@ class AuditConfig:
         "An audit file is rotated at this size.",
         kind="int",
         minimum=4096,
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LogConfig:
+    format: str = setting(
+        "console",
+        "Diagnostic log lines on stderr, access lines included: console (readable key=value"
+        " lines for a terminal) or json (one JSON object per line, with event, level,"
+        " timestamp, for a log collector).",
+        kind="str",
+        choices=("console", "json"),
     )
 
 

@@ -39,6 +39,7 @@ from gateway.sms import message, signature
 from gateway.sms.flow import Failed, Result, Sent, SmsFlow
 from gateway.sms.inbound import Forwarder, Inbound
 from gateway.sms.message import Refusal
+from gateway.sms.outbox import OutboxProvider
 from gateway.sms.provider import HttpsClient, Provider
 from gateway.sms.queue import InboundQueue
 
@@ -272,8 +273,14 @@ def setup(app: web.Application, deps: HttpDeps) -> None:
     env = cfg.upstream_sms.auth_token_env
     token = os.environ.get(env, "") if env else ""
     client = HttpsClient(ca_file=cfg.upstream_sms.ca_file, timeout_s=cfg.upstream_sms.timeout_s)
-    provider = None
-    if cfg.upstream_sms.url and token:
+    provider: Provider | None = None
+    if cfg.sms_outbox_dir is not None:  # the default: a local SMS outbox (gateway.sms.outbox)
+        provider = OutboxProvider(
+            cfg.sms_outbox_dir,
+            account_sid=cfg.upstream_sms.account_sid,
+            retention=cfg.sms_outbox_retention,
+        )
+    elif cfg.upstream_sms.url and token:
         provider = Provider(
             client,
             base_url=cfg.upstream_sms.url,

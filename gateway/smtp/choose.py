@@ -15,7 +15,7 @@ from gateway.smtp.upstream import SmtpUpstream
 def from_config(cfg: Config) -> Upstream:
     """The upstream `cfg` names; ConfigError when its password variable is not set."""
     if cfg.outbox_dir is not None:
-        return OutboxUpstream(cfg.outbox_dir)
+        return OutboxUpstream(cfg.outbox_dir, retention=cfg.email_outbox_retention)
     env = cfg.upstream_email.password_env
     if env and env not in os.environ:
         raise ConfigError(f"[upstream.email] password_env: {env} is not set")

@@ -11,7 +11,8 @@ never sees a half-written one (two renames cannot be one; an `.eml` alone is not
 never will be, a message). A process killed mid-write leaves a dot-named `.tmp`, or an
 `.eml` whose `.json` never came: each process removes such litter older than
 `STALE_AFTER_S` when its outbox opens (younger ones may be another worker's write in
-flight).
+flight). The folder is kept bounded by `[upstream.email] outbox_keep` and
+`outbox_max_age_s` (`gateway.outboxes`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pathlib import Path
 import structlog
 
 from gateway.errors import UpstreamUnavailable
+from gateway.outboxes import NO_LIMIT, Pruner, Retention
 from gateway.smtp.transport import Copy, Outcome
 from gateway.smtp.transport import Tally as _Tally
 from gateway.smtp.transport import prevalidate as _prevalidate
@@ -46,8 +48,9 @@ class OutboxUpstream:
     complete and durable; readers should ignore dot-files (temporary names).
     """
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, retention: Retention = NO_LIMIT) -> None:
         self.directory = directory
+        self.pruner = Pruner(directory, retention)
         removed = clean_incomplete(directory)
         if removed:
             log.info("outbox_litter_removed", files=removed)
@@ -64,15 +67,17 @@ class OutboxUpstream:
             }
             body = json.dumps(envelope, ensure_ascii=False).encode("utf-8")
             try:
-                await asyncio.to_thread(
-                    _write_pair, self.directory, uuid.uuid4().hex, copy.data, body
-                )
+                await asyncio.to_thread(self._write, uuid.uuid4().hex, copy.data, body)
             except OSError as exc:
                 log.exception("outbox_write_failed", errno=exc.errno)
                 tally.fail(rcpts, 451, "4.3.0 Outbox write failed")
             else:
                 tally.accepted.extend(rcpts)
         return tally.outcome()
+
+    def _write(self, name: str, data: bytes, envelope: bytes) -> None:
+        _write_pair(self.directory, name, data, envelope)
+        self.pruner.maybe_prune()
 
     async def check(self) -> None:
         def writable() -> bool:

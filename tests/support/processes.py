@@ -92,7 +92,9 @@ class ServeProcess:
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, self.log.read_text()
-            if self.log.read_text().count("event='listening'") < self.workers:
+            text = self.log.read_text()
+            listening = text.count("event='listening'") + text.count('"event": "listening"')
+            if listening < self.workers:  # [log] format console or json
                 await asyncio.sleep(0.1)
                 continue
             try:
