@@ -25,9 +25,9 @@ import structlog
 from structlog.dev import Column, ConsoleRenderer, KeyValueColumnFormatter, LogLevelColumnFormatter
 from structlog.typing import EventDict, Processor, WrappedLogger
 
-# aiosmtpd logs every command line, MAIL/RCPT addresses included, at INFO (threats.md S14),
+# aiosmtpd logs every command line, MAIL/RCPT addresses included, at INFO,
 # and a deprecation WARNING on every successful AUTH. aiohttp's access log writes request
-# paths, which carry unsubscribe tokens (S17).
+# paths, which carry unsubscribe tokens.
 _PHI_LOGGERS = {"mail.log": logging.ERROR, "aiohttp.access": logging.WARNING}
 FORMATS = ("console", "json")
 ACCESS_LOGGER = "optgate.access"  # gateway.http.app's access logger (route templates only)

@@ -3,7 +3,7 @@
 Every label value goes through `_label()`, which accepts only short lower-case names
 (decision kinds, channels, category names from the rules, operation names) and turns
 anything else into ``"other"``: an address, a phone number, a token or a path can never
-become a label, whatever a caller passes (SPEC §2.4, threats.md G10). Label sets are
+become a label, whatever a caller passes (docs/guarantees.md §2.4). Label sets are
 therefore small and bounded, and nothing here needs a lock (prometheus-client's own
 objects are thread-safe).
 
@@ -212,7 +212,7 @@ _worst_effect: dict[str, float] = {}
 
 # An audit fsync is ~0.2 ms on a quiet SSD, but virtual disks stall single fsyncs for
 # hundreds of ms (200-650 ms on the development VM), and every send waits for its decision
-# entry's fsync (SPEC §7): the buckets reach far enough to show that.
+# entry's fsync (docs/guarantees.md §8.3): the buckets reach far enough to show that.
 AUDIT_FSYNC_BUCKETS: Final = (
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 )  # fmt: skip

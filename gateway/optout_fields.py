@@ -76,7 +76,7 @@ def source_of(value: Any, default: str) -> str:
 
 
 def state_json(channel: str, record: Record | None) -> dict[str, Any]:
-    """The SPEC §12 shape that `optgate optout get` prints."""
+    """The JSON shape that `optgate optout get` prints (README "Command line")."""
     when = None
     if record is not None:
         when = datetime.fromtimestamp(record.updated_at, UTC).isoformat(timespec="seconds")

@@ -331,7 +331,8 @@ class ImportJob:
 
     async def _write(self, batch: list[tuple[int, bulk.OptOutItem]]) -> None:
         async def audit_first(planned: list[bulk.ItemResult]) -> None:
-            # Durable before the batch is written (SPEC §6): no change-stream ids yet.
+            # Durable before the batch is written (docs/guarantees.md §7.2): no change-stream
+            # ids yet.
             events: list[OptOut | OptIn] = []
             for (_, item), res in zip(batch, planned, strict=True):
                 if not res.error:

@@ -57,8 +57,9 @@ SLOW_FSYNC_S = 1.0
 
 def timed_fsync(fd: int) -> None:
     """`os.fsync` for the audit writer (its thread), timed into
-    ``optgate_audit_fsync_seconds``: each send waits for its decision entry's fsync (SPEC
-    §7), so a disk's fsync stalls are the floor of the gateway's latency tail."""
+    ``optgate_audit_fsync_seconds``: each send waits for its decision entry's fsync
+    (docs/guarantees.md §8.3), so a disk's fsync stalls are the floor of the gateway's
+    latency tail."""
     started = time.monotonic()
     os.fsync(fd)
     took = time.monotonic() - started
@@ -263,7 +264,7 @@ class Gateway:
         await smtp_listen.serve(handler, self._limiter, cfg, ctx, socks, servers=self._servers)
 
     async def _start_background(self) -> None:
-        """Issue 5: audit rotation by size and retention pruning, and the sync worker that
+        """Audit rotation by size and retention pruning, and the sync worker that
         delivers the change stream to [[sync.webhooks]]. Stopped first (closers run in
         reverse), while the audit log and the store are still open."""
         from gateway.audit.retention import RetentionTask

@@ -1,4 +1,5 @@
-"""TLS contexts (TLS 1.3 only, both directions; SPEC §2.5) and their certificate checks.
+"""TLS contexts (TLS 1.3 only, both directions: docs/guarantees.md §2.5) and their
+certificate checks.
 
 - `server_context`: the SMTP and HTTPS listeners. Client certificates are optional and
   verified against `[tls] client_ca` when one is set (the certificate's CN names the sender).
@@ -30,7 +31,7 @@ from gateway.devcerts import make_dev_certs as make_dev_certs  # noqa: PLC0414 -
 from gateway.errors import ConfigError
 from gateway.pem import read_pem, spki
 
-TLS_VERSION = ssl.TLSVersion.TLSv1_3  # SPEC §2.5: 1.3 only; not configurable
+TLS_VERSION = ssl.TLSVersion.TLSv1_3  # docs/guarantees.md §2.5: 1.3 only; not configurable
 
 
 def _tls13_only(ctx: ssl.SSLContext) -> None:

@@ -11,12 +11,12 @@ The audit log is the record a lost store is rebuilt from (`optgate optout rebuil
 callback): an audit log that cannot be written leaves the store unchanged.
 
 Writes for one recipient are serialised within the process: the store's compare-and-set
-gives up after a few lost races, and a repeated click (or a hundred, threats A16) must
+gives up after a few lost races, and a repeated click (or a hundred, replayed) must
 each get its `200`, not a `503`. Any failure raises (`StoreUnavailable`, `RecordCorrupt`,
 `AuditError`) and the caller answers `503` or `451`, so the person or their mail server
 tries again; nothing is acknowledged that is not durable in both places. Repeating a
 request is harmless: the store merge is idempotent, and a token can only ever opt out,
-never back in (threats A16).
+never back in, so replaying one gains nothing.
 
 Time to effect: a request is *received* when its handler starts (HTTP) or its DATA ends
 (SMTP); it *takes effect* when the store write is durable, because every lookup that

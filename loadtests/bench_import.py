@@ -1,4 +1,4 @@
-"""Bulk import throughput and Redis memory per opt-out record (issue 5).
+"""Bulk import throughput and Redis memory per opt-out record.
 
 Starts a real `optgate serve` (its own process, embedded Valkey with appendfsync always),
 makes a `preferences` API key, writes N NDJSON opt-out lines to a file, then streams that
@@ -16,7 +16,7 @@ connection: SO_REUSEPORT hashes each connection to a worker, so a few long reque
 all land on one worker (then the figure is one worker's); many shorter ones spread out,
 as the requests of several importing clients would. One request is always one worker's.
 
-Targets (issue 5): at least 20,000 records/s and under 150 bytes of Redis memory per record.
+Targets: at least 20,000 records/s and under 150 bytes of Redis memory per record.
 """
 
 from __future__ import annotations

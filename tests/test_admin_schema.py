@@ -1,5 +1,5 @@
 """Schemathesis against `/openapi.json` of a running gateway: no 5xx, no undocumented status,
-content type, header or body on the admin and health routes (issue 5)."""
+content type, header or body on the admin and health routes."""
 
 from __future__ import annotations
 

@@ -208,7 +208,7 @@ async def test_resealing_with_a_later_key_is_caught(tmp_path: Path, ring: Keyrin
 
 
 async def test_random_mutations_are_all_detected(tmp_path: Path, ring: Keyring) -> None:
-    """A23's fuzzer, scaled down: edits, deletions, swaps, replays and forgeries."""
+    """The audit-tampering fuzzer, scaled down: edits, deletions, swaps, replays and forgeries."""
     path = await write_log(tmp_path, ring, 30)
     original = lines_of(path)
     newer = rotate(ring)

@@ -1,7 +1,7 @@
 """Audit rotation by size and day, checkpoints per closed file, retention, and tail.
 
-threats.md A23 and issue 5: edits, deletions, reordering, a dropped middle file and a
-dropped newest file are all detected by `verify_path` on the directory; retention prunes
+Audit-log tampering (edits, deletions, reordering, a dropped middle file and a dropped
+newest file) is detected by `verify_path` on the directory; retention prunes
 whole old files, says so in the log, and verification still passes.
 """
 
@@ -156,8 +156,8 @@ async def test_tampering_across_files_is_detected(
 async def test_random_mutations_of_a_rotated_log_are_all_detected(
     tmp_path: Path, ring: Keyring
 ) -> None:
-    """A23's fuzzer over several files and their checkpoints (cutting lines off the end of
-    the newest file is the one undetectable change, by construction; not generated)."""
+    """The audit-tampering fuzzer over several files and their checkpoints (cutting lines off
+    the end of the newest file is the one undetectable change, by construction; not generated)."""
     source = tmp_path / "source"
     source.mkdir()
     await write_rotated(source, ring, days=2, per_day=12)

@@ -1,4 +1,5 @@
-"""Three gateway processes on one 3-master Redis Cluster share opt-out state (SPEC §2.3, §5)."""
+"""Three gateway processes on one 3-master Redis Cluster share opt-out state
+(docs/guarantees.md §2.3, §6)."""
 
 from __future__ import annotations
 

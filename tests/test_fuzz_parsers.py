@@ -1,6 +1,6 @@
-"""The parsers every untrusted byte meets, fuzzed with Hypothesis (threats.md G6's parser
-fuzzing, in CI-sized runs): whatever the input, each returns one of its declared values and
-never raises, and what it accepts keeps the properties the rest of the gateway relies on:
+"""The parsers every untrusted byte meets, fuzzed with Hypothesis (CI-sized runs): whatever
+the input, each returns one of its declared values and never raises, and what it accepts
+keeps the properties the rest of the gateway relies on:
 
 - `split_path` / `parse_email` (RCPT and MAIL arguments): an accepted address has no
   control character or space, no routing, and a lower-case key form that parsing again

@@ -73,7 +73,7 @@ async def test_access_log_names_route_not_path(
     )
 
 
-# -- slow clients (threats.md A14, S15) -----------------------------------------------------
+# -- slow clients (slowloris) --------------------------------------------------------------
 
 
 async def _tls(running: Running) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:

@@ -308,7 +308,7 @@ async def test_workers_share_ports_restart_and_stop_cleanly(
 async def test_sigterm_lets_a_transaction_in_flight_finish(
     tmp_path: Path, pki: TestPki, sink: Sink, served: list[ServeProcess], workers: int
 ) -> None:
-    """Issue 6: SIGTERM stops accepting, lets a transaction in flight get its 250 after the
+    """SIGTERM stops accepting, lets a transaction in flight get its 250 after the
     upstream accepted it, sends 421 4.3.2 at once to a session between transactions, and
     exits 0. (Before: every open connection was dropped without a reply.)"""
     port = free_port()
@@ -540,7 +540,7 @@ async def test_a_record_under_a_rotated_key_is_read_without_sighup(
 async def test_a_worker_killed_under_load_loses_no_acknowledged_message(
     tmp_path: Path, pki: TestPki, sink: Sink, served: list[ServeProcess]
 ) -> None:
-    """SPEC §2.2, as threats.md G1 measures it in the large: four clients send messages
+    """docs/guarantees.md §2.2 under worker crashes (no message lost): four clients send messages
     with unique Message-IDs, a connection each, while one of two workers is SIGKILLed.
     Every message answered 250 is at the upstream; the ones the kill cut off got no 250
     (an error or a dropped connection: the sender still has them). The service goes on."""

@@ -1,4 +1,5 @@
-"""The shipped policy, and how a rules folder is read, merged and validated (SPEC §8, §11)."""
+"""The shipped policy, and how a rules folder is read, merged and validated
+(docs/guarantees.md §9)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The SMS send path end to end: the official `twilio` SDK -> gateway -> TLS 1.3 stub provider.
 
 Every refusal test checks what the stub provider recorded (nothing) and what the audit log
-holds, not only the status the SDK saw (SPEC §2: nothing sent, an audit entry)."""
+holds, not only the status the SDK saw (docs/guarantees.md §2: nothing sent, an audit entry)."""
 
 from __future__ import annotations
 
@@ -132,7 +132,7 @@ async def test_store_down_is_503_with_retry_after_and_nothing_sent(
             data={"To": NUMBER, "From": "+15005550006", "Body": "hi"},
         )
         assert status == 503 and headers["Retry-After"].isdigit() and doc["code"] == 20503
-        # Answered within the store's 250 ms budget (threats.md G5: 1.5 s on a loaded CI).
+        # Answered within the store's 250 ms budget (bound: 1.5 s on a loaded CI).
         assert time.monotonic() - started < 1.5
         status, headers, doc = await g.post(
             "/v1/messages/sms", json={"to": NUMBER, "from": "+15005550006", "body": "hi"}
@@ -210,7 +210,7 @@ async def test_delivery_entry_that_cannot_be_written_still_answers_then_fails_cl
     assert g.stub.count == 1
 
 
-# --- provider faults (threats.md B6) -----------------------------------------------------------
+# --- provider faults and ambiguous outcomes ----------------------------------------------------
 
 
 async def test_provider_timeout_is_504_and_audited_as_unknown(g: SmsGateway) -> None:

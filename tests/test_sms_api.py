@@ -101,7 +101,7 @@ async def test_native_store_down_is_503(g: SmsGateway) -> None:
     assert g.stub.requests == []
 
 
-# --- bad input: 4xx, never 5xx, never forwarded (threats.md A10, S16, S18) --------------------
+# --- bad input: 4xx, never 5xx, never forwarded (injection, oversized input) --------------------
 
 
 @pytest.mark.parametrize(
@@ -190,7 +190,7 @@ async def test_twilio_passthrough_parameters(g: SmsGateway) -> None:
     assert got.field("ValidityPeriod") == "600"
 
 
-# --- PHI canary (threats.md A21) ----------------------------------------------------------------
+# --- PHI canary (docs/guarantees.md §2.4) -----------------------------------------------------
 
 CANARY = "+1 202 555 0142"
 CANARY_E164 = "+12025550142"

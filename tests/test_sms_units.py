@@ -27,7 +27,7 @@ def rules() -> Rules:
     return rules_files.load_dir(REPO / "rules")
 
 
-# --- numbers (threats.md C5) -------------------------------------------------------------------
+# --- numbers (E.164 normalisation) --------------------------------------------------------------
 
 
 @pytest.mark.parametrize(

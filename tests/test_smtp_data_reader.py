@@ -4,7 +4,7 @@ aiosmtpd reads DATA a line at a time, lines ending at CRLF only, and stops at th
 that is exactly "." CRLF; then it drops the first "." of every line that starts with one.
 `CrlfLineReader.read_data` + `unstuff` must give the same content, leave the same bytes
 (a pipelined next command) in the buffer, and end in the same place, whatever the chunking
-(threats.md S2: where DATA ends is what SMTP smuggling attacks).
+(where DATA ends is what SMTP smuggling attacks).
 """
 
 from __future__ import annotations

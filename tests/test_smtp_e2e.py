@@ -1,7 +1,7 @@
 """The SMTP enforcement path end to end: aiosmtplib client -> gateway -> TLS 1.3 sink.
 
 Every failure test checks what the sink recorded and what the audit log holds, not only
-the reply (SPEC §2: nothing sent, nothing lost, an audit entry)."""
+the reply (docs/guarantees.md §2: nothing sent, nothing lost, an audit entry)."""
 
 from __future__ import annotations
 
@@ -124,7 +124,7 @@ async def test_all_suppressed_reject_mode_answers_550(make_gateway) -> None:  # 
     assert [m.rcpts for m in r.sink.messages] == [["ok@example.org"]]
 
 
-# --- one canonical address (threats.md I3, S6) ---------------------------------------------
+# --- one canonical address (docs/guarantees.md §3.5) ---------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -593,8 +593,8 @@ async def test_pooled_client_sends_many_transactions_on_one_connection(gateway: 
 
 
 async def test_audit_failure_fails_closed_and_sends_nothing(gateway: Running) -> None:
-    """SPEC §2.6: a decision is durable before it is acted on. If the audit log cannot be
-    made durable, nothing is forwarded and the sender is told to retry."""
+    """docs/guarantees.md §2.6: a decision is durable before it is acted on. If the audit log
+    cannot be made durable, nothing is forwarded and the sender is told to retry."""
     assert gateway.gw.audit is not None
 
     def eio(fd: int) -> None:
@@ -609,7 +609,7 @@ async def test_audit_failure_fails_closed_and_sends_nothing(gateway: Running) ->
 
 
 async def test_bare_lf_command_lines_are_refused_and_not_run(gateway: Running) -> None:
-    """threats S1/A3: aiosmtpd splits commands at a bare LF; we answer 500 5.5.2 instead."""
+    """Bare-LF command injection: aiosmtpd splits commands at a bare LF; we answer 500 5.5.2."""
     raw = await RawSMTP.connect(gateway.gw.ports.smtp)
     try:
         raw.writer.write(b"EHLO client.example\nMAIL FROM:<a@b.example>\n")

@@ -42,7 +42,7 @@ from tests.support.redis_servers import (
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_MS = 250
-FAIL_FAST_S = 1.0  # budget 250 ms + scheduling margin; SPEC guarantee 1 (fail closed)
+FAIL_FAST_S = 1.0  # budget 250 ms + scheduling margin; docs/guarantees.md §2.1
 
 
 def pseudo() -> str:
@@ -216,7 +216,8 @@ async def test_lookup_of_five_is_one_command_in_one_round_trip(
 async def test_copied_or_renamed_value_reads_corrupt(
     store: OptOutStore, valkey: RedisServer
 ) -> None:
-    """A22: the key name is the AEAD associated data, so a moved value does not open."""
+    """A value moved to another key: the key name is the AEAD associated data, so it does
+    not open."""
     a, b, c = pseudo(), pseudo(), pseudo()
     rec_a = await store.opt_out("email", a, categories=["marketing"], source="api", now=1.0)
     await store.opt_out("email", b, all=True, source="api", now=1.0)
@@ -333,13 +334,13 @@ async def test_delivered_markers(store: OptOutStore, valkey: RedisServer) -> Non
         await store.delivered("not a digest", ps)
 
 
-# ----------------------------------------------------------------------- faults (B1-B3)
+# ------------------------------------------------------- faults (store down, slow, restarted)
 
 
 async def test_paused_server_fails_within_budget_and_recovers(
     own_server: RedisServer, ring: Keyring
 ) -> None:
-    """B2, and the redis-py cancellation CVEs: a late reply must never answer a later call."""
+    """A slow store, and the redis-py cancellation CVEs: a late reply never answers a later call."""
     s = OptOutStore.from_url(own_server.url, keyring=ring, timeout_ms=TIMEOUT_MS)
     try:
         a, b = pseudo(), pseudo()
@@ -374,7 +375,7 @@ async def test_paused_server_fails_within_budget_and_recovers(
 async def test_killed_server_fails_fast_then_same_store_recovers(
     own_server: RedisServer, ring: Keyring
 ) -> None:
-    """B1 + B3: kill -9 right after an acknowledged opt-out; it is there after restart."""
+    """Store killed: kill -9 right after an acknowledged opt-out; it is there after restart."""
     s = OptOutStore.from_url(own_server.url, keyring=ring, timeout_ms=TIMEOUT_MS)
     try:
         p = pseudo()
@@ -728,7 +729,7 @@ async def test_embedded_cli_process_alone_starts_and_stops_it(
 
 
 async def test_embedded_acknowledged_opt_outs_survive_kill_9(data_dir: Path, ring: Keyring) -> None:
-    """B3 under appendfsync always: kill -9 right after each acknowledged write."""
+    """Store restarted, under appendfsync always: kill -9 right after each acknowledged write."""
     embedded = await EmbeddedRedis.ensure(data_dir)
     s = OptOutStore.from_url(embedded.url, keyring=ring, timeout_ms=TIMEOUT_MS)
     written: dict[str, Record] = {}

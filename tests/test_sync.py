@@ -1,5 +1,5 @@
 """Downstream sync: the change stream delivered to webhooks, signed, retried, dead-lettered,
-never lost when a gateway dies mid-delivery (issue 5, SPEC §5)."""
+never lost when a gateway dies mid-delivery (docs/guarantees.md §6.8)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""TLS 1.3 only, both directions (SPEC §2.5), and the development certificates.
+"""TLS 1.3 only, both directions (docs/guarantees.md §2.5), and the development certificates.
 
 Every handshake here is real: asyncio servers and clients on 127.0.0.1, port 0.
 """

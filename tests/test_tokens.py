@@ -185,7 +185,8 @@ def test_colliding_category_tags_are_told_apart_by_the_mac() -> None:
 
 
 def test_same_work_for_valid_tampered_and_garbage(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Threats A18: the MAC is computed and compared for every key and category, hit or miss."""
+    """No timing side channel: the MAC is computed and compared for every key and category,
+    hit or miss."""
     ring = keys.rotate(keys.generate())
     token = mint(ring)
     verify(ring, token)  # warm the tag table cache

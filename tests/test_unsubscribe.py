@@ -196,7 +196,7 @@ async def test_one_click_multipart_and_repeats_are_harmless(
 
 
 async def test_a_hundred_concurrent_repeats_all_get_200(gateway: Running) -> None:
-    """Threats A16: replaying a token is harmless, even all at once."""
+    """Replay: replaying a token is harmless, even all at once."""
     token = await token_for(gateway)
     connector = aiohttp.TCPConnector(ssl=gateway.client_context(), limit=100)
     async with aiohttp.ClientSession(connector=connector) as session:

@@ -248,7 +248,7 @@ async def test_pool_wait_is_bounded(sink: Sink, make_upstream: UpstreamFactory) 
     assert sink.connections == 1
 
 
-# --- TLS policy (threats S10, S11, A5, A7): nothing is sent ------------------------------
+# --- TLS policy (downgrade, STARTTLS strip or injection): nothing is sent ---------------------
 
 
 @pytest.mark.parametrize(
@@ -293,7 +293,8 @@ async def test_starttls_response_injection_is_ignored(
     sink: Sink, make_upstream: UpstreamFactory
 ) -> None:
     # Pre-staged plaintext after 220 would be read as the reply to the post-TLS EHLO and put
-    # every later reply one command off; aiosmtplib >= 5.1.2 discards it (threats A5).
+    # every later reply one command off; aiosmtplib >= 5.1.2 discards it (STARTTLS response
+    # injection).
     sink.starttls_injection = "250 injected"
     up = make_upstream(sink)
     for r in ("a@example.org", "b@example.org"):
@@ -316,7 +317,7 @@ async def test_auth_after_tls(
             assert s.mail_commands == 0 and s.messages == []
 
 
-# --- addresses are sent byte-for-byte, or not at all (threats S4-S6) ----------------------
+# --- addresses are sent byte-for-byte, or not at all (parser differentials) ------------------
 
 
 async def test_unsendable_addresses_never_reach_the_upstream(

@@ -1,4 +1,4 @@
-"""One canonicaliser for email addresses (threats.md I3).
+"""One canonicaliser for email addresses (docs/guarantees.md §3.5).
 
 `parse_email()` turns the path of a MAIL/RCPT command (or a CLI argument) into an
 `EmailAddress` whose `address` is the exact string given to the upstream, or into an
@@ -221,15 +221,15 @@ class PhoneNumber:
 
 
 MAX_PHONE_CHARS = 64  # longest sane written form ("tel:+1 (202) 555-0173 ext. 12345" and spacing)
-# C0/C1 controls and the Unicode line/paragraph separators: never part of a number, and
-# the characters header and log injection use (threats.md A10). Zero-width and format
-# characters are left to `phonenumbers`, which drops them (C5).
+# C0/C1 controls and the Unicode line/paragraph separators: never part of a number, and the
+# characters header and log injection use. Zero-width and format characters are left to
+# `phonenumbers`, which drops them.
 _PHONE_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _E164 = re.compile(r"\+[1-9][0-9]{1,14}")  # ITU-T E.164: at most 15 digits
 
 
 def parse_phone(text: str, *, region: str) -> PhoneNumber | None:
-    """E.164 via `phonenumbers` (never a hand-written digit regex: threats.md C5).
+    """E.164 via `phonenumbers` (never a hand-written digit regex: look-alikes get past one).
 
     Every spelling of one number gives one string: "+1 555 010 0000", "15550100000",
     "(555) 010-0000" (with region "US"), full-width and Arabic-Indic digits, "tel:" URIs.

@@ -1,4 +1,5 @@
-"""Sender grants: which categories and which From domains a sender may use (SPEC §3).
+"""Sender grants: which categories and which From domains a sender may use
+(docs/guarantees.md §3.3, §3.4).
 
 A category chosen by the message (a header, the native SMS API's field) is sender-controlled
 input: without grants any sender could pick a category that needs no lookup and reach an

@@ -106,7 +106,8 @@ def rewrite(head: Head, *, strip: Callable[[str], bool], prepend: Sequence[bytes
 
 
 def submission_digest(*, message_id: str | None, mail_from: str, data: bytes) -> str:
-    """Identifies a submission across the sender's retries (SPEC §3 partial failure)."""
+    """Identifies a submission across the sender's retries (partial failure:
+    docs/guarantees.md §3.8)."""
     h = hashlib.sha256()
     h.update((message_id or "").encode("utf-8", "replace") + b"\x00")
     h.update(mail_from.encode("utf-8") + b"\x00")

@@ -1,7 +1,7 @@
 """The decision core: facts in, `Decision` out. No IO, no asyncio (STYLE: h11's shape).
 
 A decision is a value, never an exception. Verdict words are those of the audit log and
-CLI (SPEC §12): allow, suppress, defer, reject.
+CLI (docs/guarantees.md §1): allow, suppress, defer, reject.
 """
 
 from __future__ import annotations

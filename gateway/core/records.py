@@ -11,7 +11,7 @@ authenticate. The sealed body may also carry the recipient's canonical address (
 when unknown), so that an authorised export can name people; it exists only inside the
 ciphertext.
 
-The body is packed (a million records must fit in little memory, issue 5):
+The body is packed (a million records must fit in little memory):
 
     0x01 | flags (bit 0: all) | updated_at, ms, 6 bytes big-endian
          | len + source | count | (len + category)... | address (the rest, UTF-8)
@@ -67,7 +67,7 @@ def keyed_message_id(ring: Keyring, message_id: str) -> str:
 
 
 def audit_message_id(ring: Keyring, message_id: str, addresses: Iterable[str]) -> str:
-    """`message_id` as the audit log may hold it (SPEC §2.4 over §7).
+    """`message_id` as the audit log may hold it (docs/guarantees.md §2.4 over §8.1).
 
     Most Message-IDs are a random or time-based left part, `@`, and a host; those are kept
     as they are, so they can be matched against the application's own logs. One whose left
@@ -207,9 +207,9 @@ CORRUPT = Corrupt()
 State = Record | None | Corrupt  # what a lookup yields per pseudonym
 
 
-# The store's sentinel (SPEC §5): a record that exists only to prove the store still holds
-# what this key file's gateways wrote. Sealed like a record (AES-256-GCM under the current
-# record key, its logical name as associated data), its body the sentinel id: a forged,
+# The store's sentinel (docs/guarantees.md §6.5): a record that exists only to prove the store
+# still holds what this key file's gateways wrote. Sealed like a record (AES-256-GCM under the
+# current record key, its logical name as associated data), its body the sentinel id: a forged,
 # copied-in or foreign store's value does not open, or opens to another id.
 SENTINEL_NAME = "og:meta:sentinel"
 _SENTINEL_BODY = b"optgate-sentinel\x00"

@@ -1,6 +1,6 @@
 """The rules: categories, classification, header stripping, SMS texts and keywords.
 
-Pure (SPEC §8, §11): this module holds the immutable `Rules` and what they mean;
+Pure (docs/guarantees.md §9): this module holds the immutable `Rules` and what they mean;
 `gateway.core.rules_parse.parse()` takes the decoded TOML documents of a rules folder, each
 with its file name, and returns one `Rules`, or raises one `ConfigError` naming every
 problem, each prefixed with the file it is in. Reading the folder is `gateway.rules_files`.

@@ -21,12 +21,12 @@ Layout, 40 bytes, written as 64 characters of lower-case base32 without padding 
 Why 64 characters and a `?subject=` mailto: a 128-bit pseudonym and a 128-bit MAC alone
 take 52 base32 characters, exactly what `unsubscribe+` leaves of a 64-octet local part
 (RFC 5321 §4.5.3.1.1), so no token that also names its key, category and issue time fits
-that form. The token itself is 64 octets and rides in `mailto:...?subject=` (SPEC §4);
-inbound mail with the token in the local part is still understood.
+that form. The token itself is 64 octets and rides in `mailto:...?subject=`
+(docs/guarantees.md §5.4); inbound mail with the token in the local part is still understood.
 
 Verification does the same work for every input, valid or not: the MAC under every token
 key for every candidate category, each compared with `hmac.compare_digest`, before any
-store access (threats A18).
+store access (no timing side channel).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ _DOMAIN = b"optgate/token/v1/email\x00"
 # send; a year covers annual mailings and old mail read late, while bounding how long a
 # forwarded message lets someone else see and change the recipient's preferences.
 MAX_AGE_S = 365 * 86400
-# Tokens minted on another instance may come from a clock that runs ahead (threats C2).
+# Tokens minted on another instance may come from a clock that runs ahead (clock skew).
 MAX_FUTURE_S = 3600
 
 MAX_LOCAL_OCTETS = 64  # RFC 5321 §4.5.3.1.1
@@ -150,7 +150,7 @@ def verify(keys: KeySet, token: str, *, categories: Sequence[str], now: float) -
 
     `categories`: the names a token may name (the rules' opt-outable email categories); a
     token for a category that is no longer among them is refused. The work is the same
-    for every input of a given key set and category list (threats A18).
+    for every input of a given key set and category list (no timing side channel).
     """
     decoded = _decode(token)
     raw = decoded if decoded is not None else bytes(TOKEN_BYTES)

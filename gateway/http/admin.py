@@ -1,4 +1,4 @@
-"""The admin API (SPEC §6): opt-outs, bulk import/export, audit search, API keys.
+"""The admin API (docs/guarantees.md §7): opt-outs, bulk import/export, audit search, API keys.
 
 Every route takes ``Authorization: Bearer <key>`` (`gateway.apikeys`): no or a bad key is
 ``401``, a key whose role may not call the route is ``403`` (both audited as
@@ -54,8 +54,8 @@ def count_change(events: Sequence[OptOut | OptIn], source: str, started: float) 
 
 class AuditFirst:
     """The `audit` callback of a store write: the change's entries, durable before the
-    store is touched (SPEC §6: if the audit log cannot be written, nothing changes and the
-    answer is 503). The entries name no change-stream id: none exists yet."""
+    store is touched (docs/guarantees.md §7.2: if the audit log cannot be written, nothing
+    changes and the answer is 503). The entries name no change-stream id: none exists yet."""
 
     def __init__(self, deps: HttpDeps, *, channel: str, pseud: str, source: str, kid: str) -> None:
         self._deps, self._channel, self._pseud = deps, channel, pseud

@@ -45,7 +45,7 @@ log = structlog.get_logger("optgate.http.admin")
 NDJSON_TYPES: Final = frozenset({"application/x-ndjson", "application/jsonl", "application/json"})
 CSV_TYPE: Final = "text/csv"
 # An import body may be large and slow, but not stalled: this long without a byte ends it
-# with 408 and the line to resume from (nginx's client_body_timeout is 60 s; threats.md A14).
+# with 408 and the line to resume from (nginx's client_body_timeout is 60 s; slow-body clients).
 BODY_IDLE_S: Final = 30.0
 
 

@@ -3,10 +3,11 @@
 - Errors are RFC 9457 problem documents (`problem()`), never a traceback: an unexpected
   exception becomes a 500 problem with no detail, and is logged by class name only.
 - The access log names the route template (`/u/{token}`), never the path: paths carry
-  unsubscribe tokens and, on admin routes, addresses (threats.md S17).
+  unsubscribe tokens and, on admin routes, addresses (aiohttp's default access log writes
+  the path).
 - Security headers on every response; no cookies are ever set.
 - Route modules expose `setup(app: web.Application, deps: HttpDeps) -> None`.
-- Slow clients (threats.md A14, S15): a connection whose request headers are not all in
+- Slow clients (slowloris): a connection whose request headers are not all in
   `HEADER_TIMEOUT_S` after it opened or after its last response is closed, and each
   client address may hold `[http] max_connections_per_client` connections, one count
   across every worker (more get a `503` with `Retry-After` and are closed), so trickled
@@ -39,14 +40,14 @@ from gateway.errors import PROBE_RETRY_AFTER_S, OptgateError, retry_after
 log = structlog.get_logger("optgate.http")
 
 MAX_BODY_BYTES = 64 * 1024  # SMS bodies and unsubscribe forms are tiny; bulk import overrides
-# threats.md A14: incomplete request headers past 10 s close the connection. aiohttp's
-# keep-alive timer is armed when a connection opens and after each response, and closes
-# the connection if no whole request has arrived when it fires, so it is that deadline
+# Slow-header clients (slowloris): incomplete request headers past 10 s close the connection.
+# aiohttp's keep-alive timer is armed when a connection opens and after each response, and
+# closes the connection if no whole request has arrived when it fires, so it is that deadline
 # (and the idle keep-alive: clients reconnect; nginx's default is 75 s, ours is shorter
 # because a held connection is what a slow-header attack is made of).
 HEADER_TIMEOUT_S = 10.0
 # A request body here is at most MAX_BODY_BYTES: one that has not all arrived this long after
-# the handler asked for it is answered 408 (threats.md A14's slow-body variant). aiohttp has
+# the handler asked for it is answered 408 (slowloris's slow-body variant). aiohttp has
 # no such deadline of its own. (The bulk import streams its body: admin_bulk.BODY_IDLE_S.)
 BODY_TIMEOUT_S = 10.0
 BUSY_REPLY = (

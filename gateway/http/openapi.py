@@ -1,9 +1,9 @@
 """``GET /openapi.json``: an OpenAPI 3.0 description of every route on the HTTPS listener.
 
-Served without authentication (SPEC §6). The admin and health routes are fuzzed against it
-in CI (tests/test_admin_schema.py, schemathesis): no ``5xx`` and no response that the
-document does not describe. The SMS and unsubscribe routes are described from their
-modules' contracts (SPEC §3, §4).
+Served without authentication (docs/guarantees.md §7.1). The admin and health routes are
+fuzzed against it in CI (tests/test_admin_schema.py, schemathesis): no ``5xx`` and no response
+that the document does not describe. The SMS and unsubscribe routes are described from their
+modules' contracts (docs/guarantees.md §4, §5).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`/u/{token}`: RFC 8058 one-click unsubscribe and the preference page (SPEC §4).
+"""`/u/{token}`: RFC 8058 one-click unsubscribe and the preference page (docs/guarantees.md §5).
 
     POST List-Unsubscribe=One-Click   (urlencoded or multipart; what mail providers send)
          -> the token's category, durable in store and audit, then 200. No redirect, no

@@ -1,4 +1,4 @@
-"""The SMS channel (SPEC §3 SMS): sending through a provider, and inbound texts.
+"""The SMS channel (docs/guarantees.md §4): sending through a provider, and inbound texts.
 
     message.py    pure: validated outgoing texts (Twilio form, native JSON), the footer,
                   the refusals both APIs render (Twilio error body or RFC 9457 problem)

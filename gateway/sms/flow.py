@@ -9,16 +9,16 @@ that skips the lookup. Not granted: a `reject` entry with rule `sender.categorie
 looked up or sent, and the routes answer 403.
 
 It mirrors `gateway.smtp.flow`: the "decision" entry is durable before anything is sent
-(SPEC §2.6), a failed lookup fails closed (SPEC §2.1), and a "delivery" entry records what
-the provider did, durable before the application is answered, as the email path's: a reply
-the application saw (a message SID it may show someone) is always in the log with its
+(docs/guarantees.md §2.6), a failed lookup fails closed (§2.1), and a "delivery" entry records
+what the provider did, durable before the application is answered, as the email path's: a
+reply the application saw (a message SID it may show someone) is always in the log with its
 outcome, even if the gateway dies right after answering. The routes only translate: they
 render a `Result` as Twilio's reply or as an RFC 9457 problem, and never decide anything.
 
 A provider error 21610 ("unsubscribed recipient": the number texted STOP to the provider
 directly) is copied into the local store as an opt-out of everything on SMS, so the next
-send is stopped here without asking the provider (threats.md B6). Its audit entry is
-written first: if it cannot be, nothing is copied, and the next send tries again.
+send is stopped here without asking the provider (docs/guarantees.md §4.3). Its audit
+entry is written first: if it cannot be, nothing is copied, and the next send tries again.
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@ What is accepted, and why:
   any other control character is refused.
 - Other Twilio parameters pass through only when listed in `PASSTHROUGH` and well formed.
   Scheduling (`SendAt`, `ScheduleType`) is refused: the message would leave after the
-  opt-out check, and an opt-out made in between would not stop it (SPEC §2.1, §2.3).
+  opt-out check, and an opt-out made in between would not stop it (docs/guarantees.md
+  §2.1, §2.3).
   Content templates are refused: their text cannot be checked for a STOP instruction.
 """
 

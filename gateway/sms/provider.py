@@ -1,17 +1,17 @@
 """The gateway's one outbound HTTPS client for the SMS channel (aiohttp, TLS 1.3 only).
 
-One `ClientSession` per process, made when the HTTPS app starts and closed when it stops:
-its connector pools connections to the provider (and to the inbound forward target), so a
-send costs no TCP or TLS handshake once warm. Every call is bounded by an explicit
-`ClientTimeout` (aiohttp's default is 300 s total: threats.md S16), never follows
-redirects, ignores proxy variables from the environment, keeps no cookies (a provider API
-needs none, and nothing it sets should ride along on later calls), and reads at most
+One `ClientSession` per process, made when the HTTPS app starts and closed when it stops: its
+connector pools connections to the provider (and to the inbound forward target), so a send
+costs no TCP or TLS handshake once warm. Every call is bounded by an explicit `ClientTimeout`
+(aiohttp's default is 300 s total: a stalled provider would hold a send that long), never
+follows redirects, ignores proxy variables from the environment, keeps no cookies (a provider
+API needs none, and nothing it sets should ride along on later calls), and reads at most
 `MAX_REPLY_BYTES` of a reply.
 
 aiohttp's exceptions are translated here and nowhere else, into `ProviderError`, which
 says what the caller can tell the application: 502 when the request certainly did not
 reach the provider (`outcome="failed"`), 504 or 502 with `outcome="unknown"` when it may
-have (a timeout or a dropped connection after the request was written: threats.md B6).
+have (a timeout or a dropped connection after the request was written).
 """
 
 from __future__ import annotations

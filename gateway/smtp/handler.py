@@ -1,12 +1,12 @@
 """aiosmtpd's hooks for the gateway: authentication, MAIL, RCPT and DATA, translated into
 `EmailFlow` calls and their replies. It decides nothing itself.
 
-The unsubscribe mailbox (`unsubscribe@` or `unsubscribe+TOKEN@` the unsubscribe domain,
-any case) is the one recipient accepted without AUTH (SPEC §3, §4). Such a transaction
-holds unsubscribe recipients only; after DATA it records the opt-out (`gateway.unsubscribe`)
-and is never forwarded. A bad token gets `550 5.1.1` (at RCPT when it is in the local part)
-and nothing is ever sent back (no backscatter, threats A20). Such a transaction, and any
-transaction begun without a sender, is limited to `UNAUTHENTICATED_MAX_BYTES`.
+The unsubscribe mailbox (`unsubscribe@` or `unsubscribe+TOKEN@` the unsubscribe domain, any
+case) is the one recipient accepted without AUTH (docs/guarantees.md §3.2, §5.4). Such a
+transaction holds unsubscribe recipients only; after DATA it records the opt-out
+(`gateway.unsubscribe`) and is never forwarded. A bad token gets `550 5.1.1` (at RCPT when it
+is in the local part) and nothing is ever sent back (no backscatter). Such a transaction, and
+any transaction begun without a sender, is limited to `UNAUTHENTICATED_MAX_BYTES`.
 """
 
 from __future__ import annotations

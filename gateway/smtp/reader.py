@@ -1,8 +1,8 @@
 """How the SMTP adapter reads from a client: command lines that must end in CRLF, and DATA
 in bulk.
 
-aiosmtpd splits commands at LF alone, so ``EHLO x\nMAIL FROM:...`` would run both (S1,
-threats A3): `CrlfLineReader` refuses a command line without its CR (`BareLineFeed`,
+aiosmtpd splits commands at LF alone, so ``EHLO x\nMAIL FROM:...`` would run both (bare-LF
+command injection): `CrlfLineReader` refuses a command line without its CR (`BareLineFeed`,
 answered ``500 5.5.2``). aiosmtpd also handles every line of DATA in Python;
 `CrlfLineReader.read_data` finds the same end, limits and faults in bulk, and `unstuff`
 undoes the dot-stuffing (tests/test_smtp_data_reader.py checks both against aiosmtpd's

@@ -1,22 +1,23 @@
 """The SMTP adapter: aiosmtpd in, `EmailFlow` out. It translates, it does not decide.
 
-Corrections to aiosmtpd's defaults, each for a reason recorded in threats.md §2:
-- addresses are split by our own strict `split_path` (S6/S7: aiosmtpd's RFC 5322 parser
+Corrections to aiosmtpd's defaults, each for a reason (docs/security.md):
+- addresses are split by our own strict `split_path` (aiosmtpd's RFC 5322 parser
   accepts source routes and quoted forms that a relay would read differently);
-- its stock replies get enhanced status codes (S12) in `push()`, the one place they pass;
-- idle and whole-session time limits answer `421 4.4.2` instead of a silent close (S13);
+- its stock replies get enhanced status codes (RFC 3463) in `push()`, the one place they pass;
+- idle and whole-session time limits answer `421 4.4.2` instead of a silent close (slowloris);
 - connections per client address are capped (`421 4.7.0`), one count across workers;
 - AUTH PLAIN/LOGIN credentials are checked by an awaited hook (`GatewayHandler.login`),
   so the password hash runs off the event loop: aiosmtpd's authenticator is synchronous,
   so it only hands the credentials on (`_deferred`), and `auth_PLAIN`/`auth_LOGIN` await
   the check; a client address past its failed-login limit gets ``421 4.7.0`` at AUTH and
   is closed;
-- a command line ending in a bare LF gets `500 5.5.2` and is not run (S1, threats A3:
-  aiosmtpd splits commands at LF alone, so ``EHLO x\nMAIL FROM:...`` would run both);
-- `mail.log` logs every address at INFO (S14): `service.py` raises it to WARNING;
-- before TLS, HELO and RSET are served too (SPEC §3; aiosmtpd's fixed allow-list has
-  only EHLO, STARTTLS, NOOP and QUIT): neither can reach MAIL, AUTH, RCPT or DATA, which
-  still answer 530, and HELO cannot lead to STARTTLS (that needs EHLO's list);
+- a command line ending in a bare LF gets `500 5.5.2` and is not run (bare-LF command
+  injection: aiosmtpd splits commands at LF alone, so ``EHLO x\nMAIL FROM:...`` would run
+  both);
+- `mail.log` logs every address at INFO: `service.py` raises it to WARNING;
+- before TLS, HELO and RSET are served too (docs/guarantees.md §3.1; aiosmtpd's fixed
+  allow-list has only EHLO, STARTTLS, NOOP and QUIT): neither can reach MAIL, AUTH, RCPT or
+  DATA, which still answer 530, and HELO cannot lead to STARTTLS (that needs EHLO's list);
 - DATA is read in bulk (`CrlfLineReader.read_data`): aiosmtpd handled every line of it
   in Python; the end, the limits and the dot-unstuffing are the same
   (tests/test_smtp_data_reader.py checks them against aiosmtpd's line rule);
@@ -59,11 +60,11 @@ if TYPE_CHECKING:  # the handler's module imports this one
 log = structlog.get_logger("optgate.smtp")
 
 # aiosmtpd reads this module-level set for every command before TLS and offers no per-server
-# setting; widening it in place is the one way to serve what SPEC §3 lists. It only ever
-# grows: MAIL, RCPT, DATA, AUTH, VRFY and EXPN stay out (tests/test_smtp_e2e.py).
+# setting; widening it in place is the one way to serve what docs/guarantees.md §3.1 lists.
+# It only ever grows: MAIL, RCPT, DATA, AUTH, VRFY and EXPN stay out (tests/test_smtp_e2e.py).
 aiosmtpd_smtp.ALLOWED_BEFORE_STARTTLS.update({"HELO", "RSET"})
 
-# Per-connection command budgets: bounds NOOP/EHLO/AUTH abuse (threats.md S13, A13) while a
+# Per-connection command budgets: bounds NOOP/EHLO/AUTH abuse (SMTP slowloris) while a
 # pooled client may still send any number of transactions on one connection.
 COMMAND_CALL_LIMIT = {
     "NOOP": 100,
@@ -328,11 +329,11 @@ class GatewaySMTP(SMTP):
         if plain is None or plain.is_closing():  # closed meanwhile
             raise TLSSetupException()
         # Whatever the client sent after STARTTLS so far is plaintext it pipelined: drop it
-        # (RFC 3207 §4.2; threats S3). Nothing can arrive between this and start_tls, which
-        # pauses the socket and hands it to the TLS layer before it first yields; from then
-        # on stray plaintext goes to the handshake, which fails. (aiosmtpd clears the buffer
-        # after the handshake instead: with start_tls the client's first encrypted command
-        # may already be in it by then.)
+        # (RFC 3207 §4.2: STARTTLS command injection). Nothing can arrive between this and
+        # start_tls, which pauses the socket and hands it to the TLS layer before it first
+        # yields; from then on stray plaintext goes to the handshake, which fails. (aiosmtpd
+        # clears the buffer after the handshake instead: with start_tls the client's first
+        # encrypted command may already be in it by then.)
         self._reader._buffer.clear()  # type: ignore[attr-defined]
         try:
             secure = await self.loop.start_tls(

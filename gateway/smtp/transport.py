@@ -42,10 +42,10 @@ class Upstream(Protocol):
 
 
 def address_problem(address: str, *, smtputf8: bool, sender: bool) -> tuple[int, str] | None:
-    """Refuse what cannot go on the wire as exactly `<address>` (threats S5, S6). MAIL and
-    RCPT are written by `gateway.smtp.upstream` (`_envelope`), not through aiosmtplib's
-    `mail()`/`rcpt()`, whose address parser could send another string than the one that
-    was checked."""
+    """Refuse what cannot go on the wire as exactly `<address>` (control characters, parser
+    differentials). MAIL and RCPT are written by `gateway.smtp.upstream` (`_envelope`), not
+    through aiosmtplib's `mail()`/`rcpt()`, whose address parser could send another string
+    than the one that was checked."""
     if UNSENDABLE.search(address) or (not sender and "@" not in address):
         return (553, f"5.1.{7 if sender else 3} Address cannot be sent as given")
     if not smtputf8 and not address.isascii():

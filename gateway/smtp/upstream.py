@@ -237,7 +237,7 @@ class SmtpUpstream:
         self, smtp: aiosmtplib.SMTP, copy: Copy, rcpts: list[str], t: Tally
     ) -> bool:
         """Run one transaction; return whether the session is still fit for reuse."""
-        with _translated("mail"):  # a tripwire: no MAIL unless this session is TLS 1.3
+        with _translated("mail"):  # a tripwire: no MAIL unless this connection is TLS 1.3
             _require_tls13(smtp)
         if copy.smtputf8 and not smtp.supports_extension("smtputf8"):
             t.fail(rcpts, 553, "5.6.7 Upstream does not support SMTPUTF8")
@@ -330,7 +330,7 @@ class SmtpUpstream:
     async def _open(self) -> _Conn:
         # start_tls=False only because STARTTLS is issued below, unconditionally: a server that
         # does not offer it fails the policy (4.7.0) instead of getting the library's
-        # opportunistic plaintext fallback (threats S11, A7).
+        # opportunistic plaintext fallback (STARTTLS stripping, TLS downgrade).
         smtp = aiosmtplib.SMTP(
             hostname=self.host, port=self.port, local_hostname=self._local_hostname,
             timeout=self._timeout, use_tls=self._implicit, start_tls=False, tls_context=self._tls,

@@ -1,11 +1,11 @@
 """Change-stream entries: how one opt-out or opt-in is written to the Redis Stream (pure).
 
-Every acknowledged change to a record appends one entry to ``og:changes`` (SPEC §5). An
-entry holds the recipient's pseudonym, never a plaintext address: when the writer knew
-the address it is carried AES-256-GCM-sealed under the current record key (member
-``ad``), with the stream key, channel and pseudonym as associated data, so it cannot be
-moved onto another entry. Only the sync worker opens it, and only for a webhook
-configured with ``include_address = true``.
+Every acknowledged change to a record appends one entry to ``og:changes`` (docs/guarantees.md
+§6.8). An entry holds the recipient's pseudonym, never a plaintext address: when the writer
+knew the address it is carried AES-256-GCM-sealed under the current record key (member
+``ad``), with the stream key, channel and pseudonym as associated data, so it cannot be moved
+onto another entry. Only the sync worker opens it, and only for a webhook configured with
+``include_address = true``.
 
 An entry has two fields, kept short because the stream lives in Redis memory and every
 field costs a listpack header:

@@ -216,7 +216,7 @@ class OptOutStore(RecordWrites):
         }
         scheme = urlsplit(url).scheme
         if scheme in ("rediss", "rediss+cluster"):
-            options["ssl_min_version"] = ssl.TLSVersion.TLSv1_3  # SPEC §2.5: TLS 1.3 only
+            options["ssl_min_version"] = ssl.TLSVersion.TLSv1_3  # docs/guarantees.md §2.5
         if scheme in ("redis+cluster", "rediss+cluster"):
             client: Client = _cluster_client(url, options)
         elif scheme in ("redis", "rediss", "unix"):

@@ -1,1 +1,1 @@
-"""Downstream sync: the change stream delivered to webhooks (SPEC §5)."""
+"""Downstream sync: the change stream delivered to webhooks (docs/guarantees.md §6.8)."""

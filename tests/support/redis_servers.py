@@ -2,7 +2,7 @@
 
 Every process is started here with ``start_new_session`` and tracked by pid; ``stop()``,
 ``kill()`` and an atexit hook end only those pids. ``pause()``/``resume()`` are SIGSTOP
-and SIGCONT (the B2 "Redis slow" fault), ``kill()`` is SIGKILL (B1/B3).
+and SIGCONT (a slow store), ``kill()`` is SIGKILL (a store down or restarted).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ Scriptable faults, read at the moment they apply (set them any time):
 the message, then close without replying: the ambiguous case), `delay_data_s` (stall
 before the final reply), `drop_at_mail` (the next N MAIL commands close the session with
 no reply, like a server that dropped an idle connection), `starttls_injection` (text sent
-in the same segment as the STARTTLS 220, threats A5). To refuse connections, stop it.
+in the same segment as the STARTTLS 220: response injection). To refuse connections, stop it.
 
 What arrived is in `messages` (only copies the sink accepted, or took before dropping);
 `connections`, `mail_commands` and `data_commands` count what it saw.
@@ -36,7 +36,7 @@ from typing import Any, AnyStr, cast
 import trustme
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
-# aiosmtpd logs every command line, addresses included, at INFO (threats S14).
+# aiosmtpd logs every command line, addresses included, at INFO.
 logging.getLogger("mail.log").setLevel(logging.WARNING)
 
 STOP_TIMEOUT_S = 5.0  # joining the sink's thread; a stuck sink fails the test instead of hanging
