@@ -195,7 +195,7 @@ class SmtpUpstream:
                 conn = self._idle.pop()
                 if conn.wire.is_connected and self._fresh(conn, now):
                     return conn, True
-                conn.wire.close()
+                _retire(conn.wire)
             return await self._open(), False
         except BaseException:
             self._slots.release()
@@ -215,10 +215,7 @@ class SmtpUpstream:
         # The least recently used sessions are at the bottom of the stack: those idle past
         # MAX_IDLE_S are no longer needed by the work in flight; close them politely.
         while self._idle and not self._fresh(self._idle[0], now):
-            stale = self._idle.pop(0).wire
-            if stale.is_connected:
-                stale.write(b"QUIT\r\n")  # its reply is not awaited: close() flushes first
-            stale.close()
+            _retire(self._idle.pop(0).wire)
         self._slots.release()
 
     async def _open(self) -> _Conn:
@@ -259,6 +256,13 @@ class SmtpUpstream:
                 raise UpstreamBroken(*TLS_POLICY, detail="no-auth")
             with _translated("auth"):
                 await smtp.login(self._username, self._password)
+
+
+def _retire(wire: Wire) -> None:
+    """Close an idle session politely: QUIT, its reply not awaited (close() flushes first)."""
+    if wire.is_connected:
+        wire.write(b"QUIT\r\n")
+    wire.close()
 
 
 def _tls_version(smtp: aiosmtplib.SMTP) -> str | None:
