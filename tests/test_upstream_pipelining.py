@@ -12,7 +12,6 @@ import asyncio
 import importlib.util
 import shutil
 import socket
-import statistics
 import sys
 import tempfile
 import time
@@ -61,7 +60,7 @@ def upstream(url: str, pki: TestPki, **kw: Any) -> SmtpUpstream:
 # --- aiosmtpd offering PIPELINING ------------------------------------------------------------
 
 
-async def _ehlo_with_pipelining(
+async def _ehlo_with_pipelining(  # noqa: PLR0917 - aiosmtpd's handle_EHLO signature
     self: Any, server: SMTP, session: Session, envelope: Envelope, hostname: str, lines: list[str]
 ) -> list[str]:
     session.host_name = hostname
@@ -283,3 +282,107 @@ async def test_sessions_idle_past_the_limit_are_closed_as_the_work_shrinks(
         assert sum(s.transport is not None for s in sessions) == 1
     finally:
         await up.close()
+
+
+# --- a real Postfix smtpd as the provider -------------------------------------------------
+
+ACCESS = "busy@example.org 450 4.2.1 Mailbox busy\ngone@example.org 550 5.1.1 No such user\n"
+TLSMGR = "tlsmgr    unix  - - n 1000? 1 tlsmgr\n"
+# The same smtpd on a second port, announcing no PIPELINING (smtpd_discard_ehlo_keywords).
+# Postfix logs the pipelining errors it detects as "improper command pipelining"; version
+# 3.7 does not flag a MAIL/RCPT/DATA group sent to this port, so that one-command-per-round-
+# trip is kept here is shown by the aiosmtpd and RTT tests above, not by this log.
+NO_PIPELINING = "{listen} inet n - n - - smtpd -o smtpd_discard_ehlo_keywords=pipelining\n"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def postfix_pki(tmp_path_factory: pytest.TempPathFactory) -> TestPki:
+    return make_test_pki(tmp_path_factory.mktemp("postfix-pki"))
+
+
+@pytest.fixture(scope="module")
+def relayed() -> Iterator[Sink]:
+    """Where Postfix relays what it accepted: a plaintext recording sink."""
+    s = Sink(tls=False)
+    asyncio.run(s.start())
+    yield s
+    asyncio.run(s.stop())
+
+
+@pytest.fixture(scope="module")
+def postfix(postfix_pki: TestPki, relayed: Sink) -> Iterator[tuple[Any, int]]:
+    """A private Postfix: STARTTLS with TLS 1.3 only, recipients refused from an access map;
+    yields (the instance, the port of its no-PIPELINING listener)."""
+    if not shutil.which("postfix"):
+        pytest.skip("Debian postfix is not installed")
+    harness = _load("postfix")
+    root = Path(tempfile.mkdtemp(prefix="optgate-postfix-"))  # its daemons must reach it
+    pf = harness.Postfix(root, port=_free_port(), sink_port=relayed.port, concurrency=4)
+    (pf.conf / "access").write_text(ACCESS)
+    settings = {
+        "smtpd_tls_security_level": "may",
+        "smtpd_tls_cert_file": postfix_pki.cert_pem,
+        "smtpd_tls_key_file": postfix_pki.key_pem,
+        "smtpd_tls_protocols": ">=TLSv1.3",
+        "smtpd_tls_mandatory_protocols": ">=TLSv1.3",
+        "smtpd_tls_loglevel": "1",
+        "smtpd_recipient_restrictions": (
+            f"check_recipient_access texthash:{pf.conf / 'access'}, permit_mynetworks, reject"
+        ),
+    }
+    with (pf.conf / "main.cf").open("a") as main_cf:
+        main_cf.writelines(f"{k} = {v}\n" for k, v in settings.items())
+    plain_port = _free_port()
+    with (pf.conf / "master.cf").open("a") as master_cf:
+        master_cf.write(TLSMGR + NO_PIPELINING.format(listen=f"127.0.0.1:{plain_port}"))
+    try:
+        pf.start()
+        yield pf, plain_port
+    finally:
+        pf.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _relayed_rcpts(sink: Sink, want: int) -> list[str]:
+    deadline = time.monotonic() + DELIVERY_WAIT_S
+    while sum(len(m.rcpts) for m in sink.messages) < want and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return sorted(r for m in sink.messages for r in m.rcpts)
+
+
+@pytest.mark.parametrize("pipelining", [True, False], ids=["pipelined", "no-pipelining-offered"])
+async def test_postfix_refusing_some_rcpts_450_and_550_gets_the_same_verdicts(
+    postfix: tuple[Any, int], postfix_pki: TestPki, relayed: Sink, pipelining: bool
+) -> None:
+    pf, plain_port = postfix
+    port = pf.port if pipelining else plain_port
+    relayed.messages.clear()
+    up = upstream(f"smtp://127.0.0.1:{port}", postfix_pki)
+    tag = "p" if pipelining else "s"
+    rcpts = (f"{tag}1@example.org", "busy@example.org", "gone@example.org", f"{tag}2@x.example")
+    try:
+        first = await up.deliver(copy(*rcpts))
+        second = await up.deliver(copy(f"{tag}3@example.org"))  # the same pooled session
+        assert up.connections_opened == 1
+    finally:
+        await up.close()
+    assert first.accepted == (rcpts[0], rcpts[3])
+    why = "<{}>: Recipient address rejected: {}"
+    busy = (450, "4.2.1 " + why.format("busy@example.org", "Mailbox busy"))
+    gone = (550, "5.1.1 " + why.format("gone@example.org", "No such user"))
+    assert (dict(first.temp_failed), dict(first.perm_failed)) == (
+        {"busy@example.org": busy},
+        {"gone@example.org": gone},
+    )
+    assert second.accepted == (f"{tag}3@example.org",)
+    got = await asyncio.to_thread(_relayed_rcpts, relayed, 3)
+    assert got == sorted([rcpts[0], rcpts[3], f"{tag}3@example.org"])
+    log = pf.maillog.read_text(errors="replace")
+    assert "improper command pipelining" not in log
+    assert "TLS connection established from" in log and "TLSv1.3 with cipher" in log
