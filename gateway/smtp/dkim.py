@@ -76,8 +76,6 @@ _SELECTOR = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
 PrivateKey = rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
 
 
-
-
 @dataclass(frozen=True, slots=True, kw_only=True)
 class KeyMaterial:
     """One loaded key."""
