@@ -26,6 +26,7 @@ HTTP_MAX_CONNECTIONS_PER_CLIENT = 256
 REDIS_TIMEOUT_MS = 250  # a lookup slower than this fails closed (451 4.3.0)
 AUDIT_RETENTION_DAYS = 2190  # six years: HIPAA 45 CFR 164.316(b)(2)(i)
 AUDIT_MAX_FILE_BYTES = 64 * 1024 * 1024  # a day of a busy gateway, still quick to verify
+UPSTREAM_POOL_SIZE = 64  # see UpstreamEmailConfig.pool_size
 IMPORT_BATCH = 500  # import lines per store round trip and audit fsync
 # The outboxes stand in for a provider on a development or test machine: what is kept is
 # for a person to look at, and a load test writes thousands a minute (121 MB of email in a
@@ -194,7 +195,15 @@ class UpstreamEmailConfig:
     ca_file: Path | None = setting(
         None, "Extra CA to verify the provider.", kind="path", default_doc="(none)"
     )
-    pool_size: int = setting(8, "Upstream connections per worker at most.", kind="int", minimum=1)
+    pool_size: int = setting(
+        UPSTREAM_POOL_SIZE,
+        "Upstream sessions per worker at most; sessions are opened only for copies in flight"
+        " and closed when idle, so this bounds a burst, not the idle cost. A provider 20 ms"
+        " away takes about 2 round trips per pipelined copy: 64 sessions keep about 1,600"
+        " copies/s per worker in flight, so distance costs latency, not capacity.",
+        kind="int",
+        minimum=1,
+    )
     timeout_s: float = setting(
         30.0, "Seconds for one upstream command.", kind="float", minimum=0.001
     )
