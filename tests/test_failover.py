@@ -22,11 +22,13 @@ import aiosmtplib
 import pytest
 import redis
 
+from gateway.core.keys import generate
 from gateway.core.records import pseudonym
 from gateway.errors import StoreUnavailable
 from gateway.store.names import record_slot
+from gateway.store.redis_store import OptOutStore
 from tests.conftest import GatewayFactory, Running, message
-from tests.support.redis_servers import Cluster, RedisServer, short_tempdir
+from tests.support.redis_servers import Cluster, RedisServer, short_tempdir, start_standalone
 
 pytestmark = pytest.mark.slow
 
@@ -236,3 +238,41 @@ async def test_an_opt_out_its_replica_has_not_got_is_refused_not_lost_in_a_failo
     print(f"lagging replica: written {len(on_victim)} acked {len(acked)} lost {len(lost)}")
     assert lost == []
     assert acked == []  # refused: the replica did not confirm them within the budget
+
+
+async def test_an_opt_out_its_only_replica_cannot_confirm_is_refused_not_acknowledged() -> None:
+    """Standalone primary + replica: the default (1, from INFO replication) confirms each
+    write on the replica, by WAITAOF 1 1 or, on a server without WAITAOF, WAIT 1; with the
+    replica gone, an opt-out is refused (StoreUnavailable: 503) and opening says why."""
+    home = short_tempdir("og-rep-")
+    primary = start_standalone(home / "primary")
+    replica = RedisServer(
+        home=home / "replica",
+        args=["--appendonly", "yes", "--appendfsync", "always",
+              "--replicaof", "127.0.0.1", str(primary.port)],
+    )  # fmt: skip
+    store = OptOutStore.from_url(primary.url, keyring=generate(), timeout_ms=250)
+    try:
+        replica.start()
+        assert await wait_for(lambda: Cluster.online_replicas(primary) == 1, 20)
+        assert await store.configure_replicas(None) is None
+        assert store.min_replicas == 1
+        first, second, third = (f"{n:032x}" for n in range(3))
+        await store.opt_out("email", first, all=True, source="t", now=time.time())
+        store._waitaof = False  # as a server without WAITAOF (Redis < 7.2): WAIT 1
+        await store.opt_out("email", second, all=True, source="t", now=time.time())
+        store._waitaof = None
+        with replica.client() as r:
+            assert r.dbsize() == primary.admin.dbsize()  # both writes are on the replica
+        replica.kill()
+        assert await wait_for(lambda: Cluster.online_replicas(primary) == 0, 20)
+        warning = await store.configure_replicas(None)  # no replica now: 0 by default
+        assert warning is None and store.min_replicas == 0
+        warning = await store.configure_replicas(1)  # required, and none connected
+        assert warning is not None and "min_replicas_acked" in warning
+        with pytest.raises(StoreUnavailable, match="replicas required"):
+            await store.opt_out("email", third, all=True, source="t", now=time.time())
+    finally:
+        await store.close()
+        replica.kill()
+        primary.stop()
