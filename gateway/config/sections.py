@@ -177,6 +177,19 @@ class RedisConfig:
         "Allow plaintext redis:// to a host other than loopback (use rediss:// instead).",
         kind="bool",
     )
+    min_replicas_acked: int | None = setting(
+        None,
+        "An opt-out is acknowledged only once the primary has fsynced it and at least this"
+        " many of its replicas have it (WAITAOF 1 N on Valkey/Redis 7.2+, else WAIT N);"
+        " within the write budget, else the write fails (503) and the client retries. Unset:"
+        " decided when the store is opened, from each primary's INFO replication"
+        " connected_slaves: 1 when any primary has a replica connected, else 0 (the embedded"
+        " store has none). A failover promotes a replica: with 0, an opt-out acknowledged"
+        " just before the primary died can be missing on the new one.",
+        kind="int",
+        minimum=0,
+        default_doc="1 when the store has replicas, else 0",
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -32,6 +32,10 @@ async def open_store(
     store = OptOutStore.from_url(url, keyring=ring, timeout_ms=cfg.redis.timeout_ms)
     store.quiet = quiet
     try:
+        # First: every write below (the sentinel's too) waits for the replicas it needs.
+        warning = await store.configure_replicas(cfg.redis.min_replicas_acked)
+        if warning and not quiet:
+            log.warning("store_replicas_missing", detail=warning)
         await store.check_keyring()
         moved = await store.migrate_layout()
         if moved:

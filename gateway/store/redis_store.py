@@ -11,8 +11,10 @@ defaults to 10 with backoff and 5 s socket timeouts: seconds, not ``redis.timeou
 redis-py disconnects a connection whose read was cancelled, so a late reply is never
 read as the answer to a later call (tested).
 
-Writes (compare-and-set, each confirmed fsynced with ``WAITAOF``, and the change-stream
-entry that records each one) are the ``RecordWrites`` half, in ``store.writes``.
+Writes (compare-and-set, each confirmed fsynced with ``WAITAOF``, on the store's replicas
+too when it has them, and the change-stream entry that records each one) are the
+``RecordWrites`` half, in ``store.writes``; ``configure_replicas`` decides how many
+replicas must confirm each write.
 
 The sentinel (``store.sentinel``): every read of records (lookup, get, the read before a
 write) also reads the store's sentinel in the same round trip, as one more key of the
@@ -573,6 +575,7 @@ class OptOutStore(RecordWrites):
         """`args` run on every primary; a ResponseError comes back as a value."""
         client = self._client
         if isinstance(client, RedisCluster):
+            await client.initialize()  # a new client knows no primaries yet (no-op after)
             run: Callable[..., Awaitable[Any]] = client.execute_command
             targets: list[dict[str, Any]] = [{"target_nodes": n} for n in client.get_primaries()]
         else:
@@ -584,6 +587,46 @@ class OptOutStore(RecordWrites):
             except ResponseError as exc:
                 replies.append(exc)
         return replies
+
+    async def replica_counts(self) -> list[int]:
+        """`connected_slaves` of ``INFO replication`` on each primary (one number when
+        standalone); a server that will not say counts as none."""
+        async with self._guard("replication check", self._write_s):
+            replies = await self._on_each_primary("INFO", "replication")
+        counts = []
+        for reply in replies:
+            value = reply.get("connected_slaves", 0) if isinstance(reply, dict) else 0
+            counts.append(int(value) if isinstance(value, int | str | bytes) else 0)
+        return counts
+
+    async def configure_replicas(self, min_acked: int | None) -> str | None:
+        """Set how many replicas must confirm each write: `min_acked` ([redis]
+        min_replicas_acked), or when None 1 if any primary has a replica connected now,
+        else 0. Returns a one-line warning when replicas are required but a primary has
+        fewer connected (its writes are refused until they are back), else None."""
+        counts = await self.replica_counts()
+        if min_acked is None:
+            min_acked = 1 if any(counts) else 0
+        self.min_replicas = min_acked
+        if min_acked and self._waitaof is None:
+            # Learn now whether WAITAOF exists, so that the first write sends WAIT instead
+            # on a server without it (the probe waits for nothing: 0 0, 1 ms).
+            probes = await self._probe_waitaof()
+            if any(isinstance(p, ResponseError) and "unknown command" in str(p).lower()
+                   for p in probes):  # fmt: skip
+                self._waitaof = False
+        short = sum(1 for c in counts if c < min_acked)
+        if not short:
+            return None
+        return (
+            f"opt-out writes need {min_acked} replica(s) to confirm them ([redis] "
+            f"min_replicas_acked) but {short} of {len(counts)} primaries have fewer "
+            "connected: their opt-outs are refused (503) until the replicas are back"
+        )
+
+    async def _probe_waitaof(self) -> list[Any]:
+        async with self._guard("WAITAOF check", self._write_s):
+            return await self._on_each_primary("WAITAOF", 0, 0, 1)
 
     async def ping(self) -> None:
         """Every primary answers within the lookup budget."""

@@ -85,7 +85,7 @@ async def _write(store: OptOutStore, blob: bytes, *, only_if_absent: bool) -> No
             for name in names[start : start + COPIES_PER_PIPELINE]:
                 pipe.execute_command("SET", name, blob)
             for node in client.get_primaries():
-                pipe.execute_command("WAITAOF", 1, 0, 1000, target_nodes=node)
+                pipe.execute_command("WAITAOF", 1, store.min_replicas, 1000, target_nodes=node)
             replies: list[Any] = await pipe.execute(raise_on_error=False)
         for reply in replies[: -len(client.get_primaries())]:
             if isinstance(reply, Exception):

@@ -1,8 +1,13 @@
 """Writes to the opt-out store: compare-and-set, fsync confirmation, and the change stream.
 
 A write is a compare-and-set (read, merge, a Lua script that writes only if the value is
-unchanged) followed, on the same connection in the same round trip, by ``WAITAOF 1 0``
-where the server has it: an opt-out is acknowledged once it is fsynced to the AOF.
+unchanged) followed, on the same connection in the same round trip, by ``WAITAOF 1 N``
+where the server has it: an opt-out is acknowledged once it is fsynced to the primary's
+AOF and, on a store with replicas, once `N` of them (``[redis] min_replicas_acked``) have
+fsynced it too, so a failover that promotes a replica keeps it. A server without WAITAOF
+(Redis < 7.2) gets ``WAIT N`` instead (its own fsync is then ``appendfsync always``,
+which ``durability_warning`` checks). A write the replicas do not confirm within the
+write budget is not acknowledged (`StoreUnavailable`).
 
 Every write also appends one entry to the change stream (``store.changes``). On a
 standalone server (and the embedded one) the same Lua script does it, so record and entry
@@ -129,6 +134,8 @@ class RecordWrites:
     _ring: Keyring
     _write_s: float
     _waitaof: bool | None
+    # Replicas that must confirm each write (``configure_replicas``); 0 = the primary alone.
+    min_replicas: int = 0
     # Whether change-stream entries carry the sealed address. Needed only by webhooks
     # configured with include_address; the gateway sets it from [[sync.webhooks]], so
     # otherwise no entry holds an address even sealed (less to protect, and less memory).
@@ -359,7 +366,11 @@ class RecordWrites:
             if raw is None and new is None:
                 return planned  # nothing to remove
             blob = b"" if new is None else seal(self._ring, key, new)
-            async with self._guard("opt-out write", self._write_s):
+            # A Cluster write is two confirmed round trips (the record, then its entry in
+            # another slot), each of which may wait up to the write budget for its fsync
+            # and replicas (a replica reports its fsync about once a second).
+            budget = self._write_s * (2 if self.clustered else 1)
+            async with self._guard("opt-out write", budget):
                 entry = changes.encode(
                     self._ring,
                     channel=channel,
@@ -386,13 +397,16 @@ class RecordWrites:
         return max(int((self._write_s - WAITAOF_MARGIN_S) * 1000), 100)
 
     def add_waitaof(self, pipe: Any, key: str) -> None:
-        """Queue ``WAITAOF 1 0`` on `key`'s node, unless the server is known to lack it."""
-        if self._waitaof is False:
-            return
+        """Queue the write's confirmation on `key`'s node: ``WAITAOF 1 N`` (N =
+        `min_replicas`), or ``WAIT N`` on a server known to lack WAITAOF (nothing when N
+        is 0 there: its fsync is ``appendfsync always`` or the operator was warned)."""
         on_node = {}
         if isinstance(self._client, RedisCluster):
             on_node = {"target_nodes": self._client.get_node_from_key(key)}
-        pipe.execute_command("WAITAOF", 1, 0, self._waitaof_ms(), **on_node)
+        if self._waitaof is not False:
+            pipe.execute_command("WAITAOF", 1, self.min_replicas, self._waitaof_ms(), **on_node)
+        elif self.min_replicas:
+            pipe.execute_command("WAIT", self.min_replicas, self._waitaof_ms(), **on_node)
 
     async def _compare_and_set(
         self, key: str, field: bytes, expected: bytes, blob: bytes, entry: tuple[bytes, bytes]
@@ -459,17 +473,41 @@ class RecordWrites:
             return results[0]
 
     def check_waitaof(self, reply: Any) -> None:
+        """Raise StoreUnavailable unless `reply` (to ``add_waitaof``'s command) confirms
+        the write: fsynced by the primary, and held by `min_replicas` replicas.
+
+        The write itself may well have happened (the primary has it, a replica may not):
+        it is not acknowledged, so the caller answers 503 (or 451) and the client retries,
+        while its audit entry, written first, already says the opt-out was asked for. That
+        is the side to err on: a recipient who asked is treated as asked (an opt-out that
+        turns out to hold is never a wrong send), never one acknowledged then lost when a
+        replica without it is promoted."""
         if isinstance(reply, ResponseError) and "unknown command" in str(reply).lower():
             self._waitaof = False  # Redis < 7.2: durability_warning() told the operator
+            if self.min_replicas:  # nothing confirmed the replicas: the retry sends WAIT
+                raise StoreUnavailable(
+                    "opt-out store: the write is not confirmed on its replicas; try again"
+                ) from reply
             return
         if isinstance(reply, Exception):
             raise StoreUnavailable(
                 f"opt-out store: the write is not confirmed durable ({str(reply)[:200]})"
             ) from reply
-        self._waitaof = True
-        if not reply or int(reply[0]) < 1:
+        if isinstance(reply, int):  # WAIT: the replicas that have it
+            local, replicas = 1, reply
+        else:
+            self._waitaof = True
+            local = int(reply[0]) if reply else 0
+            replicas = int(reply[1]) if reply and len(reply) > 1 else 0
+        if local < 1:
             raise StoreUnavailable(
                 f"opt-out store: the write did not reach the AOF within {self._waitaof_ms()} ms"
+            )
+        if replicas < self.min_replicas:
+            raise StoreUnavailable(
+                f"opt-out store: {replicas} of the {self.min_replicas} replicas required "
+                f"([redis] min_replicas_acked) confirmed the write within "
+                f"{self._waitaof_ms()} ms"
             )
 
     async def change_record(

@@ -1,4 +1,5 @@
-"""Real Redis/Valkey servers for tests: standalone and a 3-master Cluster, loopback only.
+"""Real Redis/Valkey servers for tests: standalone and a 3-master Cluster (with replicas
+if asked), loopback only.
 
 Every process is started here with ``start_new_session`` and tracked by pid; ``stop()``,
 ``kill()`` and an atexit hook end only those pids. ``pause()``/``resume()`` are SIGSTOP
@@ -188,10 +189,15 @@ def start_standalone(
 
 @dataclass
 class Cluster:
-    """Three masters, no replicas, slots split by `valkey-cli --cluster create`."""
+    """Three masters, each with `replicas` replicas (none by default), slots split by
+    `valkey-cli --cluster create`."""
 
     home: Path
     nodes: list[RedisServer] = field(default_factory=list)
+    replicas: int = 0
+    # Longer than any pause a test makes, so a paused node is not failed; a failover test
+    # sets it low, so that a killed primary's replica is promoted within about that time.
+    node_timeout_ms: int = 5000
 
     @property
     def url(self) -> str:
@@ -201,7 +207,7 @@ class Cluster:
         cli = cli_binary()
         if cli is None:
             raise RuntimeError("no valkey-cli/redis-cli to create the cluster")
-        for i in range(3):
+        for i in range(3 * (1 + self.replicas)):
             home = self.home / f"node{i}"
             node = RedisServer(
                 home=home,
@@ -209,8 +215,7 @@ class Cluster:
                     "--cluster-enabled", "yes",
                     "--cluster-config-file", str(home / "nodes.conf"),
                     "--cluster-port", str(free_port()),
-                    # Longer than any pause a test makes, so a paused node is not failed.
-                    "--cluster-node-timeout", "5000",
+                    "--cluster-node-timeout", str(self.node_timeout_ms),
                     "--appendonly", "yes",
                     "--appendfsync", "always",
                 ],
@@ -219,7 +224,7 @@ class Cluster:
             node.start()
         create = [cli, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes)]
         result = subprocess.run(
-            [*create, "--cluster-replicas", "0", "--cluster-yes"],
+            [*create, "--cluster-replicas", str(self.replicas), "--cluster-yes"],
             capture_output=True,
             timeout=CLUSTER_TIMEOUT_S,
             check=False,
@@ -228,17 +233,75 @@ class Cluster:
             raise RuntimeError(f"cluster create failed: {result.stdout[-500:]!r}")
         deadline = time.monotonic() + CLUSTER_TIMEOUT_S
         while time.monotonic() < deadline:
-            if all(self._ready(n) for n in self.nodes):
+            if all(self._ready(n) for n in self.nodes) and self._replicated():
                 return self
             time.sleep(0.05)
         raise RuntimeError("the cluster did not reach cluster_state:ok")
 
-    @staticmethod
-    def _ready(node: RedisServer) -> bool:
+    def _ready(self, node: RedisServer) -> bool:
         with node.client() as c:
             info = c.execute_command("CLUSTER", "INFO")
         text = info.decode() if isinstance(info, bytes) else str(info)
-        return "cluster_state:ok" in text and "cluster_known_nodes:3" in text
+        return "cluster_state:ok" in text and f"cluster_known_nodes:{len(self.nodes)}" in text
+
+    def _replicated(self) -> bool:
+        """Every primary has its replicas connected and in sync."""
+        if not self.replicas:
+            return True
+        primaries = self.primaries()
+        if len(primaries) != 3:
+            return False
+        return all(self.online_replicas(p) >= self.replicas for p in primaries)
+
+    @staticmethod
+    def online_replicas(primary: RedisServer) -> int:
+        """Replicas of `primary` past their first sync (state online, not wait_bgsave)."""
+        info = primary.info("replication")
+        count = int(info.get("connected_slaves", 0))
+        return sum(
+            1 for i in range(count) if dict(info.get(f"slave{i}") or {}).get("state") == "online"
+        )
+
+    def alive(self) -> list[RedisServer]:
+        return [n for n in self.nodes if n.proc is not None and n.proc.poll() is None]
+
+    def primaries(self) -> list[RedisServer]:
+        """The live nodes that are primaries now (by their own INFO replication)."""
+        out = []
+        for node in self.alive():
+            with contextlib.suppress(redis.RedisError):
+                if node.info("replication").get("role") == "master":
+                    out.append(node)
+        return out
+
+    def replicas_of(self, primary: RedisServer) -> list[RedisServer]:
+        """The live nodes replicating `primary`."""
+        out = []
+        for node in self.alive():
+            with contextlib.suppress(redis.RedisError):
+                info = node.info("replication")
+                if info.get("role") == "slave" and int(info.get("master_port", 0)) == primary.port:
+                    out.append(node)
+        return out
+
+    def wait_state_ok(self, timeout_s: float = CLUSTER_TIMEOUT_S) -> bool:
+        """Wait until every live node says cluster_state:ok (a failover is complete)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            ok = True
+            for node in self.alive():
+                try:
+                    with node.client() as c:
+                        info = c.execute_command("CLUSTER", "INFO")
+                except redis.RedisError:
+                    ok = False
+                    break
+                text = info.decode() if isinstance(info, bytes) else str(info)
+                ok = ok and "cluster_state:ok" in text
+            if ok:
+                return True
+            time.sleep(0.05)
+        return False
 
     def node_for_slot(self, slot: int) -> RedisServer:
         with self.nodes[0].client() as c:
