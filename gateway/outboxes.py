@@ -153,3 +153,34 @@ def write_durably(directory: Path, name: str, payload: bytes) -> Path:
             (final if renamed else tmp).unlink(missing_ok=True)  # not durable: not there
         raise
     return final
+
+
+# A write takes milliseconds (two fsyncs); a file that has stayed incomplete this long was
+# left by a process that died mid-write, not by a write still in flight in another worker.
+STALE_AFTER_S = 60.0
+
+
+def clean_incomplete(directory: Path, *, older_than_s: float = STALE_AFTER_S) -> int:
+    """Remove what writes cut short left in `directory` (temporary files, an `.eml` whose
+    `.json` never came) once older than `older_than_s`; returns how many were removed."""
+    cutoff = time.time() - older_than_s
+    removed = 0
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return 0  # no outbox yet (made on first write) or unreadable: `check()` says so
+    names = {e.name for e in entries}
+    for entry in entries:
+        name = entry.name
+        incomplete = (name.startswith(".") and name.endswith(".tmp")) or (
+            name.endswith(".eml") and f"{name[: -len('.eml')]}.json" not in names
+        )
+        if not incomplete:
+            continue
+        try:
+            if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < cutoff:
+                os.unlink(entry.path)
+                removed += 1
+        except OSError:
+            continue  # gone already (another worker cleaned it) or not ours to remove
+    return removed

@@ -25,9 +25,8 @@ from typing import Any
 import orjson
 import structlog
 
-from gateway.outboxes import MARK, NO_LIMIT, Pruner, Retention, write_durably
+from gateway.outboxes import MARK, NO_LIMIT, Pruner, Retention, clean_incomplete, write_durably
 from gateway.sms.provider import Provider, ProviderError, Reply
-from gateway.smtp.outbox import clean_incomplete
 
 log = structlog.get_logger("optgate.sms.outbox")
 

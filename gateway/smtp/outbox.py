@@ -10,7 +10,7 @@ The `.json` is the commit mark of a pair: written and renamed into place only af
 never sees a half-written one (two renames cannot be one; an `.eml` alone is not yet, or
 never will be, a message). A process killed mid-write leaves a dot-named `.tmp`, or an
 `.eml` whose `.json` never came: each process removes such litter older than
-`STALE_AFTER_S` when its outbox opens (younger ones may be another worker's write in
+`outboxes.STALE_AFTER_S` when its outbox opens (younger ones may be another worker's write in
 flight). The folder is kept bounded by `[upstream.email] outbox_keep` and
 `outbox_max_age_s` (`gateway.outboxes`).
 """
@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import json
 import os
-import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,16 +28,13 @@ from pathlib import Path
 import structlog
 
 from gateway.errors import UpstreamUnavailable
-from gateway.outboxes import NO_LIMIT, Pruner, Retention
+from gateway.outboxes import NO_LIMIT, Pruner, Retention, clean_incomplete
 from gateway.smtp.transport import Copy, Outcome
 from gateway.smtp.transport import Tally as _Tally
 from gateway.smtp.transport import prevalidate as _prevalidate
 
 log = structlog.get_logger("optgate.upstream")
 
-# A write takes milliseconds (two fsyncs); a file that has stayed incomplete this long was
-# left by a process that died mid-write, not by a write still in flight in another worker.
-STALE_AFTER_S = 60.0
 
 
 class OutboxUpstream:
@@ -123,29 +119,3 @@ def _write_pair(directory: Path, name: str, data: bytes, envelope: bytes) -> Non
             with contextlib.suppress(OSError):
                 path.unlink(missing_ok=True)
         raise
-
-
-def clean_incomplete(directory: Path, *, older_than_s: float = STALE_AFTER_S) -> int:
-    """Remove what writes cut short left in `directory` (temporary files, an `.eml` whose
-    `.json` never came) once older than `older_than_s`; returns how many were removed."""
-    cutoff = time.time() - older_than_s
-    removed = 0
-    try:
-        entries = list(os.scandir(directory))
-    except OSError:
-        return 0  # no outbox yet (made on first write) or unreadable: `check()` says so
-    names = {e.name for e in entries}
-    for entry in entries:
-        name = entry.name
-        incomplete = (name.startswith(".") and name.endswith(".tmp")) or (
-            name.endswith(".eml") and f"{name[: -len('.eml')]}.json" not in names
-        )
-        if not incomplete:
-            continue
-        try:
-            if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < cutoff:
-                os.unlink(entry.path)
-                removed += 1
-        except OSError:
-            continue  # gone already (another worker cleaned it) or not ours to remove
-    return removed
