@@ -28,6 +28,7 @@ TABLE_COLUMNS: Final = (
     "ts", "event", "decision", "reason", "channel", "category", "sender", "recipient"
 )  # fmt: skip
 
+
 def _since(text: str, name: str = "--since") -> datetime:
     """An ISO 8601 time or an age (30m, 24h, 7d), as the admin API's audit search takes."""
     try:
