@@ -48,7 +48,7 @@ def table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) 
     t = Table(*names, show_lines=False)
     for row in rows:
         t.add_row(*(_cell(row.get(n)) for n in names))
-    Console(soft_wrap=False).print(t if rows else "(none)")
+    Console(soft_wrap=False).print(t if names else "(none)")
 
 
 def records(
