@@ -27,10 +27,10 @@ def _reworded(message: str) -> str:
         value, head = m.group("value"), message[: m.start()]
         listed = ", ".join(choices)
         if looks_personal(value):
-            return f"{head}the value given is not one of: {listed}"
+            return f"{head}invalid choice: the value given (not shown) is not one of {listed}"
         near = nearest(value, choices)
         hint = f"; did you mean {near!r}?" if near else ""
-        return f"{head}{value!r} is not one of: {listed}{hint}"
+        return f"{head}invalid choice: {value!r} (choose from {listed}){hint}"
     if message.startswith(_UNRECOGNISED):
         words = message[len(_UNRECOGNISED) :].split(" ")
         shown = ["(an address or number)" if looks_personal(w) else w for w in words]
