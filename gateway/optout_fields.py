@@ -7,8 +7,9 @@ it must be, and never quotes the input (an address or number is PHI).
 
 from __future__ import annotations
 
+import difflib
 import re
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 from gateway.core.addresses import AddressProblem, parse_email, parse_phone
@@ -19,6 +20,11 @@ from gateway.errors import BadInput
 from gateway.store.redis_store import Written
 
 SOURCE_RE: Final = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # a system's name, never a person's
+# A value with an "@" or this many digits may be an address or a phone number: never quoted.
+PERSONAL_DIGITS: Final = 4
+SUGGEST_CUTOFF: Final = 0.6  # difflib's default similarity: "marketting" -> "marketing"
+_AGO: Final = re.compile(r"(\d{1,9})([smhd])")  # 30m, 24h, 7d: that long before now
+_UNITS: Final = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 
 _ABSENT: Final = object()  # a member not given at all (null is given, and invalid)
 
@@ -28,6 +34,31 @@ def member(doc: dict[str, Any] | Any, name: str) -> Any:
     return doc.get(name, _ABSENT) if hasattr(doc, "get") else _ABSENT
 
 
+def looks_personal(text: str) -> bool:
+    """Whether `text` may be an email address or a phone number (so is never quoted)."""
+    return "@" in text or sum(c.isdigit() for c in text) >= PERSONAL_DIGITS
+
+
+def nearest(value: str, valid: Any) -> str | None:
+    """The valid name closest to `value` (`difflib`), or None when none is close."""
+    close = difflib.get_close_matches(value.strip().lower(), list(valid), 1, SUGGEST_CUTOFF)
+    return close[0] if close else None
+
+
+def time_of(value: str, name: str, *, now: datetime | None = None) -> datetime:
+    """An ISO 8601 time (UTC when it names no offset) or an age, "30m", "24h", "7d":
+    that long before `now`. BadInput naming `name` otherwise."""
+    m = _AGO.fullmatch(value.strip())
+    if m:
+        ago = timedelta(**{_UNITS[m.group(2)]: int(m.group(1))})
+        return (now or datetime.now(UTC)) - ago
+    try:
+        when = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise BadInput(
+            f"{name} must be an ISO 8601 time (2025-01-31T08:00:00Z) or an age (30m, 24h, 7d)"
+        ) from None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
 def channel_of(value: Any) -> str:
@@ -47,8 +78,33 @@ def canonical(channel: str, address: Any, *, region: str) -> tuple[str, str]:
         return parsed.address, parsed.key_form
     phone = parse_phone(address, region=region)
     if phone is None:
-        raise BadInput("not a valid phone number")
+        raise BadInput(f"not a valid phone number{_phone_hint(address, region)}")
     return phone.e164, phone.key_form
+
+
+def _phone_hint(text: str, region: str) -> str:
+    """Why a number without its country or area code was refused, and what applies."""
+    import phonenumbers  # local, as in `core.addresses`
+
+    if text.strip().startswith("+"):
+        return ""
+    if not region:
+        return (
+            ": it has no country code (+...) and no default region is set; write it "
+            "in international form, or set [sms] default_region (the CLI's --region)"
+        )
+    try:
+        number = phonenumbers.parse(text, region)
+    except phonenumbers.NumberParseException:
+        return ""
+    local = phonenumbers.ValidationResult.IS_POSSIBLE_LOCAL_ONLY
+    short = phonenumbers.ValidationResult.TOO_SHORT
+    if phonenumbers.is_possible_number_with_reason(number) in (local, short):
+        return (
+            f": it lacks a country or area code (read in region {region}, from [sms] "
+            "default_region or the CLI's --region); write it in international form (+...)"
+        )
+    return ""
 
 
 def categories_of(rules: Rules, channel: str, value: Any) -> frozenset[str]:
@@ -59,12 +115,23 @@ def categories_of(rules: Rules, channel: str, value: Any) -> frozenset[str]:
     for name in value:
         cat = rules.category(name)
         if cat is None:
-            raise BadInput("unknown category")
+            raise BadInput(_unknown_category(rules, name))
         if not cat.opt_out:
             raise BadInput(f"category {name} cannot be opted out of (opt_out = false)")
         if not cat.allows(channel):
             raise BadInput(f"category {name} does not apply to channel {channel}")
     return frozenset(value)
+
+
+def _unknown_category(rules: Rules, name: str) -> str:
+    """The message for a category not in the rules: it names the value and the nearest
+    known name (or all of them), but never a value that may be an address or a number."""
+    if looks_personal(name) or not name.strip():
+        return "unknown category"
+    near = nearest(name, rules.categories)
+    known = ", ".join(sorted(rules.categories))
+    hint = f"; did you mean {near!r}?" if near else f"; known: {known}"
+    return f"unknown category {name.strip()[:64]!r}{hint}"
 
 
 def source_of(value: Any, default: str) -> str:

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import re
 import sys
-from datetime import UTC, datetime, timedelta
-from typing import Any
+from datetime import datetime
+from typing import Any, Final
 
 import orjson
 
@@ -16,23 +15,26 @@ from gateway import keyfile
 from gateway.audit import commands as audit_commands
 from gateway.audit import tail
 from gateway.audit import verify as audit_verify
+from gateway.cli import output
 from gateway.cli.common import config, fail, print_json, recipient_key, with_config
+from gateway.cli.parser import with_json
 from gateway.core import keys as keys_mod
 from gateway.core.records import keyed_message_id, pseudonym
+from gateway.errors import BadInput
+from gateway.optout_fields import time_of
 
-_RELATIVE = re.compile(r"^(\d+)([smhd])$")
+# What a table for people shows of each entry (JSON lines keep every field).
+TABLE_COLUMNS: Final = (
+    "ts", "event", "decision", "reason", "channel", "category", "sender", "recipient"
+)  # fmt: skip
 
 
-def _since(text: str) -> datetime:
-    m = _RELATIVE.match(text)
-    if m:
-        unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[m.group(2)]
-        return datetime.now(UTC) - timedelta(**{unit: int(m.group(1))})
+def _since(text: str, name: str = "--since") -> datetime:
+    """An ISO 8601 time or an age (30m, 24h, 7d), as the admin API's audit search takes."""
     try:
-        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        fail(f"--since: expected ISO-8601 time or e.g. 24h/7d, got {text!r}")
-    return when if when.tzinfo else when.replace(tzinfo=UTC)
+        return time_of(text, name)
+    except BadInput as exc:
+        fail(str(exc))
 
 
 def _message_ids(ring: keys_mod.Keyring, given: str | None) -> tuple[str, ...]:
@@ -57,19 +59,23 @@ def cmd_audit(args: argparse.Namespace) -> int:
         channel = args.channel or ("email" if "@" in args.recipient else "sms")
         recipient = pseudonym(ring, channel, recipient_key(cfg, channel, args.recipient))
     since = _since(args.since) if args.since else None
-    out = sys.stdout.buffer
-    for entry in audit_verify.search(
+    found = audit_verify.search(
         cfg.audit.dir,
         recipient=recipient,
         decision=args.decision,
         since=since,
-        until=_since(args.until) if args.until else None,
+        until=_since(args.until, "--until") if args.until else None,
         channel=args.channel,
         category=args.category,
         sender=args.sender,
         event=args.event,
         message_ids=_message_ids(ring, args.message_id),
-    ):
+    )
+    if output.for_people(args):
+        output.table(list(found), TABLE_COLUMNS)
+        return 0
+    out = sys.stdout.buffer
+    for entry in found:
         out.write(orjson.dumps(entry) + b"\n")
     out.flush()
     return 0
@@ -77,6 +83,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 def cmd_audit_tail(args: argparse.Namespace) -> int:
     cfg = config(args)
+    if output.for_people(args) and not args.follow:
+        output.table(tail.last_entries(cfg.audit.dir, args.lines), TABLE_COLUMNS)
+        return 0
     for entry in tail.last_entries(cfg.audit.dir, args.lines):
         print_json(entry)
     if args.follow:
@@ -107,7 +116,13 @@ def add_parser(sub: Any) -> Any:
         ausub.add_parser("anchor", help="print every stream's head, sealed, to keep off the host")
     )
     an.set_defaults(func=cmd_audit)
-    se = with_config(ausub.add_parser("search", help="print matching entries as JSON lines"))
+    se = with_json(
+        with_config(
+            ausub.add_parser(
+                "search", help="print matching entries (JSON lines; a table on a terminal)"
+            )
+        )
+    )
     se.add_argument("--recipient", metavar="ADDRESS", help="pseudonymised before searching")
     se.add_argument(
         "--message-id",
@@ -116,8 +131,8 @@ def add_parser(sub: Any) -> Any:
     )
     se.add_argument("--channel", choices=("email", "sms"))
     se.add_argument("--decision", choices=("allow", "suppress", "defer", "reject"))
-    se.add_argument("--since", metavar="T", help="ISO-8601 time, or 30m/24h/7d ago")
-    se.add_argument("--until", metavar="T", help="ISO-8601 time, or 30m/24h/7d ago (exclusive)")
+    se.add_argument("--since", metavar="T", help="ISO 8601 time, or 30m/24h/7d ago")
+    se.add_argument("--until", metavar="T", help="ISO 8601 time, or 30m/24h/7d ago (exclusive)")
     se.add_argument("--category", metavar="NAME")
     se.add_argument("--sender", metavar="NAME")
     se.add_argument("--event", metavar="NAME", help="decision, optout, optin, auth_failure...")
@@ -126,7 +141,9 @@ def add_parser(sub: Any) -> Any:
 
 
 def add_tail_parser(audit_sub: Any) -> None:
-    t = with_config(audit_sub.add_parser("tail", help="print the newest entries; -f follows"))
+    t = with_json(
+        with_config(audit_sub.add_parser("tail", help="print the newest entries; -f follows"))
+    )
     t.add_argument("-n", "--lines", type=int, default=10, metavar="N", help="default 10")
     t.add_argument("-f", "--follow", action="store_true", help="keep printing new entries")
     t.set_defaults(func=cmd_audit_tail)

@@ -32,6 +32,7 @@ import structlog
 
 from gateway import keyfile, rules_files
 from gateway.cli.common import EXIT_FAILURE, EXIT_USAGE, cli_audit, config, fail, print_json
+from gateway.cli.output import progress
 from gateway.config import Config
 from gateway.core.keys import Keyring
 from gateway.core.records import CHANNELS
@@ -71,8 +72,9 @@ def _format_of(given: str | None, path: str | None) -> str:
 
 
 
-async def _chunks(fd: int) -> AsyncIterator[bytes]:
+async def _chunks(fd: int, done: Callable[[float], None]) -> AsyncIterator[bytes]:
     # Read in a thread: a slow pipe must not stall the batches being written meanwhile.
+    read = 0
     while True:
         try:
             chunk = await asyncio.to_thread(os.read, fd, READ_CHUNK)
@@ -80,6 +82,8 @@ async def _chunks(fd: int) -> AsyncIterator[bytes]:
             raise UnreadableInput(exc.strerror or type(exc).__name__) from None
         if not chunk:
             return
+        read += len(chunk)
+        done(read)  # the progress bar, on a terminal: bytes read of the file's size
         yield chunk
 
 
@@ -122,8 +126,11 @@ async def _import(cfg: Config, fd: int, name: str, csv_mode: bool) -> int:
         # would gain the anchor's failure log. Its entries verify by the chain alone.
         async with cli_audit(cfg, ring) as audit:
             job = ImportJob(_deps(cfg, store, audit, ring), CLI)
+            size = os.fstat(fd)
+            total = size.st_size if stat.S_ISREG(size.st_mode) else None
             try:
-                await job.run(_chunks(fd), csv_mode=csv_mode)
+                with progress(f"importing {name}", total, "bytes") as read:
+                    await job.run(_chunks(fd, read), csv_mode=csv_mode)
             except HeaderError as exc:  # nothing can be read, so nothing was written
                 failure = EXIT_USAGE, f"{name}: {exc}"
             except StoreUnavailable as exc:
@@ -261,8 +268,10 @@ async def _export(
             # On record before any address leaves, as the admin API's export.
             await audit.append([CLI.access("optout.export", channels=list(channels))])
             try:
-                async for chunk in export.chunks():
-                    out.write(chunk)
+                with progress("exporting", None, "records") as moved:
+                    async for chunk in export.chunks():
+                        out.write(chunk)
+                        moved(export.sent)
                 out.sync()
                 if export.unreadable:
                     log.warning("export_skipped_unreadable_records", count=export.unreadable)

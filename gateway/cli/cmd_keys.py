@@ -12,7 +12,9 @@ import time
 from typing import Any
 
 from gateway import apikeys, keyfile
-from gateway.cli.common import audit_cli, config, fail, print_json, with_config, with_store
+from gateway.cli import output
+from gateway.cli.common import audit_cli, config, fail, with_config, with_store
+from gateway.cli.parser import with_json
 from gateway.core import keys as keys_mod
 from gateway.core.entries import ApiKeyCreated, ApiKeyRevoked
 from gateway.store.redis_store import OptOutStore
@@ -57,10 +59,11 @@ def cmd_api_key(args: argparse.Namespace) -> int:
         return 0
 
     async def listing(store: OptOutStore, ring: Any) -> int:
-        for info in await apikeys.list_keys(store):
-            print_json(
-                {"id": info.kid, "role": info.role, "label": info.label, "created": info.created_at}
-            )
+        rows = [
+            {"id": k.kid, "role": k.role, "label": k.label, "created": output.iso(k.created_at)}
+            for k in await apikeys.list_keys(store)
+        ]
+        output.records(args, rows, ("id", "role", "label", "created"))
         return 0
 
     async def revoke(store: OptOutStore, ring: Any) -> int:
@@ -96,9 +99,8 @@ def add_api_key_parser(keys_sub: Any) -> None:
     c.add_argument("--role", required=True, choices=apikeys.ROLES)
     c.add_argument("--label", default="", help="a name for people (no personal data)")
     c.set_defaults(func=cmd_api_key)
-    with_config(aksub.add_parser("list", help="list keys (no secrets)")).set_defaults(
-        func=cmd_api_key
-    )
+    ls = with_config(aksub.add_parser("list", help="list keys (no secrets; times ISO 8601)"))
+    with_json(ls).set_defaults(func=cmd_api_key)
     r = with_config(aksub.add_parser("revoke", help="delete a key"))
     r.add_argument("key_id", metavar="KEY_ID")
     r.set_defaults(func=cmd_api_key)

@@ -11,13 +11,23 @@ from typing import Any
 import orjson
 
 from gateway import keyfile, rules_files
-from gateway.cli.common import cli_audit, config, fail, recipient, with_config
+from gateway.cli import output
+from gateway.cli.common import channel_for, cli_audit, config, fail, recipient, with_config
+from gateway.cli.parser import with_json
 from gateway.config import Config
 from gateway.core.records import pseudonym
 from gateway.errors import BadInput
 from gateway.optout_fields import categories_of, change_events, state_json
 from gateway.store.opening import open_store
 from gateway.store.writes import Written
+
+
+def _show(args: argparse.Namespace, state: dict[str, Any]) -> None:
+    """The SPEC's JSON object on stdout (byte for byte when not a terminal), or a table."""
+    if output.for_people(args):
+        output.table([state])
+    else:
+        print(orjson.dumps(state).decode())
 
 
 async def _optout(cfg: Config, args: argparse.Namespace) -> int:
@@ -27,7 +37,7 @@ async def _optout(cfg: Config, args: argparse.Namespace) -> int:
         categories_of(rules, args.channel, categories)  # the API's checks, channel included
     except BadInput as exc:
         fail(str(exc))
-    address, key_form = recipient(cfg, args.channel, args.address)
+    address, key_form = recipient(cfg, args.channel, args.address, args.region)
     ring, _ = keyfile.load_or_create(cfg.keys.file)
     pseud = pseudonym(ring, args.channel, key_form)
     store, embedded = await open_store(cfg, ring, quiet=True)
@@ -35,7 +45,7 @@ async def _optout(cfg: Config, args: argparse.Namespace) -> int:
     try:
         if args.action == "get":
             record = await store.get(args.channel, pseud)
-            print(orjson.dumps(state_json(args.channel, record)).decode())
+            _show(args, state_json(args.channel, record))
             return 0
         now = time.time()
         async with cli_audit(cfg, ring, store.client) as audit:
@@ -65,7 +75,7 @@ async def _optout(cfg: Config, args: argparse.Namespace) -> int:
                     args.channel, pseud, categories=categories, all=args.all, source="cli",
                     now=now, audit=audit_first,
                 )  # fmt: skip
-        print(orjson.dumps(state_json(args.channel, written.after)).decode())
+        _show(args, state_json(args.channel, written.after))
         return 0
     finally:
         await store.close()
@@ -76,6 +86,7 @@ async def _optout(cfg: Config, args: argparse.Namespace) -> int:
 def cmd_optout(args: argparse.Namespace) -> int:
     if args.action != "get" and not args.all and not args.category:
         fail("give --category NAME (repeatable) or --all")
+    args.channel = channel_for(args.address, args.channel)
     return asyncio.run(_optout(config(args), args))
 
 
@@ -87,15 +98,27 @@ def add_parser(sub: Any) -> Any:
     )
     osub = o.add_subparsers(dest="action", required=True, metavar="ACTION")
     for action, text in (("add", "opt an address out"), ("remove", "opt an address back in")):
-        a = with_config(osub.add_parser(action, help=text))
-        a.add_argument("--channel", required=True, choices=("email", "sms"))
+        a = _recipient_args(osub.add_parser(action, help=text))
         g = a.add_mutually_exclusive_group(required=True)
         g.add_argument("--category", action="append", metavar="NAME", help="repeatable")
         g.add_argument("--all", action="store_true", help="every opt-outable category")
-        a.add_argument("address", metavar="ADDRESS")
         a.set_defaults(func=cmd_optout)
-    gt = with_config(osub.add_parser("get", help="show an address's opt-out state as JSON"))
-    gt.add_argument("--channel", required=True, choices=("email", "sms"))
-    gt.add_argument("address", metavar="ADDRESS")
+    gt = _recipient_args(osub.add_parser("get", help="show an address's opt-out state as JSON"))
     gt.set_defaults(func=cmd_optout, category=None, all=False)
     return osub
+
+
+def _recipient_args(a: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    with_json(with_config(a))
+    a.add_argument(
+        "--channel",
+        choices=("email", "sms"),
+        help="default: email for an ADDRESS with @, sms for a phone number",
+    )
+    a.add_argument(
+        "--region",
+        metavar="CC",
+        help="country of a number written without + (default: [sms] default_region)",
+    )
+    a.add_argument("address", metavar="ADDRESS")
+    return a

@@ -6,11 +6,18 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from gateway import config as config_mod
 from gateway import rules_files
 
 
 def cmd_rules(args: argparse.Namespace) -> int:
-    cfg_dir = Path(args.dir) if args.dir else rules_files.choose_dir(None, Path.cwd())
+    if args.dir:
+        cfg_dir = Path(args.dir)
+    elif args.config:  # the folder that config's gateway uses ([rules] dir)
+        cfg = config_mod.load(args.config)
+        cfg_dir = rules_files.choose_dir(cfg.rules.dir, cfg.base_dir)
+    else:
+        cfg_dir = rules_files.choose_dir(None, Path.cwd())
     rules = rules_files.load_dir(cfg_dir)
     names = ", ".join(sorted(rules.categories))
     print(
@@ -23,5 +30,7 @@ def add_parser(sub: Any) -> None:
     r = sub.add_parser("rules", help="policy rules")
     rsub = r.add_subparsers(dest="action", required=True, metavar="ACTION")
     rc = rsub.add_parser("check", help="validate a rules folder")
-    rc.add_argument("dir", nargs="?", metavar="DIR")
+    rc.add_argument(
+        "dir", nargs="?", metavar="DIR", help="default: the config's [rules] dir, else ./rules"
+    )
     rc.set_defaults(func=cmd_rules)

@@ -10,6 +10,7 @@ from typing import Any
 
 from gateway import logs
 from gateway.cli.common import config, fail, with_config
+from gateway.errors import OptgateError
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -32,10 +33,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     workers = supervisor.default_workers() if args.workers is None else args.workers
     if workers < 1:
         fail("--workers must be at least 1")
-    if workers == 1:
-        asyncio.run(process.serve(cfg))
-        return 0
-    return asyncio.run(supervisor.Supervisor(cfg, workers, args.config).run())
+    process.preflight(cfg)  # ConfigError: one line, exit 2, nothing started
+    try:
+        if workers == 1:
+            asyncio.run(process.serve(cfg))
+            return 0
+        return asyncio.run(supervisor.Supervisor(cfg, workers, args.config).run())
+    except (OptgateError, OSError) as exc:
+        # What was started has been stopped (`Gateway.start`, the supervisor's `run`).
+        line = process.startup_problem(exc, cfg)
+        if line is None:
+            raise
+        fail(line)
 
 
 def add_parser(sub: Any) -> None:

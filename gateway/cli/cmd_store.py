@@ -21,6 +21,7 @@ import orjson
 from gateway import config as config_mod
 from gateway import keyfile, rebuild
 from gateway.audit import verify as audit_verify
+from gateway.cli import output
 from gateway.cli.common import cli_audit, with_config
 from gateway.config import Config
 from gateway.core.entries import StoreInit, StoreRebuild
@@ -101,9 +102,13 @@ async def _rebuild(cfg: Config, path: Path, allow_broken: bool) -> int:
             await audit.append(
                 [StoreRebuild(changes=len(found), chain_ok=checked.ok, by="cli")]
             )
-        await rebuild.replay(
-            store, found, tally, progress=lambda t: _print({"progress": t.summary()}, err=True)
-        )
+        if sys.stderr.isatty():  # a bar for people; JSON lines for a log file
+            with output.progress("replaying", len(found), "changes") as done:
+                await rebuild.replay(store, found, tally, lambda t: done(t.optouts + t.optins))
+        else:
+            await rebuild.replay(
+                store, found, tally, progress=lambda t: _print({"progress": t.summary()}, err=True)
+            )
     finally:
         await store.close()
         if embedded is not None:

@@ -7,7 +7,9 @@ import argparse
 import asyncio
 from typing import Any
 
+from gateway.cli import output
 from gateway.cli.common import audit_cli, config, fail, print_json, with_config, with_store
+from gateway.cli.parser import with_json
 from gateway.core.entries import SyncReplay
 from gateway.store.redis_store import OptOutStore
 from gateway.store.streams import ChangeFeed
@@ -35,7 +37,12 @@ def cmd_sync(args: argparse.Namespace) -> int:
                     "dead_letters": s.dead_letters,
                 }
             )
-        print_json({"stream_length": await feed.length(), "webhooks": hooks})
+        length = await feed.length()
+        if output.for_people(args):
+            print(f"change stream: {length} entries")
+            output.table(hooks)
+        else:
+            print_json({"stream_length": length, "webhooks": hooks})
         return 0
 
     async def replay(store: OptOutStore, ring: Any) -> int:
@@ -60,9 +67,8 @@ def cmd_sync(args: argparse.Namespace) -> int:
 def add_parser(sub: Any) -> None:
     s = sub.add_parser("sync", help="downstream webhook sync: status and dead letters")
     ssub = s.add_subparsers(dest="sync_action", required=True, metavar="ACTION")
-    with_config(ssub.add_parser("status", help="backlog and dead letters as JSON")).set_defaults(
-        func=cmd_sync
-    )
+    st = with_config(ssub.add_parser("status", help="backlog and dead letters (JSON or a table)"))
+    with_json(st).set_defaults(func=cmd_sync)
     rp = with_config(ssub.add_parser("replay", help="queue dead letters for delivery again"))
     rp.add_argument("--webhook", metavar="NAME", help="only this webhook (default: all)")
     rp.add_argument("ids", nargs="*", metavar="DEAD_LETTER_ID", help="default: all of them")

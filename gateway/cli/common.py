@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import re
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -17,6 +18,7 @@ import orjson
 from gateway import config as config_mod
 from gateway import keyfile
 from gateway.audit.writer import AuditWriter
+from gateway.cli import parser
 from gateway.config import Config
 from gateway.core import keys as keys_mod
 from gateway.core.entries import Entry
@@ -42,14 +44,9 @@ def config(args: argparse.Namespace) -> Config:
     return config_mod.load(getattr(args, "config", None))
 
 
-def with_config(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Give a command the ``--config FILE`` option."""
-    sp.add_argument(
-        "--config",
-        metavar="FILE",
-        help="config file (default: $OPTGATE_CONFIG, ./optgate.toml)",
-    )
-    return sp
+def with_config(sp: argparse.ArgumentParser, *, top: bool = False) -> argparse.ArgumentParser:
+    """Give a command the ``--config FILE`` option (also accepted before the command)."""
+    return parser.with_config(sp, top=top)
 
 
 def print_json(doc: Any) -> None:
@@ -57,12 +54,35 @@ def print_json(doc: Any) -> None:
     sys.stdout.flush()
 
 
-def recipient(cfg: Config, channel: str, address: str) -> tuple[str, str]:
-    """(canonical address, the form its pseudonym is made from); exit 2 if invalid."""
+def recipient(
+    cfg: Config, channel: str, address: str, region: str | None = None
+) -> tuple[str, str]:
+    """(canonical address, the form its pseudonym is made from); exit 2 if invalid.
+    `region` (``--region``) overrides ``[sms] default_region`` for a number without "+"."""
     try:
-        return canonical(channel, address, region=cfg.sms.default_region)
+        return canonical(channel, address, region=(region or cfg.sms.default_region).upper())
     except BadInput as exc:
         fail(str(exc))
+
+
+_PHONE_CHARS = re.compile(r"[+\d\s().\-]+")  # how numbers are written: +1 (555) 010-0173
+
+
+def channel_for(address: str, given: str | None) -> str:
+    """``--channel``, else what the address's form says: an "@" is email, digits with the
+    usual separators are a phone number; anything else exits 2 asking for ``--channel``
+    (the address itself is never printed)."""
+    if given:
+        return given
+    text = address.strip()
+    if "@" in text:
+        return "email"
+    if text.lower().startswith("tel:") or _PHONE_CHARS.fullmatch(text):
+        return "sms"
+    fail(
+        "cannot tell whether ADDRESS is an email address (it has no @) or a phone number "
+        "(it has letters or other characters): give --channel email or --channel sms"
+    )
 
 
 def recipient_key(cfg: Config, channel: str, address: str) -> str:

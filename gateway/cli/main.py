@@ -20,16 +20,19 @@ from gateway.cli import (
     cmd_sync,
 )
 from gateway.cli.common import EXIT_FAILURE, fail, with_config
+from gateway.cli.parser import Parser, add_everywhere, with_json
 from gateway.errors import ConfigError, KeyringError, OptgateError, StoreUnavailable
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="optgate",
         description="Message gateway that enforces recipients' opt-outs (SMTP and SMS), "
         "with one-click unsubscribe, TLS 1.3 only and a tamper-evident audit log.",
     )
     p.add_argument("--version", action="version", version=f"optgate {__version__}")
+    with_config(p, top=True)
+    with_json(p, top=True)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # The order here is the order `optgate --help` lists them in.
     cmd_serve.add_parser(sub)
@@ -45,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmd_audit.add_tail_parser(audit_sub)
     cmd_keys.add_api_key_parser(keys_sub)
     cmd_sync.add_parser(sub)
+    add_everywhere(p)  # --config before or after the command, on every command
     return p
 
 

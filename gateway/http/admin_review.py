@@ -24,7 +24,7 @@ from gateway.core.records import pseudonym
 from gateway.errors import BadInput
 from gateway.http import admin_auth
 from gateway.http.app import DEPS_KEY, problem
-from gateway.optout_fields import canonical, channel_of
+from gateway.optout_fields import canonical, channel_of, time_of
 
 AUDIT_LIMIT: Final = 1000  # entries per audit search page, by default
 AUDIT_MAX_LIMIT: Final = 10_000  # bounds the memory of one answer
@@ -35,13 +35,8 @@ DECISIONS: Final = ("allow", "suppress", "defer", "reject")
 
 
 def _time(value: str | None, name: str) -> datetime | None:
-    if value is None:
-        return None
-    try:
-        when = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise BadInput(f"{name} must be an ISO-8601 time") from None
-    return when if when.tzinfo else when.replace(tzinfo=UTC)
+    """An ISO 8601 time or an age before now (30m, 24h, 7d), as the CLI takes them."""
+    return None if value is None else time_of(value, name)
 
 
 def _limit(value: str | None) -> int:

@@ -205,8 +205,8 @@ _ADMIN_PATHS: Final[dict[str, Any]] = {
             "Audit entries matching every filter, oldest first (role auditor)",
             {"200": _json("A page of entries", "AuditPage")},
             parameters=[
-                _query("since", "ISO-8601, inclusive", format="date-time"),
-                _query("until", "ISO-8601, exclusive", format="date-time"),
+                _query("since", "ISO 8601 time or an age (30m, 24h, 7d), inclusive"),
+                _query("until", "ISO 8601 time or an age (30m, 24h, 7d), exclusive"),
                 _query("decision", "a decision", enum=["allow", "suppress", "defer", "reject"]),
                 _query("channel", "a channel", enum=["email", "sms"]),
                 _query("category", "a category name"),
