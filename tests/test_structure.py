@@ -19,12 +19,10 @@ MAX_FUNCTION_LINES = 60  # about a screen: a longer function is doing two things
 # a trailing "/" for a whole folder). Keep this list shrinking: empty is the goal.
 ALLOWED_LONG: frozenset[str] = frozenset(
     {
-        "smtp/flow.py",  # the email decision core moves into gateway/core/
-        "sms/flow.py",  # the same extraction, SMS side
-        "audit/",  # typed audit entries and anchors are being reworked
         # Not yet split by responsibility (each named with its size when this list was made):
-        "store/redis_store.py",  # 623 lines: the record writes become its collaborator
-        "store/writes.py",  # 492 lines: see redis_store.py
+        "audit/writer.py",  # 560 lines: group commit, recovery and anchoring go apart
+        "store/redis_store.py",  # 666 lines: the record writes become its collaborator
+        "store/writes.py",  # 530 lines: see redis_store.py
         "store/embedded.py",  # 626 lines: the server's Keeper and the lock files go apart
     }
 )
