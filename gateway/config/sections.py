@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from gateway.config.schema import Listen, setting
 
@@ -34,6 +35,27 @@ IMPORT_BATCH = 500  # import lines per store round trip and audit fsync
 # 2-20 KB per email, well under a gigabyte; a week covers a working week's debugging.
 OUTBOX_KEEP = 10_000
 OUTBOX_MAX_AGE_S = 7 * 24 * 3600.0
+
+
+def _outbox_keep() -> Any:
+    return setting(
+        OUTBOX_KEEP,
+        "With an outbox: keep at most this many messages, the newest (0 = no limit). Ten"
+        " thousand is more than anyone reads back and bounds a load test's litter; checked"
+        " about once a minute, so the folder may exceed it by a minute's messages.",
+        kind="int",
+        minimum=0,
+    )
+
+
+def _outbox_max_age() -> Any:
+    return setting(
+        OUTBOX_MAX_AGE_S,
+        "With an outbox: remove messages older than this many seconds (0 = no limit); a"
+        " week (604800) covers a working week's debugging.",
+        kind="float",
+        minimum=0,
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -220,21 +242,8 @@ class UpstreamEmailConfig:
     timeout_s: float = setting(
         30.0, "Seconds for one upstream command.", kind="float", minimum=0.001
     )
-    outbox_keep: int = setting(
-        OUTBOX_KEEP,
-        "With an outbox: keep at most this many messages, the newest (0 = no limit). Ten"
-        " thousand is more than anyone reads back and bounds a load test's litter; checked"
-        " about once a minute, so the folder may exceed it by a minute's messages.",
-        kind="int",
-        minimum=0,
-    )
-    outbox_max_age_s: float = setting(
-        OUTBOX_MAX_AGE_S,
-        "With an outbox: remove messages older than this many seconds (0 = no limit); a"
-        " week (604800) covers a working week's debugging.",
-        kind="float",
-        minimum=0,
-    )
+    outbox_keep: int = _outbox_keep()
+    outbox_max_age_s: float = _outbox_max_age()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -264,21 +273,8 @@ class UpstreamSmsConfig:
         "", "Where inbound texts that are not keywords go (https://).", kind="str"
     )
     timeout_s: float = setting(10.0, "Seconds for one provider call.", kind="float", minimum=0.001)
-    outbox_keep: int = setting(
-        OUTBOX_KEEP,
-        "With an outbox: keep at most this many messages, the newest (0 = no limit). Ten"
-        " thousand is more than anyone reads back and bounds a load test's litter; checked"
-        " about once a minute, so the folder may exceed it by a minute's messages.",
-        kind="int",
-        minimum=0,
-    )
-    outbox_max_age_s: float = setting(
-        OUTBOX_MAX_AGE_S,
-        "With an outbox: remove messages older than this many seconds (0 = no limit); a"
-        " week (604800) covers a working week's debugging.",
-        kind="float",
-        minimum=0,
-    )
+    outbox_keep: int = _outbox_keep()
+    outbox_max_age_s: float = _outbox_max_age()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

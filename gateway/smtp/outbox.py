@@ -28,7 +28,7 @@ from pathlib import Path
 import structlog
 
 from gateway.errors import UpstreamUnavailable
-from gateway.outboxes import NO_LIMIT, Pruner, Retention, clean_incomplete
+from gateway.outboxes import NO_LIMIT, Pruner, Retention, clean_incomplete, write_durably
 from gateway.smtp.transport import Copy, Outcome
 from gateway.smtp.transport import Tally as _Tally
 from gateway.smtp.transport import prevalidate as _prevalidate
@@ -92,30 +92,13 @@ class OutboxUpstream:
 
 
 def _write_pair(directory: Path, name: str, data: bytes, envelope: bytes) -> None:
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    done: list[Path] = []
+    """The message, then its envelope as the commit mark: each durable (fsync, rename,
+    folder fsync) before the next, so a durable ``.json`` never names an ``.eml`` lost in
+    a crash; on failure neither is left."""
+    eml = write_durably(directory, f"{name}.eml", data)
     try:
-        for suffix, payload in ((".eml", data), (".json", envelope)):
-            tmp, final = directory / f".{name}{suffix}.tmp", directory / f"{name}{suffix}"
-            done.append(tmp)
-            fd = os.open(
-                tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600
-            )
-            with open(fd, "wb") as f:
-                os.fchmod(fd, 0o600)  # exact, whatever the umask
-                f.write(payload)
-                f.flush()
-                os.fsync(fd)
-            os.replace(tmp, final)
-            done.append(final)
-            # Per rename, so that a durable .json never names an .eml lost in a crash.
-            dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+        write_durably(directory, f"{name}.json", envelope)
     except BaseException:
-        for path in done:
-            with contextlib.suppress(OSError):
-                path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            eml.unlink(missing_ok=True)
         raise
