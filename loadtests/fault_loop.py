@@ -111,6 +111,12 @@ class Gateway:
                     f'listen_tls = "127.0.0.1:{smtps}"',
                     "[http]",
                     f'listen = "127.0.0.1:{http}"',
+                    # Every accepted message must stay in the outbox to be counted: no
+                    # retention (the default keeps the newest 10,000, which a long loop
+                    # passes, and the pruned ones would count as LOST).
+                    "[upstream.email]",
+                    "outbox_keep = 0",
+                    "outbox_max_age_s = 0",
                     "[[senders]]",
                     'name = "app"',
                     'password_env = "FAULT_LOOP_PASSWORD"',
