@@ -26,6 +26,7 @@ from gateway.service import Gateway
 from tests.support.smtp_sink import Sink, TestPki, make_test_pki
 
 if TYPE_CHECKING:
+    from tests.support.processes import ServeProcess  # it imports this module
     from tests.support.sms_provider import SmsGateway
 
 APP_PASSWORD = "app-secret-for-tests"
@@ -265,3 +266,14 @@ async def g(
 
     async with sms_gateway(make_gateway, pki, monkeypatch) as gateway:
         yield gateway
+
+
+@pytest.fixture
+def served() -> Iterator[list[ServeProcess]]:
+    """`optgate serve` processes a test started (tests.support.processes); each is stopped
+    when the test ends, whatever it asserted."""
+    procs: list[ServeProcess] = []
+    yield procs
+    for p in procs:
+        p.stop()
+

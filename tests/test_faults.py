@@ -22,7 +22,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,14 +48,6 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 OPTED_OUT = "gone@example.org"
 MID_RE = re.compile(rb"<f-\d+-\d+@sender\.example>")
-
-
-@pytest.fixture
-def served() -> Iterator[list[ServeProcess]]:
-    procs: list[ServeProcess] = []
-    yield procs
-    for p in procs:
-        p.stop()
 
 
 async def start(

@@ -17,7 +17,7 @@ import signal
 import ssl
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiosmtplib
@@ -40,14 +40,6 @@ from tests.support.raw_smtp import RawSMTP
 from tests.support.smtp_sink import Sink, TestPki
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def served() -> Iterator[list[ServeProcess]]:
-    procs: list[ServeProcess] = []
-    yield procs
-    for p in procs:
-        p.stop()
 
 
 @pytest.fixture

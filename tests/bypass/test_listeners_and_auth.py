@@ -24,7 +24,6 @@ import ssl
 import statistics
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,14 +55,6 @@ def password_hash() -> str:
     if not _HASH:
         _HASH.append(hash_password(HASHED_PASSWORD))  # ~0.1 s: once per run
     return _HASH[0]
-
-
-@pytest.fixture
-def served() -> Iterator[list[ServeProcess]]:
-    procs: list[ServeProcess] = []
-    yield procs
-    for p in procs:
-        p.stop()
 
 
 async def serve(
