@@ -50,6 +50,10 @@ AUDIT_DOWN_S: Final = 60.0
 CHECK_TIMEOUT_S: Final = 3.0  # a readiness probe must answer well inside its own timeout
 RETRY_AFTER_S: Final = str(PROBE_RETRY_AFTER_S)  # not ready: `gateway.errors` says why
 EMAIL_CHECK: Final = "upstream.email"
+# Ready, but not enforcing: said in every /readyz body so whoever watches the probes sees it.
+SHADOW_WARNING: Final = (
+    "shadow mode: opt-outs are decided and audited but not enforced; every copy is forwarded"
+)
 
 Check = Callable[[], Awaitable[None]]
 CHECKS_KEY: Final = web.AppKey("readiness_checks", dict[str, Check])
@@ -92,8 +96,11 @@ async def readyz(request: web.Request) -> web.Response:
         cache.update(results=dict(outcomes), until=time.monotonic() + READY_CACHE_S)
     results: dict[str, str] = cache["results"]
     ready = all(v == "ok" for v in results.values())
+    body: dict[str, Any] = {"status": "ready" if ready else "not ready", "checks": results}
+    if app[DEPS_KEY].cfg.gateway.shadow:
+        body.update(mode="shadow", warning=SHADOW_WARNING)
     return web.json_response(
-        {"status": "ready" if ready else "not ready", "checks": results},
+        body,
         status=200 if ready else 503,
         headers=None if ready else {"Retry-After": RETRY_AFTER_S},
     )

@@ -35,7 +35,7 @@ from gateway.core import message as msg
 from gateway.core.addresses import EmailAddress
 from gateway.core.keys import Keyring
 from gateway.core.mail import Refusal, Reply
-from gateway.core.policy import Decision
+from gateway.core.policy import Decision, Verdict
 from gateway.core.records import audit_message_id, pseudonym
 from gateway.core.rules import Category, Rules
 from gateway.errors import AuditError, StoreUnavailable
@@ -102,6 +102,7 @@ class EmailFlow:
         links: tokens.Links | None = None,
         signer: Signer | None = None,
         clock: Callable[[], float] = time.time,
+        shadow: bool = False,
     ) -> None:
         self._store = store
         self._upstream = upstream
@@ -112,6 +113,7 @@ class EmailFlow:
         self._links = links  # None: no List-Unsubscribe (only embedders and old tests)
         self._signer = signer
         self._clock = clock
+        self._shadow = shadow  # decide and audit, forward every copy (docs/shadow-mode.md)
         self._store_down_until = 0.0  # monotonic; see STORE_DOWN_SKIP_S
 
     @property
@@ -128,12 +130,14 @@ class EmailFlow:
         head = mail.read(sub.data)
         if isinstance(head, Refusal):
             return await self._refuse(mail.Txn(sender=sub.sender.name, txn=txn, category="",
-                                               message_id=""), rcpts, head)  # fmt: skip
+                                               message_id="", policy=rules.policy),
+                                      rcpts, head)  # fmt: skip
         message_id = mail.message_id(head)
         forms = (f for r in rcpts for f in (r.address.address, *r.address.key_forms()))
         t = mail.Txn(
             sender=sub.sender.name, txn=txn, category="",
             message_id=audit_message_id(ring, message_id, forms),
+            policy=rules.policy, shadow=self._shadow,
         )  # fmt: skip
         chosen = mail.category(
             rules, head, default=sub.sender.default_category, granted=sub.sender.categories
@@ -164,8 +168,9 @@ class EmailFlow:
             return mail.TEMP_LOOKUP_FAILURE
         await self._decisions(t, rcpts, decisions)
         planned = mail.plan(
-            decisions, [r.pseudonym in delivered for r in rcpts], self._suppressed_reply
-        )
+            decisions, [r.pseudonym in delivered for r in rcpts], self._suppressed_reply,
+            shadow=self._shadow,
+        )  # fmt: skip
         if isinstance(planned, Reply):
             return planned
         to_send = [rcpts[i] for i in planned.send]
@@ -290,3 +295,5 @@ class EmailFlow:
             raise
         for d in decisions:
             metrics.decision(d.verdict.value, CHANNEL, t.category or "-")
+            if t.shadow and d.verdict is Verdict.SUPPRESS:
+                metrics.shadow_suppression(CHANNEL, t.category)
