@@ -151,8 +151,8 @@ def _respelled(docs: Docs) -> Docs:
     for doc in docs.values():
         for table, value in doc.items():
             if table == "categories":
-                for cat in value:
-                    cat = dict(cat, channels=list(reversed(cat.get("channels", []))))
+                for given in value:
+                    cat = dict(given, channels=list(reversed(given.get("channels", []))))
                     out[f"{len(out):02d}-{cat['name'][::-1]}.toml"] = {"categories": [cat]}
             else:
                 rest[table] = value

@@ -234,7 +234,10 @@ class Txn:
     def decisions(
         self, recipients: Sequence[str], decisions: Sequence[Decision]
     ) -> list[DecisionEntry]:
-        """The ``decision`` entries, one per recipient pseudonym."""
+        """The ``decision`` entries, one per recipient pseudonym. In shadow mode a suppress
+        is marked ``"shadow": true``: its copy is to be forwarded anyway, unless another
+        recipient's deferral holds the whole message back (`plan`)."""
+        shadow = self.shadow and not any(d.verdict is Verdict.DEFER for d in decisions)
         return [
             DecisionEntry(
                 channel=CHANNEL,
@@ -247,7 +250,7 @@ class Txn:
                 rule=d.rule,
                 reason=d.reason,
                 policy=self.policy or None,
-                shadow=True if self.shadow and d.verdict is Verdict.SUPPRESS else None,
+                shadow=True if shadow and d.verdict is Verdict.SUPPRESS else None,
             )
             for r, d in zip(recipients, decisions, strict=True)
         ]

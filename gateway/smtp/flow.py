@@ -35,7 +35,7 @@ from gateway.core import message as msg
 from gateway.core.addresses import EmailAddress
 from gateway.core.keys import Keyring
 from gateway.core.mail import Refusal, Reply
-from gateway.core.policy import Decision, Verdict
+from gateway.core.policy import Decision
 from gateway.core.records import audit_message_id, pseudonym
 from gateway.core.rules import Category, Rules
 from gateway.errors import AuditError, StoreUnavailable
@@ -293,7 +293,7 @@ class EmailFlow:
         except AuditError:
             metrics.audit_write_failure("smtp")  # the session answers 451
             raise
-        for d in decisions:
+        for d, e in zip(decisions, events, strict=True):
             metrics.decision(d.verdict.value, CHANNEL, t.category or "-")
-            if t.shadow and d.verdict is Verdict.SUPPRESS:
+            if e.shadow:
                 metrics.shadow_suppression(CHANNEL, t.category)
