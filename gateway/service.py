@@ -68,15 +68,6 @@ def timed_fsync(fd: int) -> None:
         log.warning("audit_fsync_slow", ms=round(took * 1000))
 
 
-def warn_shadow_mode(logger: Any = log) -> None:
-    """Said at every start, by every worker and the supervisor: nothing is enforced."""
-    logger.warning(
-        "shadow_mode",
-        detail="[gateway] mode = shadow: opt-outs are decided and audited but NOT enforced;"
-        " every copy is forwarded, opted-out recipients included (docs/shadow-mode.md)",
-    )
-
-
 GRACE_S = 10.0  # how long open sessions may finish after SIGTERM
 KEY_REFRESH_S = 1.0  # at most one key-file re-read per second, whatever the traffic
 
@@ -180,19 +171,12 @@ class Gateway:
         await self._start_http(ctx, auth, socks, counts)
         self.ports.smtp = socks.smtp[0].getsockname()[1]
         self.ports.smtps = socks.smtps[0].getsockname()[1]
-        await audit.append(
-            [
-                Start(
-                    rules_version=self.rules.version,
-                    keys=self._ring.audit.current[0],
-                    policy=self.rules.policy,
-                    mode="shadow" if cfg.gateway.shadow else None,
-                )
-            ]
-        )
+        await audit.append([Start(rules_version=self.rules.version, policy=self.rules.policy,
+                                  keys=self._ring.audit.current[0],
+                                  mode="shadow" if cfg.gateway.shadow else None)])  # fmt: skip
         await self._start_background()
         if cfg.gateway.shadow:
-            warn_shadow_mode()
+            health_routes.warn_shadow_mode(log)
         log.info(
             "listening",
             smtp=self.ports.smtp,
@@ -385,13 +369,9 @@ class Gateway:
         """`policy_before`: the policy digest the reload replaced ("": it did not change)."""
         if self.audit is None:
             return
-        entry = ConfigReload(
-            ok=ok,
-            why=why,
-            rules_version=self.rules.version,
-            policy_before=policy_before or self.rules.policy,
-            policy=self.rules.policy,
-        )
+        entry = ConfigReload(ok=ok, why=why, rules_version=self.rules.version,
+                             policy_before=policy_before or self.rules.policy,
+                             policy=self.rules.policy)  # fmt: skip
         with contextlib.suppress(OptgateError):
             await self.audit.append([entry])
 

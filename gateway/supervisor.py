@@ -57,7 +57,8 @@ from gateway import keyfile, listeners, metrics, rules_files, senders, shared_co
 from gateway.config import Config
 from gateway.core import tokens
 from gateway.core.peers import Counts
-from gateway.service import GRACE_S, open_store, warn_shadow_mode
+from gateway.http.health import warn_shadow_mode
+from gateway.service import GRACE_S, open_store
 from gateway.smtp import dkim
 from gateway.spares import Spares
 from gateway.store.embedded import Keeper

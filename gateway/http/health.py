@@ -55,6 +55,16 @@ SHADOW_WARNING: Final = (
     "shadow mode: opt-outs are decided and audited but not enforced; every copy is forwarded"
 )
 
+
+def warn_shadow_mode(logger: Any) -> None:
+    """Said at every start, by every worker and the supervisor: nothing is enforced."""
+    logger.warning(
+        "shadow_mode",
+        detail="[gateway] mode = shadow: opt-outs are decided and audited but NOT enforced;"
+        " every copy is forwarded, opted-out recipients included (docs/shadow-mode.md)",
+    )
+
+
 Check = Callable[[], Awaitable[None]]
 CHECKS_KEY: Final = web.AppKey("readiness_checks", dict[str, Check])
 _CACHE_KEY: Final = web.AppKey("readiness_cache", dict[str, Any])

@@ -187,13 +187,10 @@ def _native_result(result: Result) -> web.Response:
         if 200 <= reply.status < 300:
             status = doc.get("status")
             status = status if isinstance(status, str) else ""
+            shadow = {SHADOW_HEADER: result.shadow} if result.shadow else {}
             answer = {"id": reply.sid or result.txn, "status": status}
-            if result.shadow:
-                answer["shadow"] = result.shadow
-                return web.json_response(
-                    answer, status=201, headers={SHADOW_HEADER: result.shadow}
-                )
-            return web.json_response(answer, status=201)
+            answer.update({"shadow": result.shadow} if result.shadow else {})
+            return web.json_response(answer, status=201, headers=shadow or None)
         if reply.status == 400 and reply.error_code == message.OPTED_OUT.code:
             return _problem(422, "opted-out", "Recipient has opted out", txn=result.txn)
         if reply.status == 429:
