@@ -12,7 +12,9 @@ store is not ready: it would answer every lookup with "not opted out"), the audi
 is open and not failed, and every upstream answers its `check()` (an SMTP NOOP, an outbox
 that is writable, ...). Anything not ready is ``503`` with ``Retry-After``, so a load
 balancer takes the instance out.
-Results are cached for `READY_CACHE_S`, so a probe storm costs one check.
+Results are cached for `READY_CACHE_S`, so a probe storm costs one check. In shadow mode
+(docs/shadow-mode.md) the body also says ``"mode": "shadow"`` and carries a warning; a
+`shadow_mode` warning is logged at every start (`warn_shadow_mode`).
 
 Upstream checks come from `register_check(app, name, fn)`, which any route module may
 call from its own ``setup``. When none is registered for the email upstream, this module

@@ -15,6 +15,10 @@ reply the application saw (a message SID it may show someone) is always in the l
 outcome, even if the gateway dies right after answering. The routes only translate: they
 render a `Result` as Twilio's reply or as an RFC 9457 problem, and never decide anything.
 
+In shadow mode (docs/shadow-mode.md) a `suppress` is audited with ``"shadow": true`` and
+the text is sent anyway; `Sent.shadow` says what enforce mode would have done. Refusals
+before the lookup and a failed lookup are as in enforce mode.
+
 A provider error 21610 ("unsubscribed recipient": the number texted STOP to the provider
 directly) is copied into the local store as an opt-out of everything on SMS, so the next
 send is stopped here without asking the provider (docs/guarantees.md §4.3). Its audit

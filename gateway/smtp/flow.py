@@ -11,6 +11,10 @@ between them and returns the `Reply` the SMTP hook renders. Nothing is sent unle
 decision entries are durable, and the reply is `250` only when the upstream accepted every
 allowed copy.
 
+In shadow mode (`[gateway] mode = "shadow"`, docs/shadow-mode.md) the decisions are made
+and audited the same way, then every recipient is sent its copy, suppressed ones included
+(`mail.plan`); refusals and deferrals are as in enforce mode.
+
 Categories with `unsubscribe = true` get one upstream copy per recipient, each carrying
 that recipient's own token; the copies are built, signed and delivered concurrently, at
 most `COPY_CONCURRENCY` at a time so a large message to many recipients never sits in
