@@ -120,6 +120,13 @@ DECISIONS: Final = Counter(
     ["kind", "channel", "category"],
     registry=REGISTRY,
 )
+SHADOW_SUPPRESSIONS: Final = Counter(
+    "optgate_shadow_suppressions",
+    "Suppress decisions not acted on because the gateway runs in shadow mode: the copy was"
+    " forwarded anyway (docs/shadow-mode.md). Also counted in optgate_decisions.",
+    ["channel", "category"],
+    registry=REGISTRY,
+)
 LOOKUP_SECONDS: Final = Histogram(
     "optgate_lookup_seconds",
     "Opt-out store lookup latency (one round trip per message).",
@@ -290,6 +297,11 @@ def decision(kind: str, channel: str, category: str, count: int = 1) -> None:
     ).inc(count)
 
 
+def shadow_suppression(channel: str, category: str) -> None:
+    """Count one suppress decision forwarded anyway (shadow mode)."""
+    _child(SHADOW_SUPPRESSIONS, _one_of(channel, CHANNELS), _label(category)).inc()
+
+
 def lookup_latency(channel: str) -> AbstractContextManager[None]:
     """Time one store lookup: ``with metrics.lookup_latency("email"): ...``."""
     return _Timer(_child(LOOKUP_SECONDS, _one_of(channel, CHANNELS)))
@@ -366,6 +378,7 @@ __all__ = [
     "optout_change",
     "optout_effect_seconds",
     "process_dead",
+    "shadow_suppression",
     "store_error",
     "store_sentinel_missing",
     "upstream_error",

@@ -171,16 +171,19 @@ class Gateway:
         await self._start_http(ctx, auth, socks, counts)
         self.ports.smtp = socks.smtp[0].getsockname()[1]
         self.ports.smtps = socks.smtps[0].getsockname()[1]
-        await audit.append(
-            [Start(rules_version=self.rules.version, keys=self._ring.audit.current[0])]
-        )
+        await audit.append([Start(rules_version=self.rules.version, policy=self.rules.policy,
+                                  keys=self._ring.audit.current[0],
+                                  mode="shadow" if cfg.gateway.shadow else None)])  # fmt: skip
         await self._start_background()
+        if cfg.gateway.shadow:
+            health_routes.warn_shadow_mode(log)
         log.info(
             "listening",
             smtp=self.ports.smtp,
             smtps=self.ports.smtps,
             https=self.ports.http,
             rules=self.rules.version[:12],
+            policy=self.rules.policy,
         )
 
     async def _open_backends(self, ring: Keyring) -> tuple[OptOutStore, AuditWriter]:
@@ -241,6 +244,7 @@ class Gateway:
             suppressed_reply=cfg.smtp.suppressed_reply,
             links=links,
             signer=signer,
+            shadow=cfg.gateway.shadow,
         )
         unsubscribe = Unsubscriber(
             store=store,
@@ -319,9 +323,10 @@ class Gateway:
             log.error("reload_failed", why=str(exc))
             await self._audit_reload(ok=False, why=str(exc)[:500])
             return False
+        before = self.rules.policy
         self._rules, self._ring = new_rules, new_ring
-        log.info("reloaded", rules=new_rules.version[:12])
-        await self._audit_reload(ok=True, why="")
+        log.info("reloaded", rules=new_rules.version[:12], policy=new_rules.policy, before=before)
+        await self._audit_reload(ok=True, why="", policy_before=before)
         return True
 
     def _reloaded_keyring(self) -> Keyring:
@@ -360,13 +365,15 @@ class Gateway:
         await self._audit_reload(ok=True, why=f"key file re-read: {why}")
         return True
 
-    async def _audit_reload(self, *, ok: bool, why: str) -> None:
+    async def _audit_reload(self, *, ok: bool, why: str, policy_before: str = "") -> None:
+        """`policy_before`: the policy digest the reload replaced ("": it did not change)."""
         if self.audit is None:
             return
+        entry = ConfigReload(ok=ok, why=why, rules_version=self.rules.version,
+                             policy_before=policy_before or self.rules.policy,
+                             policy=self.rules.policy)  # fmt: skip
         with contextlib.suppress(OptgateError):
-            await self.audit.append(
-                [ConfigReload(ok=ok, why=why, rules_version=self.rules.version)]
-            )
+            await self.audit.append([entry])
 
     async def stop(self, grace_s: float = GRACE_S) -> None:
         """Stop accepting; let SMTP transactions in flight finish (up to `grace_s`) while

@@ -57,6 +57,7 @@ from gateway import keyfile, listeners, metrics, rules_files, senders, shared_co
 from gateway.config import Config
 from gateway.core import tokens
 from gateway.core.peers import Counts
+from gateway.http.health import warn_shadow_mode
 from gateway.service import GRACE_S, open_store
 from gateway.smtp import dkim
 from gateway.spares import Spares
@@ -202,6 +203,8 @@ class Supervisor:
         self._listeners = listeners.bind(self.cfg)
         try:
             prepare(self.cfg)
+            if self.cfg.gateway.shadow:
+                warn_shadow_mode(log)
             self._counts = shared_counts.create(self.workers, self.cfg.gateway.data_dir)
             self._view = self._counts.view(0)
             self._metrics_dir = metrics.fresh_multiprocess_dir(

@@ -1,4 +1,4 @@
-"""`optgate rules check [DIR]`: validate a rules folder."""
+"""`optgate rules check [DIR]`: validate a rules folder and print its policy digest."""
 
 from __future__ import annotations
 
@@ -20,8 +20,10 @@ def cmd_rules(args: argparse.Namespace) -> int:
         cfg_dir = rules_files.choose_dir(None, Path.cwd())
     rules = rules_files.load_dir(cfg_dir)
     names = ", ".join(sorted(rules.categories))
+    # `policy` is the digest every decision entry names (docs/shadow-mode.md#policy-digest).
     print(
-        f"ok: {cfg_dir}: {len(rules.categories)} categories ({names}); version {rules.version[:12]}"
+        f"ok: {cfg_dir}: {len(rules.categories)} categories ({names}); version"
+        f" {rules.version[:12]}; policy {rules.policy}"
     )
     return 0
 

@@ -66,6 +66,16 @@ class GatewayConfig:
         " 1-48 letters, digits, '.', '_' or '-'.",
         kind="str",
     )
+    mode: str = setting(
+        "enforce",
+        "enforce: suppressed recipients get nothing. shadow: every decision is made and"
+        " audited as in enforce, but every copy is forwarded, suppressed ones included"
+        ' (their entries carry "shadow": true); for rolling out in front of a live sender'
+        " (docs/shadow-mode.md). Authentication, category grants, From binding, size limits"
+        " and a store that cannot be read stay enforced.",
+        kind="str",
+        choices=("enforce", "shadow"),
+    )
     data_dir: Path = setting(
         Path("var"), "Embedded store, keys, audit log and outboxes live here.", kind="path"
     )
@@ -80,6 +90,11 @@ class GatewayConfig:
     hostname: str = setting(
         "optgate.localhost", "The name the SMTP listeners greet with.", kind="str"
     )
+
+    @property
+    def shadow(self) -> bool:
+        """Decide and audit, but forward every copy (docs/shadow-mode.md)."""
+        return self.mode == "shadow"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -60,6 +60,10 @@ class Decision(Entry):
     message_id: str  # the audit form of the message's id; "" for SMS (not known yet)
     rule: str
     reason: str
+    policy: str | None = None  # the digest of the rules that decided (`rules.policy_digest`)
+    # A suppress decision not acted on: the gateway runs in shadow mode and forwarded the
+    # copy anyway (docs/shadow-mode.md). Written only when true.
+    shadow: bool | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -194,6 +198,8 @@ class Start(Entry):
     EVENT: ClassVar[str] = "start"
     rules_version: str
     keys: str  # the id of the current audit key
+    policy: str | None = None  # the digest of the rules in force
+    mode: str | None = None  # "shadow" when opt-outs are decided but not enforced
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -202,6 +208,8 @@ class ConfigReload(Entry):
     ok: bool
     why: str
     rules_version: str
+    policy_before: str | None = None  # the policy digest in force before the reload
+    policy: str | None = None  # ... and after it (the same when the reload failed)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

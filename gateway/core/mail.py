@@ -174,11 +174,20 @@ def plan(
     decisions: Sequence[Decision],
     delivered: Sequence[bool],
     suppressed_reply: str,
+    *,
+    shadow: bool = False,
 ) -> Plan | Reply:
     """What to do after the decisions are durable. `delivered[i]`: recipient i already
-    had its copy accepted upstream for this very message (a retry after a 4xx)."""
+    had its copy accepted upstream for this very message (a retry after a 4xx).
+
+    `shadow` (docs/shadow-mode.md): suppressed recipients get their copy too and the reply
+    says how many would have been suppressed. A deferral still defers: with no decision
+    made there is nothing to compare, and the sender retries as it would in enforce mode.
+    """
     if any(d.verdict is Verdict.DEFER for d in decisions):
         return TEMP_LOOKUP_FAILURE
+    if shadow:
+        return _shadow_plan(decisions, delivered)
     allowed = [i for i, d in enumerate(decisions) if d.verdict is Verdict.ALLOW]
     summary = f"{len(decisions) - len(allowed)} of {len(decisions)} recipients suppressed"
     if not allowed:
@@ -188,6 +197,15 @@ def plan(
     send = tuple(i for i in allowed if not delivered[i])
     if not send:
         return _ok(f"already delivered upstream, {summary}")
+    return Plan(send=send, summary=summary)
+
+
+def _shadow_plan(decisions: Sequence[Decision], delivered: Sequence[bool]) -> Plan | Reply:
+    would = sum(d.verdict is Verdict.SUPPRESS for d in decisions)
+    summary = f"shadow: {would} of {len(decisions)} recipients would be suppressed"
+    send = tuple(i for i in range(len(decisions)) if not delivered[i])
+    if not send:
+        return _ok(f"already delivered upstream ({summary})")
     return Plan(send=send, summary=summary)
 
 
@@ -210,11 +228,16 @@ class Txn:
     txn: str
     category: str
     message_id: str  # the audit form (`records.audit_message_id`)
+    policy: str = ""  # the digest of the rules deciding it (`rules.policy_digest`)
+    shadow: bool = False  # shadow mode: suppress decisions are audited, not acted on
 
     def decisions(
         self, recipients: Sequence[str], decisions: Sequence[Decision]
     ) -> list[DecisionEntry]:
-        """The ``decision`` entries, one per recipient pseudonym."""
+        """The ``decision`` entries, one per recipient pseudonym. In shadow mode a suppress
+        is marked ``"shadow": true``: its copy is to be forwarded anyway, unless another
+        recipient's deferral holds the whole message back (`plan`)."""
+        shadow = self.shadow and not any(d.verdict is Verdict.DEFER for d in decisions)
         return [
             DecisionEntry(
                 channel=CHANNEL,
@@ -226,6 +249,8 @@ class Txn:
                 message_id=self.message_id,
                 rule=d.rule,
                 reason=d.reason,
+                policy=self.policy or None,
+                shadow=True if shadow and d.verdict is Verdict.SUPPRESS else None,
             )
             for r, d in zip(recipients, decisions, strict=True)
         ]

@@ -22,12 +22,16 @@ Floors no file can lower, because they protect recipients:
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import re
 import unicodedata
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Literal
+from typing import Any, Literal
+
+import orjson
 
 CHANNELS = frozenset({"email", "sms"})
 RESERVED_NAMES = frozenset({"all"})  # "all" means every category in the CLI and unsubscribe form
@@ -59,6 +63,11 @@ MAX_PHRASE_CHARS = 64  # revocation phrases are short replies, not sentences
 MAX_FOOTER_CHARS = 60  # appended to texts that must stay within one 160-character segment
 MAX_REPLY_CHARS = 306  # two concatenated GSM-7 segments (153 each)
 
+# The policy digest (`policy_digest`): 16 bytes of sha256, 32 hex characters in every
+# decision entry. 128 bits tell apart every policy a deployment will ever run; the full 64
+# characters would add a third to a decision entry's size for nothing a reader can use.
+POLICY_DIGEST_BYTES = 16
+POLICY_DIGEST_FORM = 1  # the canonical form's version: a change of form is a new digest
 _SPACE = re.compile(r"\s+")
 # Unicode general categories trimmed from both ends of a reply: punctuation, symbols (emoji),
 # separators, marks (emoji variation selectors) and other (controls, format characters).
@@ -104,6 +113,8 @@ class Rules:
     help_keywords: frozenset[str]
     revocations: tuple[Revocation, ...]
     version: str  # sha256 of the files' names and bytes, for the audit log and metrics
+    # The digest of what the rules mean (`policy_digest`), named in every decision entry.
+    policy: str = field(init=False, compare=False)
     _strip: re.Pattern[str] = field(init=False, repr=False, compare=False)
     _phrases: Mapping[str, str] = field(init=False, repr=False, compare=False)
 
@@ -112,13 +123,14 @@ class Rules:
         strip: list[str] = []
         for glob in (*ALWAYS_STRIP, *self.strip_headers, self.category_header):
             # The floor lives here so no way of building Rules can drop it. Skip what an
-            # earlier glob already covers (a glob's own text matches that glob).
-            if not compile_globs(strip).fullmatch(glob):
+            # earlier glob already covers.
+            if not _covered(glob, strip):
                 strip.append(glob)
         object.__setattr__(self, "strip_headers", tuple(strip))
         object.__setattr__(self, "_strip", compile_globs(strip))
         phrases = {r.phrase: r.id for r in self.revocations}
         object.__setattr__(self, "_phrases", MappingProxyType(phrases))
+        object.__setattr__(self, "policy", policy_digest(self))
 
     def category(self, name: str) -> Category | None:
         """The category called `name` (names are lower-case; lookup ignores case)."""
@@ -176,3 +188,52 @@ def compile_globs(globs: Iterable[str]) -> re.Pattern[str]:
 
 def _glob_char(c: str) -> str:
     return ".*" if c == "*" else "." if c == "?" else re.escape(c)
+
+
+def _covered(glob: str, globs: Iterable[str]) -> bool:
+    """Whether `globs` already strip every header `glob` would. Only a plain name can be
+    tested by matching its text: a glob's own text matching another glob proves nothing
+    ("X-Patient-?" matches the text "X-Patient-*" but strips far less), so a glob with a
+    wildcard is covered only by the same glob."""
+    globs = list(globs)
+    if any(g.lower() == glob.lower() for g in globs):
+        return True
+    return "*" not in glob and "?" not in glob and compile_globs(globs).fullmatch(glob) is not None
+
+
+def policy_digest(rules: Rules) -> str:
+    """The digest of the rules in force: what they mean, not how the files spell it.
+
+    sha256 over canonical JSON (sorted keys, no spaces, UTF-8) of every value `Rules` was
+    built from except `version`: the categories with every field, the defaults, the strip
+    globs, the SMS texts, the keyword sets (their floor included) and the revocations.
+    Sets are sorted, so file order, the order of list items, whitespace and comments do not
+    change it; header names and globs (matched case-insensitively) are lower-cased, and a
+    plain name a glob already strips is left out. Any change to a rule changes it. The
+    first `POLICY_DIGEST_BYTES` bytes, in hex.
+    """
+    doc: dict[str, Any] = {"form": POLICY_DIGEST_FORM}
+    for f in dataclasses.fields(rules):
+        if f.init and f.name != "version":
+            doc[f.name] = _canonical(getattr(rules, f.name))
+    globs = sorted({g.lower() for g in rules.strip_headers})
+    doc["strip_headers"] = [g for g in globs if not _covered(g, [h for h in globs if h != g])]
+    doc["category_header"] = rules.category_header.lower()
+    raw = orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(raw).digest()[:POLICY_DIGEST_BYTES].hex()
+
+
+def _canonical(value: Any) -> Any:
+    """`value` as JSON data whose form does not depend on the order anything was read in."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {
+            f.name: _canonical(getattr(value, f.name))
+            for f in dataclasses.fields(value)
+            if f.init
+        }
+    if isinstance(value, Mapping):
+        return {str(k): _canonical(v) for k, v in value.items()}
+    if isinstance(value, tuple | list | set | frozenset):
+        items = [_canonical(v) for v in value]
+        return sorted(items, key=lambda v: orjson.dumps(v, option=orjson.OPT_SORT_KEYS))
+    return value

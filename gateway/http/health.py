@@ -12,7 +12,9 @@ store is not ready: it would answer every lookup with "not opted out"), the audi
 is open and not failed, and every upstream answers its `check()` (an SMTP NOOP, an outbox
 that is writable, ...). Anything not ready is ``503`` with ``Retry-After``, so a load
 balancer takes the instance out.
-Results are cached for `READY_CACHE_S`, so a probe storm costs one check.
+Results are cached for `READY_CACHE_S`, so a probe storm costs one check. In shadow mode
+(docs/shadow-mode.md) the body also says ``"mode": "shadow"`` and carries a warning; a
+`shadow_mode` warning is logged at every start (`warn_shadow_mode`).
 
 Upstream checks come from `register_check(app, name, fn)`, which any route module may
 call from its own ``setup``. When none is registered for the email upstream, this module
@@ -50,6 +52,20 @@ AUDIT_DOWN_S: Final = 60.0
 CHECK_TIMEOUT_S: Final = 3.0  # a readiness probe must answer well inside its own timeout
 RETRY_AFTER_S: Final = str(PROBE_RETRY_AFTER_S)  # not ready: `gateway.errors` says why
 EMAIL_CHECK: Final = "upstream.email"
+# Ready, but not enforcing: said in every /readyz body so whoever watches the probes sees it.
+SHADOW_WARNING: Final = (
+    "shadow mode: opt-outs are decided and audited but not enforced; every copy is forwarded"
+)
+
+
+def warn_shadow_mode(logger: Any) -> None:
+    """Said at every start, by every worker and the supervisor: nothing is enforced."""
+    logger.warning(
+        "shadow_mode",
+        detail="[gateway] mode = shadow: opt-outs are decided and audited but NOT enforced;"
+        " every copy is forwarded, opted-out recipients included (docs/shadow-mode.md)",
+    )
+
 
 Check = Callable[[], Awaitable[None]]
 CHECKS_KEY: Final = web.AppKey("readiness_checks", dict[str, Check])
@@ -92,8 +108,11 @@ async def readyz(request: web.Request) -> web.Response:
         cache.update(results=dict(outcomes), until=time.monotonic() + READY_CACHE_S)
     results: dict[str, str] = cache["results"]
     ready = all(v == "ok" for v in results.values())
+    body: dict[str, Any] = {"status": "ready" if ready else "not ready", "checks": results}
+    if app[DEPS_KEY].cfg.gateway.shadow:
+        body.update(mode="shadow", warning=SHADOW_WARNING)
     return web.json_response(
-        {"status": "ready" if ready else "not ready", "checks": results},
+        body,
         status=200 if ready else 503,
         headers=None if ready else {"Retry-After": RETRY_AFTER_S},
     )

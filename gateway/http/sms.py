@@ -53,6 +53,10 @@ RETRY_AFTER = str(RETRY_AFTER_S)  # store or audit log trouble: `gateway.errors`
 JSON = "application/json"
 REALM = 'Basic realm="optgate"'
 WORKER_STOP_S = 5.0  # the retry worker's last Redis call or forward may take this long
+# Shadow mode (docs/shadow-mode.md): every send answer says what enforce mode would have
+# done, "allow" or "suppress", in this header (and the native answer in a "shadow" field).
+# A header leaves the provider's Twilio body as it was, so the SDK reads it unchanged.
+SHADOW_HEADER = "Optgate-Shadow"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -111,9 +115,11 @@ def _twilio_result(result: Result) -> web.Response:
         reply = result.reply
         if reply.status >= 500 or reply.json() is None:
             return _twilio(502, 20500, "The SMS provider failed; the message was not accepted.")
-        headers = {"Retry-After": reply.retry_after} if reply.retry_after.isdigit() else None
+        headers = {"Retry-After": reply.retry_after} if reply.retry_after.isdigit() else {}
+        if result.shadow:
+            headers[SHADOW_HEADER] = result.shadow
         return web.Response(
-            status=reply.status, body=reply.body, content_type=JSON, headers=headers
+            status=reply.status, body=reply.body, content_type=JSON, headers=headers or None
         )
     if isinstance(result, Failed):
         text = (
@@ -181,7 +187,10 @@ def _native_result(result: Result) -> web.Response:
         if 200 <= reply.status < 300:
             status = doc.get("status")
             status = status if isinstance(status, str) else ""
-            return web.json_response({"id": reply.sid or result.txn, "status": status}, status=201)
+            shadow = {SHADOW_HEADER: result.shadow} if result.shadow else {}
+            answer = {"id": reply.sid or result.txn, "status": status}
+            answer.update({"shadow": result.shadow} if result.shadow else {})
+            return web.json_response(answer, status=201, headers=shadow or None)
         if reply.status == 400 and reply.error_code == message.OPTED_OUT.code:
             return _problem(422, "opted-out", "Recipient has opted out", txn=result.txn)
         if reply.status == 429:
@@ -298,7 +307,7 @@ def setup(app: web.Application, deps: HttpDeps) -> None:
     )
     flow = SmsFlow(
         store=deps.store, audit=deps.audit, rules=deps.rules, keyring=deps.keyring,
-        provider=provider,
+        provider=provider, shadow=cfg.gateway.shadow,
     )  # fmt: skip
     handler = Inbound(
         store=deps.store, audit=deps.audit, rules=deps.rules, keyring=deps.keyring,

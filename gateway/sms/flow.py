@@ -15,6 +15,10 @@ reply the application saw (a message SID it may show someone) is always in the l
 outcome, even if the gateway dies right after answering. The routes only translate: they
 render a `Result` as Twilio's reply or as an RFC 9457 problem, and never decide anything.
 
+In shadow mode (docs/shadow-mode.md) a `suppress` is audited with ``"shadow": true`` and
+the text is sent anyway; `Sent.shadow` says what enforce mode would have done. Refusals
+before the lookup and a failed lookup are as in enforce mode.
+
 A provider error 21610 ("unsubscribed recipient": the number texted STOP to the provider
 directly) is copied into the local store as an opt-out of everything on SMS, so the next
 send is stopped here without asking the provider (docs/guarantees.md §4.3). Its audit
@@ -23,6 +27,7 @@ entry is written first: if it cannot be, nothing is copied, and the next send tr
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import time
 from collections.abc import Callable
@@ -72,6 +77,9 @@ class Sent:
 
     txn: str
     reply: Reply
+    # Shadow mode (docs/shadow-mode.md): what enforce mode would have done, "allow" or
+    # "suppress" (the text went to the provider either way); "" in enforce mode.
+    shadow: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -118,7 +126,9 @@ class SmsFlow:
         rules: Callable[[], Rules],
         keyring: Callable[[], Keyring],
         provider: Provider | None,
+        shadow: bool = False,
     ) -> None:
+        self._shadow = shadow  # decide and audit, send every text (docs/shadow-mode.md)
         self._store = store
         self._audit = audit
         self._rules = rules
@@ -133,7 +143,8 @@ class SmsFlow:
             return Refused(txn=txn, kind="not-configured")
         rules = self._rules()
         recipient = pseudonym(self._keyring(), CHANNEL, out.to.key_form)
-        base = {"channel": CHANNEL, "sender": sender.name, "txn": txn, "recipient": recipient}
+        base = {"channel": CHANNEL, "sender": sender.name, "txn": txn, "recipient": recipient,
+                "policy": rules.policy}  # fmt: skip
         category = categories.choose(
             rules,
             asked=(category_name,) if category_name else (),
@@ -150,19 +161,27 @@ class SmsFlow:
         base["category"] = category.name
 
         decision = await self._lookup(category, recipient, txn)
+        # Shadow mode forwards what would be suppressed; a deferral (no decision could be
+        # made) is refused in either mode.
+        shadowed = self._shadow and decision.verdict is Verdict.SUPPRESS
         try:
-            await self._audit.append([_decision(base, decision)])
+            await self._audit.append([_decision(base, decision, shadow=shadowed)])
         except AuditError:
             log.error("audit_unavailable", txn=txn, channel=CHANNEL)
             metrics.audit_write_failure("sms")
             return Refused(txn=txn, kind="audit-unavailable")
         metrics.decision(decision.verdict.value, CHANNEL, category.name)
-        if decision.verdict is Verdict.SUPPRESS:
+        if shadowed:
+            metrics.shadow_suppression(CHANNEL, category.name)
+        elif decision.verdict is Verdict.SUPPRESS:
             return Refused(txn=txn, kind="opted-out", refusal=message.OPTED_OUT)
-        if decision.verdict is not Verdict.ALLOW:
+        elif decision.verdict is not Verdict.ALLOW:
             return Refused(txn=txn, kind="store-unavailable")
 
-        return await self._provide(self._provider, base, out, body)
+        sent = await self._provide(self._provider, base, out, body)
+        if self._shadow and isinstance(sent, Sent):
+            return dataclasses.replace(sent, shadow=decision.verdict.value)
+        return sent
 
     async def _lookup(self, category: Category, recipient: str, txn: str) -> Decision:
         """The decision for one number; a failed lookup fails closed (defer)."""
@@ -303,7 +322,7 @@ class SmsFlow:
             log.warning("provider_opt_out_not_copied", txn=base["txn"])
 
 
-def _decision(base: dict[str, str], d: Decision) -> entries.Decision:
+def _decision(base: dict[str, str], d: Decision, *, shadow: bool = False) -> entries.Decision:
     return entries.Decision(
         decision=d.verdict.value,
         channel=base["channel"],
@@ -314,4 +333,6 @@ def _decision(base: dict[str, str], d: Decision) -> entries.Decision:
         txn=base["txn"],
         rule=d.rule,
         reason=d.reason,
+        policy=base.get("policy") or None,
+        shadow=True if shadow else None,
     )

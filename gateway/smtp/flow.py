@@ -11,6 +11,10 @@ between them and returns the `Reply` the SMTP hook renders. Nothing is sent unle
 decision entries are durable, and the reply is `250` only when the upstream accepted every
 allowed copy.
 
+In shadow mode (`[gateway] mode = "shadow"`, docs/shadow-mode.md) the decisions are made
+and audited the same way, then every recipient is sent its copy, suppressed ones included
+(`mail.plan`); refusals and deferrals are as in enforce mode.
+
 Categories with `unsubscribe = true` get one upstream copy per recipient, each carrying
 that recipient's own token; the copies are built, signed and delivered concurrently, at
 most `COPY_CONCURRENCY` at a time so a large message to many recipients never sits in
@@ -102,6 +106,7 @@ class EmailFlow:
         links: tokens.Links | None = None,
         signer: Signer | None = None,
         clock: Callable[[], float] = time.time,
+        shadow: bool = False,
     ) -> None:
         self._store = store
         self._upstream = upstream
@@ -112,6 +117,7 @@ class EmailFlow:
         self._links = links  # None: no List-Unsubscribe (only embedders and old tests)
         self._signer = signer
         self._clock = clock
+        self._shadow = shadow  # decide and audit, forward every copy (docs/shadow-mode.md)
         self._store_down_until = 0.0  # monotonic; see STORE_DOWN_SKIP_S
 
     @property
@@ -128,12 +134,14 @@ class EmailFlow:
         head = mail.read(sub.data)
         if isinstance(head, Refusal):
             return await self._refuse(mail.Txn(sender=sub.sender.name, txn=txn, category="",
-                                               message_id=""), rcpts, head)  # fmt: skip
+                                               message_id="", policy=rules.policy),
+                                      rcpts, head)  # fmt: skip
         message_id = mail.message_id(head)
         forms = (f for r in rcpts for f in (r.address.address, *r.address.key_forms()))
         t = mail.Txn(
             sender=sub.sender.name, txn=txn, category="",
             message_id=audit_message_id(ring, message_id, forms),
+            policy=rules.policy, shadow=self._shadow,
         )  # fmt: skip
         chosen = mail.category(
             rules, head, default=sub.sender.default_category, granted=sub.sender.categories
@@ -164,8 +172,9 @@ class EmailFlow:
             return mail.TEMP_LOOKUP_FAILURE
         await self._decisions(t, rcpts, decisions)
         planned = mail.plan(
-            decisions, [r.pseudonym in delivered for r in rcpts], self._suppressed_reply
-        )
+            decisions, [r.pseudonym in delivered for r in rcpts], self._suppressed_reply,
+            shadow=self._shadow,
+        )  # fmt: skip
         if isinstance(planned, Reply):
             return planned
         to_send = [rcpts[i] for i in planned.send]
@@ -288,5 +297,7 @@ class EmailFlow:
         except AuditError:
             metrics.audit_write_failure("smtp")  # the session answers 451
             raise
-        for d in decisions:
+        for d, e in zip(decisions, events, strict=True):
             metrics.decision(d.verdict.value, CHANNEL, t.category or "-")
+            if e.shadow:
+                metrics.shadow_suppression(CHANNEL, t.category)
