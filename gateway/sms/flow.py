@@ -35,6 +35,7 @@ from gateway import metrics
 from gateway.config import Sender
 from gateway.core import categories, entries, grants, policy
 from gateway.core.categories import Unchosen, Why
+from gateway.core.consent import ConsentState
 from gateway.core.entries import Delivery, OptOut
 from gateway.core.keys import Keyring
 from gateway.core.policy import Decision, Verdict
@@ -168,14 +169,21 @@ class SmsFlow:
         """The decision for one number; a failed lookup fails closed (defer)."""
         if not category.opt_out:
             return policy.NOT_OPT_OUTABLE
+        consents: list[ConsentState] = [None]
         try:
             with metrics.lookup_latency(CHANNEL):
-                states = await self._store.lookup(CHANNEL, [recipient])
+                if category.consent_required:  # the consent rides in the same round trip
+                    states, consents, _ = await self._store.lookup_consented(
+                        CHANNEL, [recipient], [recipient]
+                    )
+                else:
+                    states = await self._store.lookup(CHANNEL, [recipient])
         except StoreUnavailable:
             log.warning("store_unavailable", txn=txn, channel=CHANNEL)
             metrics.store_error("lookup")
             return policy.STORE_UNAVAILABLE
-        return policy.decide(category, states)
+        decided = policy.decide(category, states)
+        return policy.with_consent(category, decided, consents[0], time.time())
 
     async def _provide(
         self, provider: Provider, base: dict[str, str], out: Outgoing, body: str
