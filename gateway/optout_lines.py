@@ -9,14 +9,8 @@ export from either imports into either: the admin API (``POST /v1/optouts:import
 Format. NDJSON: one object per line. CSV: a header line naming the columns, then one
 record per line, categories separated by ``;``. Members: ``channel``, ``address``,
 ``categories``, ``all``, ``source`` (default "import"); an export's ``recipient`` and
-``updated_at`` are accepted and ignored, so an export imports as it is.
-
-Consent lines (docs/consent.md): a line with ``consent`` (the consent-required category
-consented to) records that consent instead, with ``source`` (form, paper, verbal, api,
-import; default import), ``evidence``, ``terms_version``, ``given_at`` and ``expires_at``;
-it takes no ``categories`` or ``all``. In CSV these are columns too, and a row whose
-``consent`` is empty is an opt-out. A consent line is applied on its own, after the lines
-before it (audited first, as every change), and never lifts an opt-out.
+``updated_at`` are accepted and ignored, so an export imports as it is. A line with
+``consent`` records a consent instead (`gateway.consent_lines`, docs/consent.md).
 
 Import. Input is read as it arrives, one line at a time. Each line is validated on its
 own: a bad line is reported with its 1-based number and nothing of it is written; good
@@ -44,16 +38,14 @@ from typing import Any, Final, Protocol
 
 import orjson
 
-from gateway import consents, metrics
+from gateway import consent_lines, metrics
 from gateway.apikeys import ApiKey, access_event
 from gateway.config import Config
-from gateway.core import consent
-from gateway.core.consent import Consent
 from gateway.core.entries import AdminAccess, OptIn, OptOut
 from gateway.core.keys import Keyring
 from gateway.core.records import CORRUPT, Record, pseudonym
 from gateway.core.rules import Rules
-from gateway.errors import BadInput, HeaderError, RecordCorrupt
+from gateway.errors import BadInput, HeaderError
 from gateway.optout_fields import (
     canonical,
     categories_of,
@@ -74,9 +66,6 @@ READ_CHUNK: Final = 256 * 1024
 WRITE_DEPTH: Final = 2
 WRITE_CHUNK: Final = 64 * 1024  # export: bytes gathered before each write
 LINE_FIELDS: Final = frozenset({"channel", "address", "categories", "all", "source"})
-CONSENT_FIELDS: Final = frozenset(
-    {"consent", "evidence", "terms_version", "given_at", "expires_at"}
-)
 EXPORT_ONLY: Final = frozenset({"recipient", "updated_at"})  # accepted, ignored: re-import
 CSV_COLUMNS: Final = (
     "channel", "address", "recipient", "all", "categories", "updated_at", "source",
@@ -206,65 +195,25 @@ class LineReader:
             header = [c.strip().lower() for c in row]
             if not {"channel", "address"} <= set(header):
                 raise BadInput("the CSV header must name channel and address")
-            if set(header) - LINE_FIELDS - CONSENT_FIELDS - EXPORT_ONLY:
+            if set(header) - LINE_FIELDS - consent_lines.FIELDS - EXPORT_ONLY:
                 raise BadInput(f"unknown CSV column (known: {', '.join(CSV_COLUMNS)})")
             self.header = header
             return None
         if len(row) != len(self.header):
             raise BadInput(f"expected {len(self.header)} columns, got {len(row)}")
-        known = LINE_FIELDS | CONSENT_FIELDS
+        known = LINE_FIELDS | consent_lines.FIELDS
         doc = {k: v for k, v in zip(self.header, row, strict=True) if k in known}
         cats = doc.get("categories", "")
         doc["categories"] = [c.strip() for c in cats.replace("|", ";").split(";") if c.strip()]
         if "source" in doc and not doc["source"]:
             del doc["source"]
-        if doc.get("consent"):  # a consent row: its empty opt-out columns are not given
-            if str(doc.get("all", "")).strip().lower() in _FALSE:
-                doc.pop("all", None)
-            return {k: v for k, v in doc.items() if v not in ("", [])}
-        return {k: v for k, v in doc.items() if k not in CONSENT_FIELDS or v}
+        return consent_lines.csv_row(doc)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ConsentItem:
-    """One consent to record (a consent line)."""
-
-    channel: str
-    pseudonym: str
-    consent: Consent
-
-
-def consent_item_of(deps: Context, doc: dict[str, Any]) -> ConsentItem:
-    """A consent line's fields as the consent to record; BadInput (safe to show) if invalid."""
-    allowed = CONSENT_FIELDS | {"channel", "address", "source"}
-    if set(doc) - allowed - EXPORT_ONLY:
-        raise BadInput(f"unknown member on a consent line (allowed: {', '.join(sorted(allowed))})")
-    channel = channel_of(doc.get("channel"))
-    _, key_form = canonical(channel, doc.get("address"), region=deps.cfg.sms.default_region)
-    name = doc.get("consent")
-    if not isinstance(name, str):
-        raise BadInput("consent must name a consent-required category")
-    category = consents.category_of(deps.rules(), channel, name, granting=True)
-    given = consent.grant_of(
-        category, source=doc.get("source"), evidence=doc.get("evidence"),
-        terms_version=doc.get("terms_version"), expires_at=doc.get("expires_at"),
-        given_at=doc.get("given_at"), default_source=DEFAULT_SOURCE, now=time.time(),
-    )  # fmt: skip
-    return ConsentItem(
-        channel=channel, pseudonym=pseudonym(deps.keyring(), channel, key_form), consent=given
-    )
-
-
-def item_of(deps: Context, doc: dict[str, Any]) -> bulk.OptOutItem | ConsentItem:
-    """One line's fields as an opt-out to add (or a consent to record, a line with
-    ``consent``); BadInput (safe to show) if invalid."""
-    if "consent" in doc:
-        return consent_item_of(deps, doc)
-    if set(doc) & CONSENT_FIELDS:
-        raise BadInput(
-            "evidence, terms_version, given_at and expires_at belong on a consent line "
-            "(one naming its category in consent)"
-        )
+def item_of(deps: Context, doc: dict[str, Any]) -> bulk.OptOutItem | consent_lines.ConsentItem:
+    """One line's fields as an opt-out to add (or a consent); BadInput (safe to show)."""
+    if set(doc) & consent_lines.FIELDS:
+        return consent_lines.item_of(deps, doc)
     if set(doc) - LINE_FIELDS - EXPORT_ONLY:
         raise BadInput("unknown member (allowed: channel, address, categories, all, source)")
     channel = channel_of(doc.get("channel"))
@@ -314,8 +263,8 @@ class ImportJob:
                 if doc is None:
                     continue  # the CSV header
                 item = item_of(self.deps, doc)
-                if isinstance(item, ConsentItem):
-                    await self.consent(self.lines, item)
+                if isinstance(item, consent_lines.ConsentItem):
+                    await consent_lines.apply(self, self.lines, item)
                 else:
                     await self.add(self.lines, item)
             except BadInput as exc:
@@ -339,27 +288,6 @@ class ImportJob:
             "errors": sorted(self.errors, key=lambda e: int(e["line"])),
             "errors_truncated": self.rejected > len(self.errors),
         }
-
-    async def consent(self, line: int, item: ConsentItem) -> None:
-        """Record one consent line, after every line before it is written (so the
-        line to resume from stays exact)."""
-        await self.flush(line)
-        await self.wait()
-        actor = self.actor
-        who = consents.Who(
-            via="import", key_id=actor.key.kid if actor.key else None,
-            by=None if actor.key else "cli",
-        )  # fmt: skip
-        try:
-            await consents.grant(
-                self.deps.store, self.deps.audit, channel=item.channel,
-                pseudonym=item.pseudonym, consent=item.consent, who=who,
-            )  # fmt: skip
-        except RecordCorrupt:
-            self.reject(line, "the stored consent record does not authenticate; it was not changed")
-            return
-        self.applied += 1
-        self.resume_from = line + 1
 
     async def add(self, line: int, item: bulk.OptOutItem) -> None:
         key = record_key(item.channel, item.pseudonym)

@@ -176,11 +176,15 @@ class Unsubscriber:
         needing = [n for n in scope if (c := rules.category(n)) is not None and c.consent_required]
         if not all and not needing:
             return
-        await consents.revoke_consents(
-            self._store, self._audit, channel=CHANNEL, pseudonym=claims.pseudonym,
-            categories=None if all else needing, source=source,
-            who=consents.Who(via=source, by=source), now=self._clock(),
-        )  # fmt: skip
+        try:
+            await consents.revoke_consents(
+                self._store, self._audit, channel=CHANNEL, pseudonym=claims.pseudonym,
+                categories=None if all else needing, source=source,
+                who=consents.Who(via=source), now=self._clock(),
+            )  # fmt: skip
+        except AuditError:
+            metrics.audit_write_failure("unsubscribe")
+            raise
 
     async def record(
         self,
@@ -233,11 +237,7 @@ class Unsubscriber:
                 now=self._clock(),
                 audit=first,
             )
-            try:
-                await self._revoke_consents(claims, scope, all=all, source=source)
-            except AuditError:
-                metrics.audit_write_failure("unsubscribe")
-                raise
+            await self._revoke_consents(claims, scope, all=all, source=source)
         if written.after is None:  # an opt-out never deletes; a bug if it did
             raise RuntimeError("opt_out removed a record")
         effect_s = time.perf_counter() - received.mono

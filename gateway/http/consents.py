@@ -17,6 +17,7 @@ only, and no problem document quotes the address.
 from __future__ import annotations
 
 import time
+from typing import Any, Final
 
 from aiohttp import web
 
@@ -120,3 +121,104 @@ def setup(app: web.Application, deps: HttpDeps) -> None:
     app.router.add_get(ROUTE, get_consent)
     app.router.add_put(ROUTE, put_consent)
     app.router.add_delete(ROUTE, delete_consent)
+
+
+# -- its part of the OpenAPI document (`gateway.http.openapi` merges it) ----------------------
+
+_REF: Final = "#/components/schemas/"
+_PROBLEM: Final = {"$ref": _REF + "Problem"}
+
+
+def _problem_doc(description: str) -> dict[str, Any]:
+    content = {"application/problem+json": {"schema": _PROBLEM}}
+    return {"description": description, "content": content}
+
+
+def _state_doc(description: str) -> dict[str, Any]:
+    schema = {"$ref": _REF + "ConsentState"}
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _op(op: str, summary: str, ok: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    errors = {
+        "400": _problem_doc("Invalid input (the detail never quotes it)"),
+        "401": _problem_doc("No API key, or not a valid one"),
+        "403": _problem_doc("The key's role may not call this route"),
+        "404": _problem_doc("Unknown channel (GET: or no consent recorded for the category)"),
+        "500": _problem_doc("A stored record does not authenticate"),
+        "503": _problem_doc("Store or audit log unavailable; retry after Retry-After"),
+    }
+    return {
+        "operationId": op, "summary": summary, "security": [{"apiKey": []}],
+        "responses": {"200": ok, **errors}, **extra,
+    }  # fmt: skip
+
+
+_PATH_PARAMS: Final = [
+    {"name": "channel", "in": "path", "required": True,
+     "schema": {"type": "string", "enum": ["email", "sms"]}},
+    {"name": "address", "in": "path", "required": True,
+     "description": "An email address or a phone number (E.164, or national in "
+                    "[sms] default_region). Never logged.",
+     "schema": {"type": "string", "minLength": 1}, "example": "pat@example.org"},
+    {"name": "category", "in": "path", "required": True,
+     "schema": {"type": "string", "minLength": 1}, "example": "research"},
+]  # fmt: skip
+_WHEN: Final = {"type": "string", "nullable": True, "format": "date-time"}
+_TEXT: Final = {"type": "string", "nullable": True}
+OPENAPI_SCHEMAS: Final[dict[str, Any]] = {
+    "ConsentState": {
+        "type": "object",
+        "required": ["channel", "recipient", "category", "status", "given_at", "source",
+                     "evidence", "terms_version", "expires_at", "revoked_at", "opted_out"],
+        "properties": {
+            "channel": {"type": "string", "enum": ["email", "sms"]},
+            "recipient": {"type": "string", "description": "the recipient's pseudonym"},
+            "category": {"type": "string"},
+            "status": {"type": "string", "enum": ["valid", "expired", "revoked", "none"]},
+            "given_at": _WHEN, "source": _TEXT, "evidence": _TEXT, "terms_version": _TEXT,
+            "expires_at": _WHEN, "revoked_at": _WHEN,
+            "opted_out": {"type": "boolean", "description": "an opt-out keeps the category "
+                          "from the recipient whatever the consent says"},
+        },
+    },
+    "ConsentPut": {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "source": {"type": "string", "enum": list(consent.SOURCES)},
+            "evidence": {"type": "string", "pattern": "^[A-Za-z0-9_.:/#-]{1,128}$",
+                         "description": "the id of the signed authorization in your document "
+                                        "system (no address or number)"},
+            "terms_version": {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,64}$"},
+            "expires_at": {"type": "string", "format": "date-time"},
+            "given_at": {"type": "string", "format": "date-time"},
+        },
+    },
+}  # fmt: skip
+OPENAPI_PATHS: Final[dict[str, Any]] = {
+    "/v1/consents/{channel}/{address}/{category}": {
+        "parameters": _PATH_PARAMS,
+        "get": _op("getConsent", "One address's consent to one category (role preferences)",
+                   _state_doc("The consent")),
+        "put": _op(
+            "putConsent",
+            "Record a consent to a consent-required category (role preferences; audited as "
+            "consent_granted). It never lifts an opt-out",
+            _state_doc("The consent recorded"),
+            requestBody={"required": True, "content": {"application/json": {
+                "schema": {"$ref": _REF + "ConsentPut"},
+                "example": {"source": "form", "evidence": "dms:4f2a9c", "terms_version": "v3",
+                            "expires_at": "2027-01-31T00:00:00Z"}}}},
+        ),
+        "delete": _op(
+            "deleteConsent",
+            "Revoke the consent; the category is opted out too (role preferences; audited as "
+            "optout and consent_revoked)",
+            _state_doc("The consent after"),
+            parameters=[{"name": "source", "in": "query", "required": False,
+                         "description": "who asked",
+                         "schema": {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,64}$"}}],
+        ),
+    },
+}  # fmt: skip

@@ -14,6 +14,7 @@ import orjson
 from aiohttp import web
 
 from gateway import __version__
+from gateway.http import consents
 from gateway.http.app import HttpDeps
 
 PROBLEM: Final = "application/problem+json"
@@ -102,39 +103,6 @@ _SCHEMAS: Final[dict[str, Any]] = {
             "source": {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,64}$"},
         },
     },
-    "ConsentState": {
-        "type": "object",
-        "required": ["channel", "recipient", "category", "status", "given_at", "source",
-                     "evidence", "terms_version", "expires_at", "revoked_at", "opted_out"],
-        "properties": {
-            "channel": {"type": "string", "enum": ["email", "sms"]},
-            "recipient": {"type": "string", "description": "the recipient's pseudonym"},
-            "category": {"type": "string"},
-            "status": {"type": "string", "enum": ["valid", "expired", "revoked", "none"]},
-            "given_at": {"type": "string", "nullable": True, "format": "date-time"},
-            "source": {"type": "string", "nullable": True},
-            "evidence": {"type": "string", "nullable": True},
-            "terms_version": {"type": "string", "nullable": True},
-            "expires_at": {"type": "string", "nullable": True, "format": "date-time"},
-            "revoked_at": {"type": "string", "nullable": True, "format": "date-time"},
-            "opted_out": {"type": "boolean",
-                          "description": "an opt-out keeps the category from the recipient "
-                                         "whatever the consent says"},
-        },
-    },
-    "ConsentPut": {
-        "type": "object",
-        "additionalProperties": False,
-        "properties": {
-            "source": {"type": "string", "enum": ["form", "paper", "verbal", "api", "import"]},
-            "evidence": {"type": "string", "pattern": "^[A-Za-z0-9_.:/#-]{1,128}$",
-                         "description": "a reference to the signed authorization (no "
-                                        "address or number)"},
-            "terms_version": {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,64}$"},
-            "expires_at": {"type": "string", "format": "date-time"},
-            "given_at": {"type": "string", "format": "date-time"},
-        },
-    },
     "ImportResult": {
         "type": "object",
         "required": ["applied", "rejected", "lines", "errors", "errors_truncated"],
@@ -203,35 +171,6 @@ _ADMIN_PATHS: Final[dict[str, Any]] = {
             parameters=[_query("source", "who asked", pattern="^[A-Za-z0-9_.:-]{1,64}$")],
         ),
     },
-    "/v1/consents/{channel}/{address}/{category}": {
-        "parameters": [_CHANNEL, _ADDRESS, {"name": "category", "in": "path", "required": True,
-                                            "schema": {"type": "string", "minLength": 1},
-                                            "example": "research"}],
-        "get": _admin(
-            "getConsent",
-            "One address's consent to one category (role preferences)",
-            {"200": _json("The consent", "ConsentState"),
-             "404": _problem("Unknown channel, or no consent recorded for the category")},
-        ),
-        "put": _admin(
-            "putConsent",
-            "Record a consent to a consent-required category (role preferences; audited "
-            "as consent_granted). It never lifts an opt-out",
-            {"200": _json("The consent recorded", "ConsentState"), "404": _STATE_404},
-            requestBody={"required": True, "content": {
-                "application/json": {"schema": {"$ref": _REF + "ConsentPut"},
-                                     "example": {"source": "form", "evidence": "dms:4f2a9c",
-                                                 "terms_version": "v3",
-                                                 "expires_at": "2027-01-31T00:00:00Z"}}}},
-        ),
-        "delete": _admin(
-            "deleteConsent",
-            "Revoke the consent; the category is opted out too (role preferences; audited "
-            "as optout and consent_revoked)",
-            {"200": _json("The consent after", "ConsentState"), "404": _STATE_404},
-            parameters=[_query("source", "who asked", pattern="^[A-Za-z0-9_.:-]{1,64}$")],
-        ),
-    },
     "/v1/optouts:import": {
         "post": _admin(
             "importOptOuts",
@@ -242,7 +181,8 @@ _ADMIN_PATHS: Final[dict[str, Any]] = {
             requestBody={"required": True, "content": {
                 "application/x-ndjson": {"schema": {"type": "string", "description":
                     'one record per line: {"channel":"email","address":"pat@example.org",'
-                    '"categories":["marketing"],"source":"crm"} (or "all":true)'}},
+                    '"categories":["marketing"],"source":"crm"} (or "all":true); a consent '
+                    'line names "consent" instead (docs/consent.md)'}},
                 "text/csv": {"schema": {"type": "string", "description":
                     "a header naming channel,address and any of categories (';'-separated),"
                     "all,source; then one record per line"}}}},
@@ -396,9 +336,9 @@ def document() -> dict[str, Any]:
             "description": "Opt-out enforcing message gateway: admin, health, SMS and "
             "unsubscribe routes. Errors are RFC 9457 problem documents.",
         },
-        "paths": {**_PUBLIC_PATHS, **_ADMIN_PATHS, **_OTHER_PATHS},
+        "paths": {**_PUBLIC_PATHS, **_ADMIN_PATHS, **consents.OPENAPI_PATHS, **_OTHER_PATHS},
         "components": {
-            "schemas": {**_SCHEMAS, "Readiness": readiness},
+            "schemas": {**_SCHEMAS, **consents.OPENAPI_SCHEMAS, "Readiness": readiness},
             "securitySchemes": {
                 "apiKey": {
                     "type": "http",
