@@ -64,6 +64,9 @@ def item_of(ctx: Any, doc: dict[str, Any]) -> ConsentItem:
     if set(doc) - ALLOWED:
         listed = ", ".join(sorted(ALLOWED - {"recipient", "updated_at"}))
         raise BadInput(f"unknown member on a consent line (allowed: {listed})")
+    nulls = sorted(k for k in FIELDS if k in doc and doc[k] is None)
+    if nulls:
+        raise BadInput(f"{nulls[0]} must not be null (leave it out to leave it unset)")
     channel = channel_of(doc.get("channel"))
     _, key_form = canonical(channel, doc.get("address"), region=ctx.cfg.sms.default_region)
     name = doc.get("consent")

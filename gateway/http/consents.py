@@ -78,6 +78,9 @@ async def put_consent(request: web.Request, key: ApiKey) -> web.Response:
     body = await json_body(request)
     if set(body) - PUT_MEMBERS:
         raise BadInput(f"unknown member in the body (allowed: {', '.join(sorted(PUT_MEMBERS))})")
+    nulls = sorted(k for k, v in body.items() if v is None)
+    if nulls:  # leave a member out to leave it unset
+        raise BadInput(f"{nulls[0]} must not be null")
     now = time.time()
     given = consent.grant_of(
         category,
@@ -164,6 +167,7 @@ _PATH_PARAMS: Final = [
     {"name": "category", "in": "path", "required": True,
      "schema": {"type": "string", "minLength": 1}, "example": "research"},
 ]  # fmt: skip
+_SAME_PATH: Final = {n: f"$request.path.{n}" for n in ("channel", "address", "category")}
 _WHEN: Final = {"type": "string", "nullable": True, "format": "date-time"}
 _TEXT: Final = {"type": "string", "nullable": True}
 OPENAPI_SCHEMAS: Final[dict[str, Any]] = {
@@ -205,7 +209,9 @@ OPENAPI_PATHS: Final[dict[str, Any]] = {
             "putConsent",
             "Record a consent to a consent-required category (role preferences; audited as "
             "consent_granted). It never lifts an opt-out",
-            _state_doc("The consent recorded"),
+            {**_state_doc("The consent recorded"), "links": {
+                "GetIt": {"operationId": "getConsent", "parameters": _SAME_PATH},
+                "RevokeIt": {"operationId": "deleteConsent", "parameters": _SAME_PATH}}},
             requestBody={"required": True, "content": {"application/json": {
                 "schema": {"$ref": _REF + "ConsentPut"},
                 "example": {"source": "form", "evidence": "dms:4f2a9c", "terms_version": "v3",
