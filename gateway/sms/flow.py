@@ -15,6 +15,10 @@ reply the application saw (a message SID it may show someone) is always in the l
 outcome, even if the gateway dies right after answering. The routes only translate: they
 render a `Result` as Twilio's reply or as an RFC 9457 problem, and never decide anything.
 
+A consent-required category (docs/consent.md) reads the number's consents in the same
+lookup; without a valid one the text is suppressed (reason ``no-consent``) and refused as
+for an opted-out number.
+
 A provider error 21610 ("unsubscribed recipient": the number texted STOP to the provider
 directly) is copied into the local store as an opt-out of everything on SMS, so the next
 send is stopped here without asking the provider (docs/guarantees.md §4.3). Its audit
