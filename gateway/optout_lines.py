@@ -9,7 +9,8 @@ export from either imports into either: the admin API (``POST /v1/optouts:import
 Format. NDJSON: one object per line. CSV: a header line naming the columns, then one
 record per line, categories separated by ``;``. Members: ``channel``, ``address``,
 ``categories``, ``all``, ``source`` (default "import"); an export's ``recipient`` and
-``updated_at`` are accepted and ignored, so an export imports as it is.
+``updated_at`` are accepted and ignored, so an export imports as it is. A line with
+``consent`` records a consent instead (`gateway.consent_lines`, docs/consent.md).
 
 Import. Input is read as it arrives, one line at a time. Each line is validated on its
 own: a bad line is reported with its 1-based number and nothing of it is written; good
@@ -37,7 +38,7 @@ from typing import Any, Final, Protocol
 
 import orjson
 
-from gateway import metrics
+from gateway import consent_lines, metrics
 from gateway.apikeys import ApiKey, access_event
 from gateway.config import Config
 from gateway.core.entries import AdminAccess, OptIn, OptOut
@@ -194,22 +195,25 @@ class LineReader:
             header = [c.strip().lower() for c in row]
             if not {"channel", "address"} <= set(header):
                 raise BadInput("the CSV header must name channel and address")
-            if set(header) - LINE_FIELDS - EXPORT_ONLY:
+            if set(header) - LINE_FIELDS - consent_lines.FIELDS - EXPORT_ONLY:
                 raise BadInput(f"unknown CSV column (known: {', '.join(CSV_COLUMNS)})")
             self.header = header
             return None
         if len(row) != len(self.header):
             raise BadInput(f"expected {len(self.header)} columns, got {len(row)}")
-        doc = {k: v for k, v in zip(self.header, row, strict=True) if k in LINE_FIELDS}
+        known = LINE_FIELDS | consent_lines.FIELDS
+        doc = {k: v for k, v in zip(self.header, row, strict=True) if k in known}
         cats = doc.get("categories", "")
         doc["categories"] = [c.strip() for c in cats.replace("|", ";").split(";") if c.strip()]
         if "source" in doc and not doc["source"]:
             del doc["source"]
-        return doc
+        return consent_lines.csv_row(doc)
 
 
-def item_of(deps: Context, doc: dict[str, Any]) -> bulk.OptOutItem:
-    """One line's fields as an opt-out to add; BadInput (safe to show) if invalid."""
+def item_of(deps: Context, doc: dict[str, Any]) -> bulk.OptOutItem | consent_lines.ConsentItem:
+    """One line's fields as an opt-out to add (or a consent); BadInput (safe to show)."""
+    if set(doc) & consent_lines.FIELDS:
+        return consent_lines.item_of(deps, doc)
     if set(doc) - LINE_FIELDS - EXPORT_ONLY:
         raise BadInput("unknown member (allowed: channel, address, categories, all, source)")
     channel = channel_of(doc.get("channel"))
@@ -258,7 +262,11 @@ class ImportJob:
                 doc = reader.fields(raw)
                 if doc is None:
                     continue  # the CSV header
-                await self.add(self.lines, item_of(self.deps, doc))
+                item = item_of(self.deps, doc)
+                if isinstance(item, consent_lines.ConsentItem):
+                    await consent_lines.apply(self, self.lines, item)
+                else:
+                    await self.add(self.lines, item)
             except BadInput as exc:
                 if reader.csv_mode and reader.header is None:
                     raise HeaderError(f"line {self.lines}: {exc}") from None

@@ -11,8 +11,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
+from gateway.core.consent import Consents, ConsentState
 from gateway.core.entries import Entry
 from gateway.core.records import Record, State
+from gateway.store.consent import ConsentAudit, ConsentChange, ConsentWritten
 from gateway.store.writes import Audit as AuditFirst
 from gateway.store.writes import Written
 
@@ -31,6 +33,16 @@ class MessageStore(Protocol):
         self, channel: str, pseudonyms: Sequence[str], *, digest: str, candidates: Sequence[str]
     ) -> tuple[list[State], set[str]]: ...
 
+    async def lookup_consented(
+        self,
+        channel: str,
+        pseudonyms: Sequence[str],
+        consented: Sequence[str],
+        *,
+        digest: str = ...,
+        candidates: Sequence[str] = ...,
+    ) -> tuple[list[State], list[ConsentState], set[str]]: ...
+
     async def remember_delivered(
         self, digest: str, pseudonyms: Sequence[str], ttl_s: int = ...
     ) -> None: ...
@@ -40,6 +52,16 @@ class TextStore(Protocol):
     """The SMS path: one lookup per text, and the copy of a provider's opt-out."""
 
     async def lookup(self, channel: str, pseudonyms: Sequence[str]) -> list[State]: ...
+
+    async def lookup_consented(
+        self,
+        channel: str,
+        pseudonyms: Sequence[str],
+        consented: Sequence[str],
+        *,
+        digest: str = ...,
+        candidates: Sequence[str] = ...,
+    ) -> tuple[list[State], list[ConsentState], set[str]]: ...
 
     async def opt_out(
         self,
@@ -55,9 +77,23 @@ class TextStore(Protocol):
 
 
 class ConsentStore(Protocol):
-    """The unsubscribe path: read one record, change it audit-first."""
+    """The unsubscribe path: read one record, change it audit-first; and the recipient's
+    consents to consent-required categories (an unsubscribe revokes them)."""
 
     async def get(self, channel: str, pseudonym: str) -> Record | None: ...
+
+    async def get_consents(
+        self, channel: str, pseudonym: str
+    ) -> tuple[Record | None, Consents | None]: ...
+
+    async def change_consents(
+        self,
+        channel: str,
+        pseudonym: str,
+        change: ConsentChange,
+        *,
+        audit: ConsentAudit | None = None,
+    ) -> ConsentWritten: ...
 
     async def opt_out_change(
         self,

@@ -23,6 +23,11 @@ what the retry gives. A texted START whose record another writer changed in betw
 followed by an ``optout`` with ``"reason": "superseded"`` restating the opt-out that held,
 so its replay lifts nothing.
 
+Consents (docs/consent.md) are replayed with them, in the same order: a
+``consent_granted`` entry records the consent it states (its source, evidence, terms,
+given and expiry times), a ``consent_revoked`` marks the category's consent revoked at the
+entry's time (its opt-out is an ``optout`` entry of its own).
+
 The chain is verified first (`audit.verify`); a broken chain refuses the rebuild unless
 the caller allows it, since an edited log could replay opt-ins nobody asked for.
 """
@@ -30,7 +35,7 @@ the caller allows it, since an edited log could replay opt-ins nobody asked for.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -38,11 +43,14 @@ from typing import Any, Final
 
 import orjson
 
+from gateway.core import consent
+from gateway.core.consent import Consent, Consents
 from gateway.core.records import CHANNELS
 from gateway.store.names import check_hex
 from gateway.store.redis_store import OptOutStore
 
 CHANGE_EVENTS: Final = frozenset({"optout", "optin"})
+CONSENT_EVENTS: Final = frozenset({"consent_granted", "consent_revoked"})
 PROGRESS_EVERY: Final = 10_000  # replayed changes between two progress lines
 ALL: Final = "all"  # a one-click entry's `category` when the recipient left everything
 
@@ -61,6 +69,18 @@ class Change:
     at: float
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConsentChange:
+    """One audited consent grant (`consent` set) or revoke (`consent` None)."""
+
+    order: tuple[str, str, int]
+    channel: str
+    pseudonym: str
+    category: str
+    consent: Consent | None
+    at: float
+
+
 @dataclass(slots=True)
 class Tally:
     """What a rebuild did: the JSON summary it prints."""
@@ -70,6 +90,7 @@ class Tally:
     optouts: int = 0  # replayed
     optins: int = 0
     skipped: int = 0  # optout/optin entries that name no usable recipient or scope
+    consents: int = 0  # consent grants and revokes replayed
     recipients: set[tuple[str, str]] = field(default_factory=set)
 
     def summary(self) -> dict[str, Any]:
@@ -79,6 +100,7 @@ class Tally:
             "optouts": self.optouts,
             "optins": self.optins,
             "skipped": self.skipped,
+            "consents": self.consents,
             "recipients": len(self.recipients),
         }
 
@@ -134,9 +156,42 @@ def change_of(entry: dict[str, Any]) -> Change | None:
     )
 
 
-def changes(path: Path, tally: Tally) -> list[Change]:
+def consent_change_of(entry: dict[str, Any]) -> ConsentChange | None:
+    """The change a ``consent_granted``/``consent_revoked`` entry states; None when it
+    names none (or its fields would not be accepted now)."""
+    channel, pseud, category = entry.get("channel"), entry.get("recipient"), entry.get("category")
+    if channel not in CHANNELS or not isinstance(pseud, str) or not isinstance(category, str):
+        return None
+    try:
+        check_hex(pseud, "recipient")
+        granted = None
+        if entry.get("event") == "consent_granted":
+            expires = entry.get("expires_at")
+            granted = Consent(
+                category=category,
+                given_at=consent.time_of(entry.get("given_at"), "given_at"),
+                source=consent.source_of(entry.get("source"), "import"),
+                evidence=consent.evidence_of(entry.get("evidence")),
+                terms_version=consent.terms_of(entry.get("terms_version")),
+                expires_at=None if expires is None else consent.time_of(expires, "expires_at"),
+            )
+    except ValueError:  # BadInput too
+        return None
+    ts = str(entry.get("ts", ""))
+    seq = entry.get("seq")
+    return ConsentChange(
+        order=(ts, str(entry.get("stream", "")), seq if isinstance(seq, int) else 0),
+        channel=str(channel),
+        pseudonym=pseud,
+        category=category,
+        consent=granted,
+        at=_at(ts),
+    )
+
+
+def changes(path: Path, tally: Tally) -> list[Change | ConsentChange]:
     """Every change in `path` (a file or a folder of streams), oldest first."""
-    found: list[Change] = []
+    found: list[Change | ConsentChange] = []
     for file in _files(path):
         for line in _lines(file):
             try:
@@ -146,6 +201,14 @@ def changes(path: Path, tally: Tally) -> list[Change]:
             if not isinstance(entry, dict):
                 continue
             tally.entries += 1
+            if entry.get("event") in CONSENT_EVENTS:
+                tally.changes += 1
+                grant_or_revoke = consent_change_of(entry)
+                if grant_or_revoke is None:
+                    tally.skipped += 1
+                else:
+                    found.append(grant_or_revoke)
+                continue
             if entry.get("event") not in CHANGE_EVENTS:
                 continue
             tally.changes += 1
@@ -158,9 +221,19 @@ def changes(path: Path, tally: Tally) -> list[Change]:
     return found
 
 
+async def _replay_consent(store: OptOutStore, change: ConsentChange) -> None:
+    def apply(current: Consents | None) -> Consents | None:
+        held = current or Consents()
+        if change.consent is not None:
+            return held.with_consent(change.consent)
+        return held.revoked(frozenset({change.category}), change.at) if current else None
+
+    await store.change_consents(change.channel, change.pseudonym, apply)
+
+
 async def replay(
     store: OptOutStore,
-    found: list[Change],
+    found: Sequence[Change | ConsentChange],
     tally: Tally,
     progress: Callable[[Tally], None] = lambda _: None,
 ) -> None:
@@ -168,6 +241,11 @@ async def replay(
     run again: replaying the same changes in the same order gives the same records).
     Raises StoreUnavailable."""
     for n, change in enumerate(found, 1):
+        if isinstance(change, ConsentChange):
+            await _replay_consent(store, change)
+            tally.consents += 1
+            tally.recipients.add((change.channel, change.pseudonym))
+            continue
         if change.optout:
             kwargs: dict[str, Any] = {"add": change.categories, "add_all": change.all}
         else:

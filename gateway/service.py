@@ -33,6 +33,7 @@ from gateway.core.rules import Rules
 from gateway.errors import ConfigError, KeyringError, OptgateError
 from gateway.http import admin as admin_routes
 from gateway.http import app as http_app
+from gateway.http import consents as consent_routes
 from gateway.http import health as health_routes
 from gateway.http import openapi as openapi_routes
 from gateway.http import sms as sms_routes
@@ -85,6 +86,7 @@ HTTP_ROUTES: Final = (
     unsubscribe_routes,
     health_routes,  # /readyz, /metrics
     admin_routes,  # /v1 admin API
+    consent_routes,  # /v1/consents (docs/consent.md)
     openapi_routes,  # /openapi.json
 )
 HTTP_MODULES: Final = [module.__name__ for module in HTTP_ROUTES]

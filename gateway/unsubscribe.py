@@ -40,10 +40,11 @@ from typing import Literal
 
 import structlog
 
-from gateway import metrics
+from gateway import consents, metrics
 from gateway.audit.writer import iso_ts
 from gateway.core import message as msg
 from gateway.core import tokens
+from gateway.core.consent import Consents
 from gateway.core.entries import OptOut
 from gateway.core.keys import Keyring
 from gateway.core.records import Record
@@ -159,6 +160,32 @@ class Unsubscriber:
         """The recipient's record (raises StoreUnavailable, RecordCorrupt)."""
         return await self._store.get(CHANNEL, claims.pseudonym)
 
+    async def current_and_consents(
+        self, claims: tokens.Claims
+    ) -> tuple[Record | None, Consents | None]:
+        """The recipient's record and consents, in one round trip (the page shows both)."""
+        return await self._store.get_consents(CHANNEL, claims.pseudonym)
+
+    async def _revoke_consents(
+        self, claims: tokens.Claims, scope: Sequence[str], *, all: bool, source: Source
+    ) -> None:
+        """Withdraw the consents an unsubscribe covers (docs/consent.md): those to the
+        consent-required categories in `scope`, or with `all` every one held. Runs after
+        the opt-out is durable; audited first like it."""
+        rules = self._rules()
+        needing = [n for n in scope if (c := rules.category(n)) is not None and c.consent_required]
+        if not all and not needing:
+            return
+        try:
+            await consents.revoke_consents(
+                self._store, self._audit, channel=CHANNEL, pseudonym=claims.pseudonym,
+                categories=None if all else needing, source=source,
+                who=consents.Who(via=source), now=self._clock(),
+            )  # fmt: skip
+        except AuditError:
+            metrics.audit_write_failure("unsubscribe")
+            raise
+
     async def record(
         self,
         claims: tokens.Claims,
@@ -210,6 +237,7 @@ class Unsubscriber:
                 now=self._clock(),
                 audit=first,
             )
+            await self._revoke_consents(claims, scope, all=all, source=source)
         if written.after is None:  # an opt-out never deletes; a bug if it did
             raise RuntimeError("opt_out removed a record")
         effect_s = time.perf_counter() - received.mono

@@ -191,6 +191,21 @@ CASES: list[tuple[e.Entry, dict[str, Any]]] = [
         {"event": "audit_pruned", "files": ("a.jsonl",), "kept_file": "b.jsonl",
          "kept_seq": 7, "retention_days": 30},
     ),
+    (
+        e.ConsentGranted(channel="email", recipient=P, category="research", source="paper",
+                         given_at="2026-12-04T00:00:00Z", evidence="dms:ab12",
+                         expires_at="2027-12-04T00:00:00Z", key_id="k1", via="api"),
+        {"event": "consent_granted", "channel": "email", "recipient": P,
+         "category": "research", "source": "paper", "given_at": "2026-12-04T00:00:00Z",
+         "evidence": "dms:ab12", "expires_at": "2027-12-04T00:00:00Z", "key_id": "k1",
+         "via": "api"},
+    ),
+    (
+        e.ConsentRevoked(channel="sms", recipient=P, category="research", source="page",
+                         held=True, via="page"),
+        {"event": "consent_revoked", "channel": "sms", "recipient": P, "category": "research",
+         "source": "page", "held": True, "via": "page"},
+    ),
 ]  # fmt: skip
 
 

@@ -11,6 +11,7 @@ from gateway.cli import (
     cmd_audit,
     cmd_bulk,
     cmd_certs,
+    cmd_consent,
     cmd_keys,
     cmd_optout,
     cmd_rules,
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmd_bulk.add_parsers(optout_sub, with_config)  # optout import|export
     cmd_store.add_parser(sub)  # store init
     cmd_store.add_rebuild_parser(optout_sub)  # optout rebuild
+    cmd_consent.add_parser(sub)  # consent grant|revoke|get
     audit_sub = cmd_audit.add_parser(sub)  # verify, search
     keys_sub = cmd_keys.add_parser(sub)  # init, rotate
     cmd_senders.add_parser(sub)

@@ -122,6 +122,42 @@ class OptIn(_Change):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ConsentGranted(Entry):
+    """A consent to a consent-required category recorded (docs/consent.md); with its
+    fields, so the store can be rebuilt from the log. `evidence` is a document reference,
+    checked to hold no address or number."""
+
+    EVENT: ClassVar[str] = "consent_granted"
+    channel: str
+    recipient: str
+    category: str
+    source: str  # how it was given: form, paper, verbal, api, import
+    given_at: str
+    evidence: str | None = None
+    terms_version: str | None = None
+    expires_at: str | None = None
+    key_id: str | None = None  # made with an API key
+    by: str | None = None  # "cli": made on the command line
+    via: str | None = None  # api, cli, import
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConsentRevoked(Entry):
+    """A consent withdrawn (the same request also opts out of the category: its own
+    ``optout`` entry). `held`: whether a consent was on record to revoke."""
+
+    EVENT: ClassVar[str] = "consent_revoked"
+    channel: str
+    recipient: str
+    category: str
+    source: str
+    held: bool
+    key_id: str | None = None
+    by: str | None = None
+    via: str | None = None  # api, cli, page, one-click, mailto
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SmsInbound(Entry):
     """An inbound text that changed no consent: help, forwarded, queued, a duplicate..."""
 

@@ -26,6 +26,7 @@ from gateway.core import categories, grants, policy
 from gateway.core import message as msg
 from gateway.core.addresses import header_from_domain
 from gateway.core.categories import Why
+from gateway.core.consent import ConsentState
 from gateway.core.entries import Decision as DecisionEntry
 from gateway.core.entries import Delivery
 from gateway.core.policy import Decision, Verdict
@@ -149,15 +150,29 @@ def bind_from(head: msg.Head, from_domains: tuple[str, ...]) -> Bound | Refusal:
     return Bound(domain=domain)
 
 
-def verdicts(category: Category, states: Sequence[State], forms: Sequence[int]) -> list[Decision]:
+def verdicts(
+    category: Category,
+    states: Sequence[State],
+    forms: Sequence[int],
+    *,
+    consents: Sequence[ConsentState] = (),
+    now: float = 0.0,
+) -> list[Decision]:
     """One decision per recipient; `states` holds each recipient's key forms in turn,
-    `forms[i]` of them for recipient i."""
+    `forms[i]` of them for recipient i. For a consent-required category `consents[i]` is
+    recipient i's consents (its own address only: a consent to ``pat@`` is not one to
+    ``pat+x@``), valid or not at `now` (`policy.with_consent`)."""
     if not category.opt_out:
         return [policy.NOT_OPT_OUTABLE] * len(forms)
     decisions: list[Decision] = []
     i = 0
-    for n in forms:
-        decisions.append(policy.decide(category, states[i : i + n]))
+    for r, n in enumerate(forms):
+        decided = policy.decide(category, states[i : i + n])
+        if category.consent_required:
+            decided = policy.with_consent(
+                category, decided, consents[r] if r < len(consents) else None, now
+            )
+        decisions.append(decided)
         i += n
     return decisions
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from gateway.core import grants
+from gateway.core.consent import ConsentState
 from gateway.core.records import Corrupt, State
 from gateway.core.rules import Category
 
@@ -39,6 +40,12 @@ OPTED_OUT_CATEGORY = Decision(
 )
 RECORD_CORRUPT = Decision(verdict=Verdict.DEFER, rule="store.record", reason="record-corrupt")
 STORE_UNAVAILABLE = Decision(verdict=Verdict.DEFER, rule="store.lookup", reason="store-unavailable")
+# A consent-required category (docs/consent.md): no valid consent (absent, revoked, expired).
+NO_CONSENT = Decision(
+    verdict=Verdict.SUPPRESS, rule="category.consent=required", reason="no-consent"
+)
+CONSENTED = Decision(verdict=Verdict.ALLOW, rule="consent.valid", reason="consented")
+CONSENT_CORRUPT = Decision(verdict=Verdict.DEFER, rule="store.consent", reason="record-corrupt")
 CATEGORY_NOT_PERMITTED = Decision(verdict=Verdict.REJECT, rule=grants.RULE, reason=grants.REASON)
 FROM_NOT_PERMITTED = Decision(
     verdict=Verdict.REJECT, rule=grants.FROM_RULE, reason=grants.FROM_REASON
@@ -64,3 +71,23 @@ def decide(category: Category, states: Sequence[State]) -> Decision:
 
 def reject(reason: str, rule: str) -> Decision:
     return Decision(verdict=Verdict.REJECT, rule=rule, reason=reason)
+
+
+def with_consent(
+    category: Category, decided: Decision, consent: ConsentState, now: float
+) -> Decision:
+    """The decision for a consent-required category, from the opt-out decision `decided`
+    and the recipient's consents at `now`.
+
+    An opt-out always wins (it suppresses whatever the consent says). Without a valid
+    consent the recipient is suppressed, even when an opt-out record was unreadable
+    (suppressing is then certain and safe); a consent record that does not open is doubt,
+    so the message is deferred, as for an unreadable opt-out record.
+    """
+    if not category.consent_required or decided.verdict is Verdict.SUPPRESS:
+        return decided
+    if isinstance(consent, Corrupt):
+        return CONSENT_CORRUPT
+    if consent is None or not consent.valid(category.name, now):
+        return NO_CONSENT
+    return CONSENTED if decided.verdict is Verdict.ALLOW else decided

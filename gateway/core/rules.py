@@ -34,6 +34,7 @@ from typing import Any, Literal
 import orjson
 
 CHANNELS = frozenset({"email", "sms"})
+CONSENT_VALUES = ("required", "none")  # a category's `consent`: opt-in, or (default) opt-out
 RESERVED_NAMES = frozenset({"all"})  # "all" means every category in the CLI and unsubscribe form
 ALWAYS_STRIP = ("X-Optgate-*",)
 # The keyword floor: these always count, whatever the rules files list (files may add words,
@@ -81,6 +82,9 @@ class Category:
     unsubscribe: bool  # add per-recipient one-click List-Unsubscribe
     channels: tuple[str, ...]
     basis: str = ""
+    # consent = "required": sent only to recipients with a valid consent record for it
+    # (docs/consent.md); an opt-out still wins, so such a category is always opt-outable.
+    consent_required: bool = False
 
     def allows(self, channel: str) -> bool:
         return channel in self.channels

@@ -15,6 +15,7 @@ from gateway.core.rules import (
     ALWAYS_START,
     ALWAYS_STOP,
     CHANNELS,
+    CONSENT_VALUES,
     DEFAULT_CATEGORY_HEADER,
     DEFAULT_FOOTER,
     DEFAULT_HELP,
@@ -59,7 +60,7 @@ def version_of(files: Iterable[tuple[str, bytes]]) -> str:
 _TABLES: dict[str, dict[str, type]] = {
     "defaults": {"category": str, "category_header": str},
     "categories": {"name": str, "opt_out": bool, "unsubscribe": bool, "channels": list,
-                   "basis": str},
+                   "basis": str, "consent": str},
     "strip": {"headers": list},
     "sms": {"footer": str, "help": str, "stop_reply": str, "start_reply": str},
     "keywords": {"stop": list, "start": list, "help": list},
@@ -146,6 +147,14 @@ class _Builder:
             self.problems.append(f"{where}: channels must list email and/or sms once each")
         if entry["unsubscribe"] and not entry["opt_out"]:
             self.problems.append(f"{where}: unsubscribe = true needs opt_out = true")
+        consent = entry.get("consent", "none")
+        if consent not in CONSENT_VALUES:
+            self.problems.append(f'{where}: consent must be "required" or "none"')
+        elif consent == "required" and not entry["opt_out"]:
+            self.problems.append(
+                f'{where}: consent = "required" needs opt_out = true (an opt-out always '
+                "wins over a consent, so a consent-required category must be opt-outable)"
+            )
         if name in self.categories:
             self.problems.append(f"{where}: already defined in {self.category_file[name]}")
             return
@@ -155,6 +164,7 @@ class _Builder:
             unsubscribe=entry["unsubscribe"],
             channels=tuple(channels),
             basis=entry.get("basis", "").strip(),
+            consent_required=consent == "required",
         )
         self.category_file[name] = file
 

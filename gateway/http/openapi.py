@@ -14,6 +14,7 @@ import orjson
 from aiohttp import web
 
 from gateway import __version__
+from gateway.http import consents
 from gateway.http.app import HttpDeps
 
 PROBLEM: Final = "application/problem+json"
@@ -180,7 +181,8 @@ _ADMIN_PATHS: Final[dict[str, Any]] = {
             requestBody={"required": True, "content": {
                 "application/x-ndjson": {"schema": {"type": "string", "description":
                     'one record per line: {"channel":"email","address":"pat@example.org",'
-                    '"categories":["marketing"],"source":"crm"} (or "all":true)'}},
+                    '"categories":["marketing"],"source":"crm"} (or "all":true); a consent '
+                    'line names "consent" instead (docs/consent.md)'}},
                 "text/csv": {"schema": {"type": "string", "description":
                     "a header naming channel,address and any of categories (';'-separated),"
                     "all,source; then one record per line"}}}},
@@ -334,9 +336,9 @@ def document() -> dict[str, Any]:
             "description": "Opt-out enforcing message gateway: admin, health, SMS and "
             "unsubscribe routes. Errors are RFC 9457 problem documents.",
         },
-        "paths": {**_PUBLIC_PATHS, **_ADMIN_PATHS, **_OTHER_PATHS},
+        "paths": {**_PUBLIC_PATHS, **_ADMIN_PATHS, **consents.OPENAPI_PATHS, **_OTHER_PATHS},
         "components": {
-            "schemas": {**_SCHEMAS, "Readiness": readiness},
+            "schemas": {**_SCHEMAS, **consents.OPENAPI_SCHEMAS, "Readiness": readiness},
             "securitySchemes": {
                 "apiKey": {
                     "type": "http",

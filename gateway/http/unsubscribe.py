@@ -16,9 +16,12 @@ The access log names the route template only (`app.AccessLogger`), never the tok
 
 from __future__ import annotations
 
+import time
+
 import structlog
 from aiohttp import web
 
+from gateway.core.consent import Consents
 from gateway.core.records import Record
 from gateway.errors import RETRY_AFTER_S, AuditError, RecordCorrupt, StoreUnavailable
 from gateway.http import unsubscribe_page as page
@@ -60,11 +63,11 @@ async def get_page(request: web.Request) -> web.Response:
         log.info("unsubscribe_invalid", method="GET")
         return _html(page.INVALID, 404)
     try:
-        record = await unsub.current(claims)
+        record, held = await unsub.current_and_consents(claims)
     except (StoreUnavailable, RecordCorrupt) as exc:
         log.warning("unsubscribe_unavailable", method="GET", error=type(exc).__name__)
         return _unavailable()
-    return _html(_preferences(request, unsub, claims.category, record))
+    return _html(_preferences(request, unsub, claims.category, record, held=held))
 
 
 def _preferences(
@@ -73,10 +76,14 @@ def _preferences(
     category: str,
     record: Record | None,
     error: str = "",
+    *,
+    held: Consents | None = None,
 ) -> bytes:
     rec = record or Record()
+    now = time.time()
+    agreed = {n for n in (held.by_category if held else ()) if held and held.valid(n, now)}
     others = [
-        page.Choice(name=c.name, stopped=c.name in rec.categories)
+        page.Choice(name=c.name, stopped=c.name in rec.categories, consented=c.name in agreed)
         for c in unsub.categories()
         if c.name != category
     ]
@@ -87,6 +94,7 @@ def _preferences(
         others=others,
         always_sent=_always_sent(request),
         error=error,
+        consented_this=category in agreed,
     )
 
 
@@ -117,12 +125,13 @@ async def post(request: web.Request) -> web.Response:
             if ONE_CLICK_FIELD in form:
                 return _html(page.BAD_REQUEST, 400)
             try:
-                record = await unsub.current(claims)
+                record, held = await unsub.current_and_consents(claims)
             except (StoreUnavailable, RecordCorrupt):
                 return _unavailable()
             body = _preferences(
-                request, unsub, claims.category, record, "Choose at least one kind of email."
-            )
+                request, unsub, claims.category, record, "Choose at least one kind of email.",
+                held=held,
+            )  # fmt: skip
             return _html(body, 400)
     try:
         await unsub.record(

@@ -44,6 +44,7 @@ class Choice:
 
     name: str
     stopped: bool  # the recipient already opted out of it
+    consented: bool = False  # an opt-in category the recipient agreed to (docs/consent.md)
 
 
 def label(name: str) -> str:
@@ -76,8 +77,11 @@ def preferences(
     others: Sequence[Choice],
     always_sent: Sequence[str],
     error: str = "",
+    consented_this: bool = False,
 ) -> bytes:
-    """The GET page: one button for this kind of email, checkboxes for the rest and "all"."""
+    """The GET page: one button for this kind of email, checkboxes for the rest and "all".
+    Categories the recipient agreed to (consent-required ones) say so: stopping them
+    withdraws that agreement."""
     kind = html.escape(label(category))
     parts = ["<h1>Email preferences</h1>\n"]
     if error:
@@ -87,6 +91,10 @@ def preferences(
         parts.append('<p class="notice">You are unsubscribed from all emails we can stop.</p>\n')
     elif stopped_this:
         parts.append(f'<p class="notice">You are already unsubscribed from {kind} emails.</p>\n')
+    elif consented_this:
+        parts.append(
+            f"<p>You agreed to get {kind} emails. Unsubscribing withdraws that agreement.</p>\n"
+        )
     parts.append(
         '<form method="post">\n<input type="hidden" name="scope" value="this">\n'
         f'<button type="submit">Unsubscribe from {kind} emails</button>\n</form>\n'
@@ -97,6 +105,9 @@ def preferences(
         name = html.escape(choice.name)
         done = choice.stopped or all_stopped
         state = ' <span class="state">(already stopped)</span>' if done else ""
+        if choice.consented and not done:
+            state = ' <span class="state">(you agreed to these; stopping them withdraws it)</span>'
+
         attrs = " checked disabled" if done else ""
         parts.append(
             f'<div class="choice"><input type="checkbox" id="c-{name}" name="category" '

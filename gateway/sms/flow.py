@@ -19,6 +19,10 @@ In shadow mode (docs/shadow-mode.md) a `suppress` is audited with ``"shadow": tr
 the text is sent anyway; `Sent.shadow` says what enforce mode would have done. Refusals
 before the lookup and a failed lookup are as in enforce mode.
 
+A consent-required category (docs/consent.md) reads the number's consents in the same
+lookup; without a valid one the text is suppressed (reason ``no-consent``) and refused as
+for an opted-out number.
+
 A provider error 21610 ("unsubscribed recipient": the number texted STOP to the provider
 directly) is copied into the local store as an opt-out of everything on SMS, so the next
 send is stopped here without asking the provider (docs/guarantees.md §4.3). Its audit
@@ -40,6 +44,7 @@ from gateway import metrics
 from gateway.config import Sender
 from gateway.core import categories, entries, grants, policy
 from gateway.core.categories import Unchosen, Why
+from gateway.core.consent import ConsentState
 from gateway.core.entries import Delivery, OptOut
 from gateway.core.keys import Keyring
 from gateway.core.policy import Decision, Verdict
@@ -187,14 +192,21 @@ class SmsFlow:
         """The decision for one number; a failed lookup fails closed (defer)."""
         if not category.opt_out:
             return policy.NOT_OPT_OUTABLE
+        consents: list[ConsentState] = [None]
         try:
             with metrics.lookup_latency(CHANNEL):
-                states = await self._store.lookup(CHANNEL, [recipient])
+                if category.consent_required:  # the consent rides in the same round trip
+                    states, consents, _ = await self._store.lookup_consented(
+                        CHANNEL, [recipient], [recipient]
+                    )
+                else:
+                    states = await self._store.lookup(CHANNEL, [recipient])
         except StoreUnavailable:
             log.warning("store_unavailable", txn=txn, channel=CHANNEL)
             metrics.store_error("lookup")
             return policy.STORE_UNAVAILABLE
-        return policy.decide(category, states)
+        decided = policy.decide(category, states)
+        return policy.with_consent(category, decided, consents[0], time.time())
 
     async def _provide(
         self, provider: Provider, base: dict[str, str], out: Outgoing, body: str

@@ -37,6 +37,7 @@ from gateway.config import Sender
 from gateway.core import mail, policy, tokens
 from gateway.core import message as msg
 from gateway.core.addresses import EmailAddress
+from gateway.core.consent import ConsentState
 from gateway.core.keys import Keyring
 from gateway.core.mail import Refusal, Reply
 from gateway.core.policy import Decision
@@ -277,16 +278,24 @@ class EmailFlow:
                     self._store_down_until = time.monotonic() + STORE_DOWN_SKIP_S
             return mail.verdicts(category, [], [1] * len(rcpts)), delivered
         flat = [p for r in rcpts for p in r.key_pseudonyms]
+        consents: list[ConsentState] = []
         try:
             with metrics.lookup_latency(CHANNEL):
-                states, delivered = await self._store.lookup_message(
-                    CHANNEL, flat, digest=digest, candidates=candidates
-                )
+                if category.consent_required:  # the consents ride in the same round trip
+                    states, consents, delivered = await self._store.lookup_consented(
+                        CHANNEL, flat, candidates, digest=digest, candidates=candidates
+                    )
+                else:
+                    states, delivered = await self._store.lookup_message(
+                        CHANNEL, flat, digest=digest, candidates=candidates
+                    )
         except StoreUnavailable:
             metrics.store_error("lookup")
             self._store_down_until = time.monotonic() + STORE_DOWN_SKIP_S
             raise
-        return mail.verdicts(category, states, [len(r.key_pseudonyms) for r in rcpts]), delivered
+        forms = [len(r.key_pseudonyms) for r in rcpts]
+        now = self._clock()
+        return mail.verdicts(category, states, forms, consents=consents, now=now), delivered
 
     async def _decisions(
         self, t: mail.Txn, rcpts: Sequence[_Rcpt], decisions: Sequence[Decision]

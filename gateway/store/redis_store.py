@@ -51,6 +51,7 @@ from gateway import keyfile, metrics
 from gateway.core.keys import Keyring
 from gateway.core.records import CORRUPT, Corrupt, Record, State, open_record, open_sentinel
 from gateway.errors import KeyringError, RecordCorrupt, StoreUnavailable
+from gateway.store.consent import ConsentWrites
 from gateway.store.names import (
     LAYOUT,
     LAYOUT_KEY,
@@ -162,8 +163,9 @@ def _cluster_client(url: str, options: dict[str, Any]) -> RedisCluster:
     )
 
 
-class OptOutStore(RecordWrites):
-    """Opt-out records and delivered markers on one Redis/Valkey deployment."""
+class OptOutStore(RecordWrites, ConsentWrites):
+    """Opt-out records, consent records (`store.consent`) and delivered markers on one
+    Redis/Valkey deployment."""
 
     def __init__(self, client: Client, *, keyring: Keyring, timeout_ms: int) -> None:
         self._client = client
@@ -328,11 +330,27 @@ class OptOutStore(RecordWrites):
     ) -> tuple[list[State], set[str]]:
         """All a message needs, in one round trip: the records of `pseudonyms`, and which
         of `candidates` already got `digest` (a retry after a partial upstream failure)."""
+        states, _, done = await self.lookup_with(
+            channel, pseudonyms, digest=digest, candidates=candidates
+        )
+        return states, done
+
+    async def lookup_with(
+        self,
+        channel: str,
+        pseudonyms: Sequence[str],
+        *,
+        digest: str,
+        candidates: Sequence[str],
+        extra: Sequence[tuple[str, bytes]] = (),
+    ) -> tuple[list[State], list[bytes | None], set[str]]:
+        """`lookup_message`, plus the values of `extra` slots (bucket, field) in the same
+        round trip, unopened (the consent records of `store.consent`)."""
         keys = [record_key(channel, p) for p in pseudonyms]
-        slots = [record_slot(channel, p) for p in pseudonyms]
+        slots = [*(record_slot(channel, p) for p in pseudonyms), *extra]
         marks = [_delivered_key(digest, p) for p in candidates]
-        if not keys and not marks:
-            return [], set()
+        if not slots and not marks:
+            return [], [], set()
         async with self._guard("lookup", self._timeout_s):
             sentinels = self.sentinel_keys([b for b, _ in slots])
             values = await self.read_many(slots, [*marks, *sentinels])
@@ -343,10 +361,10 @@ class OptOutStore(RecordWrites):
             states = [self._open(k, b) for k, b in zip(keys, blobs, strict=True)]
         done = {
             p
-            for p, v in zip(candidates, values[len(keys) : len(keys) + len(marks)], strict=True)
+            for p, v in zip(candidates, values[len(slots) : len(slots) + len(marks)], strict=True)
             if v is not None
         }
-        return states, done
+        return states, values[len(keys) : len(slots)], done
 
     def sentinel_keys(self, buckets: Sequence[str]) -> list[str]:
         """The sentinel keys a read of `buckets` must include (none when no sentinel is
