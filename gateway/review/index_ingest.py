@@ -137,7 +137,7 @@ def plan(conn: sqlite3.Connection, directories: Sequence[Path], names: Names) ->
         }
         for name, row in known.items():
             if name not in listed:
-                drop_file(conn, int(row[0]), names)
+                _drop_gone(conn, int(row[0]), names)
         ordered = []
         for name in listed:
             if name.endswith(".jsonl"):
@@ -161,6 +161,20 @@ def plan(conn: sqlite3.Connection, directories: Sequence[Path], names: Names) ->
                      start=start, ino=st.st_ino, closed=closed)
             )  # fmt: skip
     return work
+
+
+def _drop_gone(conn: sqlite3.Connection, file_id: int, names: Names) -> None:
+    """Drop a file that is no longer there, in one transaction (unless another process
+    already did)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if conn.execute("SELECT 1 FROM files WHERE id = ?", (file_id,)).fetchone():
+            drop_file(conn, file_id, names)
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        names.forget()
+        raise
 
 
 def drop_file(conn: sqlite3.Connection, file_id: int, names: Names) -> None:
