@@ -1,0 +1,1 @@
+"""The review console for security teams, and the index of the audit log it searches."""
