@@ -1,11 +1,13 @@
-"""`optgate audit verify|search|tail`: check the hash chain, search entries (a recipient is
-pseudonymised before searching), print the newest entries or follow them."""
+"""`optgate audit verify|search|reindex|tail`: check the hash chain, search entries (a
+recipient is pseudonymised before searching; served from the review index,
+docs/audit-index.md), rebuild that index, print the newest entries or follow them."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import sys
+import time
 from datetime import datetime
 from typing import Any, Final
 
@@ -14,7 +16,6 @@ import orjson
 from gateway import keyfile
 from gateway.audit import commands as audit_commands
 from gateway.audit import tail
-from gateway.audit import verify as audit_verify
 from gateway.cli import output
 from gateway.cli.common import config, fail, print_json, recipient_key, with_config
 from gateway.cli.parser import with_json
@@ -22,6 +23,9 @@ from gateway.core import keys as keys_mod
 from gateway.core.records import keyed_message_id, pseudonym
 from gateway.errors import BadInput
 from gateway.optout_fields import time_of
+from gateway.review import index_search
+from gateway.review.index import ReviewIndex, audit_dirs, default_path
+from gateway.review.index_types import Query
 
 # What a table for people shows of each entry (JSON lines keep every field).
 TABLE_COLUMNS: Final = (
@@ -59,8 +63,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
         channel = args.channel or ("email" if "@" in args.recipient else "sms")
         recipient = pseudonym(ring, channel, recipient_key(cfg, channel, args.recipient))
     since = _since(args.since) if args.since else None
-    found = audit_verify.search(
-        cfg.audit.dir,
+    query = Query(
         recipient=recipient,
         decision=args.decision,
         since=since,
@@ -71,6 +74,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
         event=args.event,
         message_ids=_message_ids(ring, args.message_id),
     )
+    found = index_search.entries(cfg, query)
     if output.for_people(args):
         output.table(list(found), TABLE_COLUMNS)
         return 0
@@ -78,6 +82,47 @@ def cmd_audit(args: argparse.Namespace) -> int:
     for entry in found:
         out.write(orjson.dumps(entry) + b"\n")
     out.flush()
+    return 0
+
+
+def _audit_bytes(cfg: Any) -> int:
+    """The bytes a rebuild reads: every audit file of every folder the index covers."""
+    total = 0
+    for directory in audit_dirs(cfg):
+        for path in directory.glob("*.jsonl"):
+            try:
+                total += path.stat().st_size
+            except OSError:
+                continue  # pruned while listed
+    return total
+
+
+def cmd_audit_reindex(args: argparse.Namespace) -> int:
+    """Drop the review index and build it again from the audit files."""
+    cfg = config(args)
+    index = ReviewIndex.open(default_path(cfg), audit_dirs(cfg))
+    started = time.monotonic()
+    try:
+        with output.progress("indexing the audit log", _audit_bytes(cfg), "bytes") as done:
+            entries = index.rebuild(lambda n, _total: done(n))
+        stats = index.stats()
+    finally:
+        index.close()
+    summary = {
+        "entries": entries,
+        "seconds": round(time.monotonic() - started, 3),
+        "index": stats.path,
+        "index_bytes": stats.bytes,
+        "streams": len(stats.streams),
+        "audit_dirs": [str(d) for d in audit_dirs(cfg)],
+    }
+    if sys.stdout.isatty():
+        print(
+            f"indexed {entries:,} entries of {len(stats.streams)} streams in "
+            f"{summary['seconds']:.1f} s; index {stats.path} ({stats.bytes / 1e6:,.1f} MB)"
+        )
+    else:
+        print_json(summary)
     return 0
 
 
@@ -137,6 +182,12 @@ def add_parser(sub: Any) -> Any:
     se.add_argument("--sender", metavar="NAME")
     se.add_argument("--event", metavar="NAME", help="decision, optout, optin, auth_failure...")
     se.set_defaults(func=cmd_audit)
+    ri = with_config(
+        ausub.add_parser(
+            "reindex", help="drop the review index and rebuild it from the audit files"
+        )
+    )
+    ri.set_defaults(func=cmd_audit_reindex)
     return ausub
 
 

@@ -26,6 +26,7 @@ from gateway.config.sections import (
     KeysConfig,
     LogConfig,
     RedisConfig,
+    ReviewConfig,
     RulesConfig,
     Sender,
     SmsConfig,
@@ -59,6 +60,7 @@ SECTIONS: dict[str, type] = {
     "log": LogConfig,
     "admin": AdminConfig,
     "rules": RulesConfig,
+    "review": ReviewConfig,
 }
 ARRAYS: dict[str, type] = {"senders": Sender, "dkim": DkimKey}
 
@@ -80,6 +82,7 @@ class Config:
     admin: AdminConfig
     rules: RulesConfig
     log: LogConfig = dataclasses.field(default_factory=LogConfig)
+    review: ReviewConfig = dataclasses.field(default_factory=ReviewConfig)
     senders: tuple[Sender, ...] = ()
     dkim: tuple[DkimKey, ...] = ()
     sync: SyncSettings = dataclasses.field(default_factory=SyncSettings)
@@ -155,6 +158,9 @@ def build(doc: dict[str, Any], *, path: Path | None, base_dir: Path) -> Config:
     data_dir = gw.data_dir
     s["keys"] = _default(s["keys"], file=data_dir / "keys.json")
     s["audit"] = _default(s["audit"], dir=data_dir / "audit")
+    s["review"] = dataclasses.replace(
+        s["review"], audit_dirs=tuple(resolve(str(d)) for d in s["review"].audit_dirs)
+    )
     s["upstream_email"] = _default(s["upstream_email"], url=f"outbox:{data_dir / 'outbox'}")
     sms_table = tables.get("upstream.sms", {})
     if not (isinstance(sms_table, dict) and "url" in sms_table):  # an explicit "" = none

@@ -337,6 +337,17 @@ class RulesConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ReviewConfig:
+    audit_dirs: tuple[Path, ...] = setting(
+        (),
+        "Other gateways' audit folders (a fleet on a shared mount) that the review index"
+        " reads too, so one console and `optgate audit search` cover them all; this"
+        " gateway's own [audit] dir is always read (docs/audit-index.md).",
+        kind="strings",
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Sender:
     name: str = setting("", "The sender's name: its AUTH user and Twilio AccountSid.", kind="str")
     password_env: str = setting("", "Environment variable with its password.", kind="str")

@@ -3,7 +3,7 @@
 
 The audit search takes an address (``recipient``) only to pseudonymise it, exactly as the
 log does; the address is neither kept nor logged, and the query string never reaches the
-access log.
+access log. It is served from the review index, refreshed first (docs/audit-index.md).
 """
 
 from __future__ import annotations
@@ -18,13 +18,14 @@ from aiohttp import web
 
 from gateway import apikeys
 from gateway.apikeys import ApiKey
-from gateway.audit import verify as audit_verify
 from gateway.core.entries import ApiKeyCreated, ApiKeyRevoked
 from gateway.core.records import pseudonym
 from gateway.errors import BadInput
 from gateway.http import admin_auth
 from gateway.http.app import DEPS_KEY, problem
 from gateway.optout_fields import canonical, channel_of, time_of
+from gateway.review import index_search
+from gateway.review.index_types import Query
 
 AUDIT_LIMIT: Final = 1000  # entries per audit search page, by default
 AUDIT_MAX_LIMIT: Final = 10_000  # bounds the memory of one answer
@@ -78,12 +79,17 @@ async def search_audit(request: web.Request, key: ApiKey) -> web.Response:
         [apikeys.access_event(key, "audit.search", filters={k: v for k, v in shown.items() if v})],
     )
 
+    query = Query(
+        recipient=recipient, decision=decision, since=since, event=event, until=until,
+        channel=channel, category=category, sender=sender,
+    )  # fmt: skip
+
     def run() -> list[dict[str, Any]]:
-        found = audit_verify.search(
-            deps.cfg.audit.dir, recipient=recipient, decision=decision, since=since,
-            event=event, until=until, channel=channel, category=category, sender=sender,
-        )  # fmt: skip
-        return list(itertools.islice(found, limit + 1))
+        found = index_search.entries(deps.cfg, query)
+        try:
+            return list(itertools.islice(found, limit + 1))
+        finally:
+            found.close()
 
     entries = await asyncio.to_thread(run)
     shown_entries = entries[:limit]
