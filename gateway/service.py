@@ -38,6 +38,7 @@ from gateway.http import openapi as openapi_routes
 from gateway.http import sms as sms_routes
 from gateway.http import unsubscribe as unsubscribe_routes
 from gateway.listeners import Listeners
+from gateway.review import pages as review_pages
 from gateway.smtp import choose as upstream_choice
 from gateway.smtp import dkim
 from gateway.smtp import listen as smtp_listen
@@ -86,6 +87,7 @@ HTTP_ROUTES: Final = (
     health_routes,  # /readyz, /metrics
     admin_routes,  # /v1 admin API
     openapi_routes,  # /openapi.json
+    review_pages,  # /review/ console for security teams (docs/review.md)
 )
 HTTP_MODULES: Final = [module.__name__ for module in HTTP_ROUTES]
 

@@ -282,6 +282,7 @@ class ConsoleAccess(Entry):
     filters: Mapping[str, str] | None = None  # a search or export: the filters given
     channel: str | None = None
     recipient: str | None = None  # a pseudonym
-    txn: str | None = None
+    # A transaction page opened (not `txn`: the entry is no part of that transaction).
+    transaction: str | None = None
     rows: int | None = None  # an export: the rows written
     format: str | None = None  # an export: csv or ndjson
