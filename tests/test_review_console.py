@@ -426,7 +426,7 @@ async def test_history_shows_the_optout_then_suppress_for_every_later_send(
         ("decision", "suppress", "marketing", "yes", ""),
         ("decision", "allow", "research", "no", ""),
     ]
-    assert "2 suppress" in browser.last and "None was sent" in browser.last
+    assert "2 suppressed" in browser.last and "None was sent" in browser.last
     assert "Opted out of</dt><dd>marketing" in browser.last  # the store's state now
     (seen,) = [e for e in accesses(running, "kim") if e["action"] == "history"]
     assert seen["recipient"] == who and seen["channel"] == "email"

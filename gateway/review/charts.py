@@ -34,8 +34,9 @@ _STYLE: Final = Style(
     background="#ffffff", plot_background="#ffffff", foreground="#1b1b1b",
     foreground_strong="#1b1b1b", foreground_subtle="#595959", colors=COLOURS,
     font_family="system-ui, sans-serif", label_font_size=11, major_label_font_size=11,
-    legend_font_size=12, title_font_size=14,
+    legend_font_size=12, title_font_size=14, opacity="1", opacity_hover="1",
 )  # fmt: skip
+Y_TICKS: Final = 5  # about this many whole-number lines up the y axis
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -57,8 +58,12 @@ def _svg(key: str, title: str, desc: str, days: Sequence[str],
         style=_STYLE, width=WIDTH, height=HEIGHT, explicit_size=False, js=[],
         disable_xml_declaration=True, show_legend=True, legend_at_bottom=True,
         x_label_rotation=0, show_minor_x_labels=False, print_values=False,
-        tooltip_fancy_mode=False, no_data_text="nothing in these days",
+        tooltip_fancy_mode=False, no_data_text="nothing in these days", truncate_label=-1,
+        truncate_legend=-1,
     )  # fmt: skip
+    top = max((sum(v[i] for v in series.values()) for i in range(len(days))), default=0)
+    chart.range = (0, max(top, Y_TICKS))  # counts: a small one still gets whole-number lines
+    chart.max_scale = Y_TICKS + 1
     chart.x_labels = [d[5:] for d in days]  # MM-DD
     chart.x_labels_major = [d[5:] for i, d in enumerate(days) if i % 5 == 0]
     for name, values in series.items():

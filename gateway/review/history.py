@@ -25,6 +25,8 @@ from gateway.review.console import PREFIX, Viewer, console_of, page, problem_pag
 from gateway.review.index import Row
 
 NO_LOOKUP_RULE: Final = "category.opt_out=false"  # allowed without a lookup: not a miss
+PAST: Final = {"allow": "allowed", "suppress": "suppressed", "defer": "deferred",
+               "reject": "rejected"}  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -123,6 +125,6 @@ async def history_page(request: web.Request, viewer: Viewer) -> web.StreamRespon
     steps, summary = walk(rows)
     context = {
         "nav": "history", "channel": channel, "rp": rp, "state": state, "steps": steps,
-        "summary": summary,
+        "summary": summary, "past": PAST,
     }  # fmt: skip
     return render(request, "history.html", context, viewer=viewer)
