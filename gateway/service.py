@@ -87,9 +87,11 @@ HTTP_ROUTES: Final = (
     health_routes,  # /readyz, /metrics
     admin_routes,  # /v1 admin API
     openapi_routes,  # /openapi.json
-    review_pages,  # /review/ console for security teams (docs/review.md)
 )
 HTTP_MODULES: Final = [module.__name__ for module in HTTP_ROUTES]
+# Pages for people on the same listener, after the API: HTML, not part of what
+# /openapi.json describes. /review/: the console for security teams (docs/review.md).
+HTML_PAGES: Final = (review_pages,)
 
 
 @dataclass
@@ -302,7 +304,7 @@ class Gateway:
             refresh_keys=self._token_key_unknown,
             email_probe=upstream_choice.from_config,
         )
-        app = http_app.build_app(deps, [module.setup for module in HTTP_ROUTES])
+        app = http_app.build_app(deps, [m.setup for m in (*HTTP_ROUTES, *HTML_PAGES)])
         runner, self.ports.http = await http_app.start_site(
             app,
             socks=socks.http,
