@@ -242,7 +242,8 @@ class ReviewIndex:
             cond = "e.recipient IS NOT NULL AND e.recipient = ? AND e.channel = ?"
             if hidden:
                 cond += f" AND coalesce(e.event, 0) NOT IN ({', '.join('?' * len(hidden))})"
-        return self._all(cond, [recipient, code, *hidden], "entries_recipient")
+        key = index_ingest.recipient_key(recipient)
+        return self._all(cond, [key, code, *hidden], "entries_recipient")
 
     def _all(self, cond: str, params: list[Any], index: str) -> list[Row]:
         out: list[Row] = []

@@ -21,7 +21,7 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 SCHEMA_VERSION: Final = "1"
 POINTER: Final = "CURRENT"
@@ -191,11 +191,14 @@ class Names:
     def __init__(self) -> None:
         self._ids: dict[str, int] = {}
         self._texts: dict[int, str] = {}
+        # Codes of whole combinations of words, for the feeder (`index_ingest._parse`).
+        self.combos: dict[tuple[object, ...], Any] = {}
 
     def forget(self) -> None:
         """After a rollback (codes made in it are gone) or on another generation."""
         self._ids.clear()
         self._texts.clear()
+        self.combos.clear()
 
     def find(self, conn: sqlite3.Connection, text: str) -> int | None:
         """The code of `text`, or None if no entry ever held it."""

@@ -25,14 +25,18 @@ from typing import Any, Final
 import orjson
 
 from gateway.audit import files as audit_files
+from gateway.core.records import PSEUDONYM_BYTES
 from gateway.review.index_db import Names
 
 # Bytes read per transaction: about 25,000 entries, a fraction of a second of the write
 # lock; far above the longest line (`core.chain.MAX_ENTRY_BYTES`, 64 KiB).
 CHUNK_BYTES: Final = 8 * 1024 * 1024
+# Distinct (event, decision, category, channel, sender, source) remembered: a fleet's
+# senders times the rules' categories times the decisions is a few thousand.
+COMBOS_CACHE: Final = 50_000
 CHANGE_EVENTS: Final = frozenset({"optout", "optin"})
 Progress = Callable[[int, int], None]
-_EPOCH_DAY: Final = date(1970, 1, 1).toordinal()
+PSEUDONYM_HEX: Final = 2 * PSEUDONYM_BYTES
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -57,24 +61,43 @@ class _Batch:
     head: tuple[str, str, int] | None = None  # (instance, ts, seq) of the last entry
 
 
-_DAYS: dict[str, int] = {}
+_SECONDS: dict[str, int] = {}  # "YYYY-MM-DDTHH:MM:SS" -> seconds since 1970
+SECONDS_CACHE: Final = 100_000  # entries of one second share it; a day has 86,400
+
+
+_DAYS: dict[str, int] = {}  # "YYYY-MM-DD" -> seconds since 1970 at its start
+_EPOCH_DAY: Final = date(1970, 1, 1).toordinal()
+
+
+def _second(text: str) -> int | None:
+    """Seconds since 1970 of "YYYY-MM-DDTHH:MM:SS" (UTC), remembered for the next entry."""
+    day = text[:10]
+    try:
+        base = _DAYS.get(day)
+        if base is None:
+            base = _DAYS[day] = (date.fromisoformat(day).toordinal() - _EPOCH_DAY) * 86400
+        secs = base + int(text[11:13]) * 3600 + int(text[14:16]) * 60 + int(text[17:19])
+    except ValueError:
+        return None
+    if len(_SECONDS) >= SECONDS_CACHE:
+        _SECONDS.clear()
+    _SECONDS[text] = secs
+    return secs
 
 
 def ts_ms(text: Any) -> tuple[int, str]:
     """(ms since 1970, UTC day) of an entry's ``ts``; (0, "") when it has none."""
+    if type(text) is str and len(text) == 24 and text[19] == "." and text[23] == "Z":
+        # The writer's own form (`audit.files.iso_ts`): one dict lookup per entry.
+        head = text[:19]
+        secs = _SECONDS.get(head)
+        if secs is None:
+            secs = _second(head)
+        frac = text[20:23]
+        if secs is not None and frac.isdigit():
+            return secs * 1000 + int(frac), text[:10]
     if not isinstance(text, str):
         return 0, ""
-    if len(text) == 24 and text[10] == "T" and text[19] == "." and text[23] == "Z":
-        # The writer's own form (`audit.files.iso_ts`): cheap arithmetic, no datetime.
-        day = text[:10]
-        base = _DAYS.get(day)
-        try:
-            if base is None:
-                base = _DAYS[day] = (date.fromisoformat(day).toordinal() - _EPOCH_DAY) * 86400
-            secs = int(text[11:13]) * 3600 + int(text[14:16]) * 60 + int(text[17:19])
-            return (base + secs) * 1000 + int(text[20:23]), day
-        except ValueError:
-            pass
     try:
         when = datetime.fromisoformat(text)
     except ValueError:
@@ -83,8 +106,17 @@ def ts_ms(text: Any) -> tuple[int, str]:
     return int(when.timestamp() * 1000), when.date().isoformat()
 
 
-def _text(value: Any) -> str | None:
-    return value if isinstance(value, str) and value else None
+def recipient_key(value: Any) -> str | bytes | None:
+    """How the index keeps a recipient: a pseudonym (32 hex digits) as its 16 bytes, half
+    the size in the table and its index; anything else as it is."""
+    if type(value) is not str or not value:
+        return None
+    if len(value) == PSEUDONYM_HEX:
+        try:
+            return bytes.fromhex(value)
+        except ValueError:
+            pass
+    return value
 
 
 def plan(conn: sqlite3.Connection, directories: Sequence[Path], names: Names) -> list[Work]:
@@ -173,6 +205,22 @@ def _count(
         conn.execute("DELETE FROM daily_changes WHERE n <= 0")
 
 
+# What `_parse` keeps per distinct (event, decision, category, channel, sender, source): the
+# six codes, and what the entry adds to the per-day counts (0 nothing, 1 decisions, 2 changes).
+_Words = tuple[tuple[int | None, ...], int, str, str]
+
+
+def _words(conn: sqlite3.Connection, names: Names, key: tuple[Any, ...]) -> _Words:
+    texts = [v if type(v) is str and v else None for v in key]
+    codes = tuple(None if t is None else names.code(conn, t) for t in texts)
+    event, decision, category, _, _, source = (t or "" for t in texts)
+    if event == "decision":
+        return codes, 1, decision, category
+    if event in CHANGE_EVENTS:
+        return codes, 2, event, source
+    return codes, 0, "", ""
+
+
 def _parse(
     conn: sqlite3.Connection, names: Names, data: bytes, at: tuple[int, int, int, int]
 ) -> _Batch:
@@ -180,8 +228,11 @@ def _parse(
     before, next entry id)."""
     file_id, off, line, next_id = at
     batch = _Batch()
-    rows, cats, decisions, changes = batch.rows, batch.cats, batch.decisions, batch.changes
-    code, loads = names.code, orjson.loads
+    rows, cats = batch.rows, batch.cats
+    known = names.combos
+    if len(known) > COMBOS_CACHE:
+        known.clear()
+    loads = orjson.loads
     last: dict[str, Any] | None = None
     for raw in data.split(b"\n")[:-1]:
         line += 1
@@ -190,23 +241,29 @@ def _parse(
             e = loads(raw) if raw else None
         except orjson.JSONDecodeError:
             e = None  # a damaged line: `audit verify` names it; the index skips it
-        if isinstance(e, dict):
-            ms, day = ts_ms(e.get("ts"))
-            ev, dec, cat = _text(e.get("event")), _text(e.get("decision")), e.get("category")
-            src, cat_text = _text(e.get("source")), _text(cat)
-            codes = [None if v is None else code(conn, v)
-                     for v in (ev, dec, cat_text, _text(e.get("channel")),
-                               _text(e.get("sender")), src)]  # fmt: skip
-            rows.append((next_id, ms, file_id, line, off, size, *codes,
-                         _text(e.get("recipient")), _text(e.get("txn")),
-                         _text(e.get("message_id"))))  # fmt: skip
-            many = e.get("categories")
-            if isinstance(many, list):
-                cats.extend((code(conn, c), next_id) for c in set(many) if _text(c))
-            if ev == "decision":
-                decisions[(day, dec or "", cat_text or "")] += 1
-            elif ev in CHANGE_EVENTS:
-                changes[(day, ev or "", src or "")] += 1
+        if type(e) is dict:
+            g = e.get
+            ms, day = ts_ms(g("ts"))
+            key = (g("event"), g("decision"), g("category"), g("channel"), g("sender"),
+                   g("source"))  # fmt: skip
+            try:
+                words = known[key]
+            except KeyError:
+                words = known[key] = _words(conn, names, key)
+            except TypeError:  # a list or an object where a word belongs
+                words = _words(conn, names, key)
+            txn, mid = g("txn"), g("message_id")
+            rows.append((next_id, ms, file_id, line, off, size, *words[0],
+                         recipient_key(g("recipient")),
+                         txn if type(txn) is str and txn else None,
+                         mid if type(mid) is str and mid else None))  # fmt: skip
+            if words[1]:
+                counts = batch.decisions if words[1] == 1 else batch.changes
+                counts[(day, words[2], words[3])] += 1
+            many = g("categories")
+            if type(many) is list:
+                cats.extend((names.code(conn, c), next_id) for c in set(many)
+                            if type(c) is str and c)  # fmt: skip
             next_id += 1
             last = e
         off += size

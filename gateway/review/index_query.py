@@ -15,6 +15,7 @@ from typing import Any, Final
 import orjson
 
 from gateway.review.index_db import Names
+from gateway.review.index_ingest import recipient_key
 from gateway.review.index_types import Query, Row
 
 COLUMNS: Final = (
@@ -64,7 +65,7 @@ def where(conn: sqlite3.Connection, names: Names, q: Query) -> tuple[str, list[A
         index = "entries_message_id"
     if q.recipient is not None:
         terms.append("e.recipient IS NOT NULL AND e.recipient = ?")
-        params.append(q.recipient)
+        params.append(recipient_key(q.recipient))
         index = "entries_recipient"
     if q.since is not None:
         terms.append("e.ts >= ?")
@@ -142,7 +143,8 @@ class Reader:
             event=text(self.conn, r[6]), decision=text(self.conn, r[7]),
             category=text(self.conn, r[8]), channel=text(self.conn, r[9]),
             sender=text(self.conn, r[10]), source=text(self.conn, r[11]),
-            recipient=r[12] or "", txn=r[13] or "", message_id=r[14] or "", rule="",
+            recipient=r[12].hex() if isinstance(r[12], bytes) else r[12] or "",
+            txn=r[13] or "", message_id=r[14] or "", rule="",
             reason="", where=where_, fields={},
         )  # fmt: skip
 
