@@ -114,8 +114,10 @@ def add_parser(sub: Any) -> None:
             "add", help="create a user: password on stdin, otpauth URI printed once on stdout"
         )
     )
-    a.add_argument("name", metavar="NAME")
-    a.add_argument("--role", required=True, choices=users.ROLES)
+    a.add_argument("name", metavar="NAME", help="1-64 of a-z 0-9 . _ -, a letter first")
+    a.add_argument(
+        "--role", required=True, choices=users.ROLES, help="admin also sees the users page"
+    )
     a.set_defaults(func=cmd_users)
     ls = with_config(usub.add_parser("list", help="name, role, disabled, created"))
     with_json(ls).set_defaults(func=cmd_users)

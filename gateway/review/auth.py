@@ -36,6 +36,7 @@ COOKIE: Final = "__Host-optgate-review"
 LOGIN_COOKIE: Final = "__Host-optgate-review-login"
 IDLE_S: Final = 15 * 60  # automatic logoff (HIPAA §164.312(a)(2)(iii)) after 15 idle minutes
 ABSOLUTE_S: Final = 8 * 3600  # a working day: log in again after 8 hours whatever the use
+STORE_TTL_S: Final = 2 * IDLE_S  # an idle session's record outlives it a little, then goes
 LOGIN_FORM_S: Final = 3600  # a login form older than this must be loaded again
 SESSION_PREFIX: Final = "og:rs:"
 SESSION_BYTES: Final = 32  # 256-bit session ids
@@ -92,8 +93,9 @@ async def _write(store: OptOutStore, ring: Keyring, session: Session) -> None:
     key = session_key(session.sid)
     doc = {"u": session.user, "c": session.created, "l": session.last}
     async with store.guard("console session"):
-        # The store forgets a session by itself once it could no longer be used.
-        await store.client.set(key, _seal(ring, key, doc), ex=ABSOLUTE_S)
+        # The limits are checked on use, against the times in the value (so the end is
+        # audited); the store forgets a session by itself a while after it went idle.
+        await store.client.set(key, _seal(ring, key, doc), ex=STORE_TTL_S)
 
 
 async def start(store: OptOutStore, ring: Keyring, user: str, now: float) -> Session:
