@@ -15,7 +15,7 @@ from pathlib import Path
 import pyotp
 from playwright.async_api import Browser, Page
 
-from gateway.review import users
+from gateway.review import console, users
 from gateway.senders import hash_password
 from tests.conftest import Running
 from tests.test_unsubscribe_browser import axe_violations, blocking, browser, pytestmark
@@ -125,6 +125,30 @@ async def test_every_console_page_is_accessible_in_a_real_browser(
 
     await page.get_by_role("button", name="Log out").click()
     await checked(page, "Log in to the review console")
+
+    # An auditor: the admin page is a 403 page (accessible too); then the console's clock
+    # moves 16 minutes on and the idle session ends.
+    made = await users.create(
+        gateway.gw.store, gateway.gw.keyring, name="sam", role="auditor",
+        password_hash=hash_password(PASSWORD), now=time.time(),
+    )  # fmt: skip
+    await page.get_by_label("User name").fill("sam")
+    await page.get_by_label("Password").fill(PASSWORD)
+    await page.get_by_label("Code from your authenticator app").fill(
+        pyotp.TOTP(made.uri.split("secret=", 1)[1].split("&", 1)[0]).now()
+    )
+    await page.get_by_role("button", name="Log in").click()
+    await checked(page, "Overview")
+    assert await page.get_by_role("link", name="Users").count() == 0
+    resp = await page.goto(base + "/users")
+    assert resp is not None and resp.status == 403
+    await checked(page, "Not allowed")
+    gateway.gw._http_runner.app[console.CONSOLE].clock.offset += 16 * 60
+    await page.goto(base + "/search")
+    await checked(page, "Log in to the review console")
+    assert await page.get_by_role("status").inner_text() == (
+        "Your session ended. Please log in again."
+    )
     await context.close()
     assert (tmp_path / "overview.png").stat().st_size > 10_000
     assert (tmp_path / "history.png").stat().st_size > 10_000
