@@ -39,6 +39,7 @@ from gateway.http import openapi as openapi_routes
 from gateway.http import sms as sms_routes
 from gateway.http import unsubscribe as unsubscribe_routes
 from gateway.listeners import Listeners
+from gateway.review import pages as review_pages
 from gateway.smtp import choose as upstream_choice
 from gateway.smtp import dkim
 from gateway.smtp import listen as smtp_listen
@@ -90,6 +91,9 @@ HTTP_ROUTES: Final = (
     openapi_routes,  # /openapi.json
 )
 HTTP_MODULES: Final = [module.__name__ for module in HTTP_ROUTES]
+# Pages for people on the same listener, after the API: HTML, not part of what
+# /openapi.json describes. /review/: the console for security teams (docs/review.md).
+HTML_PAGES: Final = (review_pages,)
 
 
 @dataclass
@@ -306,7 +310,7 @@ class Gateway:
             refresh_keys=self._token_key_unknown,
             email_probe=upstream_choice.from_config,
         )
-        app = http_app.build_app(deps, [module.setup for module in HTTP_ROUTES])
+        app = http_app.build_app(deps, [m.setup for m in (*HTTP_ROUTES, *HTML_PAGES)])
         runner, self.ports.http = await http_app.start_site(
             app,
             socks=socks.http,

@@ -19,6 +19,7 @@ from gateway.cli import (
     cmd_serve,
     cmd_store,
     cmd_sync,
+    cmd_users,
 )
 from gateway.cli.common import EXIT_FAILURE, fail, with_config
 from gateway.cli.parser import Parser, add_everywhere, with_json
@@ -50,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmd_audit.add_tail_parser(audit_sub)
     cmd_keys.add_api_key_parser(keys_sub)
     cmd_sync.add_parser(sub)
+    cmd_users.add_parser(sub)  # review console users
     add_everywhere(p)  # --config before or after the command, on every command
     return p
 

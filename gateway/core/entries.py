@@ -305,3 +305,28 @@ class AuditPruned(Entry):
     kept_file: str
     kept_seq: int
     retention_days: int
+
+
+# -- the review console ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConsoleAccess(Entry):
+    """A person's use of the review console (login, logout, a page, a search, an export)
+    or a change to a console user from the command line (``by="cli"``). A searched
+    recipient is named by pseudonym only."""
+
+    EVENT: ClassVar[str] = "console_access"
+    user: str  # the console user ("" when the name given is not a user's)
+    action: str  # login, lockout, logout, overview, search, transaction, history, export...
+    result: str  # ok, refused (a login), denied (a role or CSRF check), started
+    reason: str | None = None  # why refused: password, totp, totp-reused, locked, disabled...
+    role: str | None = None
+    by: str | None = None  # "cli": a user changed on the command line
+    filters: Mapping[str, str] | None = None  # a search or export: the filters given
+    channel: str | None = None
+    recipient: str | None = None  # a pseudonym
+    # A transaction page opened (not `txn`: the entry is no part of that transaction).
+    transaction: str | None = None
+    rows: int | None = None  # an export: the rows written
+    format: str | None = None  # an export: csv or ndjson

@@ -5,7 +5,8 @@
 - The access log names the route template (`/u/{token}`), never the path: paths carry
   unsubscribe tokens and, on admin routes, addresses (aiohttp's default access log writes
   the path).
-- Security headers on every response; no cookies are ever set.
+- Security headers on every response. The only cookies are the review console's
+  (`gateway.review.auth`: ``__Host-``, ``Secure``, ``HttpOnly``, ``SameSite=Strict``).
 - Route modules expose `setup(app: web.Application, deps: HttpDeps) -> None`.
 - Slow clients (slowloris): a connection whose request headers are not all in
   `HEADER_TIMEOUT_S` after it opened or after its last response is closed, and each
