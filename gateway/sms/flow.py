@@ -33,7 +33,7 @@ import structlog
 
 from gateway import metrics
 from gateway.config import Sender
-from gateway.core import categories, entries, grants, policy
+from gateway.core import categories, entries, grants, mail, policy
 from gateway.core.categories import Unchosen, Why
 from gateway.core.entries import Delivery, OptOut
 from gateway.core.keys import Keyring
@@ -53,9 +53,13 @@ log = structlog.get_logger("optgate.sms")
 CHANNEL = "sms"
 UNSUBSCRIBED = 21610  # Twilio: "Attempt to send to unsubscribed recipient"
 PROVIDER_OPT_OUT_SOURCE = keywords_store.PROVIDER_SOURCE
+# A number under an undeliverable mark: Twilio's "Unreachable destination handset", so an
+# application tells it apart from an opt-out (21610) with the error handling it has.
+UNREACHABLE = Refusal(code=30003, message="The recipient was reported unreachable; not sent.")
 
 RefusedKind = Literal[
     "opted-out",
+    "undeliverable",  # a provider reported the number unreachable (`gateway.feedback`)
     "store-unavailable",  # also a record that does not decrypt: doubt fails closed
     "audit-unavailable",
     "unknown-category",
@@ -157,6 +161,8 @@ class SmsFlow:
             metrics.audit_write_failure("sms")
             return Refused(txn=txn, kind="audit-unavailable")
         metrics.decision(decision.verdict.value, CHANNEL, category.name)
+        if decision is mail.UNDELIVERABLE:
+            return Refused(txn=txn, kind="undeliverable", refusal=UNREACHABLE)
         if decision.verdict is Verdict.SUPPRESS:
             return Refused(txn=txn, kind="opted-out", refusal=message.OPTED_OUT)
         if decision.verdict is not Verdict.ALLOW:
@@ -175,7 +181,7 @@ class SmsFlow:
             log.warning("store_unavailable", txn=txn, channel=CHANNEL)
             metrics.store_error("lookup")
             return policy.STORE_UNAVAILABLE
-        return policy.decide(category, states)
+        return mail.decide(category, states)  # opt-outs, then an undeliverable mark
 
     async def _provide(
         self, provider: Provider, base: dict[str, str], out: Outgoing, body: str
