@@ -8,128 +8,38 @@ provider stub)."""
 from __future__ import annotations
 
 import asyncio
-import functools
-import smtplib
-import ssl
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from typing import Any
 
-import aiohttp
 import orjson
 import pytest
-from twilio.request_validator import RequestValidator
 
 from gateway import metrics
-from gateway.core.addresses import parse_email
-from gateway.core.records import pseudonym
 from gateway.store import feedback as marks
-from tests.conftest import GatewayFactory, Running
+from tests.conftest import GatewayFactory
 from tests.support.feedback_providers import (
-    SENDGRID_PATH,
-    SES_PATH,
-    STATUS_PATH,
+    NUMBER,
     TOPIC,
-    SnsStub,
+    Fb,
     arf_report,
+    feedback_gateway,
     sendgrid_event,
-    sendgrid_key,
-    sendgrid_public,
-    sendgrid_signed,
     ses_notification,
+    smtplib_send,
 )
-from tests.support.sms_provider import PUBLIC_URL, SmsGateway, sms_gateway
 from tests.support.smtp_sink import TestPki
 
 PAT = "Pat.Q+Rx@Example.org"  # keyed as pat.q+rx@example.org, covers nobody else
 SAM = "sam.q@example.org"
-NUMBER = "+15559870100"
 DAY_S = 86400
-
-
-@dataclass
-class Fb:
-    g: SmsGateway
-    sns: SnsStub
-
-    @property
-    def r(self) -> Running:
-        return self.g.running
-
-    async def post(
-        self, path: str, *, body: bytes | dict[str, Any], headers: dict[str, str] | None = None
-    ) -> tuple[int, Any]:
-        data = orjson.dumps(body) if isinstance(body, dict) else body
-        async with aiohttp.ClientSession() as s:
-            async with s.post(
-                self.g.base_url + path, data=data, headers=headers or {},
-                ssl=self.r.client_context(),
-            ) as resp:  # fmt: skip
-                text = await resp.text()
-        try:
-            return resp.status, orjson.loads(text)
-        except orjson.JSONDecodeError:
-            return resp.status, text
-
-    async def sendgrid(self, *events: dict[str, Any], **sign: Any) -> tuple[int, Any]:
-        body, headers = sendgrid_signed(list(events), **sign)
-        return await self.post(SENDGRID_PATH, body=body, headers=headers)
-
-    async def ses(self, doc: dict[str, str]) -> tuple[int, Any]:
-        return await self.post(SES_PATH, body=doc, headers={"Content-Type": "text/plain"})
-
-    async def status(
-        self, sid: str, code: str, to: str = NUMBER, *, signature: str | None = None
-    ) -> tuple[int, Any]:
-        form = {
-            "AccountSid": self.g.stub.account_sid, "MessageSid": sid,
-            "MessageStatus": "undelivered", "ErrorCode": code, "To": to, "From": "+15005550006",
-        }  # fmt: skip
-        sig = signature
-        if sig is None:
-            validator = RequestValidator(self.g.stub.auth_token)
-            sig = validator.compute_signature(PUBLIC_URL + STATUS_PATH, form)
-        async with aiohttp.ClientSession() as s:
-            async with s.post(
-                self.g.base_url + STATUS_PATH, data=form, headers={"X-Twilio-Signature": sig},
-                ssl=self.r.client_context(),
-            ) as resp:  # fmt: skip
-                return resp.status, await resp.text()
-
-    def entries(self, event: str) -> list[dict[str, Any]]:
-        return [e for e in self.r.audit_entries() if e["event"] == event]
-
-    def email_pseudonym(self, address: str) -> str:
-        parsed = parse_email(address, smtputf8=True)
-        assert not hasattr(parsed, "reply")
-        return pseudonym(self.r.gw.keyring, "email", parsed.key_form)  # type: ignore[union-attr]
-
-    async def marketing(self, *rcpts: str) -> tuple[int, str]:
-        return await self.r.send(list(rcpts), category="marketing")
-
-
-def feedback_config(pki: TestPki, sns: SnsStub) -> dict[str, Any]:
-    return {
-        "sendgrid_public_key": sendgrid_public(sendgrid_key()),
-        "ses_topic_arns": [TOPIC],
-        "ses_cert_host": "localhost",  # the stand-in for sns.<region>.amazonaws.com
-        "ca_file": str(pki.ca_pem),
-    }
 
 
 @pytest.fixture
 async def fb(
     make_gateway: GatewayFactory, pki: TestPki, monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[Fb]:
-    sns = SnsStub(pki=pki)
-    await sns.start()
-    try:
-        factory = functools.partial(make_gateway, feedback=feedback_config(pki, sns))
-        async with sms_gateway(factory, pki, monkeypatch) as g:
-            yield Fb(g=g, sns=sns)
-    finally:
-        await sns.stop()
+    async with feedback_gateway(make_gateway, pki, monkeypatch) as gateway:
+        yield gateway
 
 
 # --- SendGrid ------------------------------------------------------------------------------------
@@ -245,27 +155,15 @@ async def test_ses_complaint_and_permanent_bounce_suppress_the_next_send(
 # --- ARF to the complaints mailbox -------------------------------------------------------------
 
 
-def _smtplib_send(r: Running, data: bytes, rcpt: str = "complaints@unsubscribe.localhost") -> Any:
-    ctx = ssl.create_default_context(cafile=str(r.pki.ca_pem))
-    with smtplib.SMTP("127.0.0.1", r.gw.ports.smtp, timeout=10) as smtp:
-        smtp.starttls(context=ctx)
-        try:
-            return smtp.sendmail("fbl@isp.example", [rcpt], data)  # no AUTH
-        except smtplib.SMTPResponseException as exc:
-            return exc.smtp_code, exc.smtp_error.decode()
-        except smtplib.SMTPRecipientsRefused as exc:
-            return exc.recipients[rcpt]
-
-
 async def test_arf_report_by_mail_opts_out_the_reported_recipient(fb: Fb) -> None:
     report = arf_report(PAT)
-    assert await asyncio.to_thread(_smtplib_send, fb.r, report) == {}  # 250 for everything
+    assert await asyncio.to_thread(smtplib_send, fb.r, report) == {}  # 250 for everything
     record = await fb.r.gw.store.get("email", fb.email_pseudonym(PAT))  # type: ignore[union-attr]
     assert record is not None and record.all and record.source == "complaint"
     assert fb.r.sink.messages == []  # nothing forwarded, nothing answered
     (entry,) = fb.entries("feedback")
     assert (entry["provider"], entry["kind"], entry["outcome"]) == ("arf", "abuse", "optout")
-    assert await asyncio.to_thread(_smtplib_send, fb.r, report) == {}  # the report again
+    assert await asyncio.to_thread(smtplib_send, fb.r, report) == {}  # the report again
     assert [e["outcome"] for e in fb.entries("feedback")] == ["optout", "duplicate"]
     assert len(fb.entries("optout")) == 1
     code, text = await fb.marketing(PAT)
@@ -274,7 +172,7 @@ async def test_arf_report_by_mail_opts_out_the_reported_recipient(fb: Fb) -> Non
 
 async def test_arf_recipient_from_the_original_to_when_no_original_rcpt_to(fb: Fb) -> None:
     report = arf_report(None, original_to=f"Pat <{PAT}>", report_id="<arf-2@fbl.example>")
-    assert await asyncio.to_thread(_smtplib_send, fb.r, report) == {}
+    assert await asyncio.to_thread(smtplib_send, fb.r, report) == {}
     assert await fb.r.gw.store.get("email", fb.email_pseudonym(PAT)) is not None  # type: ignore[union-attr]
 
 
@@ -296,7 +194,7 @@ async def test_arf_recipient_from_the_original_to_when_no_original_rcpt_to(fb: F
 async def test_arf_report_that_cannot_be_read_gets_550_naming_what_and_changes_nothing(
     fb: Fb, report: bytes, reply: tuple[int, str]
 ) -> None:
-    code, text = await asyncio.to_thread(_smtplib_send, fb.r, report)
+    code, text = await asyncio.to_thread(smtplib_send, fb.r, report)
     assert code == 550 and reply in text and "@" not in text
     assert fb.entries("feedback") == [] and fb.entries("optout") == []
 
@@ -306,7 +204,7 @@ async def test_arf_report_that_cannot_be_read_gets_550_naming_what_and_changes_n
 
 async def test_twilio_status_21610_opts_out_and_30005_is_undeliverable(fb: Fb) -> None:
     other = "+15559870101"
-    assert (await fb.status("SM" + "1" * 32, "21610")) [0] == 200
+    assert (await fb.status("SM" + "1" * 32, "21610"))[0] == 200
     assert (await fb.status("SM" + "2" * 32, "30005", to=other))[0] == 200
     assert (await fb.status("SM" + "3" * 32, "30007", to="+15559870102"))[0] == 200  # ignored
     status, text = await fb.status("SM" + "1" * 32, "21610")  # Twilio's retry

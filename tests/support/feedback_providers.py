@@ -12,20 +12,31 @@ report as a mailbox provider's feedback loop sends one.
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
 import functools
+import smtplib
+import ssl
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 import orjson
+import pytest
 from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import NameOID
+from twilio.request_validator import RequestValidator
 
+from gateway.core.addresses import EmailAddress, parse_email
+from gateway.core.records import pseudonym
+from tests.conftest import Running
+from tests.support.sms_provider import PUBLIC_URL, SmsGateway, sms_gateway
 from tests.support.smtp_sink import TestPki
 
 TOPIC = "arn:aws:sns:us-east-1:123456789012:ses-feedback"
@@ -139,12 +150,22 @@ class SnsStub:
 def ses_notification(kind: str, *addresses: str, bounce_type: str = "Permanent") -> str:
     """The Message of an SES feedback notification."""
     if kind == "Complaint":
-        part = {"complaint": {"complainedRecipients": [{"emailAddress": a} for a in addresses],
-                              "complaintFeedbackType": "abuse", "feedbackId": "f1"}}
+        part = {
+            "complaint": {
+                "complainedRecipients": [{"emailAddress": a} for a in addresses],
+                "complaintFeedbackType": "abuse",
+                "feedbackId": "f1",
+            }
+        }
     else:
-        part = {"bounce": {"bounceType": bounce_type, "bounceSubType": "General",
-                           "bouncedRecipients": [{"emailAddress": a} for a in addresses],
-                           "feedbackId": "f1"}}
+        part = {
+            "bounce": {
+                "bounceType": bounce_type,
+                "bounceSubType": "General",
+                "bouncedRecipients": [{"emailAddress": a} for a in addresses],
+                "feedbackId": "f1",
+            }
+        }
     return orjson.dumps({"notificationType": kind, **part, "mail": {"messageId": "m1"}}).decode()
 
 
@@ -165,7 +186,9 @@ def sendgrid_public(key: ec.EllipticCurvePrivateKey) -> str:
 
 
 def sendgrid_signed(
-    events: list[dict[str, Any]], *, key: ec.EllipticCurvePrivateKey | None = None,
+    events: list[dict[str, Any]],
+    *,
+    key: ec.EllipticCurvePrivateKey | None = None,
     stamp: int | None = None,
 ) -> tuple[bytes, dict[str, str]]:
     """(body, headers) of an Event Webhook POST, signed as SendGrid signs it."""
@@ -214,3 +237,106 @@ def arf_report(
         "--b1--\r\n"
     )
     return text.encode()
+
+
+# --- a gateway with every feedback source configured ---------------------------------------
+
+NUMBER = "+15559870100"
+
+
+@dataclass
+class Fb:
+    g: SmsGateway
+    sns: SnsStub
+
+    @property
+    def r(self) -> Running:
+        return self.g.running
+
+    async def post(
+        self, path: str, *, body: bytes | dict[str, Any], headers: dict[str, str] | None = None
+    ) -> tuple[int, Any]:
+        data = orjson.dumps(body) if isinstance(body, dict) else body
+        async with aiohttp.ClientSession() as s:
+            async with s.post(
+                self.g.base_url + path, data=data, headers=headers or {},
+                ssl=self.r.client_context(),
+            ) as resp:  # fmt: skip
+                text = await resp.text()
+        try:
+            return resp.status, orjson.loads(text)
+        except orjson.JSONDecodeError:
+            return resp.status, text
+
+    async def sendgrid(self, *events: dict[str, Any], **sign: Any) -> tuple[int, Any]:
+        body, headers = sendgrid_signed(list(events), **sign)
+        return await self.post(SENDGRID_PATH, body=body, headers=headers)
+
+    async def ses(self, doc: dict[str, str]) -> tuple[int, Any]:
+        return await self.post(SES_PATH, body=doc, headers={"Content-Type": "text/plain"})
+
+    async def status(
+        self, sid: str, code: str, to: str = NUMBER, *, signature: str | None = None
+    ) -> tuple[int, Any]:
+        form = {
+            "AccountSid": self.g.stub.account_sid, "MessageSid": sid,
+            "MessageStatus": "undelivered", "ErrorCode": code, "To": to, "From": "+15005550006",
+        }  # fmt: skip
+        sig = signature
+        if sig is None:
+            validator = RequestValidator(self.g.stub.auth_token)
+            sig = validator.compute_signature(PUBLIC_URL + STATUS_PATH, form)
+        async with aiohttp.ClientSession() as s:
+            async with s.post(
+                self.g.base_url + STATUS_PATH, data=form, headers={"X-Twilio-Signature": sig},
+                ssl=self.r.client_context(),
+            ) as resp:  # fmt: skip
+                return resp.status, await resp.text()
+
+    def entries(self, event: str) -> list[dict[str, Any]]:
+        return [e for e in self.r.audit_entries() if e["event"] == event]
+
+    def email_pseudonym(self, address: str) -> str:
+        parsed = parse_email(address, smtputf8=True)
+        assert isinstance(parsed, EmailAddress)
+        return pseudonym(self.r.gw.keyring, "email", parsed.key_form)
+
+    async def marketing(self, *rcpts: str) -> tuple[int, str]:
+        return await self.r.send(list(rcpts), category="marketing")
+
+
+def feedback_config(pki: TestPki, sns: SnsStub) -> dict[str, Any]:
+    return {
+        "sendgrid_public_key": sendgrid_public(sendgrid_key()),
+        "ses_topic_arns": [TOPIC],
+        "ses_cert_host": "localhost",  # the stand-in for sns.<region>.amazonaws.com
+        "ca_file": str(pki.ca_pem),
+    }
+
+
+@contextlib.asynccontextmanager
+async def feedback_gateway(
+    make_gateway: Any, pki: TestPki, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Fb]:
+    """A gateway with every feedback source configured, wired to the SMS provider stub and
+    to an SNS stand-in (for a fixture)."""
+    sns = SnsStub(pki=pki)
+    await sns.start()
+    try:
+        factory = functools.partial(make_gateway, feedback=feedback_config(pki, sns))
+        async with sms_gateway(factory, pki, monkeypatch) as g:
+            yield Fb(g=g, sns=sns)
+    finally:
+        await sns.stop()
+
+
+def smtplib_send(r: Running, data: bytes, rcpt: str = "complaints@unsubscribe.localhost") -> Any:
+    ctx = ssl.create_default_context(cafile=str(r.pki.ca_pem))
+    with smtplib.SMTP("127.0.0.1", r.gw.ports.smtp, timeout=10) as smtp:
+        smtp.starttls(context=ctx)
+        try:
+            return smtp.sendmail("fbl@isp.example", [rcpt], data)  # no AUTH
+        except smtplib.SMTPResponseException as exc:
+            return exc.smtp_code, exc.smtp_error.decode()
+        except smtplib.SMTPRecipientsRefused as exc:
+            return exc.recipients[rcpt]
