@@ -18,7 +18,7 @@ import pytest
 import redis
 
 from gateway import metrics
-from tests.conftest import GatewayFactory, Running
+from tests.conftest import APP_PASSWORD, GatewayFactory, Running
 from tests.support import phi
 from tests.support.feedback_providers import (
     NUMBER,
@@ -242,6 +242,9 @@ async def _raw(r: Running, *lines: str) -> list[tuple[int, str]]:
         await raw.cmd("EHLO client.example")
         await raw.starttls(r.client_context())
         await raw.cmd("EHLO client.example")
+        if lines[0] == "login":
+            assert (await raw.login("app", APP_PASSWORD))[0] == 235
+            lines = lines[1:]
         return [await raw.cmd(line) for line in lines]
     finally:
         raw.close()
@@ -250,6 +253,16 @@ async def _raw(r: Running, *lines: str) -> list[tuple[int, str]]:
 RELAY_CASES = {
     "another-recipient-after-complaints": (
         ["MAIL FROM:<fbl@isp.example>", f"RCPT TO:<{COMPLAINTS}>", f"RCPT TO:<{PAT}>"],
+        [250, 250, 452],
+    ),
+    "sender-adds-a-recipient-after-complaints": (
+        ["login", "MAIL FROM:<app@sender.example>", f"RCPT TO:<{COMPLAINTS}>",
+         f"RCPT TO:<{PAT}>"],
+        [250, 250, 452],
+    ),
+    "sender-adds-complaints-after-a-recipient": (
+        ["login", "MAIL FROM:<app@sender.example>", f"RCPT TO:<{PAT}>",
+         f"RCPT TO:<{COMPLAINTS}>"],
         [250, 250, 452],
     ),
     "another-recipient-before-complaints": (
