@@ -1,7 +1,9 @@
 """What provider feedback keeps in the store beside the opt-out records (docs/feedback.md).
 
 Undeliverable marks. A hard bounce or an unreachable number marks the recipient
-``og:u:e:<pseudonym>`` (``og:u:s:`` for SMS) until a time. The value is sealed like a
+``og:u:{og:e:<bucket>}:<pseudonym>`` (``og:s:`` for SMS) until a time: the hash tag is the
+record's bucket (`store.names`), so on a Cluster the mark lives in the record's slot and a
+lookup reaches no node it would not reach anyway. The value is sealed like a
 record (AES-256-GCM under the current record key, the key's own name as associated data, so
 a value copied onto another recipient does not open): a version byte, the time in
 milliseconds (6 bytes) and the source. The mark is read in the lookup's own round trip
@@ -28,9 +30,9 @@ from cryptography.exceptions import InvalidTag
 
 from gateway.core.keys import Keyring
 from gateway.core.records import NONCE_BYTES, aead
-from gateway.store.names import check_hex
+from gateway.store.names import record_slot
 
-MARK_PREFIX: Final = {"email": "og:u:e:", "sms": "og:u:s:"}
+MARK_PREFIX: Final = "og:u:"
 SEEN_PREFIX: Final = "og:fb:"
 # Keep an expired mark this long before the server drops it: the gateway's clock decides
 # expiry, and a server clock a little ahead must not drop a live mark early.
@@ -56,11 +58,9 @@ Seen = Literal["new", "pending", "seen"]
 
 
 def mark_key(channel: str, pseudonym: str) -> str:
-    """The store key of one recipient's undeliverable mark."""
-    prefix = MARK_PREFIX.get(channel)
-    if prefix is None:
-        raise ValueError("channel must be email or sms")
-    return prefix + check_hex(pseudonym, "pseudonym")
+    """The store key of one recipient's undeliverable mark (in its record's slot)."""
+    bucket, _ = record_slot(channel, pseudonym)  # checks the channel and the pseudonym
+    return f"{MARK_PREFIX}{{{bucket}}}:{pseudonym}"
 
 
 def seal_mark(ring: Keyring, key: str, *, until: float, source: str) -> bytes:
