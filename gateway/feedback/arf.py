@@ -29,13 +29,34 @@ PROVIDER_NAME = "arf"
 MAILBOX = "complaints"  # complaints@<unsubscribe_domain>
 MAX_RECIPIENTS = 10  # a report is about one message to one recipient (RFC 5965 §3.2)
 ORIGINAL_TYPES = ("message/rfc822", "text/rfc822-headers")
+# RFC 5965 §7.3's registry and RFC 6430's not-spam; any other value is recorded as "other"
+# (the audit log never holds a sender's free text).
+FEEDBACK_TYPES = frozenset({"abuse", "fraud", "virus", "other", "not-spam", "auth-failure"})
 _ANGLE = re.compile(r"[^<>,\"]*<([^<>,\s]+)>")  # display name (no comma) and one <addr-spec>
 _BARE = re.compile(r"[^\s<>,\"();:]+")
 
 
+def _text(value: str) -> str:
+    """A raw field value as text: UTF-8 where the report holds it (RFC 6532), which the
+    parser keeps as surrogate escapes; one space for each run of white space."""
+    raw = value.encode("utf-8", "surrogateescape")
+    return " ".join(raw.decode("utf-8", "replace").split())
+
+
+def _all(msg: Message, name: str) -> list[str]:
+    """Every value of field `name`, as text (`raw_items`: `get_all` would wrap a UTF-8
+    value in a `Header` that no longer reads as UTF-8)."""
+    return [_text(v) for k, v in msg.raw_items() if k.lower() == name.lower()]
+
+
+def _first(msg: Message, name: str) -> str:
+    found = _all(msg, name)
+    return found[0] if found else ""
+
+
 def _one_mailbox(value: str) -> str:
     """The addr-spec of a header or field holding exactly one mailbox ("" otherwise)."""
-    value = " ".join(value.split())
+    value = _text(value)  # idempotent on text already read
     angle = _ANGLE.fullmatch(value)
     if angle is not None:
         return angle.group(1)
@@ -71,9 +92,10 @@ def parse(data: bytes) -> tuple[Event, ...] | Malformed:
     fields = _fields(report) if report is not None else None
     if fields is None:
         return Malformed(field="message/feedback-report", detail="No feedback-report part")
-    kind = " ".join(str(fields.get("Feedback-Type", "")).split()).lower()
+    kind = _first(fields, "Feedback-Type").lower()
     if not kind:
         return Malformed(field="Feedback-Type", detail="The report has no Feedback-Type")
+    kind = kind if kind in FEEDBACK_TYPES else "other"
     original_part = next((p for p in parts if p.get_content_type() in ORIGINAL_TYPES), None)
     original = _fields(original_part) if original_part is not None else None
     report_id = _message_id(msg) or (_message_id(original) if original is not None else "")
@@ -89,7 +111,7 @@ def parse(data: bytes) -> tuple[Event, ...] | Malformed:
     return tuple(
         Event(
             provider=PROVIDER_NAME,
-            kind=kind[:64],
+            kind=kind,
             event_id=f"{report_id}#{i}",
             effect="optout",
             source=COMPLAINT,
@@ -101,12 +123,12 @@ def parse(data: bytes) -> tuple[Event, ...] | Malformed:
 
 
 def _message_id(msg: Message) -> str:
-    value = " ".join(str(msg.get("Message-ID", "")).split())
+    value = _first(msg, "Message-ID")
     return value if plain_id(value) else ""
 
 
 def _recipients(fields: Message, original: Message | None) -> list[str] | Malformed:
-    given = [str(v) for v in fields.get_all("Original-Rcpt-To", [])]
+    given = _all(fields, "Original-Rcpt-To")
     if len(given) > MAX_RECIPIENTS:
         return Malformed(field="Original-Rcpt-To", detail="Too many Original-Rcpt-To fields")
     if given:
@@ -116,8 +138,8 @@ def _recipients(fields: Message, original: Message | None) -> list[str] | Malfor
                 field="Original-Rcpt-To", detail="An Original-Rcpt-To is not one address"
             )
         return found
-    to = original.get_all("To", []) if original is not None else []
-    single = _one_mailbox(str(to[0])) if len(to) == 1 else ""
+    to = _all(original, "To") if original is not None else []
+    single = _one_mailbox(to[0]) if len(to) == 1 else ""
     if not single:
         return Malformed(
             field="Original-Rcpt-To",

@@ -379,6 +379,7 @@ async def test_no_feedback_canary_reaches_logs_audit_store_metrics_or_replies(
     keep("arf", await asyncio.to_thread(smtplib_send, fb.r, arf_report(CANARY)))
     odd = arf_report(CANARY_IDN, feedback_type=f"abuse {CANARY}", report_id=f"<{CANARY}>")
     keep("arf odd", await asyncio.to_thread(smtplib_send, fb.r, odd))
+    assert replies[-1][1] == b"{}"  # accepted: the IDN recipient read as UTF-8 (RFC 6532)
     keep("arf bad", await asyncio.to_thread(
         smtplib_send, fb.r, arf_report(None, original_to=f"{CANARY}, {CANARY_IDN}")))  # fmt: skip
     keep("twilio", await fb.status("SM" + "8" * 32, "30006", to=CANARY_NUMBER))
