@@ -79,7 +79,7 @@ SENTINEL_REASONS: Final = frozenset({"missing", "mismatch"})
 # Where an audit append failed: the paths that write entries (one short name per module).
 # ("writer" is for the audit writer itself, should it count its own failures.)
 AUDIT_WRITE_SITES: Final = frozenset(
-    {"smtp", "sms", "sms_inbound", "unsubscribe", "admin", "writer"}
+    {"smtp", "sms", "sms_inbound", "unsubscribe", "admin", "feedback", "writer"}
 )
 # The listeners that authenticate: SMTP AUTH, and HTTP Basic or Bearer credentials.
 AUTH_CHANNELS: Final = frozenset({"smtp", "http"})
@@ -211,6 +211,15 @@ SYNC_LAG_SECONDS: Final = Histogram(
     "From a change being written to its acknowledged delivery, per webhook.",
     ["webhook"],
     buckets=SYNC_BUCKETS,
+    registry=REGISTRY,
+)
+FEEDBACK_PROVIDERS: Final = frozenset({"sendgrid", "ses", "arf", "twilio"})
+FEEDBACK_EVENTS: Final = Counter(
+    "optgate_feedback_events",
+    "Provider feedback events (docs/feedback.md), by provider, kind (the provider's word, "
+    "or \"request\" for a refused request) and outcome (optout, undeliverable, duplicate, "
+    "ignored, subscribed, forged, stale, malformed).",
+    ["provider", "kind", "outcome"],
     registry=REGISTRY,
 )
 # The worst effect time per source, mirrored in OPTOUT_EFFECT_WORST. Helpers run on the
@@ -356,6 +365,16 @@ def auth_failure(channel: str) -> None:
     AUTH_FAILURES.labels(channel=_one_of(channel, AUTH_CHANNELS)).inc()
 
 
+def feedback_event(provider: str, kind: str, outcome: str) -> None:
+    """Count one provider feedback event (or one refused feedback request)."""
+    kind = kind.lower()
+    FEEDBACK_EVENTS.labels(
+        provider=_one_of(provider, FEEDBACK_PROVIDERS),
+        kind=kind if kind.isdigit() and len(kind) == 5 else _label(kind),  # Twilio's codes
+        outcome=_label(outcome),
+    ).inc()
+
+
 def exposition() -> bytes:
     """This process's registry, or under ``--workers`` every worker's, in the text format."""
     if MULTIPROC_DIR is None:
@@ -372,6 +391,7 @@ __all__ = [
     "auth_failure",
     "decision",
     "exposition",
+    "feedback_event",
     "fresh_multiprocess_dir",
     "lookup_latency",
     "merged",

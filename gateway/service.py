@@ -31,9 +31,11 @@ from gateway.core.keys import Keyring
 from gateway.core.peers import HTTPS, SMTP, Counts, PerAddress
 from gateway.core.rules import Rules
 from gateway.errors import ConfigError, KeyringError, OptgateError
+from gateway.feedback.apply import Applier
 from gateway.http import admin as admin_routes
 from gateway.http import app as http_app
 from gateway.http import consents as consent_routes
+from gateway.http import feedback as feedback_routes
 from gateway.http import health as health_routes
 from gateway.http import openapi as openapi_routes
 from gateway.http import sms as sms_routes
@@ -84,6 +86,7 @@ class Ports:
 # The route modules mounted on the HTTPS listener, in this order; each has setup(app, deps).
 HTTP_ROUTES: Final = (
     sms_routes,
+    feedback_routes,  # /feedback/sendgrid, /feedback/ses, /sms/status
     unsubscribe_routes,
     health_routes,  # /readyz, /metrics
     admin_routes,  # /v1 admin API
@@ -259,6 +262,10 @@ class Gateway:
             rules=lambda: self.rules,
             refresh_keys=self._token_key_unknown,
         )
+        complaints = Applier(  # ARF reports mailed to complaints@ (docs/feedback.md)
+            store=store, audit=audit, keyring=lambda: self.keyring, settings=cfg.feedback,
+            region=cfg.sms.default_region,
+        )  # fmt: skip
         handler = GatewayHandler(
             flow=flow,
             auth=auth,
@@ -267,6 +274,7 @@ class Gateway:
             ),
             unsubscribe=unsubscribe,
             links=links,
+            complaints=complaints,
         )
         self._limiter = ConnectionLimiter(
             PerAddress(cfg.smtp.max_connections_per_client, counts, SMTP)

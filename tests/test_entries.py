@@ -186,6 +186,14 @@ CASES: list[tuple[e.Entry, dict[str, Any]]] = [
         {"event": "audit_recovered", "failed_at": "2026-12-04T00:00:00.000Z",
          "error": "ENOSPC"},
     ),
+    (  # a provider's hard bounce (docs/feedback.md)
+        e.Feedback(provider="ses", kind="Bounce", source="bounce", channel="email",
+                   recipient=P, event_id="d1", outcome="undeliverable",
+                   until="2027-01-03T00:00:00.000Z"),
+        {"event": "feedback", "provider": "ses", "kind": "Bounce", "source": "bounce",
+         "channel": "email", "recipient": P, "event_id": "d1", "outcome": "undeliverable",
+         "until": "2027-01-03T00:00:00.000Z"},
+    ),
     (
         e.AuditPruned(files=("a.jsonl",), kept_file="b.jsonl", kept_seq=7, retention_days=30),
         {"event": "audit_pruned", "files": ("a.jsonl",), "kept_file": "b.jsonl",

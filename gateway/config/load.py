@@ -36,6 +36,7 @@ from gateway.config.sections import (
     UpstreamSmsConfig,
 )
 from gateway.errors import ConfigError
+from gateway.feedback.settings import FeedbackConfig
 from gateway.outboxes import Retention
 from gateway.sync.settings import SyncSettings
 from gateway.sync.settings import parse as parse_sync
@@ -61,6 +62,7 @@ SECTIONS: dict[str, type] = {
     "admin": AdminConfig,
     "rules": RulesConfig,
     "review": ReviewConfig,
+    "feedback": FeedbackConfig,
 }
 ARRAYS: dict[str, type] = {"senders": Sender, "dkim": DkimKey}
 
@@ -83,6 +85,7 @@ class Config:
     rules: RulesConfig
     log: LogConfig = dataclasses.field(default_factory=LogConfig)
     review: ReviewConfig = dataclasses.field(default_factory=ReviewConfig)
+    feedback: FeedbackConfig = dataclasses.field(default_factory=FeedbackConfig)
     senders: tuple[Sender, ...] = ()
     dkim: tuple[DkimKey, ...] = ()
     sync: SyncSettings = dataclasses.field(default_factory=SyncSettings)
@@ -174,6 +177,7 @@ def build(doc: dict[str, Any], *, path: Path | None, base_dir: Path) -> Config:
     _check_redis(s["redis"], p)
     s["upstream_email"] = _check_upstream_email(s["upstream_email"], p, resolve)
     s["upstream_sms"] = _check_upstream_sms(s["upstream_sms"], p, resolve)
+    _check_feedback(s["feedback"], p)
     senders = _array(doc, "senders", Sender, p, resolve)
     s["senders"] = tuple(_check_senders(senders, p))
     s["dkim"] = tuple(_check_dkim(_array(doc, "dkim", DkimKey, p, resolve), p))
@@ -278,6 +282,26 @@ def _check_upstream_sms(
     if u.inbound_forward_url and urlsplit(u.inbound_forward_url).scheme != "https":
         p.append("[upstream.sms] inbound_forward_url must be https://")
     return u
+
+
+_TOPIC_ARN = re.compile(r"arn:aws[a-z-]*:sns:[a-z0-9-]+:\d{12}:[A-Za-z0-9_-]{1,256}")
+_HOST_LABEL = r"(?:\*|[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)"  # "*" = any one label
+_HOST_PATTERN = re.compile(rf"{_HOST_LABEL}(?:\.{_HOST_LABEL})*")
+
+
+def _check_feedback(f: FeedbackConfig, p: list[str]) -> None:
+    from gateway.feedback.sendgrid import load_public_key
+
+    if f.sendgrid_public_key:
+        try:
+            load_public_key(f.sendgrid_public_key)
+        except ValueError as exc:
+            p.append(f"[feedback] sendgrid_public_key: {exc}")
+    bad = [i for i, arn in enumerate(f.ses_topic_arns) if not _TOPIC_ARN.fullmatch(arn)]
+    if bad:
+        p.append(f"[feedback] ses_topic_arns: entries {bad} are not SNS topic ARNs")
+    if not _HOST_PATTERN.fullmatch(f.ses_cert_host) or f.ses_cert_host.count("*") > 1:
+        p.append("[feedback] ses_cert_host: expected a host name, at most one label being *")
 
 
 def _check_senders(senders: list[Sender], p: list[str]) -> list[Sender]:

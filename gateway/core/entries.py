@@ -172,6 +172,23 @@ class SmsInbound(Entry):
     attempts: int | None = None
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Feedback(Entry):
+    """A provider's report (docs/feedback.md), applied or seen again. An opt-out it causes
+    also has its own ``optout`` entry (the log a lost store is rebuilt from)."""
+
+    EVENT: ClassVar[str] = "feedback"
+    provider: str  # sendgrid, ses, arf, twilio
+    kind: str  # the provider's word: spamreport, Complaint, abuse, 21610, ...
+    source: str  # complaint, provider, bounce
+    channel: str
+    recipient: str  # pseudonym; "" for a subscription confirmation
+    event_id: str  # a keyed digest of the provider's event id, never the id itself
+    outcome: str  # optout, undeliverable, duplicate, subscribed, unsubscribed
+    until: str | None = None  # undeliverable: until when (ISO 8601)
+    topic: str | None = None  # SES: the SNS topic
+
+
 # -- access ----------------------------------------------------------------------------------
 
 

@@ -30,7 +30,7 @@ from gateway.core.consent import ConsentState
 from gateway.core.entries import Decision as DecisionEntry
 from gateway.core.entries import Delivery
 from gateway.core.policy import Decision, Verdict
-from gateway.core.records import State
+from gateway.core.records import Record, State
 from gateway.core.rules import Category, Rules
 
 CHANNEL = "email"
@@ -150,6 +150,24 @@ def bind_from(head: msg.Head, from_domains: tuple[str, ...]) -> Bound | Refusal:
     return Bound(domain=domain)
 
 
+# A provider reported the recipient undeliverable (`gateway.feedback`): not an opt-out, but
+# every opt-outable category is suppressed while the mark lasts. Shared with the SMS path.
+UNDELIVERABLE = Decision(
+    verdict=Verdict.SUPPRESS, rule="feedback.undeliverable", reason="undeliverable"
+)
+
+
+def decide(category: Category, states: Sequence[State]) -> Decision:
+    """`policy.decide` for one recipient, then its undeliverable mark: a recipient the
+    policy would send to (or defer) is suppressed while a key form carries a live mark."""
+    decision = policy.decide(category, states)
+    if decision.verdict is Verdict.SUPPRESS or not category.opt_out:
+        return decision
+    if any(isinstance(s, Record) and s.undeliverable_until for s in states):
+        return UNDELIVERABLE
+    return decision
+
+
 def verdicts(
     category: Category,
     states: Sequence[State],
@@ -167,7 +185,7 @@ def verdicts(
     decisions: list[Decision] = []
     i = 0
     for r, n in enumerate(forms):
-        decided = policy.decide(category, states[i : i + n])
+        decided = decide(category, states[i : i + n])
         if category.consent_required:
             decided = policy.with_consent(
                 category, decided, consents[r] if r < len(consents) else None, now

@@ -21,6 +21,7 @@ Bodies written before it are JSON (``{"a", "c", "t", "s", "d"}``); they still op
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import hmac
@@ -98,6 +99,11 @@ class Record:
     # The canonical address (email) or E.164 number, when the writer knew it; "" otherwise.
     # Only ever in the sealed body; never printed (repr) or logged.
     address: str = field(default="", repr=False)
+    # Read beside the record from its own key, never sealed into it (`store.feedback`):
+    # until when a provider's report (a hard bounce, an unreachable number) makes this
+    # recipient undeliverable, seconds since 1970; 0 = no live report. Not an opt-out:
+    # `core.mail.decide` gives it its own reason.
+    undeliverable_until: float = field(default=0.0, compare=False)
 
     def suppresses(self, category: str) -> bool:
         return self.all or category in self.categories
@@ -205,6 +211,14 @@ class Corrupt:
 
 CORRUPT = Corrupt()
 State = Record | None | Corrupt  # what a lookup yields per pseudonym
+
+
+def with_undeliverable(state: State, until: float) -> State:
+    """`state` carrying a live undeliverable mark (a corrupt record stays corrupt: the
+    recipient is deferred either way)."""
+    if isinstance(state, Corrupt):
+        return state
+    return dataclasses.replace(state or Record(), undeliverable_until=until)
 
 
 # The store's sentinel (docs/guarantees.md §6.5): a record that exists only to prove the store

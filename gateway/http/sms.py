@@ -213,6 +213,8 @@ def _native_result(result: Result) -> web.Response:
         )  # fmt: skip
     if result.kind == "opted-out":
         return _problem(422, "opted-out", "Recipient has opted out", txn=result.txn)
+    if result.kind == "undeliverable":  # a provider reported it unreachable (docs/feedback.md)
+        return _problem(422, "undeliverable", "Recipient is undeliverable", txn=result.txn)
     if result.kind == "category-not-permitted":
         # The sender's grants, not the request's form, refuse it: a permission problem.
         return _problem(

@@ -42,7 +42,7 @@ import structlog
 
 from gateway import metrics
 from gateway.config import Sender
-from gateway.core import categories, entries, grants, policy
+from gateway.core import categories, entries, grants, mail, policy
 from gateway.core.categories import Unchosen, Why
 from gateway.core.consent import ConsentState
 from gateway.core.entries import Delivery, OptOut
@@ -63,9 +63,13 @@ log = structlog.get_logger("optgate.sms")
 CHANNEL = "sms"
 UNSUBSCRIBED = 21610  # Twilio: "Attempt to send to unsubscribed recipient"
 PROVIDER_OPT_OUT_SOURCE = keywords_store.PROVIDER_SOURCE
+# A number under an undeliverable mark: Twilio's "Unreachable destination handset", so an
+# application tells it apart from an opt-out (21610) with the error handling it has.
+UNREACHABLE = Refusal(code=30003, message="The recipient was reported unreachable; not sent.")
 
 RefusedKind = Literal[
     "opted-out",
+    "undeliverable",  # a provider reported the number unreachable (`gateway.feedback`)
     "store-unavailable",  # also a record that does not decrypt: doubt fails closed
     "audit-unavailable",
     "unknown-category",
@@ -178,6 +182,8 @@ class SmsFlow:
         metrics.decision(decision.verdict.value, CHANNEL, category.name)
         if shadowed:
             metrics.shadow_suppression(CHANNEL, category.name)
+        elif decision is mail.UNDELIVERABLE:
+            return Refused(txn=txn, kind="undeliverable", refusal=UNREACHABLE)
         elif decision.verdict is Verdict.SUPPRESS:
             return Refused(txn=txn, kind="opted-out", refusal=message.OPTED_OUT)
         elif decision.verdict is not Verdict.ALLOW:
@@ -205,7 +211,7 @@ class SmsFlow:
             log.warning("store_unavailable", txn=txn, channel=CHANNEL)
             metrics.store_error("lookup")
             return policy.STORE_UNAVAILABLE
-        decided = policy.decide(category, states)
+        decided = mail.decide(category, states)  # opt-outs, then an undeliverable mark
         return policy.with_consent(category, decided, consents[0], time.time())
 
     async def _provide(

@@ -7,6 +7,12 @@ transaction holds unsubscribe recipients only; after DATA it records the opt-out
 (`gateway.unsubscribe`) and is never forwarded. A bad token gets `550 5.1.1` (at RCPT when it
 is in the local part) and nothing is ever sent back (no backscatter). Such a transaction, and
 any transaction begun without a sender, is limited to `UNAUTHENTICATED_MAX_BYTES`.
+
+The complaints mailbox (exactly ``complaints@`` the unsubscribe domain, any case) takes ARF
+reports (RFC 5965) the same way: without AUTH, in a transaction of its own with no other
+recipient, within the same limit; its DATA is parsed (`gateway.feedback.arf`) and applied
+(`gateway.feedback.apply`), never forwarded and never answered by mail. A report that
+cannot be read gets a 550 naming what is wrong, and changes nothing.
 """
 
 from __future__ import annotations
@@ -27,7 +33,17 @@ from gateway.config import Sender
 from gateway.core import tokens
 from gateway.core.addresses import AddressProblem, parse_email
 from gateway.core.entries import AuthFailure
-from gateway.errors import AuditError, BareLineFeed, RecordCorrupt, StoreUnavailable, smtp_reply
+from gateway.errors import (
+    TEMPORARY_FAILURE,
+    AuditError,
+    BareLineFeed,
+    RecordCorrupt,
+    StoreUnavailable,
+    smtp_reply,
+)
+from gateway.feedback import apply as feedback
+from gateway.feedback import arf
+from gateway.feedback.events import Malformed
 from gateway.senders import Authenticator, Busy, Refused, Throttled
 from gateway.smtp.flow import EmailFlow, Submission
 from gateway.smtp.reader import CrlfLineReader
@@ -83,12 +99,14 @@ class GatewayHandler:
         limits: Limits,
         unsubscribe: Unsubscriber | None = None,
         links: tokens.Links | None = None,
+        complaints: feedback.Applier | None = None,
     ) -> None:
         self.flow = flow
         self.auth = auth
         self.limits = limits
         self.unsubscribe = unsubscribe
         self.links = links  # where the unsubscribe mailbox is (its domain)
+        self.complaints = complaints  # applies ARF reports to the complaints mailbox
         self._background: set[asyncio.Task[None]] = set()
 
     def throttled(self, client: str) -> str | None:
@@ -191,6 +209,36 @@ class GatewayHandler:
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 Unsubscribe address ok"
 
+    def _is_complaints(self, address: str) -> bool:
+        if self.complaints is None or self.links is None:
+            return False
+        local, at, domain = address.rpartition("@")
+        return bool(at) and domain.lower() == self.links.domain and local.lower() == arf.MAILBOX
+
+    @staticmethod
+    def _complaint_txn(envelope: GatewayEnvelope) -> bool:
+        """A transaction to the complaints mailbox: it has a recipient, and it is neither
+        a message nor an unsubscribe (each keeps its own list of recipients)."""
+        return bool(envelope.rcpt_tos) and not envelope.optgate_rcpts and not (
+            envelope.optgate_unsubscribe
+        )
+
+    def _complaints_rcpt(
+        self, server: GatewaySMTP, envelope: GatewayEnvelope, address: str
+    ) -> str | None:
+        """The reply to an RCPT of the complaints mailbox; None for any other address."""
+        if not self._is_complaints(address):
+            return None
+        if envelope.optgate_rcpts or envelope.optgate_unsubscribe:
+            return "452 4.5.3 Send complaint reports in a transaction of their own"
+        if envelope.rcpt_tos:
+            return "250 2.1.5 Recipient ok (duplicate ignored)"
+        if _declared_size(envelope.mail_options) > UNAUTHENTICATED_MAX_BYTES:
+            return UNAUTHENTICATED_TOO_BIG
+        _limit_transaction(server, UNAUTHENTICATED_MAX_BYTES)
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 Complaints address ok"
+
     async def handle_EHLO(
         self,
         server: SMTP,
@@ -214,6 +262,11 @@ class GatewayHandler:
         address: str,
         options: list[str],
     ) -> str:
+        complaint = self._complaints_rcpt(server, envelope, address)
+        if complaint is not None:
+            return complaint
+        if self._complaint_txn(envelope):  # nothing joins a report: it is never forwarded
+            return "452 4.5.3 Send complaint reports in a transaction of their own"
         unsubscribe = await self._unsubscribe_rcpt(server, envelope, address)
         if unsubscribe is not None:
             return unsubscribe
@@ -239,6 +292,8 @@ class GatewayHandler:
     ) -> str:
         if envelope.optgate_unsubscribe and self.unsubscribe is not None:
             return await self._unsubscribe_data(self.unsubscribe, envelope)
+        if self.complaints is not None and self._complaint_txn(envelope):
+            return await self._complaint_data(self.complaints, envelope)
         sender = self._sender(server, session)
         if sender is None or envelope.mail_from is None or envelope.original_content is None:
             return "503 5.5.1 No valid transaction"  # unreachable: RCPT required a sender
@@ -265,6 +320,20 @@ class GatewayHandler:
         if result is MailResult.MALFORMED:
             return "554 5.6.0 Malformed message"
         return "550 5.1.1 Unknown unsubscribe address"
+
+    async def _complaint_data(self, complaints: feedback.Applier, envelope: GatewayEnvelope) -> str:
+        """An ARF report: applied, or refused with what is wrong (550), or 451 to retry."""
+        events = arf.parse(envelope.original_content or b"")
+        if isinstance(events, Malformed):
+            metrics.feedback_event(arf.PROVIDER_NAME, "request", "malformed")
+            return f"550 5.6.0 {events.detail}"
+        result = await complaints.apply(events)
+        if isinstance(result, Malformed):
+            metrics.feedback_event(arf.PROVIDER_NAME, "request", "malformed")
+            return f"550 5.1.3 {result.detail}"
+        if isinstance(result, feedback.Busy):
+            return TEMPORARY_FAILURE
+        return "250 2.0.0 Ok: report received"
 
     async def handle_exception(self, error: Exception) -> str:
         """The one place a failure no hook answered becomes its reply (`errors.smtp_reply`).

@@ -49,8 +49,17 @@ from redis.exceptions import NoScriptError, RedisClusterException, RedisError, R
 
 from gateway import keyfile, metrics
 from gateway.core.keys import Keyring
-from gateway.core.records import CORRUPT, Corrupt, Record, State, open_record, open_sentinel
+from gateway.core.records import (
+    CORRUPT,
+    Corrupt,
+    Record,
+    State,
+    open_record,
+    open_sentinel,
+    with_undeliverable,
+)
 from gateway.errors import KeyringError, RecordCorrupt, StoreUnavailable
+from gateway.store import feedback
 from gateway.store.consent import ConsentWrites
 from gateway.store.names import (
     LAYOUT,
@@ -187,6 +196,8 @@ class OptOutStore(RecordWrites, ConsentWrites):
         self._sentinel_logged_at = -SENTINEL_LOG_EVERY_S
         self.keys_file: Path | None = None  # re-read when the sentinel stops matching
         self.quiet = False  # a command line: the error it raises is the message, no log line
+        # What undeliverable marks are compared with (`store.feedback`); tests move it.
+        self.clock: Callable[[], float] = time.time
 
     def set_keyring(self, ring: Keyring) -> None:
         """Use a rotated keyring (SIGHUP): new writes seal under its current record key."""
@@ -349,22 +360,40 @@ class OptOutStore(RecordWrites, ConsentWrites):
         keys = [record_key(channel, p) for p in pseudonyms]
         slots = [*(record_slot(channel, p) for p in pseudonyms), *extra]
         marks = [_delivered_key(digest, p) for p in candidates]
+        unreachable = [feedback.mark_key(channel, p) for p in pseudonyms]  # store.feedback
         if not slots and not marks:
             return [], [], set()
         async with self._guard("lookup", self._timeout_s):
             sentinels = self.sentinel_keys([b for b, _ in slots])
-            values = await self.read_many(slots, [*marks, *sentinels])
+            values = await self.read_many(slots, [*marks, *unreachable, *sentinels])
         await self.check_sentinel(values[len(values) - len(sentinels) :])
         blobs = values[: len(keys)]
         states = [self._open(k, b) for k, b in zip(keys, blobs, strict=True)]
         if any(st is CORRUPT for st in states) and await self.refresh_keys(blobs):
             states = [self._open(k, b) for k, b in zip(keys, blobs, strict=True)]
+        at = len(slots) + len(marks)
+        states = self._with_marks(states, unreachable, values[at : at + len(unreachable)])
         done = {
             p
             for p, v in zip(candidates, values[len(slots) : len(slots) + len(marks)], strict=True)
             if v is not None
         }
         return states, values[len(keys) : len(slots)], done
+
+    def _with_marks(
+        self, states: list[State], keys: Sequence[str], blobs: Sequence[bytes | None]
+    ) -> list[State]:
+        """`states` with each live undeliverable mark (`store.feedback`) attached; a mark
+        that does not open is doubt, and doubt suppresses (as a live mark)."""
+        now = self.clock()
+        out = list(states)
+        for i, (key, blob) in enumerate(zip(keys, blobs, strict=True)):
+            if blob is None:
+                continue
+            until = feedback.open_mark(self._ring, key, blob)
+            if until is None or until > now:
+                out[i] = with_undeliverable(out[i], until or now + feedback.EXPIRY_GRACE_S)
+        return out
 
     def sentinel_keys(self, buckets: Sequence[str]) -> list[str]:
         """The sentinel keys a read of `buckets` must include (none when no sentinel is
