@@ -1,6 +1,32 @@
-"""The multiprocess metric files under ``optgate serve --workers N`` (see `gateway.metrics`
-for how each kind adds up): merging every worker's files for a scrape, a fresh private
-directory per supervisor start, and folding a dead worker's files into the archive."""
+"""The multiprocess metric files under ``optgate serve --workers N``: merging every worker's
+files for a scrape, a fresh private directory per supervisor start, and folding a dead
+worker's files into the archive.
+
+``serve --workers N`` uses prometheus-client's multiprocess mode, so a scrape that reaches
+any worker reports the whole service. The supervisor gives each worker
+``PROMETHEUS_MULTIPROC_DIR`` (a private directory it wipes at start: files left by an
+earlier run would be counted again); the library reads it when it is first imported and
+then keeps every value in a per-process file there, and `gateway.metrics.exposition`
+merges the files on each scrape. How each kind adds up across workers:
+
+- counters and histograms are summed over every file, those of dead workers included. A
+  killed worker's counts stay in the total, and its replacement (a new pid, a new file)
+  counts on from zero, so a total never goes down and nothing is counted twice; only a
+  supervisor restart resets them, as any process restart does. `process_dead` folds a
+  dead worker's files into one ``*_archive.db`` per kind (sums, and the max for the max
+  gauge), under a lock that scrapes share, so the directory does not grow by a file set
+  per restart (a worker that crashes every minute for a month would leave 130,000 files
+  for every scrape to read), and no scrape sees a value twice or not at all;
+- `OPTOUT_EFFECT_WORST` is the ``max`` over workers, dead ones included: the worst time
+  since the service started, which a worker's restart must not hide;
+- `SYNC_BACKLOG` and `SYNC_DEAD_LETTERS` are ``livemostrecent``: every worker reads the
+  same shared stream, so a sum would multiply them by N; the freshest reading of a live
+  worker is the true value (a dead worker's reading is dropped when it is reaped).
+
+No gauge uses the ``all`` mode, whose ``pid`` label would change with every restart. The
+mode's limits apply here: no custom collectors and no ``Info`` (the multiprocess collector
+cannot export them), and a metric appears only once some worker has written a value.
+"""
 
 from __future__ import annotations
 

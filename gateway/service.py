@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,8 @@ from typing import Any, Final
 
 import structlog
 
-from gateway import keyfile, listeners, metrics, rules_files, senders, tls
+from gateway import keyfile, listeners, rules_files, senders, tls
+from gateway.audit import disk
 from gateway.audit.writer import AuditWriter
 from gateway.config import Config
 from gateway.core import tokens
@@ -54,23 +54,6 @@ from gateway.store.redis_store import OptOutStore
 from gateway.unsubscribe import Unsubscriber
 
 log = structlog.get_logger("optgate")
-
-# An audit fsync this slow held every send waiting on the audit log for as long: say so.
-SLOW_FSYNC_S = 1.0
-
-
-def timed_fsync(fd: int) -> None:
-    """`os.fsync` for the audit writer (its thread), timed into
-    ``optgate_audit_fsync_seconds``: each send waits for its decision entry's fsync
-    (docs/guarantees.md §8.3), so a disk's fsync stalls are the floor of the gateway's
-    latency tail."""
-    started = time.monotonic()
-    os.fsync(fd)
-    took = time.monotonic() - started
-    metrics.audit_fsync(took)
-    if took > SLOW_FSYNC_S:
-        log.warning("audit_fsync_slow", ms=round(took * 1000))
-
 
 GRACE_S = 10.0  # how long open sessions may finish after SIGTERM
 KEY_REFRESH_S = 1.0  # at most one key-file re-read per second, whatever the traffic
@@ -215,7 +198,7 @@ class Gateway:
             instance=cfg.gateway.instance,
             stream=self.stream or cfg.gateway.instance,
             keyring=ring,
-            fsync=timed_fsync,
+            fsync=disk.timed_fsync,
             anchor_client=self.store.client,  # the stream's head is anchored in the store
         )
         await self.audit.open()

@@ -332,9 +332,9 @@ async def test_consent_is_read_in_the_messages_one_lookup_command(
         assert code == 250 and "3 of 5" in text, text
     grew = {c: after - before[c] for c, after in counts().items() if after != before[c]}
     # One command per message (the read script); inside it, per message, an HGET for each
-    # recipient's opt-out record and one for its consents, a GET per delivered marker and
-    # one for the sentinel.
-    assert grew == {"evalsha": 3, "hget": 3 * (5 + 5), "get": 3 * (5 + 1)}
+    # recipient's opt-out record and one for its consents, a GET per delivered marker, one
+    # per recipient's undeliverable mark (docs/feedback.md) and one for the sentinel.
+    assert grew == {"evalsha": 3, "hget": 3 * (5 + 5), "get": 3 * (5 + 5 + 1)}
     assert len(r.sink.messages) == 4 * 2
 
 

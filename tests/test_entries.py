@@ -214,6 +214,12 @@ CASES: list[tuple[e.Entry, dict[str, Any]]] = [
         {"event": "consent_revoked", "channel": "sms", "recipient": P, "category": "research",
          "source": "page", "held": True, "via": "page"},
     ),
+    (
+        e.ConsoleAccess(user="ann", action="history", result="ok", role="auditor",
+                        channel="email", recipient=P),
+        {"event": "console_access", "user": "ann", "action": "history", "result": "ok",
+         "role": "auditor", "channel": "email", "recipient": P},
+    ),
 ]  # fmt: skip
 
 

@@ -148,16 +148,16 @@ def test_a_slow_audit_fsync_is_timed_and_logged(
 ) -> None:
     from structlog.testing import capture_logs
 
-    from gateway import service
+    from gateway.audit import disk
 
     count = "optgate_audit_fsync_seconds_count"
     before = metrics.REGISTRY.get_sample_value(count) or 0.0
     fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT, 0o600)
     try:
         with capture_logs() as logs:
-            service.timed_fsync(fd)  # a normal one: counted, not logged
-            monkeypatch.setattr(service, "SLOW_FSYNC_S", 0.0)
-            service.timed_fsync(fd)
+            disk.timed_fsync(fd)  # a normal one: counted, not logged
+            monkeypatch.setattr(disk, "SLOW_FSYNC_S", 0.0)
+            disk.timed_fsync(fd)
     finally:
         os.close(fd)
     assert metrics.REGISTRY.get_sample_value(count) == before + 2

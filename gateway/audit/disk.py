@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Final
 import orjson
 import structlog
 
+from gateway import metrics
 from gateway.audit import files
 from gateway.core import chain as core
 from gateway.core.keys import KeySet
@@ -32,6 +34,23 @@ FILE_MODE: Final = 0o600
 
 FileId = tuple[str, int]  # (day, part)
 Line = tuple[str, bytes]  # (file name, one sealed line)
+
+
+# An audit fsync this slow held every send waiting on the audit log for as long: say so.
+SLOW_FSYNC_S = 1.0
+
+
+def timed_fsync(fd: int) -> None:
+    """`os.fsync` for the audit writer (its thread), timed into
+    ``optgate_audit_fsync_seconds``: each send waits for its decision entry's fsync
+    (docs/guarantees.md §8.3), so a disk's fsync stalls are the floor of the gateway's
+    latency tail."""
+    started = time.monotonic()
+    os.fsync(fd)
+    took = time.monotonic() - started
+    metrics.audit_fsync(took)
+    if took > SLOW_FSYNC_S:
+        log.warning("audit_fsync_slow", ms=round(took * 1000))
 
 
 @dataclass(slots=True)
