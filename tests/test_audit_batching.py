@@ -2,7 +2,7 @@
 
 The writer's thread keeps taking batches while entries keep coming and spaces them at least
 `MIN_BATCH_INTERVAL_S` apart; a caller that finds it idle is written at once. Its sleeps
-are observed through the writer module's `time` (no timing assertions), on real files.
+are observed through the group-commit module's `time` (no timing assertions), on real files.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 import pytest
 
-import gateway.audit.writer as writer_mod
+import gateway.audit.commit as commit_mod
 from gateway.audit.verify import verify_path
 from gateway.audit.writer import AuditWriter
 from gateway.core.keys import Keyring, generate
@@ -42,7 +42,7 @@ def sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
         time.sleep(seconds)
 
     fake = SimpleNamespace(monotonic=time.monotonic, time=time.time, sleep=sleep)
-    monkeypatch.setattr(writer_mod, "time", fake)
+    monkeypatch.setattr(commit_mod, "time", fake)
     return taken
 
 
@@ -78,7 +78,7 @@ async def test_entries_arriving_during_a_write_wait_for_the_interval_then_share_
     # loaded machine that alone can take the whole 1 ms interval, and the batch would then
     # (rightly) not sleep. A longer interval keeps the test about the logic, not the clock.
     interval = 0.01  # three sleeps stay inside one of the thread's turns (FLUSH_TURN_S)
-    monkeypatch.setattr(writer_mod, "MIN_BATCH_INTERVAL_S", interval)
+    monkeypatch.setattr(commit_mod, "MIN_BATCH_INTERVAL_S", interval)
     loop = asyncio.get_running_loop()
     later: list[asyncio.Future[None]] = []
 
