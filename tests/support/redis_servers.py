@@ -23,7 +23,7 @@ from typing import Any
 
 import redis
 
-from gateway.store.embedded import find_server_binary
+from gateway.store.server_process import find_server_binary
 
 START_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 10.0
