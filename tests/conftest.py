@@ -27,6 +27,7 @@ from tests.support.smtp_sink import Sink, TestPki, make_test_pki
 
 if TYPE_CHECKING:
     from tests.support.processes import ServeProcess  # it imports this module
+    from tests.support.redis_servers import Cluster
     from tests.support.sms_provider import SmsGateway
 
 APP_PASSWORD = "app-secret-for-tests"
@@ -266,6 +267,16 @@ async def g(
 
     async with sms_gateway(make_gateway, pki, monkeypatch) as gateway:
         yield gateway
+
+
+@pytest.fixture
+def cluster() -> Iterator[Cluster]:
+    """A 3-master Valkey Cluster on loopback (tests.support.redis_servers), the test skipped
+    if none can start; every node it started is ended when the test is."""
+    from tests.support.redis_servers import running_cluster
+
+    with running_cluster("og-cl-") as c:
+        yield c
 
 
 @pytest.fixture

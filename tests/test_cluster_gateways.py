@@ -3,13 +3,10 @@
 
 from __future__ import annotations
 
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
 import pytest
-import redis
 
 from tests.support.processes import (
     ServeProcess,
@@ -20,22 +17,10 @@ from tests.support.processes import (
     with_upstream,
     write_config,
 )
-from tests.support.redis_servers import Cluster, short_tempdir
+from tests.support.redis_servers import Cluster
 from tests.support.smtp_sink import Sink, TestPki
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def cluster() -> Iterator[Cluster]:
-    c = Cluster(home=short_tempdir("og-gwc-"))
-    try:
-        c.start()
-    except (RuntimeError, OSError, subprocess.SubprocessError, redis.RedisError) as exc:
-        c.stop()
-        pytest.skip(f"could not start a 3-master cluster on loopback: {exc}")
-    yield c
-    c.stop()
 
 
 async def test_three_gateways_on_a_cluster_enforce_one_opt_out(

@@ -35,6 +35,7 @@ from gateway.store.redis_store import CORRUPT, WRITE_BUDGET_S, OptOutStore, reco
 from tests.support.redis_servers import (
     Cluster,
     RedisServer,
+    running_cluster,
     short_tempdir,
     start_standalone,
 )
@@ -472,15 +473,10 @@ async def test_redis_server_from_path(ring: Keyring) -> None:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_root: Path) -> Iterator[Cluster]:
-    c = Cluster(home=tmp_root / "cluster")
-    try:
-        c.start()
-    except (RuntimeError, OSError, subprocess.SubprocessError, redis.RedisError) as exc:
-        c.stop()
-        pytest.skip(f"could not start a 3-master cluster on loopback: {exc}")
-    yield c
-    c.stop()
+def cluster() -> Iterator[Cluster]:
+    """One cluster for the module (its tests use keys of their own)."""
+    with running_cluster("og-st-") as c:
+        yield c
 
 
 def _spread(cluster: Cluster, per_node: int) -> list[str]:

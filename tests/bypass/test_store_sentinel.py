@@ -12,9 +12,8 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import subprocess
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,6 @@ import aiohttp
 import aiosmtplib
 import orjson
 import pytest
-import redis
 import structlog
 from redis.crc import key_slot
 
@@ -513,18 +511,6 @@ async def test_lookup_stays_one_round_trip_with_the_sentinel(
 
 
 # -- Cluster: a sentinel copy in every slot, read on every node a lookup reaches -----------
-
-
-@pytest.fixture
-def cluster() -> Iterator[Cluster]:
-    c = Cluster(home=short_tempdir("og-sc-"))
-    try:
-        c.start()
-    except (RuntimeError, OSError, subprocess.SubprocessError, redis.RedisError) as exc:
-        c.stop()
-        pytest.skip(f"could not start a 3-master cluster on loopback: {exc}")
-    yield c
-    c.stop()
 
 
 async def test_flushing_one_cluster_node_fails_closed_for_its_recipients(

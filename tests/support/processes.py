@@ -6,7 +6,6 @@ import asyncio
 import os
 import re
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -17,15 +16,10 @@ from typing import Any
 import aiosmtplib
 
 from tests.conftest import APP_PASSWORD, message
+from tests.support.ports import free_port
 from tests.support.smtp_sink import Sink, TestPki
 
 START_TIMEOUT_S = 20.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def toml_value(v: Any) -> str:
