@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import ssl
 import time
@@ -27,7 +28,7 @@ from tests.support.smtp_sink import Sink, TestPki, make_test_pki
 
 if TYPE_CHECKING:
     from tests.support.processes import ServeProcess  # it imports this module
-    from tests.support.redis_servers import Cluster
+    from tests.support.redis_servers import Cluster, RedisServer
     from tests.support.sms_provider import SmsGateway
 
 APP_PASSWORD = "app-secret-for-tests"
@@ -267,6 +268,19 @@ async def g(
 
     async with sms_gateway(make_gateway, pki, monkeypatch) as gateway:
         yield gateway
+
+
+@pytest.fixture
+def own_server() -> Iterator[RedisServer]:
+    """A standalone Valkey on loopback (tests.support.redis_servers) that this test may
+    pause, kill and restart; ended, and its folder removed, when the test is."""
+    from tests.support.redis_servers import short_tempdir, start_standalone
+
+    home = short_tempdir()
+    server = start_standalone(home)
+    yield server
+    server.stop()
+    shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture

@@ -50,6 +50,17 @@ def entries_of(path: Path) -> list[dict[str, Any]]:
     return [orjson.loads(line) for line in path.read_bytes().splitlines()]
 
 
+async def open_slow_writer(directory: Path, ring: Keyring) -> AuditWriter:
+    """An open writer whose every fsync takes 2 ms: batches back up under load."""
+
+    def slow_fsync(fd: int) -> None:
+        time.sleep(0.002)
+
+    w = AuditWriter(directory, instance="i1", stream=STREAM, keyring=ring, fsync=slow_fsync)
+    await w.open()
+    return w
+
+
 def entry(n: int) -> Sample:
     return Sample(decision="allow", recipient=f"ps{n:05d}", txn=f"t{n}")
 
@@ -116,11 +127,7 @@ async def test_entries_arriving_during_a_write_wait_for_the_interval_then_share_
 async def test_close_under_load_writes_what_it_acknowledged_and_strands_no_caller(
     tmp_path: Path, ring: Keyring
 ) -> None:
-    def slow_fsync(fd: int) -> None:
-        time.sleep(0.002)
-
-    w = AuditWriter(tmp_path, instance="i1", stream=STREAM, keyring=ring, fsync=slow_fsync)
-    await w.open()
+    w = await open_slow_writer(tmp_path, ring)
     acknowledged = 0
 
     async def sender(n: int) -> None:
@@ -144,11 +151,7 @@ async def test_close_under_load_writes_what_it_acknowledged_and_strands_no_calle
 async def test_prune_gets_the_thread_while_entries_keep_coming(
     tmp_path: Path, ring: Keyring
 ) -> None:
-    def slow_fsync(fd: int) -> None:
-        time.sleep(0.002)
-
-    w = AuditWriter(tmp_path, instance="i1", stream=STREAM, keyring=ring, fsync=slow_fsync)
-    await w.open()
+    w = await open_slow_writer(tmp_path, ring)
     stop = asyncio.Event()
 
     async def sender(n: int) -> None:

@@ -72,16 +72,6 @@ def valkey(tmp_root: Path) -> Iterator[RedisServer]:
 
 
 @pytest.fixture
-def own_server() -> Iterator[RedisServer]:
-    """A server this test may pause, kill and restart."""
-    home = short_tempdir()
-    server = start_standalone(home)
-    yield server
-    server.stop()
-    shutil.rmtree(home, ignore_errors=True)
-
-
-@pytest.fixture
 def ring() -> Keyring:
     return generate()
 
