@@ -10,6 +10,10 @@ of `gateway.http.app`) go through the same renderer; an access line becomes the 
 `http_access` with `method`, `route` (the route template, never the path: paths carry
 unsubscribe tokens and, on admin routes, addresses), `status`, `bytes` and `ms`.
 
+One SMTP transaction or SMS request binds its transaction id once (`transaction()`, through
+structlog's contextvars): every event logged inside it, down to the upstream's, carries
+`txn` without passing it by hand, and nothing logged after it does.
+
 Never a body, password, token or plaintext recipient (STYLE habit 7): tracebacks are plain
 (no local variables, which could hold any of those), and third-party loggers that would
 write addresses or paths are raised above INFO here, in one place.
@@ -17,8 +21,10 @@ write addresses or paths are raised above INFO here, in one place.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import structlog
@@ -124,3 +130,12 @@ def silence_phi_loggers() -> None:
     """For embedding (tests, other hosts) without taking over logging configuration."""
     for name, floor in _PHI_LOGGERS.items():
         logging.getLogger(name).setLevel(floor)
+
+
+@contextlib.contextmanager
+def transaction(txn: str) -> Iterator[None]:
+    """Every structlog event logged inside carries ``txn=<txn>`` (`merge_contextvars`, first
+    in every chain `configure()` builds), in this task and in tasks it starts; the binding is
+    undone on the way out, so the next transaction on the same session starts clean."""
+    with structlog.contextvars.bound_contextvars(txn=txn):
+        yield

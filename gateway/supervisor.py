@@ -26,7 +26,7 @@ Restarts (as systemd's ``Restart=`` with ``StartLimitBurst``, or supervisord's
   row the service ends: one line on stderr, exit code 1, the store stopped. A worker
   SIGKILLed from outside before it was ready did not fail: it is restarted, not counted.
 - Every child is reaped, the embedded server included: the supervisor is its keeper
-  (`store.embedded.Keeper`), restarting it on its own AOF within `TICK_S` of its death
+  (`store.keeper.Keeper`), restarting it on its own AOF within `TICK_S` of its death
   (with back-off if it keeps dying); workers reconnect by themselves and answer ``451``
   meanwhile. A keeper that gives up makes every worker's ``/healthz`` fail.
 
@@ -61,7 +61,7 @@ from gateway.http.health import warn_shadow_mode
 from gateway.service import GRACE_S, open_store
 from gateway.smtp import dkim
 from gateway.spares import Spares
-from gateway.store.embedded import Keeper
+from gateway.store.keeper import Keeper
 
 log = structlog.get_logger("optgate.supervisor")
 

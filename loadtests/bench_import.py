@@ -26,7 +26,6 @@ import asyncio
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -39,6 +38,7 @@ from typing import Any
 import aiohttp
 import orjson
 import redis
+from harness.common import free_port
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
@@ -46,12 +46,6 @@ TARGET_RATE = 20_000  # records/s
 TARGET_BYTES = 150  # Redis bytes/record
 CATEGORIES = ("marketing", "fundraising", "research", "billing")
 TRIM_WAIT_S = 25.0  # the sync worker trims every 10 s
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def write_lines(path: Path, n: int) -> int:

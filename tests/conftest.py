@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import ssl
 import time
@@ -27,6 +28,7 @@ from tests.support.smtp_sink import Sink, TestPki, make_test_pki
 
 if TYPE_CHECKING:
     from tests.support.processes import ServeProcess  # it imports this module
+    from tests.support.redis_servers import Cluster, RedisServer
     from tests.support.sms_provider import SmsGateway
 
 APP_PASSWORD = "app-secret-for-tests"
@@ -266,6 +268,29 @@ async def g(
 
     async with sms_gateway(make_gateway, pki, monkeypatch) as gateway:
         yield gateway
+
+
+@pytest.fixture
+def own_server() -> Iterator[RedisServer]:
+    """A standalone Valkey on loopback (tests.support.redis_servers) that this test may
+    pause, kill and restart; ended, and its folder removed, when the test is."""
+    from tests.support.redis_servers import short_tempdir, start_standalone
+
+    home = short_tempdir()
+    server = start_standalone(home)
+    yield server
+    server.stop()
+    shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture
+def cluster() -> Iterator[Cluster]:
+    """A 3-master Valkey Cluster on loopback (tests.support.redis_servers), the test skipped
+    if none can start; every node it started is ended when the test is."""
+    from tests.support.redis_servers import running_cluster
+
+    with running_cluster("og-cl-") as c:
+        yield c
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 
 The writer's thread keeps taking batches while entries keep coming and spaces them at least
 `MIN_BATCH_INTERVAL_S` apart; a caller that finds it idle is written at once. Its sleeps
-are observed through the writer module's `time` (no timing assertions), on real files.
+are observed through the group-commit module's `time` (no timing assertions), on real files.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 import pytest
 
-import gateway.audit.writer as writer_mod
+import gateway.audit.commit as commit_mod
 from gateway.audit.verify import verify_path
 from gateway.audit.writer import AuditWriter
 from gateway.core.keys import Keyring, generate
@@ -42,12 +42,23 @@ def sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
         time.sleep(seconds)
 
     fake = SimpleNamespace(monotonic=time.monotonic, time=time.time, sleep=sleep)
-    monkeypatch.setattr(writer_mod, "time", fake)
+    monkeypatch.setattr(commit_mod, "time", fake)
     return taken
 
 
 def entries_of(path: Path) -> list[dict[str, Any]]:
     return [orjson.loads(line) for line in path.read_bytes().splitlines()]
+
+
+async def open_slow_writer(directory: Path, ring: Keyring) -> AuditWriter:
+    """An open writer whose every fsync takes 2 ms: batches back up under load."""
+
+    def slow_fsync(fd: int) -> None:
+        time.sleep(0.002)
+
+    w = AuditWriter(directory, instance="i1", stream=STREAM, keyring=ring, fsync=slow_fsync)
+    await w.open()
+    return w
 
 
 def entry(n: int) -> Sample:
@@ -78,7 +89,7 @@ async def test_entries_arriving_during_a_write_wait_for_the_interval_then_share_
     # loaded machine that alone can take the whole 1 ms interval, and the batch would then
     # (rightly) not sleep. A longer interval keeps the test about the logic, not the clock.
     interval = 0.01  # three sleeps stay inside one of the thread's turns (FLUSH_TURN_S)
-    monkeypatch.setattr(writer_mod, "MIN_BATCH_INTERVAL_S", interval)
+    monkeypatch.setattr(commit_mod, "MIN_BATCH_INTERVAL_S", interval)
     loop = asyncio.get_running_loop()
     later: list[asyncio.Future[None]] = []
 
@@ -116,11 +127,7 @@ async def test_entries_arriving_during_a_write_wait_for_the_interval_then_share_
 async def test_close_under_load_writes_what_it_acknowledged_and_strands_no_caller(
     tmp_path: Path, ring: Keyring
 ) -> None:
-    def slow_fsync(fd: int) -> None:
-        time.sleep(0.002)
-
-    w = AuditWriter(tmp_path, instance="i1", stream=STREAM, keyring=ring, fsync=slow_fsync)
-    await w.open()
+    w = await open_slow_writer(tmp_path, ring)
     acknowledged = 0
 
     async def sender(n: int) -> None:
@@ -144,11 +151,7 @@ async def test_close_under_load_writes_what_it_acknowledged_and_strands_no_calle
 async def test_prune_gets_the_thread_while_entries_keep_coming(
     tmp_path: Path, ring: Keyring
 ) -> None:
-    def slow_fsync(fd: int) -> None:
-        time.sleep(0.002)
-
-    w = AuditWriter(tmp_path, instance="i1", stream=STREAM, keyring=ring, fsync=slow_fsync)
-    await w.open()
+    w = await open_slow_writer(tmp_path, ring)
     stop = asyncio.Event()
 
     async def sender(n: int) -> None:

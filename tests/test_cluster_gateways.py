@@ -3,39 +3,25 @@
 
 from __future__ import annotations
 
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
 import pytest
-import redis
 
 from tests.support.processes import (
     ServeProcess,
     base_doc,
     free_port,
+    opt_out,
     optgate,
     send,
     with_upstream,
     write_config,
 )
-from tests.support.redis_servers import Cluster, short_tempdir
+from tests.support.redis_servers import Cluster
 from tests.support.smtp_sink import Sink, TestPki
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def cluster() -> Iterator[Cluster]:
-    c = Cluster(home=short_tempdir("og-gwc-"))
-    try:
-        c.start()
-    except (RuntimeError, OSError, subprocess.SubprocessError, redis.RedisError) as exc:
-        c.stop()
-        pytest.skip(f"could not start a 3-master cluster on loopback: {exc}")
-    yield c
-    c.stop()
 
 
 async def test_three_gateways_on_a_cluster_enforce_one_opt_out(
@@ -58,16 +44,7 @@ async def test_three_gateways_on_a_cluster_enforce_one_opt_out(
         for gw in gateways:
             code, text = await send(pki, gw.port, recipients)
             assert code == 250 and "0 of 12" in text, text
-        out = optgate(
-            "optout",
-            "add",
-            "--channel",
-            "email",
-            "--all",
-            "pat7@example.org",
-            config=gateways[0].config,
-        )
-        assert out.returncode == 0, out.stderr
+        opt_out(gateways[0].config, "pat7@example.org")
         for gw in gateways:
             code, text = await send(pki, gw.port, recipients)
             assert code == 250 and "1 of 12 recipients suppressed" in text, text

@@ -13,14 +13,12 @@ from __future__ import annotations
 import asyncio
 import random
 import re
-import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import aiosmtplib
 import pytest
-import redis
 
 from gateway.core.keys import generate
 from gateway.core.records import pseudonym
@@ -28,7 +26,13 @@ from gateway.errors import StoreUnavailable
 from gateway.store.names import record_slot
 from gateway.store.redis_store import OptOutStore
 from tests.conftest import GatewayFactory, Running, message
-from tests.support.redis_servers import Cluster, RedisServer, short_tempdir, start_standalone
+from tests.support.redis_servers import (
+    Cluster,
+    RedisServer,
+    running_cluster,
+    short_tempdir,
+    start_standalone,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -42,14 +46,9 @@ MID_RE = re.compile(rb"Message-ID: <(fo-\d+)@sender\.example>")
 
 @pytest.fixture
 def cluster() -> Iterator[Cluster]:
-    c = Cluster(home=short_tempdir("og-fo-"), replicas=1, node_timeout_ms=NODE_TIMEOUT_MS)
-    try:
-        c.start()
-    except (RuntimeError, OSError, subprocess.SubprocessError, redis.RedisError) as exc:
-        c.stop()
-        pytest.skip(f"could not start a 3-primary cluster with replicas on loopback: {exc}")
-    yield c
-    c.stop()
+    """One replica per primary, and a short node timeout: a killed primary is failed over."""
+    with running_cluster("og-fo-", replicas=1, node_timeout_ms=NODE_TIMEOUT_MS) as c:
+        yield c
 
 
 @dataclass
@@ -142,9 +141,7 @@ async def test_a_killed_primary_loses_no_acknowledged_opt_out_and_leaks_no_send(
     assert promoted, "the replica was not promoted"
     await asyncio.sleep(LOAD_AFTER_FAILOVER_S)  # the gateway follows: lookups answer again
     # The old primary comes back as the new one's replica: writes there are confirmed again.
-    back = RedisServer(home=victim.home, port=victim.port, args=victim.args)
-    cluster.nodes[cluster.nodes.index(victim)] = back
-    back.start()
+    cluster.restart_node(victim)
     assert await wait_for(lambda: Cluster.online_replicas(replica) >= 1, 20)
     await asyncio.sleep(1.0)
     stop.set()

@@ -30,16 +30,13 @@ import pytest
 
 from tests.support.processes import (
     ServeProcess,
-    base_doc,
     children,
-    free_port,
     https_get,
-    optgate,
+    opt_out,
     send,
+    serve_gateway,
     store_pid,
-    with_upstream,
     worker_pids,
-    write_config,
 )
 from tests.support.smtp_sink import Sink, TestPki
 
@@ -50,32 +47,8 @@ OPTED_OUT = "gone@example.org"
 MID_RE = re.compile(rb"<f-\d+-\d+@sender\.example>")
 
 
-async def start(
-    tmp_path: Path,
-    pki: TestPki,
-    sink: Sink | None,
-    served: list[ServeProcess],
-    *,
-    workers: int = 2,
-) -> tuple[ServeProcess, dict[str, Any]]:
-    port = free_port()
-    doc = base_doc(tmp_path, pki, sink, "gw-f", port)  # type: ignore[arg-type]
-    if sink is not None:
-        doc = with_upstream(doc, sink, pki)
-    cfg = write_config(tmp_path / "gw.toml", doc)
-    gw = ServeProcess(cfg, port, tmp_path / "gw.log", workers=workers)
-    served.append(gw)
-    await gw.wait_ready()
-    return gw, doc
-
-
 def http_port(doc: dict[str, Any]) -> int:
     return int(doc["http"]["listen"].rpartition(":")[2])
-
-
-def opt_out(cfg: Path, address: str) -> None:
-    out = optgate("optout", "add", "--channel", "email", "--all", address, config=cfg)
-    assert out.returncode == 0, out.stderr
 
 
 async def wait_for(cond: Any, timeout: float, step: float = 0.1) -> bool:
@@ -94,7 +67,7 @@ def no_zombies(serve_pid: int) -> bool:
 async def test_a_worker_killed_ten_times_in_a_row_is_replaced_and_loses_nothing(
     tmp_path: Path, pki: TestPki, sink: Sink, served: list[ServeProcess]
 ) -> None:
-    gw, _ = await start(tmp_path, pki, sink, served)
+    gw, _ = await serve_gateway(tmp_path, pki, sink, served, workers=2)
     opt_out(gw.config, OPTED_OUT)
     acked: list[str] = []
     stop = asyncio.Event()
@@ -141,7 +114,7 @@ async def test_a_worker_that_cannot_start_ends_serve_with_one_line_and_exit_1(
     """The supervisor checked the config at start; an edit made since breaks every restart
     of a worker: after five failed starts in a row `serve` stops, saying why, and stops
     the embedded store with it (no server left running on the data dir)."""
-    gw, _ = await start(tmp_path, pki, sink, served)
+    gw, _ = await serve_gateway(tmp_path, pki, sink, served, workers=2)
     data_dir = tmp_path / "var"
     server = store_pid(data_dir)
     assert server is not None
@@ -159,7 +132,7 @@ async def test_a_worker_that_cannot_start_ends_serve_with_one_line_and_exit_1(
 async def test_the_embedded_store_killed_three_times_is_back_within_two_seconds(
     tmp_path: Path, pki: TestPki, sink: Sink, served: list[ServeProcess]
 ) -> None:
-    gw, _ = await start(tmp_path, pki, sink, served)
+    gw, _ = await serve_gateway(tmp_path, pki, sink, served, workers=2)
     data_dir = tmp_path / "var"
     opt_out(gw.config, OPTED_OUT)  # acknowledged before every kill below
     codes: list[int] = []
@@ -194,7 +167,7 @@ async def test_healthz_fails_once_the_store_cannot_be_restarted(
 ) -> None:
     """A store the supervisor restarts is no reason to restart the process (200 while it
     does); one it gave up on is (503), and /readyz says 503 as well."""
-    gw, doc = await start(tmp_path, pki, sink, served)
+    gw, doc = await serve_gateway(tmp_path, pki, sink, served, workers=2)
     port, ca = http_port(doc), pki.ca_pem
     data_dir = tmp_path / "var"
     assert await https_get(port, "/healthz", ca) == 200
@@ -234,7 +207,7 @@ async def test_outbox_litter_from_cut_writes_is_removed_at_start(
         path.write_bytes(b"x")
         if path.name != ".young.eml.tmp":
             os.utime(path, (old, old))
-    gw, _ = await start(tmp_path, pki, None, served, workers=1)
+    gw, _ = await serve_gateway(tmp_path, pki, None, served)
     code, _ = await send(pki, gw.port, ["new@example.org"], message_id="<f-1-1@sender.example>")
     assert code == 250
     assert not any(p.exists() for p in litter)

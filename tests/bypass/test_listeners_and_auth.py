@@ -37,8 +37,10 @@ from tests.support.processes import (
     ServeProcess,
     base_doc,
     free_port,
+    opt_out,
     optgate,
     send,
+    serve_gateway,
     with_upstream,
     write_config,
 )
@@ -55,28 +57,6 @@ def password_hash() -> str:
     if not _HASH:
         _HASH.append(hash_password(HASHED_PASSWORD))  # ~0.1 s: once per run
     return _HASH[0]
-
-
-async def serve(
-    tmp_path: Path,
-    pki: TestPki,
-    sink: Sink,
-    served: list[ServeProcess],
-    *,
-    workers: int = 2,
-    smtp: dict[str, Any] | None = None,
-    http: dict[str, Any] | None = None,
-) -> tuple[ServeProcess, dict[str, Any]]:
-    port = free_port()
-    doc = with_upstream(base_doc(tmp_path, pki, sink, "gw-one", port), sink, pki)
-    doc["smtp"].update(smtp or {})
-    doc["http"].update(http or {})
-    gw = ServeProcess(
-        write_config(tmp_path / "one.toml", doc), port, tmp_path / "one.log", workers=workers
-    )
-    served.append(gw)
-    await gw.wait_ready()  # every worker serves
-    return gw, doc
 
 
 def audit_entries(data_dir: Path) -> list[dict[str, Any]]:
@@ -113,9 +93,8 @@ async def test_a_second_gateway_on_a_taken_address_exits_2_and_takes_no_traffic(
     taken: str,
     workers: int,
 ) -> None:
-    first, doc = await serve(tmp_path, pki, sink, served)
-    optout = ["optout", "add", "--channel", "email", "--all", "pat@example.org"]
-    assert optgate(*optout, config=first.config).returncode == 0
+    first, doc = await serve_gateway(tmp_path, pki, sink, served, workers=2)
+    opt_out(first.config, "pat@example.org")
     second_dir = tmp_path / "second"
     other = with_upstream(base_doc(second_dir, pki, sink, "gw-two", free_port()), sink, pki)
     other["smtp"]["listen"] = doc["smtp"]["listen"] if taken == "smtp" else other["smtp"]["listen"]
@@ -162,11 +141,12 @@ async def _https_status(port: int, ctx: ssl.SSLContext) -> tuple[bytes, asyncio.
 async def test_a_client_holds_no_more_than_the_cap_whatever_worker_accepts(
     tmp_path: Path, pki: TestPki, sink: Sink, served: list[ServeProcess], listener: str
 ) -> None:
-    _, doc = await serve(
+    _, doc = await serve_gateway(
         tmp_path,
         pki,
         sink,
         served,
+        workers=2,
         smtp={"max_connections_per_client": 3},
         http={"max_connections_per_client": 3},
     )
@@ -412,7 +392,7 @@ async def test_failed_logins_split_between_two_workers_and_channels_are_throttle
 ) -> None:
     """Five failures from one address, some on SMTP and some on HTTPS, landing on both
     workers of `serve --workers 2`: the sixth attempt is refused on either channel."""
-    gw, doc = await serve(tmp_path, pki, sink, served)
+    gw, doc = await serve_gateway(tmp_path, pki, sink, served, workers=2)
     ctx = ssl.create_default_context(cafile=str(pki.ca_pem))
     smtp_port, http_port = gw.port, port_of(doc["http"]["listen"])
     audit_dir = tmp_path / "var"
@@ -472,7 +452,9 @@ async def test_a_killed_worker_leaves_no_connection_counts_behind(
 ) -> None:
     """Connections held through a worker that is SIGKILLed die with it; its replacement
     starts from a cleared column, so the address is not refused forever after."""
-    gw, _ = await serve(tmp_path, pki, sink, served, smtp={"max_connections_per_client": 3})
+    gw, _ = await serve_gateway(
+        tmp_path, pki, sink, served, workers=2, smtp={"max_connections_per_client": 3}
+    )
     held = [await _smtp_greeting(gw.port) for _ in range(3)]
     assert all(line.startswith(b"220 ") for line, _ in held)
     line, writer = await _smtp_greeting(gw.port)

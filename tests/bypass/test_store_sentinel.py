@@ -12,9 +12,8 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import subprocess
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,6 @@ import aiohttp
 import aiosmtplib
 import orjson
 import pytest
-import redis
 import structlog
 from redis.crc import key_slot
 
@@ -40,8 +38,8 @@ from gateway.store import sentinel
 from gateway.store.names import SENTINEL_KEY, record_key, record_slot
 from gateway.store.redis_store import SENTINEL_REREAD_S, OptOutStore
 from tests.conftest import GatewayFactory, Running
-from tests.support import processes
-from tests.support.redis_servers import Cluster, RedisServer, short_tempdir, start_standalone
+from tests.support.cli import optgate
+from tests.support.redis_servers import Cluster, RedisServer, short_tempdir
 from tests.support.sms_provider import SmsGateway
 
 OPTED_OUT = "pat@example.org"
@@ -69,22 +67,6 @@ async def flushall(r: Running) -> None:
 def decisions_for(r: Running, address: str) -> list[str]:
     p = pseud(r, address)
     return [d["decision"] for d in r.decisions() if d["recipient"] == p]
-
-
-def cli_config(r: Running) -> Path:
-    """A config file for `optgate` processes that reach this gateway's store and keys."""
-    doc: dict[str, Any] = {
-        "gateway": {"instance": r.cfg.gateway.instance, "data_dir": str(r.cfg.gateway.data_dir)},
-        "keys": {"file": str(r.cfg.keys.file)},
-        "audit": {"dir": str(r.cfg.audit.dir)},
-    }
-    if r.cfg.redis.url:
-        doc["redis"] = {"url": r.cfg.redis.url}
-    return processes.write_config(r.tmp_path / "cli.toml", doc)
-
-
-async def optgate(r: Running, *args: str) -> Any:
-    return await asyncio.to_thread(processes.optgate, *args, config=cli_config(r))
 
 
 async def readyz(r: Running) -> int:
@@ -206,24 +188,15 @@ async def test_forged_sentinel_value_fails_closed(gateway: Running, kind: str) -
     assert await readyz(gateway) == 503
 
 
-@pytest.fixture
-async def external() -> AsyncIterator[RedisServer]:
-    home = short_tempdir()
-    server = start_standalone(home)
-    yield server
-    server.stop()
-    shutil.rmtree(home, ignore_errors=True)
-
-
 async def test_a_different_store_behind_the_same_url_fails_closed(
-    make_gateway: GatewayFactory, external: RedisServer, tmp_path: Path
+    make_gateway: GatewayFactory, own_server: RedisServer, tmp_path: Path
 ) -> None:
-    r: Running = await make_gateway(redis={"url": external.url, "timeout_ms": 250})
+    r: Running = await make_gateway(redis={"url": own_server.url, "timeout_ms": 250})
     await opt_out(r)
     # Another Valkey takes the same address, set up by another deployment with its own
     # key file (so it holds a valid sentinel, just not ours).
-    external.stop()
-    other = RedisServer(home=short_tempdir(), port=external.port, args=["--appendonly", "yes"])
+    own_server.stop()
+    other = RedisServer(home=short_tempdir(), port=own_server.port, args=["--appendonly", "yes"])
     other.start()
     try:
         other_keys = tmp_path / "other-keys.json"
@@ -486,9 +459,9 @@ async def test_admin_optin_is_503_and_changes_nothing_when_the_audit_log_fails(
 
 
 async def test_lookup_stays_one_round_trip_with_the_sentinel(
-    make_gateway: GatewayFactory, external: RedisServer
+    make_gateway: GatewayFactory, own_server: RedisServer
 ) -> None:
-    r: Running = await make_gateway(redis={"url": external.url, "timeout_ms": 250})
+    r: Running = await make_gateway(redis={"url": own_server.url, "timeout_ms": 250})
     await opt_out(r)
     rcpts = [OPTED_OUT, OTHER, "a@example.org", "b@example.org", "c@example.org"]
     code, _ = await r.send(rcpts, category="marketing")  # warm: the script is cached
@@ -496,7 +469,7 @@ async def test_lookup_stays_one_round_trip_with_the_sentinel(
     reads = ("evalsha", "eval", "get", "hget", "mget", "hmget", "exists")
 
     def counts() -> dict[str, int]:
-        stats = external.info("commandstats")
+        stats = own_server.info("commandstats")
         return {c: int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in reads}
 
     before = counts()
@@ -513,18 +486,6 @@ async def test_lookup_stays_one_round_trip_with_the_sentinel(
 
 
 # -- Cluster: a sentinel copy in every slot, read on every node a lookup reaches -----------
-
-
-@pytest.fixture
-def cluster() -> Iterator[Cluster]:
-    c = Cluster(home=short_tempdir("og-sc-"))
-    try:
-        c.start()
-    except (RuntimeError, OSError, subprocess.SubprocessError, redis.RedisError) as exc:
-        c.stop()
-        pytest.skip(f"could not start a 3-master cluster on loopback: {exc}")
-    yield c
-    c.stop()
 
 
 async def test_flushing_one_cluster_node_fails_closed_for_its_recipients(

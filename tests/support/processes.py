@@ -6,7 +6,6 @@ import asyncio
 import os
 import re
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -17,15 +16,10 @@ from typing import Any
 import aiosmtplib
 
 from tests.conftest import APP_PASSWORD, message
+from tests.support.ports import free_port
 from tests.support.smtp_sink import Sink, TestPki
 
 START_TIMEOUT_S = 20.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def toml_value(v: Any) -> str:
@@ -146,6 +140,40 @@ def with_upstream(doc: dict[str, Any], sink: Sink, pki: TestPki) -> dict[str, An
     del doc["upstream"]
     doc["upstream.email"] = {"url": f"smtp://127.0.0.1:{sink.port}", "ca_file": str(pki.ca_pem)}
     return doc
+
+
+def opt_out(config: Path, address: str) -> None:
+    """`optgate optout add --channel email --all ADDRESS`, which must succeed."""
+    out = optgate("optout", "add", "--channel", "email", "--all", address, config=config)
+    assert out.returncode == 0, out.stderr
+
+
+async def serve_gateway(
+    tmp_path: Path,
+    pki: TestPki,
+    sink: Sink | None,
+    served: list[ServeProcess],
+    *,
+    workers: int = 1,
+    instance: str = "gw",
+    **sections: dict[str, Any],
+) -> tuple[ServeProcess, dict[str, Any]]:
+    """`optgate serve --workers N` on a free port, relaying to `sink` (no upstream when it
+    is None), each of `sections` merged into its config section of that name; config and
+    log are ``gw.toml`` and ``gw.log`` in `tmp_path`. It joins `served` (the conftest
+    fixture that stops it) and every worker serves when this returns (with its config)."""
+    port = free_port()
+    doc = base_doc(tmp_path, pki, sink, instance, port)  # type: ignore[arg-type]
+    if sink is not None:
+        doc = with_upstream(doc, sink, pki)
+    for name, values in sections.items():
+        doc.setdefault(name, {}).update(values)
+    gw = ServeProcess(
+        write_config(tmp_path / "gw.toml", doc), port, tmp_path / "gw.log", workers=workers
+    )
+    served.append(gw)
+    await gw.wait_ready()
+    return gw, doc
 
 
 async def send(

@@ -2,8 +2,11 @@
 if asked), loopback only.
 
 Every process is started here with ``start_new_session`` and tracked by pid; ``stop()``,
-``kill()`` and an atexit hook end only those pids. ``pause()``/``resume()`` are SIGSTOP
-and SIGCONT (a slow store), ``kill()`` is SIGKILL (a store down or restarted).
+``kill()`` and an atexit hook end only those pids, and where setpriv(1) is available the
+kernel ends them with the test process too (a run killed by a timeout runs no atexit
+hook). ``pause()``/``resume()`` are SIGSTOP and SIGCONT (a slow store), ``kill()`` is
+SIGKILL (a store down or restarted). `running_cluster()` is the one way tests get a
+Cluster: started, or the test skipped, and every node it ever started ended after.
 """
 
 from __future__ import annotations
@@ -13,35 +16,45 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis
 
-from gateway.store.embedded import find_server_binary
+from gateway.store.server_process import find_server_binary
+from tests.support.ports import free_port
 
 START_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 10.0
 CLUSTER_TIMEOUT_S = 20.0
 
 _STARTED: dict[int, subprocess.Popen[bytes]] = {}
+# setpriv --pdeathsig: the server gets SIGKILL when the thread that started it (the test
+# process's) dies, however it dies; the setting survives the exec into the server.
+_SETPRIV = shutil.which("setpriv")
+
+
+def _end(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL `proc` (by its pid) if it still runs, reap it, and stop tracking it."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGCONT)
+            os.kill(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=STOP_TIMEOUT_S)
+    _STARTED.pop(proc.pid, None)
 
 
 @atexit.register
 def _kill_leftovers() -> None:
-    for pid, proc in list(_STARTED.items()):
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGCONT)
-                os.kill(pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=STOP_TIMEOUT_S)
-        _STARTED.pop(pid, None)
+    for proc in list(_STARTED.values()):
+        _end(proc)
 
 
 def cli_binary() -> str | None:
@@ -50,12 +63,6 @@ def cli_binary() -> str | None:
     if beside.exists():
         return str(beside)
     return shutil.which("valkey-cli") or shutil.which("redis-cli")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def short_tempdir(prefix: str = "og-") -> Path:
@@ -95,6 +102,8 @@ class RedisServer:
             "--logfile", str(self.home / "server.log"),
             *self.args,
         ]  # fmt: skip
+        if _SETPRIV is not None:
+            argv = [_SETPRIV, "--pdeathsig", "KILL", "--", *argv]
         self.proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, start_new_session=True, close_fds=True
         )
@@ -198,6 +207,8 @@ class Cluster:
     # Longer than any pause a test makes, so a paused node is not failed; a failover test
     # sets it low, so that a killed primary's replica is promoted within about that time.
     node_timeout_ms: int = 5000
+    # Every node process this cluster started, replaced nodes' too: `stop()` ends them all.
+    started: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -221,7 +232,7 @@ class Cluster:
                 ],
             )  # fmt: skip
             self.nodes.append(node)
-            node.start()
+            self._start(node)
         create = [cli, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes)]
         result = subprocess.run(
             [*create, "--cluster-replicas", str(self.replicas), "--cluster-yes"],
@@ -237,6 +248,21 @@ class Cluster:
                 return self
             time.sleep(0.05)
         raise RuntimeError("the cluster did not reach cluster_state:ok")
+
+    def _start(self, node: RedisServer) -> None:
+        try:
+            node.start()
+        finally:
+            if node.proc is not None:
+                self.started.append(node.proc)
+
+    def restart_node(self, node: RedisServer) -> RedisServer:
+        """A new process for a killed `node` (same home, port and arguments) in its place:
+        it rejoins the cluster from its nodes.conf."""
+        back = RedisServer(home=node.home, port=node.port, args=node.args)
+        self.nodes[self.nodes.index(node)] = back
+        self._start(back)
+        return back
 
     def _ready(self, node: RedisServer) -> bool:
         with node.client() as c:
@@ -313,5 +339,31 @@ class Cluster:
         raise LookupError(slot)
 
     def stop(self) -> None:
-        for node in self.nodes:
-            node.stop()
+        """Stop every node cleanly, then SIGKILL by pid whatever this cluster started that
+        still runs (a node whose stop failed, or one a test replaced without stopping)."""
+        try:
+            for node in self.nodes:
+                with contextlib.suppress(OSError, subprocess.SubprocessError):
+                    node.stop()
+        finally:
+            for proc in self.started:
+                _end(proc)
+
+
+@contextlib.contextmanager
+def running_cluster(
+    prefix: str, *, replicas: int = 0, node_timeout_ms: int = 5000
+) -> Iterator[Cluster]:
+    """A started Cluster in a short temp dir named `prefix`, the test skipped if loopback
+    cannot host one; afterwards every node it started is ended and its dir removed."""
+    c = Cluster(home=short_tempdir(prefix), replicas=replicas, node_timeout_ms=node_timeout_ms)
+    try:
+        try:
+            c.start()
+        except (RuntimeError, OSError, subprocess.SubprocessError, redis.RedisError) as exc:
+            shape = f"with {replicas} replica(s) per primary " if replicas else ""
+            pytest.skip(f"could not start a 3-master cluster {shape}on loopback: {exc}")
+        yield c
+    finally:
+        c.stop()
+        shutil.rmtree(c.home, ignore_errors=True)
