@@ -92,8 +92,16 @@ class Spares:
         self.leaving.append((time.monotonic(), spare.proc))
 
     def drop_waiting(self) -> None:
-        self.drop(self.waiting)
+        """At stop: end the waiting spare at once. It serves nothing yet, but it holds the
+        inherited listening sockets, and a spare still importing would notice its closed
+        pipe only after its imports: meanwhile the kernel would queue new connections for
+        nobody instead of refusing them."""
+        spare = self.waiting
+        self.drop(spare)
         self.waiting = None
+        if spare is not None:
+            with contextlib.suppress(ProcessLookupError):
+                spare.proc.kill()
 
     def reap(self, *, wait: bool = False) -> None:
         """Reap spares let go (killed if one has not left in `SPARE_EXIT_S`)."""
