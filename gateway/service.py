@@ -274,7 +274,7 @@ class Gateway:
         if self.audit is None or self.store is None:
             return
         self.audit.max_file_bytes = self.cfg.audit.max_file_bytes
-        self.store.stream_addresses = any(h.include_address for h in self.cfg.sync.webhooks)
+        self.store.writes.stream_addresses = any(h.include_address for h in self.cfg.sync.webhooks)
         retention = RetentionTask(
             self.audit, retention_days=self.cfg.audit.retention_days, keyring=lambda: self.keyring
         )

@@ -256,9 +256,9 @@ async def test_an_opt_out_its_only_replica_cannot_confirm_is_refused_not_acknowl
         assert store.min_replicas == 1
         first, second, third = (f"{n:032x}" for n in range(3))
         await store.opt_out("email", first, all=True, source="t", now=time.time())
-        store._waitaof = False  # as a server without WAITAOF (Redis < 7.2): WAIT 1
+        store.durable.waitaof = False  # as a server without WAITAOF (Redis < 7.2): WAIT 1
         await store.opt_out("email", second, all=True, source="t", now=time.time())
-        store._waitaof = None
+        store.durable.waitaof = None
         with replica.client() as r:
             assert r.dbsize() == primary.admin.dbsize()  # both writes are on the replica
         replica.kill()

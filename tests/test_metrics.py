@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -15,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import metrics
 from tests.conftest import GatewayFactory, Running
-from tests.support.redis_servers import RedisServer, short_tempdir, start_standalone
+from tests.support.redis_servers import RedisServer
 
 CANARIES = ("canary.patient@example.org", "+15559870000", "15559870000", "tok_QmFzZTY0VG9rZW4")
 
@@ -88,21 +86,12 @@ async def test_no_phi_in_metrics_after_traffic(gateway: Running) -> None:
         assert canary not in body
 
 
-@pytest.fixture
-def server() -> Iterator[RedisServer]:
-    home = short_tempdir()
-    srv = start_standalone(home)
-    yield srv
-    srv.stop()
-    shutil.rmtree(home, ignore_errors=True)
-
-
 async def test_readyz_is_503_when_the_store_or_upstream_is_down(
-    make_gateway: GatewayFactory, server: RedisServer, tmp_path: Path
+    make_gateway: GatewayFactory, own_server: RedisServer, tmp_path: Path
 ) -> None:
-    running = await make_gateway(redis={"url": server.url, "timeout_ms": 200})
+    running = await make_gateway(redis={"url": own_server.url, "timeout_ms": 200})
     assert (await get(running, "/readyz"))[0] == 200
-    server.pause()
+    own_server.pause()
     try:
         await asyncio.sleep(1.1)  # past the readiness cache
         status, body, headers = await get(running, "/readyz")
@@ -110,7 +99,7 @@ async def test_readyz_is_503_when_the_store_or_upstream_is_down(
         checks = orjson.loads(body)["checks"]
         assert checks["store"] == "unavailable" and checks["audit"] == "ok"
     finally:
-        server.resume()
+        own_server.resume()
     await asyncio.sleep(1.1)
     assert (await get(running, "/readyz"))[0] == 200
     await running.sink.stop()

@@ -27,15 +27,7 @@ import redis
 
 from tests.conftest import APP_PASSWORD
 from tests.support import phi
-from tests.support.processes import (
-    ServeProcess,
-    base_doc,
-    free_port,
-    optgate,
-    send,
-    with_upstream,
-    write_config,
-)
+from tests.support.processes import ServeProcess, optgate, send, serve_gateway, write_config
 from tests.support.raw_smtp import RawSMTP
 from tests.support.smtp_sink import Sink, TestPki
 
@@ -47,13 +39,7 @@ async def two_gateways(
     tmp_path: Path, pki: TestPki, sink: Sink, served: list[ServeProcess]
 ) -> AsyncIterator[list[ServeProcess]]:
     for name in ("gw-a", "gw-b"):
-        port = free_port()
-        cfg = write_config(
-            tmp_path / f"{name}.toml",
-            with_upstream(base_doc(tmp_path, pki, sink, name, port), sink, pki),
-        )
-        served.append(ServeProcess(cfg, port, tmp_path / f"{name}.log"))
-        await served[-1].wait_ready()
+        await serve_gateway(tmp_path, pki, sink, served, instance=name)
     yield served
 
 
@@ -178,13 +164,10 @@ async def test_sighup_reload_keeps_old_rules_on_error(
     shipped = Path(__file__).resolve().parent.parent / "rules"
     for f in shipped.glob("*.toml"):
         (rules_dir / f.name).write_bytes(f.read_bytes())
-    port = free_port()
-    doc = with_upstream(base_doc(tmp_path, pki, sink, "gw-r", port), sink, pki)
-    doc["rules"] = {"dir": str(rules_dir)}
-    cfg = write_config(tmp_path / "gw.toml", doc)
-    gw = ServeProcess(cfg, port, tmp_path / "gw.log", workers=workers)
-    served.append(gw)
-    await gw.wait_ready()
+    gw, _ = await serve_gateway(
+        tmp_path, pki, sink, served, workers=workers, instance="gw-r", rules={"dir": str(rules_dir)}
+    )
+    port = gw.port
     if workers > 1:
         await asyncio.sleep(1.0)  # every worker up before the signals
     extra = (
@@ -250,16 +233,9 @@ async def serve_two_workers(
     tmp_path: Path, pki: TestPki, sink: Sink, served: list[ServeProcess], instance: str
 ) -> tuple[ServeProcess, int]:
     """`optgate serve --workers 2` relaying to `sink`, both workers listening; its port."""
-    port = free_port()
-    cfg = write_config(
-        tmp_path / "gw.toml",
-        with_upstream(base_doc(tmp_path, pki, sink, instance, port), sink, pki),
-    )
-    gw = ServeProcess(cfg, port, tmp_path / "gw.log", workers=2)
-    served.append(gw)
-    await gw.wait_ready()
+    gw, _ = await serve_gateway(tmp_path, pki, sink, served, workers=2, instance=instance)
     await asyncio.sleep(1.0)  # let the second worker bind too
-    return gw, port
+    return gw, gw.port
 
 
 def worker_pids(gw: ServeProcess) -> list[int]:
@@ -303,13 +279,8 @@ async def test_sigterm_lets_a_transaction_in_flight_finish(
     """SIGTERM stops accepting, lets a transaction in flight get its 250 after the
     upstream accepted it, sends 421 4.3.2 at once to a session between transactions, and
     exits 0. (Before: every open connection was dropped without a reply.)"""
-    port = free_port()
-    cfg = write_config(
-        tmp_path / "gw.toml", with_upstream(base_doc(tmp_path, pki, sink, "gw-t", port), sink, pki)
-    )
-    gw = ServeProcess(cfg, port, tmp_path / "gw.log", workers=workers)
-    served.append(gw)
-    await gw.wait_ready()
+    gw, _ = await serve_gateway(tmp_path, pki, sink, served, workers=workers, instance="gw-t")
+    port = gw.port
     if workers > 1:
         await asyncio.sleep(1.0)  # let the second worker bind too
     ctx = ssl.create_default_context(cafile=str(pki.ca_pem))
@@ -350,12 +321,10 @@ async def test_a_client_that_connects_and_leaves_frees_its_slot_at_once(
     """Under serve's loop, a TCP health check (connect, close, nothing said) left a
     half-open connection holding a per-client slot and a descriptor until the idle timeout
     (aiosmtpd keeps the connection on EOF; its session task was cancelled before it ran)."""
-    port = free_port()
-    doc = with_upstream(base_doc(tmp_path, pki, sink, "gw-p", port), sink, pki)
-    doc["smtp"]["max_connections_per_client"] = 2
-    gw = ServeProcess(write_config(tmp_path / "gw.toml", doc), port, tmp_path / "gw.log")
-    served.append(gw)
-    await gw.wait_ready()  # itself such a probe
+    gw, _ = await serve_gateway(  # its readiness wait is itself such a probe
+        tmp_path, pki, sink, served, instance="gw-p", smtp={"max_connections_per_client": 2}
+    )
+    port = gw.port
     for _ in range(5):
         _, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.close()
@@ -374,13 +343,8 @@ async def test_a_client_that_connects_and_leaves_frees_its_slot_at_once(
 async def test_keys_rotate_and_sighup_keep_records_and_chain(
     tmp_path: Path, pki: TestPki, sink: Sink, served: list[ServeProcess]
 ) -> None:
-    port = free_port()
-    cfg = write_config(
-        tmp_path / "gw.toml", with_upstream(base_doc(tmp_path, pki, sink, "gw-k", port), sink, pki)
-    )
-    gw = ServeProcess(cfg, port, tmp_path / "gw.log")
-    served.append(gw)
-    await gw.wait_ready()
+    gw, _ = await serve_gateway(tmp_path, pki, sink, served, instance="gw-k")
+    port, cfg = gw.port, gw.config
     assert (
         optgate(
             "optout", "add", "--channel", "email", "--all", "old@example.org", config=cfg
@@ -416,12 +380,10 @@ async def test_idle_timeout_closes_every_kind_of_connection_under_serve(
 ) -> None:
     """`serve` runs on uvloop, whose transports are not asyncio's classes: the idle limit
     must still answer 421 and close, before STARTTLS, after it, and on implicit TLS."""
-    port = free_port()
-    doc = with_upstream(base_doc(tmp_path, pki, sink, "gw-idle", port), sink, pki)
-    doc["smtp"]["idle_timeout_s"] = 1
-    proc = ServeProcess(write_config(tmp_path / "idle.toml", doc), port, tmp_path / "idle.log")
-    served.append(proc)
-    await proc.wait_ready()
+    proc, doc = await serve_gateway(
+        tmp_path, pki, sink, served, instance="gw-idle", smtp={"idle_timeout_s": 1}
+    )
+    port = proc.port
     tls_port = int(doc["smtp"]["listen_tls"].rsplit(":", 1)[1])
     ctx = ssl.create_default_context(cafile=str(pki.ca_pem))
 
@@ -465,11 +427,8 @@ async def test_plaintext_pipelined_after_starttls_is_discarded_under_serve(
     tmp_path: Path, pki: TestPki, sink: Sink, served: list[ServeProcess]
 ) -> None:
     """The same guard as tests/test_smtp_e2e.py's, on serve's loop (uvloop's TLS layer)."""
-    port = free_port()
-    doc = with_upstream(base_doc(tmp_path, pki, sink, "gw-inject", port), sink, pki)
-    proc = ServeProcess(write_config(tmp_path / "inj.toml", doc), port, tmp_path / "inj.log")
-    served.append(proc)
-    await proc.wait_ready()
+    proc, _ = await serve_gateway(tmp_path, pki, sink, served, instance="gw-inject")
+    port = proc.port
     ctx = ssl.create_default_context(cafile=str(pki.ca_pem))
 
     async def reply(r: asyncio.StreamReader) -> bytes:
@@ -501,13 +460,8 @@ async def test_a_record_under_a_rotated_key_is_read_without_sighup(
     """`keys rotate`, then an opt-out written under the new record key by the CLI: a
     gateway that was not signalled re-reads the key file and enforces it (it used to
     fail closed, 451, on that recipient until SIGHUP)."""
-    port = free_port()
-    cfg = write_config(
-        tmp_path / "gw.toml", with_upstream(base_doc(tmp_path, pki, sink, "gw-r", port), sink, pki)
-    )
-    gw = ServeProcess(cfg, port, tmp_path / "gw.log")
-    served.append(gw)
-    await gw.wait_ready()
+    gw, _ = await serve_gateway(tmp_path, pki, sink, served, instance="gw-r")
+    port, cfg = gw.port, gw.config
     code, _ = await send(pki, port, ["first@example.org"])  # the gateway is in use
     assert code == 250
     assert optgate("keys", "rotate", config=cfg).returncode == 0

@@ -119,7 +119,7 @@ async def _import(cfg: Config, fd: int, name: str, csv_mode: bool) -> int:
     except StoreUnavailable as exc:
         nothing = {"applied": 0, "rejected": 0, "lines": 0, "errors": []}
         return _stopped(nothing, 1, EXIT_TEMPFAIL, f"opt-out store unavailable: {exc}")
-    store.stream_addresses = any(h.include_address for h in cfg.sync.webhooks)
+    store.writes.stream_addresses = any(h.include_address for h in cfg.sync.webhooks)
     failure: tuple[int, str] | None = None
     try:
         # Not anchored: an import may outlive a store outage, and its one-line refusal

@@ -58,7 +58,7 @@ async def _consent(cfg: Config, args: argparse.Namespace) -> int:
     ring, _ = keyfile.load_or_create(cfg.keys.file)
     pseud = pseudonym(ring, args.channel, key_form)
     store, embedded = await open_store(cfg, ring, quiet=True)
-    store.stream_addresses = any(h.include_address for h in cfg.sync.webhooks)
+    store.writes.stream_addresses = any(h.include_address for h in cfg.sync.webhooks)
     try:
         if args.action == "get":
             record, held = await store.get_consents(args.channel, pseud)

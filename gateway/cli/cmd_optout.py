@@ -41,7 +41,8 @@ async def _optout(cfg: Config, args: argparse.Namespace) -> int:
     ring, _ = keyfile.load_or_create(cfg.keys.file)
     pseud = pseudonym(ring, args.channel, key_form)
     store, embedded = await open_store(cfg, ring, quiet=True)
-    store.stream_addresses = any(h.include_address for h in cfg.sync.webhooks)  # sealed for sync
+    # sealed for sync
+    store.writes.stream_addresses = any(h.include_address for h in cfg.sync.webhooks)
     try:
         if args.action == "get":
             record = await store.get(args.channel, pseud)

@@ -33,7 +33,9 @@ from typing import Any, Literal
 
 import orjson
 
-CHANNELS = frozenset({"email", "sms"})
+from gateway.core.channels import CHANNEL_SET
+
+CHANNELS = CHANNEL_SET  # a category's channels are checked by set difference
 CONSENT_VALUES = ("required", "none")  # a category's `consent`: opt-in, or (default) opt-out
 RESERVED_NAMES = frozenset({"all"})  # "all" means every category in the CLI and unsubscribe form
 ALWAYS_STRIP = ("X-Optgate-*",)

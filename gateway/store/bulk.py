@@ -30,9 +30,9 @@ from redis.exceptions import NoScriptError
 from gateway.core.records import CORRUPT, Record, State, open_record, seal
 from gateway.errors import RecordCorrupt
 from gateway.store import changes
+from gateway.store.cas import CAS_SCRIPT, CAS_SHA
 from gateway.store.names import BUCKET_GLOB, RECORD_PREFIX, record_key, record_slot, slot_name
 from gateway.store.redis_store import OptOutStore
-from gateway.store.writes import CAS_SCRIPT, CAS_SHA
 
 # Buckets per SCAN page: about 15 records each at a million records, up to 512 at 30 million.
 SCAN_COUNT: Final = 100
@@ -133,9 +133,9 @@ async def opt_out_many(
         raise ValueError("opt_out_many needs distinct records in one batch")
     slots = [record_slot(it.channel, it.pseudonym) for it in items]
     async with store.guard("import read"):
-        sentinels = store.sentinel_keys([b for b, _ in slots])
-        raw_values = await store.read_many(slots, sentinels)
-    await store.check_sentinel(raw_values[len(slots) :])
+        sentinels = store.sentinel.keys([b for b, _ in slots])
+        raw_values = await store.connection.read_many(slots, sentinels)
+    await store.sentinel.check(raw_values[len(slots) :])
     raw_values = raw_values[: len(slots)]
     await store.refresh_keys(raw_values)
     batch = _plan(store, items, keys, slots, raw_values, now)
@@ -193,7 +193,7 @@ def _plan(  # noqa: PLR0917 - the batch as read, item by item
     ring = store.keyring
     n = len(items)
     batch = _Batch(results=[None] * n, befores=[None] * n, afters=[None] * n, writes=[])
-    with_address = store.stream_addresses
+    with_address = store.writes.stream_addresses
     for i, (item, key, slot, raw) in enumerate(zip(items, keys, slots, raw_values, strict=True)):
         current = None
         if raw is not None:
@@ -249,10 +249,10 @@ async def _run_chunks(store: OptOutStore, chunks: list[list[list[Any]]]) -> list
         keys = [w[0] for w in chunk]
         argv = [arg for w in chunk for arg in w[1:]]
         pipe.execute_command("EVALSHA", CAS_SHA, len(keys) + 1, changes.STREAM_KEY, *keys, *argv)
-    store.add_waitaof(pipe, changes.STREAM_KEY)
+    store.durable.add_waitaof(pipe, changes.STREAM_KEY)
     replies: list[Any] = await pipe.execute(raise_on_error=False)
     if len(replies) > len(chunks):
-        store.check_waitaof(replies[len(chunks)])
+        store.durable.check_waitaof(replies[len(chunks)])
     return replies[: len(chunks)]
 
 
@@ -262,14 +262,14 @@ async def scan(
     """(channel, pseudonym, record or CORRUPT) for every record of `channels`; a store
     without its sentinel raises StoreUnavailable (an emptied store's export would read as
     "nobody opted out")."""
-    await store.require_sentinel()
+    await store.sentinel.require()
     ring = store.keyring
     for channel in channels:
-        for target in store.scan_targets():
+        for target in store.connection.scan_targets():
             cursor = 0
             while True:
                 async with store.guard("export scan"):
-                    cursor, keys = await store.scan_page(
+                    cursor, keys = await store.connection.scan_page(
                         cursor, BUCKET_GLOB[channel], SCAN_COUNT, target
                     )
                     buckets = [k.decode() if isinstance(k, bytes) else str(k) for k in keys]

@@ -1,5 +1,7 @@
 """Consent records in the store (docs/consent.md): where they live, how a message's lookup
-reads them, and their audited writes. The records themselves are ``core.consent``.
+reads them, and their audited writes (``store.consents``, the collaborator `OptOutStore`
+serves `lookup_consented`, `get_consents` and `change_consents` with). The records
+themselves are ``core.consent``.
 
 Names. ``og:ce:<pseudonym>`` (``og:cs:`` for SMS) is a recipient's consents' logical name,
 the AEAD associated data of the value. Like opt-out records (``store.names``) the values
@@ -11,7 +13,7 @@ same read as its opt-out records, delivered markers and the sentinel
 (`OptOutStore.lookup_with`): one script call per message, as before; on a Cluster, one
 pipeline. A message to a consent-required category is never decided from a second read.
 
-Writes. A compare-and-set of the one value (the single-record script of ``store.writes``)
+Writes. A compare-and-set of the one value (the single-record script of ``store.cas``)
 with ``WAITAOF`` on the same connection, as an opt-out is confirmed durable; audit first:
 the audit callback gets the planned change and the store is written only once it returned,
 so an audit log that cannot be written changes nothing. Consent changes are not put on the
@@ -21,16 +23,17 @@ change stream: sync webhooks carry opt-outs, and a revoke is also an opt-out, wh
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final, Protocol
 
 from gateway.core.consent import Consents, ConsentState, open_consents, seal
-from gateway.core.keys import Keyring
 from gateway.core.records import CORRUPT, Corrupt, Record, State
 from gateway.errors import RecordCorrupt, StoreUnavailable
+from gateway.store.cas import CAS_ATTEMPTS, CAS_ONE_SCRIPT
+from gateway.store.connection import Connection
+from gateway.store.durable import Durability
 from gateway.store.names import BUCKET_HEX, check_hex
-from gateway.store.writes import CAS_ATTEMPTS, CAS_ONE_SCRIPT
+from gateway.store.writes import SlotReads
 
 CONSENT_PREFIX: Final = {"email": "og:ce:", "sms": "og:cs:"}
 
@@ -63,27 +66,35 @@ ConsentAudit = Callable[[ConsentWritten], Awaitable[None]]
 ConsentChange = Callable[[Consents | None], Consents | None]
 
 
-class ConsentWrites:
-    """The consent half of `OptOutStore` (a mixin: it owns no connection of its own)."""
+class ConsentReads(SlotReads, Protocol):
+    """What the consent records need of the store they serve (`OptOutStore`)."""
 
-    _ring: Keyring
-    _write_s: float
-    # Provided by the class this is mixed into (`OptOutStore`).
-    _guard: Callable[[str, float], AbstractAsyncContextManager[None]]
-    _pipeline: Callable[[], Any]
-    refresh_keys: Callable[[Sequence[bytes | None]], Awaitable[bool]]
-    read_many: Callable[..., Awaitable[list[bytes | None]]]
-    sentinel_keys: Callable[[Sequence[str]], list[str]]
-    check_sentinel: Callable[[Sequence[bytes | None]], Awaitable[None]]
-    add_waitaof: Callable[[Any, str], None]
-    check_waitaof: Callable[[Any], None]
-    lookup_with: Callable[..., Awaitable[tuple[list[State], list[bytes | None], set[str]]]]
+    async def refresh_keys(self, blobs: Sequence[bytes | None]) -> bool: ...
+
+    async def lookup_with(
+        self,
+        channel: str,
+        pseudonyms: Sequence[str],
+        *,
+        digest: str,
+        candidates: Sequence[str],
+        extra: Sequence[tuple[str, bytes]] = (),
+    ) -> tuple[list[State], list[bytes | None], set[str]]: ...
+
+
+class ConsentRecords:
+    """The consent records, for the store `reads` on `conn` (``store.consents``)."""
+
+    def __init__(self, reads: ConsentReads, conn: Connection, durable: Durability) -> None:
+        self._reads = reads
+        self._conn = conn
+        self._durable = durable
 
     def _open_consents(self, name: str, blob: bytes | None) -> ConsentState:
         if blob is None:
             return None
         try:
-            return open_consents(self._ring, name, blob)
+            return open_consents(self._reads.keyring, name, blob)
         except RecordCorrupt:
             return CORRUPT
 
@@ -99,12 +110,12 @@ class ConsentWrites:
         """`lookup_message` for a consent-required category: also the consents of each of
         `consented` (one pseudonym per recipient), in the same round trip."""
         names = [consent_name(channel, p) for p in consented]
-        states, blobs, done = await self.lookup_with(
+        states, blobs, done = await self._reads.lookup_with(
             channel, pseudonyms, digest=digest, candidates=candidates,
             extra=[consent_slot(channel, p) for p in consented],
         )  # fmt: skip
         consents = [self._open_consents(n, b) for n, b in zip(names, blobs, strict=True)]
-        if any(isinstance(c, Corrupt) for c in consents) and await self.refresh_keys(blobs):
+        if any(isinstance(c, Corrupt) for c in consents) and await self._reads.refresh_keys(blobs):
             consents = [self._open_consents(n, b) for n, b in zip(names, blobs, strict=True)]
         return states, consents, done
 
@@ -135,29 +146,21 @@ class ConsentWrites:
         bucket, field = consent_slot(channel, pseudonym)
         audited: ConsentWritten | None = None
         for _ in range(CAS_ATTEMPTS):
-            async with self._guard("consent read", self._write_s):
-                sentinels = self.sentinel_keys([bucket])
-                raw, *found = await self.read_many([(bucket, field)], sentinels)
-            await self.check_sentinel(found)
-            await self.refresh_keys([raw])
-            current = None if raw is None else open_consents(self._ring, name, raw)
+            raw = await self._reads.read_slot("consent read", self._conn.write_s, bucket, field)
+            current = None if raw is None else open_consents(self._reads.keyring, name, raw)
             planned = ConsentWritten(before=current, after=change(current))
             if audit is not None and planned != audited:
                 await audit(planned)  # durable before the store changes, or raises
                 audited = planned
             if raw is None and planned.after is None:
                 return planned  # nothing to remove
-            blob = b"" if planned.after is None else seal(self._ring, name, planned.after)
-            async with self._guard("consent write", self._write_s):
-                pipe = self._pipeline()
+            after = planned.after
+            blob = b"" if after is None else seal(self._reads.keyring, name, after)
+            async with self._conn.guard("consent write", self._conn.write_s):
+                pipe = self._conn.pipeline()
                 pipe.execute_command("EVAL", CAS_ONE_SCRIPT, 1, bucket, field, raw or b"", blob)
-                self.add_waitaof(pipe, bucket)
-                results: list[Any] = await pipe.execute(raise_on_error=False)
-                if isinstance(results[0], Exception):
-                    raise results[0]
-                if len(results) > 1:
-                    self.check_waitaof(results[1])
-            if results[0]:
+                written = await self._durable.confirmed(pipe, bucket)
+            if written:
                 return planned
         raise StoreUnavailable(
             f"opt-out store: the consent record changed concurrently {CAS_ATTEMPTS} times; "

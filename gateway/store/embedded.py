@@ -45,8 +45,8 @@ import structlog
 from redis.exceptions import RedisError
 
 from gateway.errors import ConfigError, StoreUnavailable
+from gateway.store.connection import client_name
 from gateway.store.locks import held_by_others, lock_shared, locked
-from gateway.store.redis_store import client_name
 from gateway.store.server_process import (
     COMMAND_TIMEOUT_S,
     PID_NAME,

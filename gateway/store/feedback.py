@@ -24,12 +24,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+from collections.abc import Sequence
 from typing import Any, Final, Literal
 
 from cryptography.exceptions import InvalidTag
 
 from gateway.core.keys import Keyring
-from gateway.core.records import NONCE_BYTES, aead
+from gateway.core.records import NONCE_BYTES, State, aead, with_undeliverable
 from gateway.store.names import record_slot
 
 MARK_PREFIX: Final = "og:u:"
@@ -87,6 +88,23 @@ def open_mark(ring: Keyring, key: str, blob: bytes) -> float | None:
     if len(body) < 1 + _MS_BYTES or body[0] != _MARK_VERSION:
         return None
     return int.from_bytes(body[1 : 1 + _MS_BYTES], "big") / 1000
+
+
+def with_marks(
+    ring: Keyring, states: list[State], keys: Sequence[str], blobs: Sequence[bytes | None],
+    *, now: float,
+) -> list[State]:
+    """`states` with each live undeliverable mark (the values `blobs` of the mark `keys` a
+    lookup read) attached; a mark that does not open is doubt, and doubt suppresses (as a
+    live mark)."""
+    out = list(states)
+    for i, (key, blob) in enumerate(zip(keys, blobs, strict=True)):
+        if blob is None:
+            continue
+        until = open_mark(ring, key, blob)
+        if until is None or until > now:
+            out[i] = with_undeliverable(out[i], until or now + EXPIRY_GRACE_S)
+    return out
 
 
 async def mark_undeliverable(

@@ -26,7 +26,8 @@ from typing import Final
 
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
-from gateway.core.records import CHANNELS, SENTINEL_NAME
+from gateway.core.channels import CHANNELS
+from gateway.core.records import SENTINEL_NAME
 
 RECORD_PREFIX: Final = {"email": "og:e:", "sms": "og:s:"}
 BUCKET_HEX: Final = 4

@@ -10,7 +10,8 @@ from gateway.config import Config
 from gateway.core.keys import Keyring
 from gateway.store import sentinel
 from gateway.store.embedded import EmbeddedRedis
-from gateway.store.redis_store import SENTINEL_FIX, OptOutStore
+from gateway.store.redis_store import OptOutStore
+from gateway.store.sentinel_check import SENTINEL_FIX
 
 log = structlog.get_logger("optgate")
 
@@ -30,7 +31,7 @@ async def open_store(
         embedded = await EmbeddedRedis.ensure(cfg.gateway.data_dir)
         url = embedded.url
     store = OptOutStore.from_url(url, keyring=ring, timeout_ms=cfg.redis.timeout_ms)
-    store.quiet = quiet
+    store.sentinel.quiet = quiet
     try:
         # First: every write below (the sentinel's too) waits for the replicas it needs.
         warning = await store.configure_replicas(cfg.redis.min_replicas_acked)

@@ -52,7 +52,7 @@ async def _read_first(store: OptOutStore) -> bytes | None:
 async def status(store: OptOutStore, ring: keys.Keyring) -> Status:
     """Whether the store holds the sentinel `ring` names (every copy, on a Cluster)."""
     async with store.guard("sentinel read"):
-        blobs = await store.read_sentinels()
+        blobs = await store.sentinel.read_all()
     found = "ok"
     for blob in blobs:
         if blob is None:
@@ -91,7 +91,7 @@ async def _write(store: OptOutStore, blob: bytes, *, only_if_absent: bool) -> No
             if isinstance(reply, Exception):
                 raise reply
         for reply in replies[-len(client.get_primaries()) :]:
-            store.check_waitaof(reply)
+            store.durable.check_waitaof(reply)
 
 
 def _record_id(path: Path, ring: keys.Keyring, sentinel_id: str) -> keys.Keyring:
@@ -123,8 +123,8 @@ async def ensure(store: OptOutStore, keys_file: Path) -> Status:
                 "take the store over"
             ) from None
         ring = _record_id(keys_file, ring, found)
-    store.keys_file = keys_file
-    store.expect_sentinel(ring)
+    store.sentinel.keys_file = keys_file
+    store.sentinel.expect(ring)
     return await status(store, ring)
 
 
@@ -149,6 +149,6 @@ async def initialise(
     # sentinel nobody names) rather than accept an unmarked store.
     await _write(store, seal_sentinel(ring, sentinel_id), only_if_absent=False)
     named = _record_id(keys_file, ring, sentinel_id)
-    store.keys_file = keys_file
-    store.expect_sentinel(named)
+    store.sentinel.keys_file = keys_file
+    store.sentinel.expect(named)
     return before, sentinel_id

@@ -1,13 +1,9 @@
-"""Writes to the opt-out store: compare-and-set, fsync confirmation, and the change stream.
+"""Writes of opt-out records: compare-and-set, and the change stream (``store.writes``,
+the collaborator `OptOutStore` serves `opt_out`, `opt_in`, `replace`, ... with).
 
 A write is a compare-and-set (read, merge, a Lua script that writes only if the value is
-unchanged) followed, on the same connection in the same round trip, by ``WAITAOF 1 N``
-where the server has it: an opt-out is acknowledged once it is fsynced to the primary's
-AOF and, on a store with replicas, once `N` of them (``[redis] min_replicas_acked``) have
-fsynced it too, so a failover that promotes a replica keeps it. A server without WAITAOF
-(Redis < 7.2) gets ``WAIT N`` instead (its own fsync is then ``appendfsync always``,
-which ``durability_warning`` checks). A write the replicas do not confirm within the
-write budget is not acknowledged (`StoreUnavailable`).
+unchanged) followed, on the same connection in the same round trip, by the confirmation
+that it is durable (``store.durable``: fsynced, and held by the replicas required).
 
 Every write also appends one entry to the change stream (``store.changes``). On a
 standalone server (and the embedded one) the same Lua script does it, so record and entry
@@ -25,70 +21,24 @@ every opt-out and opt-in: the audit log is the record a lost store is rebuilt fr
 Should the compare-and-set lose to a concurrent writer, the change is planned again and
 audited again only if it differs.
 
-The read before a write includes the store's sentinel (``redis_store``): nothing is
-written into a store that lost its data as if it were new.
+The read before a write includes the store's sentinel (``store.sentinel_check``): nothing
+is written into a store that lost its data as if it were new.
 """
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Awaitable, Callable, Iterable, Sequence
-from contextlib import AbstractAsyncContextManager
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
-
-from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import ResponseError
+from typing import Protocol
 
 from gateway.core.keys import Keyring
 from gateway.core.records import Record, open_record, seal
 from gateway.errors import RecordCorrupt, StoreUnavailable
 from gateway.store import changes
+from gateway.store.cas import CAS_ATTEMPTS, CAS_ONE_SCRIPT, CAS_SCRIPT
+from gateway.store.connection import Connection, as_text
+from gateway.store.durable import Durability
 from gateway.store.names import record_key, record_slot
-
-if TYPE_CHECKING:
-    from gateway.store.redis_store import Client
-
-# Concurrent writers of one recipient are rare (a double click, a keyword SMS racing an
-# unsubscribe click); n writers in lock-step need n rounds. Beyond this, fail the write.
-CAS_ATTEMPTS: Final = 8
-# The server must answer WAITAOF before our own budget cuts the call: leave this much.
-WAITAOF_MARGIN_S: Final = 0.5
-
-# Standalone: KEYS[1] = the change stream, KEYS[2..n+1] = the records' buckets; ARGV = 5 per
-# record: its field, the value read ("" = absent), the new value ("" = delete), the entry's
-# "e" and "ad" ("" = none). Each record is a compare-and-set; returns, per record, 0 when
-# someone else wrote first, else its entry's id. One script runs atomically, so a record
-# and its entry are written together or not at all. (A bucket left empty is removed by the
-# server itself.)
-CAS_SCRIPT = """
-local out = {}
-for i = 2, #KEYS do
-  local j = (i - 2) * 5
-  local cur = redis.call('HGET', KEYS[i], ARGV[j + 1]) or ''
-  if cur ~= ARGV[j + 2] then
-    out[#out + 1] = 0
-  else
-    if ARGV[j + 3] == '' then redis.call('HDEL', KEYS[i], ARGV[j + 1])
-    else redis.call('HSET', KEYS[i], ARGV[j + 1], ARGV[j + 3]) end
-    if ARGV[j + 5] == '' then
-      out[#out + 1] = redis.call('XADD', KEYS[1], '*', 'e', ARGV[j + 4])
-    else
-      out[#out + 1] = redis.call('XADD', KEYS[1], '*', 'e', ARGV[j + 4], 'ad', ARGV[j + 5])
-    end
-  end
-end
-return out
-"""
-CAS_SHA: Final = hashlib.sha1(CAS_SCRIPT.encode()).hexdigest()  # noqa: S324 - the script's name
-# Cluster: one record, no stream (another slot); returns 1 when written, 0 otherwise.
-CAS_ONE_SCRIPT = """
-local cur = redis.call('HGET', KEYS[1], ARGV[1]) or ''
-if cur ~= ARGV[2] then return 0 end
-if ARGV[3] == '' then redis.call('HDEL', KEYS[1], ARGV[1])
-else redis.call('HSET', KEYS[1], ARGV[1], ARGV[3]) end
-return 1
-"""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -98,10 +48,6 @@ class Written:
     before: Record | None
     after: Record | None
     change_id: str
-
-
-def _as_bytes(value: bytes | str | None) -> bytes | None:
-    return value.encode() if isinstance(value, str) else value
 
 
 def _address_of(record: Record | None) -> str:
@@ -123,31 +69,29 @@ def _same_change(a: Written, b: Written) -> bool:
     return (_scope(a.before), _scope(a.after)) == (_scope(b.before), _scope(b.after))
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value or "")
+class SlotReads(Protocol):
+    """What the writes need of the store they serve (`OptOutStore`)."""
+
+    @property
+    def keyring(self) -> Keyring: ...
+
+    async def read_slot(
+        self, what: str, budget_s: float, bucket: str, field: bytes
+    ) -> bytes | None: ...
 
 
 class RecordWrites:
-    """The write half of `OptOutStore` (a mixin: it owns no connection of its own)."""
+    """The opt-out records' writes, for the store `reads` on `conn` (``store.writes``)."""
 
-    _client: Client
-    _ring: Keyring
-    _write_s: float
-    _waitaof: bool | None
-    # Replicas that must confirm each write (``configure_replicas``); 0 = the primary alone.
-    min_replicas: int = 0
-    # Whether change-stream entries carry the sealed address. Needed only by webhooks
-    # configured with include_address; the gateway sets it from [[sync.webhooks]], so
-    # otherwise no entry holds an address even sealed (less to protect, and less memory).
-    stream_addresses: bool = True
-
-    # Provided by the class this is mixed into (`OptOutStore`).
-    _guard: Callable[[str, float], AbstractAsyncContextManager[None]]
-    _pipeline: Callable[[], Any]
-    refresh_keys: Callable[[Sequence[bytes | None]], Awaitable[bool]]
-    read_many: Callable[..., Awaitable[list[bytes | None]]]
-    sentinel_keys: Callable[[Sequence[str]], list[str]]
-    check_sentinel: Callable[[Sequence[bytes | None]], Awaitable[None]]
+    def __init__(self, reads: SlotReads, conn: Connection, durable: Durability) -> None:
+        self._reads = reads
+        self._conn = conn
+        self._durable = durable
+        # Whether change-stream entries carry the sealed address. Needed only by webhooks
+        # configured with include_address; the gateway sets it from [[sync.webhooks]], so
+        # otherwise no entry holds an address even sealed (less to protect, and less
+        # memory).
+        self.stream_addresses = True
 
     async def opt_out(
         self,
@@ -346,169 +290,85 @@ class RecordWrites:
         bucket, field = record_slot(channel, pseudonym)
         audited: Written | None = None
         for _ in range(CAS_ATTEMPTS):
-            async with self._guard("opt-out read", self._write_s):
-                sentinels = self.sentinel_keys([bucket])
-                raw, *found = await self.read_many([(bucket, field)], sentinels)
-            await self.check_sentinel(found)
-            await self.refresh_keys([raw])
+            raw = await self._reads.read_slot("opt-out read", self._conn.write_s, bucket, field)
             current: Record | None = None
             if raw is not None:
                 try:
-                    current = open_record(self._ring, key, raw)
+                    current = open_record(self._reads.keyring, key, raw)
                 except RecordCorrupt:
                     if not replace_corrupt:
                         raise
-            new = change(current)
-            planned = Written(before=current, after=new, change_id="")
+            planned = Written(before=current, after=change(current), change_id="")
             if audit is not None and (audited is None or not _same_change(audited, planned)):
                 await audit(planned)  # durable before the store changes, or raises
                 audited = planned
-            if raw is None and new is None:
+            if raw is None and planned.after is None:
                 return planned  # nothing to remove
-            blob = b"" if new is None else seal(self._ring, key, new)
-            # A Cluster write is two confirmed round trips (the record, then its entry in
-            # another slot), each of which may wait up to the write budget for its fsync
-            # and replicas (a replica reports its fsync about once a second).
-            budget = self._write_s * (2 if self.clustered else 1)
-            async with self._guard("opt-out write", budget):
-                entry = changes.encode(
-                    self._ring,
-                    channel=channel,
-                    pseudonym=pseudonym,
-                    before=current,
-                    after=new,
-                    intent=intent,
-                    source=source,
-                    now=now,
-                    address=_address_of(new or current) if self.stream_addresses else "",
-                )
-                change_id = await self._compare_and_set(bucket, field, raw or b"", blob, entry)
+            change_id = await self._put(
+                channel, pseudonym, planned, raw=raw, intent=intent, source=source, now=now
+            )
             if change_id is not None:
-                return Written(before=current, after=new, change_id=change_id)
+                return Written(before=current, after=planned.after, change_id=change_id)
         raise StoreUnavailable(
             f"opt-out store: the record changed concurrently {CAS_ATTEMPTS} times; try again"
         )
 
-    @property
-    def clustered(self) -> bool:
-        return isinstance(self._client, RedisCluster)
-
-    def _waitaof_ms(self) -> int:
-        return max(int((self._write_s - WAITAOF_MARGIN_S) * 1000), 100)
-
-    def add_waitaof(self, pipe: Any, key: str) -> None:
-        """Queue the write's confirmation on `key`'s node: ``WAITAOF 1 N`` (N =
-        `min_replicas`), or ``WAIT N`` on a server known to lack WAITAOF (nothing when N
-        is 0 there: its fsync is ``appendfsync always`` or the operator was warned)."""
-        on_node = {}
-        if isinstance(self._client, RedisCluster):
-            on_node = {"target_nodes": self._client.get_node_from_key(key)}
-        if self._waitaof is not False:
-            pipe.execute_command("WAITAOF", 1, self.min_replicas, self._waitaof_ms(), **on_node)
-        elif self.min_replicas:
-            pipe.execute_command("WAIT", self.min_replicas, self._waitaof_ms(), **on_node)
+    async def _put(
+        self,
+        channel: str,
+        pseudonym: str,
+        planned: Written,
+        *,
+        raw: bytes | None,
+        intent: str,
+        source: str,
+        now: float,
+    ) -> str | None:
+        """Write `planned` over `raw` (the value read), with its change-stream entry; the
+        entry id, or None when someone else wrote first."""
+        key = record_key(channel, pseudonym)
+        bucket, field = record_slot(channel, pseudonym)
+        ring, current, new = self._reads.keyring, planned.before, planned.after
+        blob = b"" if new is None else seal(ring, key, new)
+        # A Cluster write is two confirmed round trips (the record, then its entry in
+        # another slot), each of which may wait up to the write budget for its fsync
+        # and replicas (a replica reports its fsync about once a second).
+        budget = self._conn.write_s * (2 if self._conn.clustered else 1)
+        async with self._conn.guard("opt-out write", budget):
+            entry = changes.encode(
+                ring,
+                channel=channel,
+                pseudonym=pseudonym,
+                before=current,
+                after=new,
+                intent=intent,
+                source=source,
+                now=now,
+                address=_address_of(new or current) if self.stream_addresses else "",
+            )
+            return await self._compare_and_set(bucket, field, raw or b"", blob, entry)
 
     async def _compare_and_set(
         self, key: str, field: bytes, expected: bytes, blob: bytes, entry: tuple[bytes, bytes]
     ) -> str | None:
         """Write `blob` if bucket `key` still holds `expected` under `field`, with its
-        stream entry; durable.
+        stream entry; durable (one pipeline: the write and its WAITAOF on one connection,
+        see ``store.durable``).
 
         Returns the entry id, or None when someone else wrote first.
         """
-        # WAITAOF counts this connection's writes, so it must travel on the connection that
-        # wrote: one pipeline gives that (a Cluster pipeline holds one connection per node,
-        # and target_nodes puts WAITAOF on the key's node). A WATCH/MULTI transaction
-        # cannot: redis-py hands its connection back to the pool when EXEC returns.
-        together = not isinstance(self._client, RedisCluster)
-        pipe = self._pipeline()
-        if together:
+        pipe = self._conn.pipeline()
+        if not self._conn.clustered:
             args = (changes.STREAM_KEY, key, field, expected, blob, entry[0], entry[1])
             pipe.execute_command("EVAL", CAS_SCRIPT, 2, *args)
-        else:
-            pipe.execute_command("EVAL", CAS_ONE_SCRIPT, 1, key, field, expected, blob)
-        self.add_waitaof(pipe, key)
-        results: list[Any] = await pipe.execute(raise_on_error=False)
-        if isinstance(results[0], Exception):
-            raise results[0]
-        if len(results) > 1:
-            self.check_waitaof(results[1])
-        if together:
-            written = results[0][0]
-            return None if written == 0 else _text(written)
-        if not results[0]:
+            written = (await self._durable.confirmed(pipe, key))[0]
+            return None if written == 0 else as_text(written)
+        pipe.execute_command("EVAL", CAS_ONE_SCRIPT, 1, key, field, expected, blob)
+        if not await self._durable.confirmed(pipe, key):
             return None
         # Cluster: the record is durable; now its entry, with its own WAITAOF (the window
         # the module docstring states).
-        return await self.append_change(changes.entry_fields(entry))
-
-    async def append_change(self, fields: list[bytes]) -> str:
-        """XADD one entry (flat field list) to the change stream; wait for its fsync."""
-        pipe = self._pipeline()
-        pipe.execute_command("XADD", changes.STREAM_KEY, "*", *fields)
-        self.add_waitaof(pipe, changes.STREAM_KEY)
-        results: list[Any] = await pipe.execute(raise_on_error=False)
-        if isinstance(results[0], Exception):
-            raise results[0]
-        if len(results) > 1:
-            self.check_waitaof(results[1])
-        return _text(results[0])
-
-    async def append_change_durably(self, fields: list[bytes]) -> str:
-        """`append_change` as a call of its own (bounded, errors translated)."""
-        async with self._guard("change stream append", self._write_s):
-            return await self.append_change(fields)
-
-    async def write_durably(self, key: str, *command: Any) -> Any:
-        """Run one write command on `key` and wait for its fsync (WAITAOF); its reply."""
-        async with self._guard("write", self._write_s):
-            pipe = self._pipeline()
-            pipe.execute_command(*command)
-            self.add_waitaof(pipe, key)
-            results: list[Any] = await pipe.execute(raise_on_error=False)
-            if isinstance(results[0], Exception):
-                raise results[0]
-            if len(results) > 1:
-                self.check_waitaof(results[1])
-            return results[0]
-
-    def check_waitaof(self, reply: Any) -> None:
-        """Raise StoreUnavailable unless `reply` (to ``add_waitaof``'s command) confirms
-        the write: fsynced by the primary, and held by `min_replicas` replicas.
-
-        The write itself may well have happened (the primary has it, a replica may not):
-        it is not acknowledged, so the caller answers 503 (or 451) and the client retries,
-        while its audit entry, written first, already says the opt-out was asked for. That
-        is the side to err on: a recipient who asked is treated as asked (an opt-out that
-        turns out to hold is never a wrong send), never one acknowledged then lost when a
-        replica without it is promoted."""
-        if isinstance(reply, ResponseError) and "unknown command" in str(reply).lower():
-            self._waitaof = False  # Redis < 7.2: durability_warning() told the operator
-            if self.min_replicas:  # nothing confirmed the replicas: the retry sends WAIT
-                raise StoreUnavailable(
-                    "opt-out store: the write is not confirmed on its replicas; try again"
-                ) from reply
-            return
-        if isinstance(reply, Exception):
-            raise StoreUnavailable(
-                f"opt-out store: the write is not confirmed durable ({str(reply)[:200]})"
-            ) from reply
-        if isinstance(reply, int):  # WAIT: the replicas that have it
-            local, replicas = 1, reply
-        else:
-            self._waitaof = True
-            local = int(reply[0]) if reply else 0
-            replicas = int(reply[1]) if reply and len(reply) > 1 else 0
-        if local < 1:
-            raise StoreUnavailable(
-                f"opt-out store: the write did not reach the AOF within {self._waitaof_ms()} ms"
-            )
-        if replicas < self.min_replicas:
-            raise StoreUnavailable(
-                f"opt-out store: {replicas} of the {self.min_replicas} replicas required "
-                f"([redis] min_replicas_acked) confirmed the write within "
-                f"{self._waitaof_ms()} ms"
-            )
+        return await self._durable.append_change(changes.entry_fields(entry))
 
     async def change_record(
         self,

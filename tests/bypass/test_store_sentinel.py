@@ -36,7 +36,8 @@ from gateway.core.records import (
 )
 from gateway.store import sentinel
 from gateway.store.names import SENTINEL_KEY, record_key, record_slot
-from gateway.store.redis_store import SENTINEL_REREAD_S, OptOutStore
+from gateway.store.redis_store import OptOutStore
+from gateway.store.sentinel_check import SENTINEL_REREAD_S
 from tests.conftest import GatewayFactory, Running
 from tests.support.cli import optgate
 from tests.support.redis_servers import Cluster, RedisServer, short_tempdir

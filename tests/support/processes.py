@@ -142,9 +142,9 @@ def with_upstream(doc: dict[str, Any], sink: Sink, pki: TestPki) -> dict[str, An
     return doc
 
 
-def opt_out(config: Path, address: str) -> None:
-    """`optgate optout add --channel email --all ADDRESS`, which must succeed."""
-    out = optgate("optout", "add", "--channel", "email", "--all", address, config=config)
+def opt_out(config: Path, address: str, channel: str = "email") -> None:
+    """`optgate optout add --channel CHANNEL --all ADDRESS`, which must succeed."""
+    out = optgate("optout", "add", "--channel", channel, "--all", address, config=config)
     assert out.returncode == 0, out.stderr
 
 
@@ -160,8 +160,9 @@ async def serve_gateway(
 ) -> tuple[ServeProcess, dict[str, Any]]:
     """`optgate serve --workers N` on a free port, relaying to `sink` (no upstream when it
     is None), each of `sections` merged into its config section of that name; config and
-    log are ``gw.toml`` and ``gw.log`` in `tmp_path`. It joins `served` (the conftest
-    fixture that stops it) and every worker serves when this returns (with its config)."""
+    log are ``<instance>.toml`` and ``<instance>.log`` in `tmp_path`. It joins `served`
+    (the conftest fixture that stops it) and every worker serves when this returns (with
+    its config)."""
     port = free_port()
     doc = base_doc(tmp_path, pki, sink, instance, port)  # type: ignore[arg-type]
     if sink is not None:
@@ -169,7 +170,10 @@ async def serve_gateway(
     for name, values in sections.items():
         doc.setdefault(name, {}).update(values)
     gw = ServeProcess(
-        write_config(tmp_path / "gw.toml", doc), port, tmp_path / "gw.log", workers=workers
+        write_config(tmp_path / f"{instance}.toml", doc),
+        port,
+        tmp_path / f"{instance}.log",
+        workers=workers,
     )
     served.append(gw)
     await gw.wait_ready()
