@@ -21,7 +21,7 @@ before the lookup and a failed lookup are as in enforce mode.
 
 A consent-required category (docs/consent.md) reads the number's consents in the same
 lookup; without a valid one the text is suppressed (reason ``no-consent``) and refused as
-for an opted-out number.
+for an opted-out number (Twilio's 21610, with its own message; the native API's own type).
 
 A provider error 21610 ("unsubscribed recipient": the number texted STOP to the provider
 directly) is copied into the local store as an opt-out of everything on SMS, so the next
@@ -66,9 +66,17 @@ PROVIDER_OPT_OUT_SOURCE = keywords_store.PROVIDER_SOURCE
 # A number under an undeliverable mark: Twilio's "Unreachable destination handset", so an
 # application tells it apart from an opt-out (21610) with the error handling it has.
 UNREACHABLE = Refusal(code=30003, message="The recipient was reported unreachable; not sent.")
+# No valid consent to a consent-required category (docs/consent.md): Twilio's 21610, as for
+# an opted-out number, since the recipient has not subscribed to this category and an
+# application already stops sending on 21610; only the message says why.
+NO_CONSENT = Refusal(
+    code=UNSUBSCRIBED,
+    message="Attempt to send to a recipient without consent to this category",
+)
 
 RefusedKind = Literal[
     "opted-out",
+    "no-consent",  # a consent-required category, no valid consent (docs/consent.md)
     "undeliverable",  # a provider reported the number unreachable (`gateway.feedback`)
     "store-unavailable",  # also a record that does not decrypt: doubt fails closed
     "audit-unavailable",
@@ -184,6 +192,8 @@ class SmsFlow:
             metrics.shadow_suppression(CHANNEL, category.name)
         elif decision is mail.UNDELIVERABLE:
             return Refused(txn=txn, kind="undeliverable", refusal=UNREACHABLE)
+        elif decision is policy.NO_CONSENT:
+            return Refused(txn=txn, kind="no-consent", refusal=NO_CONSENT)
         elif decision.verdict is Verdict.SUPPRESS:
             return Refused(txn=txn, kind="opted-out", refusal=message.OPTED_OUT)
         elif decision.verdict is not Verdict.ALLOW:
