@@ -231,6 +231,28 @@ async def test_revoked_consent_suppresses_and_is_an_opt_out(g: SmsGateway, api: 
     assert r.sink.messages == [] and decisions_for(r, PAT)[-1] == OPTED_OUT
 
 
+def consent_count(kind: str, source: str) -> float:
+    from gateway import metrics
+
+    value = metrics.REGISTRY.get_sample_value(
+        "optgate_consent_changes_total", {"kind": kind, "source": source}
+    )
+    return value or 0.0
+
+
+async def test_consent_grants_and_revokes_are_counted_in_metrics(g: SmsGateway, api: Api) -> None:
+    """`optgate_consent_changes_total{kind,source}` counts what was written: a revoke of a
+    consent not held counts nothing (its opt-out is counted as every opt-out is)."""
+    before = consent_count("grant", "form"), consent_count("revoke", "crm")
+    await api.grant(PAT)
+    await api.call("DELETE", f"/v1/consents/email/{PAT}/research?source=crm")
+    await api.call("DELETE", f"/v1/consents/email/{SAM}/research?source=crm")  # none held
+    after = consent_count("grant", "form"), consent_count("revoke", "crm")
+    assert (after[0] - before[0], after[1] - before[1]) == (1, 1)
+    status, text = await api.call("GET", "/metrics", role=None)
+    assert status == 200 and b"optgate_consent_changes_total{" in text
+
+
 async def test_opt_out_wins_over_a_valid_consent(g: SmsGateway, api: Api) -> None:
     r = g.running
     await api.grant(PAT)
