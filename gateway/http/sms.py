@@ -9,8 +9,9 @@ The Twilio route answers every error in Twilio's own body shape (`code`, `messag
 application already handles (21610 for an opted-out recipient, and for one without consent
 to a consent-required category). The native route answers RFC 9457 problems; a suppressed
 recipient is `422` with one type per reason (`SUPPRESSED`): the request was well formed and
-authorised, the recipient's wishes are what refuse it, so it is neither a malformed request (400) nor a permission problem (403, which clients
-treat as a credentials fault), and resending it unchanged will not help (unlike 409/503).
+authorised, the recipient's wishes are what refuse it, so it is neither a malformed request
+(400) nor a permission problem (403, which clients treat as a credentials fault), and
+resending it unchanged will not help (unlike 409/503).
 
 Input is checked before anything is looked up or sent: sender credentials (HTTP Basic),
 content type, size (the app's 64 KiB limit), encoding and fields (`gateway.sms.message`).
