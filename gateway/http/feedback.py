@@ -27,9 +27,9 @@ from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
 
 from gateway import metrics
 from gateway.core.entries import AuthFailure
-from gateway.errors import RETRY_AFTER_S, AuditError, StoreUnavailable
+from gateway.errors import RETRY_AFTER_S, AuditError, FetchFailed, StoreUnavailable
 from gateway.feedback import apply, sendgrid, ses, sns, twilio
-from gateway.feedback.certs import FetchFailed, SnsClient
+from gateway.feedback.certs import SnsClient
 from gateway.feedback.events import Event, Malformed, staleness
 from gateway.http import sms_input
 from gateway.http.app import DEPS_KEY, HttpDeps, body_deadline, problem
