@@ -40,7 +40,7 @@ from typing import Literal
 
 import structlog
 
-from gateway import metrics
+from gateway import logs, metrics
 from gateway.config import Sender
 from gateway.core import categories, entries, grants, mail, policy
 from gateway.core.categories import Unchosen, Why
@@ -154,8 +154,13 @@ class SmsFlow:
 
     async def send(self, sender: Sender, out: Outgoing, category_name: str = "") -> Result:
         """Decide and, when allowed, send `out` for `sender`. Never raises for a policy
-        outcome or a store, audit or provider failure: each is a `Result`."""
+        outcome or a store, audit or provider failure: each is a `Result`. Every event
+        logged meanwhile carries ``txn`` (`logs.transaction`)."""
         txn = secrets.token_hex(8)
+        with logs.transaction(txn):
+            return await self._send(sender, out, category_name, txn)
+
+    async def _send(self, sender: Sender, out: Outgoing, category_name: str, txn: str) -> Result:
         if self._provider is None:
             return Refused(txn=txn, kind="not-configured")
         rules = self._rules()
@@ -177,14 +182,14 @@ class SmsFlow:
             return Refused(txn=txn, kind="body-too-long", refusal=body)
         base["category"] = category.name
 
-        decision = await self._lookup(category, recipient, txn)
+        decision = await self._lookup(category, recipient)
         # Shadow mode forwards what would be suppressed; a deferral (no decision could be
         # made) is refused in either mode.
         shadowed = self._shadow and decision.verdict is Verdict.SUPPRESS
         try:
             await self._audit.append([_decision(base, decision, shadow=shadowed)])
         except AuditError:
-            log.error("audit_unavailable", txn=txn, channel=CHANNEL)
+            log.error("audit_unavailable", channel=CHANNEL)
             metrics.audit_write_failure("sms")
             return Refused(txn=txn, kind="audit-unavailable")
         metrics.decision(decision.verdict.value, CHANNEL, category.name)
@@ -204,7 +209,7 @@ class SmsFlow:
             return dataclasses.replace(sent, shadow=decision.verdict.value)
         return sent
 
-    async def _lookup(self, category: Category, recipient: str, txn: str) -> Decision:
+    async def _lookup(self, category: Category, recipient: str) -> Decision:
         """The decision for one number; a failed lookup fails closed (defer)."""
         if not category.opt_out:
             return policy.NOT_OPT_OUTABLE
@@ -218,7 +223,7 @@ class SmsFlow:
                 else:
                     states = await self._store.lookup(CHANNEL, [recipient])
         except StoreUnavailable:
-            log.warning("store_unavailable", txn=txn, channel=CHANNEL)
+            log.warning("store_unavailable", channel=CHANNEL)
             metrics.store_error("lookup")
             return policy.STORE_UNAVAILABLE
         decided = mail.decide(category, states)  # opt-outs, then an undeliverable mark
@@ -233,7 +238,7 @@ class SmsFlow:
             with metrics.upstream_latency(CHANNEL):
                 reply = await provider.send(out.form(body))
         except ProviderError as exc:
-            log.warning("sms_provider_error", txn=txn, status=exc.status, outcome=exc.outcome)
+            log.warning("sms_provider_error", status=exc.status, outcome=exc.outcome)
             metrics.upstream_error(CHANNEL, "timeout" if exc.status == 504 else "unavailable")
             await self._record_outcome(base, outcome=exc.outcome, code=exc.status)
             return Failed(txn=txn, status=exc.status, outcome=exc.outcome)
@@ -274,7 +279,7 @@ class SmsFlow:
         try:
             await self._audit.append([_decision({**base, "category": category}, d)])
         except AuditError:
-            log.error("audit_unavailable", txn=base["txn"], channel=CHANNEL)
+            log.error("audit_unavailable", channel=CHANNEL)
             metrics.audit_write_failure("sms")
             return
         metrics.decision(d.verdict.value, CHANNEL, category)
@@ -310,7 +315,7 @@ class SmsFlow:
         try:
             await self._audit.append([event])
         except AuditError:
-            log.error("audit_outcome_write_failed", txn=base["txn"], channel=CHANNEL)
+            log.error("audit_outcome_write_failed", channel=CHANNEL)
             metrics.audit_write_failure("sms")
 
     async def _copy_provider_opt_out(self, base: dict[str, str], recipient: str, e164: str) -> None:
@@ -347,7 +352,7 @@ class SmsFlow:
             # attempted again on the next send.
             if isinstance(exc, AuditError):
                 metrics.audit_write_failure("sms")
-            log.warning("provider_opt_out_not_copied", txn=base["txn"])
+            log.warning("provider_opt_out_not_copied")
 
 
 def _decision(base: dict[str, str], d: Decision, *, shadow: bool = False) -> entries.Decision:
