@@ -10,7 +10,6 @@ and no script. A second lookup for the consents would show up as more HGETs than
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -26,20 +25,11 @@ from gateway.store.consent import consent_slot
 from gateway.store.names import record_slot
 from tests.conftest import GatewayFactory, Running
 from tests.support.redis_servers import Cluster, RedisServer
+from tests.test_consent import consent_rules
 
 pytestmark = pytest.mark.slow
 
-SHIPPED = Path(__file__).resolve().parents[1] / "rules"
 READS = ("evalsha", "eval", "hget", "get", "mget", "hmget", "hgetall", "exists")
-
-
-def consent_rules(folder: Path) -> Path:
-    """The shipped rules, with research consent-required (as tests/test_consent.py)."""
-    shutil.copytree(SHIPPED, folder)
-    cats = folder / "categories.toml"
-    marker = 'name = "research"\n'
-    cats.write_text(cats.read_text().replace(marker, marker + 'consent = "required"\n'))
-    return folder
 
 
 def key_forms(r: Running, address: str) -> list[str]:
