@@ -124,6 +124,7 @@ async def grant(
         return (current or Consents()).with_consent(consent)
 
     written = await store.change_consents(channel, pseudonym, give, audit=first)
+    metrics.consent_change("grant", consent.source)
     return written.after or Consents()
 
 
@@ -170,6 +171,8 @@ async def revoke_consents(
         return current.revoked(asked, now)
 
     written = await store.change_consents(channel, pseudonym, withdraw, audit=first)
+    if revoked := sum(e.held for e in entries):  # a consent not held changes nothing
+        metrics.consent_change("revoke", source, revoked)
     return written.after
 
 

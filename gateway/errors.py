@@ -16,6 +16,8 @@ Exception
 │   ├── AuditError             (also OSError) the audit log cannot be written durably
 │   │   └── AuditStreamBusy    another process holds this audit stream
 │   ├── SigningFailed          a message cannot be DKIM-signed           451 4.3.0
+│   ├── FetchFailed            (also ConnectionError) an SNS certificate or confirmation
+│   │                          GET gave no usable answer              503 + Retry-After
 │   └── UpstreamError
 │       └── UpstreamUnavailable    (also ConnectionError) connect, TLS policy, timeout
 │           └── ProviderError      the SMS provider gave no usable answer (502/504)
@@ -115,6 +117,15 @@ class SigningFailed(OptgateError):
     def __init__(self, message: str, *, permanent: bool = True) -> None:
         super().__init__(message)
         self.permanent = permanent
+
+
+class FetchFailed(OptgateError, ConnectionError):
+    """A feedback provider's GET (an SNS signing certificate, a subscription confirmation)
+    gave no usable answer: the notification is refused 503 and the provider sends it again
+    (docs/feedback.md)."""
+
+    http_status: ClassVar[int] = 503
+    retry_after_s: ClassVar[int | None] = RETRY_AFTER_S
 
 
 class UpstreamError(OptgateError):

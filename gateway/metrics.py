@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import re
 import time
+from collections.abc import Collection
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Final
@@ -31,6 +32,7 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from gateway.core.records import CHANNELS
 from gateway.metrics_files import fresh_multiprocess_dir as fresh_multiprocess_dir  # noqa: PLC0414 - as below
 from gateway.metrics_files import merged
 from gateway.metrics_files import process_dead as process_dead  # noqa: PLC0414 - the supervisor and tests name them `metrics.*`
@@ -51,8 +53,8 @@ _DIGIT_RUN: Final = re.compile(r"\d{6,}")
 OTHER: Final = "other"
 
 DECISION_KINDS: Final = frozenset({"allow", "suppress", "defer", "reject"})
-CHANNELS: Final = frozenset({"email", "sms"})
 CHANGE_KINDS: Final = frozenset({"optout", "optin"})
+CONSENT_KINDS: Final = frozenset({"grant", "revoke"})
 SENTINEL_REASONS: Final = frozenset({"missing", "mismatch"})
 # Where an audit append failed: the paths that write entries (one short name per module).
 # ("writer" is for the audit writer itself, should it count its own failures.)
@@ -79,7 +81,7 @@ def _label(value: str) -> str:
     return OTHER
 
 
-def _one_of(value: str, allowed: frozenset[str]) -> str:
+def _one_of(value: str, allowed: Collection[str]) -> str:
     return value if value in allowed else OTHER
 
 
@@ -155,6 +157,12 @@ OPTOUT_EFFECT_WORST: Final = Gauge(
 OPTOUT_CHANGES: Final = Counter(
     "optgate_optout_changes",
     "Opt-out and opt-in changes written, by kind and source.",
+    ["kind", "source"],
+    registry=REGISTRY,
+)
+CONSENT_CHANGES: Final = Counter(
+    "optgate_consent_changes",
+    "Consents granted and revoked (docs/consent.md), by kind (grant, revoke) and source.",
     ["kind", "source"],
     registry=REGISTRY,
 )
@@ -328,6 +336,11 @@ def optout_change(kind: str, source: str, count: int = 1) -> None:
     OPTOUT_CHANGES.labels(kind=_one_of(kind, CHANGE_KINDS), source=_label(source)).inc(count)
 
 
+def consent_change(kind: str, source: str, count: int = 1) -> None:
+    """Count consents written; `kind` is "grant" or "revoke"."""
+    CONSENT_CHANGES.labels(kind=_one_of(kind, CONSENT_KINDS), source=_label(source)).inc(count)
+
+
 def audit_fsync(seconds: float) -> None:
     """One audit fsync took `seconds` (called on the audit writer's thread)."""
     AUDIT_FSYNC_SECONDS.observe(seconds)
@@ -367,6 +380,7 @@ __all__ = [
     "REGISTRY",
     "audit_write_failure",
     "auth_failure",
+    "consent_change",
     "decision",
     "exposition",
     "feedback_event",

@@ -231,6 +231,28 @@ async def test_revoked_consent_suppresses_and_is_an_opt_out(g: SmsGateway, api: 
     assert r.sink.messages == [] and decisions_for(r, PAT)[-1] == OPTED_OUT
 
 
+def consent_count(kind: str, source: str) -> float:
+    from gateway import metrics
+
+    value = metrics.REGISTRY.get_sample_value(
+        "optgate_consent_changes_total", {"kind": kind, "source": source}
+    )
+    return value or 0.0
+
+
+async def test_consent_grants_and_revokes_are_counted_in_metrics(g: SmsGateway, api: Api) -> None:
+    """`optgate_consent_changes_total{kind,source}` counts what was written: a revoke of a
+    consent not held counts nothing (its opt-out is counted as every opt-out is)."""
+    before = consent_count("grant", "form"), consent_count("revoke", "crm")
+    await api.grant(PAT)
+    await api.call("DELETE", f"/v1/consents/email/{PAT}/research?source=crm")
+    await api.call("DELETE", f"/v1/consents/email/{SAM}/research?source=crm")  # none held
+    after = consent_count("grant", "form"), consent_count("revoke", "crm")
+    assert (after[0] - before[0], after[1] - before[1]) == (1, 1)
+    status, text = await api.call("GET", "/metrics", role=None)
+    assert status == 200 and b"optgate_consent_changes_total{" in text
+
+
 async def test_opt_out_wins_over_a_valid_consent(g: SmsGateway, api: Api) -> None:
     r = g.running
     await api.grant(PAT)
@@ -285,6 +307,89 @@ async def test_a_consent_value_copied_onto_another_recipient_does_not_open_and_d
     assert (code, text.split(" ", 1)[0]) == (451, "4.3.0"), text
     assert r.sink.messages == []
     assert decisions_for(r, SAM) == [("defer", "record-corrupt", "store.consent")]
+
+
+# -- the reply names the reasons present ---------------------------------------------------------
+
+KIM = "kim.unreachable@clinic.example"
+REJECTED = "Message not delivered: every recipient "
+
+
+@pytest.mark.parametrize(
+    ("states", "said"),
+    [({PAT: "none", SAM: "none"}, "has not consented to this category"),
+     ({PAT: "optout", SAM: "optout-all"}, "has opted out"),
+     ({PAT: "undeliverable", SAM: "undeliverable"}, "was reported undeliverable"),
+     ({PAT: "optout", SAM: "none"}, "has opted out or has not consented to this category"),
+     ({PAT: "optout", SAM: "none", KIM: "undeliverable"},
+      "has opted out, has not consented to this category or was reported undeliverable")],
+    ids=["no-consent-is-not-called-an-opt-out", "opt-outs-keep-the-opt-out-text",
+         "undeliverable-is-not-called-an-opt-out", "opt-out-and-no-consent-name-both",
+         "all-three-reasons-named"],
+)  # fmt: skip
+async def test_all_suppressed_reject_reply_never_claims_an_opt_out_that_was_not_made(
+    make_gateway: GatewayFactory, tmp_path: Path, states: dict[str, str], said: str
+) -> None:
+    """`suppressed_reply = "reject"`: the 550 5.7.1 says why for the reasons present; a
+    recipient without consent or reported undeliverable is not said to have opted out."""
+    rules = consent_rules(tmp_path / "rules")
+    r: Running = await make_gateway(
+        rules={"dir": str(rules)}, smtp={"suppressed_reply": "reject"}
+    )
+    store = r.gw.store
+    assert store is not None
+    from gateway.core.consent import Consent, Consents
+    from gateway.store import feedback as marks
+
+    for address, state in states.items():
+        p = pseud(r, address)
+        if state != "none":  # consented, so only the opt-out or the mark decides
+            await store.change_consents(
+                "email", p,
+                lambda _c: Consents().with_consent(
+                    Consent(category="research", given_at=time.time(), source="api")
+                ),
+            )  # fmt: skip
+        if state.startswith("optout"):
+            await store.opt_out(
+                "email", p, categories=("research",), all=state == "optout-all",
+                source="test", now=time.time(),
+            )  # fmt: skip
+        if state == "undeliverable":
+            until = time.time() + 3600
+            await marks.mark_undeliverable(store, "email", p, until=until, source="bounce")
+    code, text = await r.send(list(states), category="research")
+    assert (code, text) == (550, f"5.7.1 {REJECTED}{said}"), text
+    assert r.sink.messages == []
+    reasons = {a: decisions_for(r, a)[0][1] for a in states}
+    expected = {"none": "no-consent", "optout": "opted-out-category",
+                "optout-all": "opted-out-all", "undeliverable": "undeliverable"}  # fmt: skip
+    assert reasons == {a: expected[s] for a, s in states.items()}
+
+
+async def test_sms_without_consent_is_told_apart_from_an_opt_out_on_both_apis(
+    g: SmsGateway,
+) -> None:
+    """No consent: the Twilio route keeps code 21610 (what an application already stops
+    on) with its own message; the native route answers its own problem type."""
+    r = g.running
+    err = await g.rejected(NUMBER, client=g.twilio("study"))
+    assert (err.status, err.code) == (400, 21610)
+    assert "consent" in err.msg and "unsubscribed" not in err.msg
+    body = {"to": NUMBER, "from": "+15005550006", "body": "Study", "category": "research"}
+    status, _, problem = await g.post("/v1/messages/sms", json=body)
+    assert status == 422 and problem["type"] == "urn:optgate:problem:no-consent", problem
+    assert problem["title"] == "Recipient has not consented" and "consent" in problem["detail"]
+    assert "5550107777" not in orjson.dumps(problem).decode()
+    await g.opt_out(NUMBER, "research")
+    status, _, problem = await g.post("/v1/messages/sms", json=body)
+    assert status == 422 and problem["type"] == "urn:optgate:problem:opted-out", problem
+    err = await g.rejected(NUMBER, client=g.twilio("study"))
+    assert err.code == 21610 and err.msg.endswith("Attempt to send to unsubscribed recipient")
+    assert g.stub.requests == []
+    assert [d[1] for d in decisions_for(r, NUMBER, "sms")] == [
+        "no-consent", "no-consent", "opted-out-category", "opted-out-category",
+    ]  # fmt: skip
 
 
 # -- one store command per message ---------------------------------------------------------------

@@ -49,10 +49,14 @@ async def test_sendgrid_spamreport_opts_out_of_everything_and_suppresses_the_nex
     fb: Fb,
 ) -> None:
     assert (await fb.marketing(PAT))[0] == 250 and len(fb.r.sink.messages) == 1
+    changes = {"kind": "optout", "source": "complaint"}
+    before = metrics.REGISTRY.get_sample_value("optgate_optout_changes_total", changes) or 0
     status, doc = await fb.sendgrid(
         sendgrid_event("open", PAT), sendgrid_event("spamreport", PAT.lower())
     )
     assert status == 200 and doc["outcomes"] == {"ignored": 1, "optout": 1}
+    after = metrics.REGISTRY.get_sample_value("optgate_optout_changes_total", changes)
+    assert after == before + 1  # a feedback-made opt-out is counted as every opt-out is
     record = await fb.r.gw.store.get("email", fb.email_pseudonym(PAT))  # type: ignore[union-attr]
     assert record is not None and record.all and record.source == "complaint"
     code, text = await fb.marketing(PAT, SAM)

@@ -91,6 +91,16 @@ TEMP_LOOKUP_FAILURE = Reply(
 ALL_SUPPRESSED_REJECTED = Reply(
     code=550, enhanced="5.7.1", text="Message not delivered: every recipient has opted out"
 )
+# What `suppressed_reply = "reject"` says of each suppress reason present, in this order:
+# the text names only reasons that hold, so a recipient without consent is never said to
+# have opted out. An all-opt-out message keeps `ALL_SUPPRESSED_REJECTED`'s text exactly.
+_SUPPRESSED_WHY = {
+    "opted-out-all": "has opted out",
+    "opted-out-category": "has opted out",
+    "no-consent": "has not consented to this category",
+    "undeliverable": "was reported undeliverable",
+}
+_SUPPRESSED_OTHER = "is suppressed"  # a suppress reason not named above
 # A copy that could not be DKIM-signed, as the upstream's per-recipient (code, text).
 SIGNING_FAILED = (554, "5.6.0 Message could not be DKIM-signed")
 SIGNING_UNAVAILABLE = (451, "4.3.0 DKIM signing unavailable")
@@ -225,12 +235,26 @@ def plan(
     summary = f"{len(decisions) - len(allowed)} of {len(decisions)} recipients suppressed"
     if not allowed:
         if suppressed_reply == "reject":
-            return ALL_SUPPRESSED_REJECTED
+            return all_suppressed_rejected(decisions)
         return _ok(f"message suppressed, {summary}")
     send = tuple(i for i in allowed if not delivered[i])
     if not send:
         return _ok(f"already delivered upstream, {summary}")
     return Plan(send=send, summary=summary)
+
+
+def all_suppressed_rejected(decisions: Sequence[Decision]) -> Reply:
+    """The `550 5.7.1` for a message whose every recipient was suppressed, its text naming
+    the reasons present (`_SUPPRESSED_WHY`); the enhanced code is 5.7.1 for each (RFC 3463
+    §3.8: delivery not authorized, message refused)."""
+    why = [_SUPPRESSED_WHY.get(d.reason, _SUPPRESSED_OTHER) for d in decisions]
+    order = [*dict.fromkeys(_SUPPRESSED_WHY.values()), _SUPPRESSED_OTHER]
+    present = [w for w in order if w in why]
+    if present == [_SUPPRESSED_WHY["opted-out-all"]]:
+        return ALL_SUPPRESSED_REJECTED
+    *first, last = present
+    said = f"{', '.join(first)} or {last}" if first else last
+    return Reply(code=550, enhanced="5.7.1", text=f"Message not delivered: every recipient {said}")
 
 
 def _shadow_plan(decisions: Sequence[Decision], delivered: Sequence[bool]) -> Plan | Reply:

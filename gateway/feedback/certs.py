@@ -23,6 +23,7 @@ import aiohttp
 from cryptography import x509
 
 from gateway import tls
+from gateway.errors import FetchFailed
 from gateway.feedback import sns
 
 FETCH_TIMEOUT_S = 5.0  # SNS waits 15 s for the endpoint's answer; leave room for the rest
@@ -30,10 +31,6 @@ MAX_CERT_BYTES = 16 * 1024  # a PEM certificate is 2-3 KiB
 MAX_CONFIRM_BYTES = 16 * 1024  # the ConfirmSubscription response is a short XML document
 CACHE_SIZE = 16  # one certificate per region in use, and its successor during a rotation
 USER_AGENT = "optgate"
-
-
-class FetchFailed(Exception):
-    """A certificate or confirmation GET gave no usable answer (the request is retried)."""
 
 
 @contextlib.contextmanager

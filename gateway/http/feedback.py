@@ -20,15 +20,16 @@ import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any, Final
 
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
 
 from gateway import metrics
 from gateway.core.entries import AuthFailure
-from gateway.errors import RETRY_AFTER_S, AuditError, StoreUnavailable
+from gateway.errors import RETRY_AFTER_S, AuditError, FetchFailed, StoreUnavailable
 from gateway.feedback import apply, sendgrid, ses, sns, twilio
-from gateway.feedback.certs import FetchFailed, SnsClient
+from gateway.feedback.certs import SnsClient
 from gateway.feedback.events import Event, Malformed, staleness
 from gateway.http import sms_input
 from gateway.http.app import DEPS_KEY, HttpDeps, body_deadline, problem
@@ -249,6 +250,61 @@ async def sms_status(request: web.Request) -> web.Response:
     if isinstance(event, Malformed):
         return _malformed("twilio", event)
     return await _applied(request, "twilio", (event,))
+
+
+# --- the API document (gateway.http.openapi) ---------------------------------------------------
+
+
+def _problem_doc(description: str) -> dict[str, Any]:
+    schema = {"$ref": "#/components/schemas/Problem"}
+    return {"description": description, "content": {"application/problem+json": {"schema": schema}}}
+
+
+_OUTCOMES: Final = {"type": "object", "additionalProperties": {"type": "integer"},
+                    "description": "events per outcome: optout, undeliverable, duplicate, "
+                                   "ignored"}  # fmt: skip
+_APPLIED: Final = {"description": "Handled, replays included (each event is applied once)",
+                   "content": {"application/json": {"schema": {
+                       "type": "object", "required": ["events", "outcomes"], "properties": {
+                           "events": {"type": "integer", "minimum": 0},
+                           "outcomes": _OUTCOMES}}}}}  # fmt: skip
+_REFUSED: Final = {
+    "400": _problem_doc("A malformed report (type urn:optgate:problem:malformed-feedback; "
+                        "the field is named, never quoted)"),
+    "403": _problem_doc("Not the provider's: the signature does not verify, or the report is "
+                        "too old (audited as auth_failure; nothing changed)"),
+    "404": _problem_doc("This source is not configured ([feedback], docs/feedback.md)"),
+    "408": _problem_doc("The body did not arrive in time"),
+    "413": _problem_doc("The body is too large"),
+    "503": _problem_doc("Store or audit log unavailable, or the event is being handled; "
+                        "retry after Retry-After"),
+}  # fmt: skip
+_TEXT_BODY: Final = {"type": "string"}
+OPENAPI_PATHS: Final[dict[str, Any]] = {
+    SENDGRID_ROUTE: {"post": {
+        "summary": "SendGrid Event Webhook (ECDSA signature with [feedback] "
+                   "sendgrid_public_key): spamreport, unsubscribe, group_unsubscribe -> "
+                   "opt-out; hard bounce -> undeliverable",
+        "requestBody": {"required": True, "content": {"application/json": {"schema": {
+            "type": "array", "items": {"type": "object"}}}}},
+        "responses": {"200": _APPLIED, **_REFUSED}}},
+    SES_ROUTE: {"post": {
+        "summary": "Amazon SES notifications through SNS (SNS signature; certificates only "
+                   "from [feedback] ses_cert_host): Complaint -> opt-out; permanent Bounce "
+                   "-> undeliverable; a SubscriptionConfirmation is confirmed",
+        "requestBody": {"required": True, "content": {
+            "text/plain": {"schema": _TEXT_BODY}, "application/json": {"schema": _TEXT_BODY}}},
+        "responses": {"200": {**_APPLIED, "description": "Handled (a subscription "
+                              "confirmation answers {\"subscription\": ...} instead)"},
+                      **_REFUSED}}},
+    STATUS_ROUTE: {"post": {
+        "summary": "Twilio message status callbacks (X-Twilio-Signature): ErrorCode 21610 "
+                   "-> opt-out; 30005, 30006 -> undeliverable",
+        "requestBody": {"required": True, "content": {"application/x-www-form-urlencoded": {
+            "schema": {"type": "object"}}}},
+        "responses": {"200": _APPLIED, **_REFUSED,
+                      "415": _problem_doc("Not a form")}}},
+}  # fmt: skip
 
 
 # --- wiring ------------------------------------------------------------------------------------

@@ -2,8 +2,8 @@
 
 Served without authentication (docs/guarantees.md §7.1). The admin and health routes are
 fuzzed against it in CI (tests/test_admin_schema.py, schemathesis): no ``5xx`` and no response
-that the document does not describe. The SMS and unsubscribe routes are described from their
-modules' contracts (docs/guarantees.md §4, §5).
+that the document does not describe. The SMS, unsubscribe and provider feedback routes are
+described from their modules' contracts (docs/guarantees.md §4, §5; docs/feedback.md).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import orjson
 from aiohttp import web
 
 from gateway import __version__
-from gateway.http import consents
+from gateway.http import consents, feedback, sms
 from gateway.http.app import HttpDeps
 
 PROBLEM: Final = "application/problem+json"
@@ -265,6 +265,11 @@ _PUBLIC_PATHS: Final[dict[str, Any]] = {
         "200": _json("OpenAPI 3.0", {"type": "object"})}}},
 }  # fmt: skip
 
+# Shadow mode (docs/shadow-mode.md): what enforce mode would have done with a text sent.
+_SHADOW: Final = {"type": "string", "enum": ["allow", "suppress"],
+                  "description": "shadow mode only: what enforce mode would have done"}
+_SHADOW_HEADER: Final = {sms.SHADOW_HEADER: {"schema": _SHADOW}}
+_SUPPRESSED_TYPES: Final = [f"{sms.PROBLEM_BASE}{k} ({t})" for k, (t, _) in sms.SUPPRESSED.items()]
 _OTHER_PATHS: Final[dict[str, Any]] = {
     "/2010-04-01/Accounts/{AccountSid}/Messages.json": {"post": {
         "summary": "Twilio-compatible SMS send (HTTP Basic: sender name and password)",
@@ -275,9 +280,11 @@ _OTHER_PATHS: Final[dict[str, Any]] = {
             "schema": {"type": "object", "required": ["To", "Body"], "properties": {
                 "To": {"type": "string"}, "From": {"type": "string"},
                 "Body": {"type": "string"}}}}}},
-        "responses": {"201": _json("Accepted by the provider", {"type": "object"}),
-                      "400": _json("Twilio error body (21610: unsubscribed recipient)",
-                                   {"type": "object"}),
+        "responses": {"201": {**_json("Accepted by the provider", {"type": "object"}),
+                              "headers": _SHADOW_HEADER},
+                      "400": _json("Twilio error body (21610: unsubscribed recipient, or no "
+                                   "consent to a consent-required category; 30003: reported "
+                                   "unreachable)", {"type": "object"}),
                       "401": _problem("Bad sender credentials"),
                       "403": _json("Twilio error body: the AccountSid is not the sender, the "
                                    "sender may not send SMS, or its default category is not "
@@ -289,12 +296,14 @@ _OTHER_PATHS: Final[dict[str, Any]] = {
             "type": "object", "required": ["to", "body"], "properties": {
                 "to": {"type": "string"}, "from": {"type": "string"},
                 "body": {"type": "string"}, "category": {"type": "string"}}}}}},
-        "responses": {"201": _json("Sent", {"type": "object", "properties": {
-                          "id": {"type": "string"}, "status": {"type": "string"}}}),
+        "responses": {"201": {**_json("Sent", {"type": "object", "required": ["id", "status"],
+                          "properties": {"id": {"type": "string"}, "status": {"type": "string"},
+                                         "shadow": _SHADOW}}), "headers": _SHADOW_HEADER},
                       "400": _problem("Invalid message"), "401": _problem("Bad credentials"),
                       "403": _problem("Category not permitted for this sender (its category "
                                       "grants), or the sender may not send SMS"),
-                      "422": _problem("Recipient has opted out"),
+                      "422": _problem("Recipient suppressed, one type per reason: "
+                                      + ", ".join(_SUPPRESSED_TYPES)),
                       "503": _problem("Store or provider unavailable")}}},
     "/sms/inbound": {"post": {
         "summary": "The provider's inbound webhook (signature verified): STOP, START, HELP; "
@@ -327,16 +336,20 @@ def document() -> dict[str, Any]:
     readiness = {"type": "object", "required": ["status", "checks"], "properties": {
         "status": {"type": "string", "enum": ["ready", "not ready"]},
         "checks": {"type": "object", "additionalProperties": {
-            "type": "string", "enum": ["ok", "unavailable"]}}}}  # fmt: skip
+            "type": "string", "enum": ["ok", "unavailable"]}},
+        "mode": {"type": "string", "enum": ["shadow"], "description": "only in shadow mode "
+                 "(docs/shadow-mode.md): opt-outs are decided and audited, not enforced"},
+        "warning": {"type": "string", "description": "only in shadow mode: says so"}}}  # fmt: skip
     return {
         "openapi": "3.0.3",
         "info": {
             "title": "optgate",
             "version": __version__,
             "description": "Opt-out enforcing message gateway: admin, health, SMS and "
-            "unsubscribe routes. Errors are RFC 9457 problem documents.",
+            "unsubscribe and provider feedback routes. Errors are RFC 9457 problem documents.",
         },
-        "paths": {**_PUBLIC_PATHS, **_ADMIN_PATHS, **consents.OPENAPI_PATHS, **_OTHER_PATHS},
+        "paths": {**_PUBLIC_PATHS, **_ADMIN_PATHS, **consents.OPENAPI_PATHS, **_OTHER_PATHS,
+                  **feedback.OPENAPI_PATHS},
         "components": {
             "schemas": {**_SCHEMAS, **consents.OPENAPI_SCHEMAS, "Readiness": readiness},
             "securitySchemes": {

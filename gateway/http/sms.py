@@ -6,11 +6,12 @@
 
 The Twilio route answers every error in Twilio's own body shape (`code`, `message`,
 `more_info`, `status`), so the official SDK raises `TwilioRestException` with the code an
-application already handles (21610 for an opted-out recipient). The native route answers
-RFC 9457 problems; an opted-out recipient is `422` with type `PROBLEM_BASE + "opted-out"`:
-the request was well formed and authorised, the recipient's consent is what refuses it,
-so it is neither a malformed request (400) nor a permission problem (403, which clients
-treat as a credentials fault), and resending it unchanged will not help (unlike 409/503).
+application already handles (21610 for an opted-out recipient, and for one without consent
+to a consent-required category). The native route answers RFC 9457 problems; a suppressed
+recipient is `422` with one type per reason (`SUPPRESSED`): the request was well formed and
+authorised, the recipient's wishes are what refuse it, so it is neither a malformed request
+(400) nor a permission problem (403, which clients treat as a credentials fault), and
+resending it unchanged will not help (unlike 409/503).
 
 Input is checked before anything is looked up or sent: sender credentials (HTTP Basic),
 content type, size (the app's 64 KiB limit), encoding and fields (`gateway.sms.message`).
@@ -57,6 +58,25 @@ WORKER_STOP_S = 5.0  # the retry worker's last Redis call or forward may take th
 # done, "allow" or "suppress", in this header (and the native answer in a "shadow" field).
 # A header leaves the provider's Twilio body as it was, so the SDK reads it unchanged.
 SHADOW_HEADER = "Optgate-Shadow"
+# The native API's 422 for a suppressed recipient, one problem type per reason (type
+# `PROBLEM_BASE + kind`), so an application can tell "asked us to stop" from "never agreed"
+# from "cannot be reached": (title, detail), neither quoting the number.
+SUPPRESSED = {
+    "opted-out": (
+        "Recipient has opted out",
+        "The recipient opted out of this category or of every text; nothing was sent.",
+    ),
+    "no-consent": (
+        "Recipient has not consented",
+        "The category requires the recipient's consent and none is valid (never given,"
+        " revoked or expired); nothing was sent.",
+    ),
+    "undeliverable": (
+        "Recipient is undeliverable",
+        "A provider reported the number unreachable; nothing is sent to it until the mark"
+        " expires.",
+    ),
+}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -192,7 +212,8 @@ def _native_result(result: Result) -> web.Response:
             answer.update({"shadow": result.shadow} if result.shadow else {})
             return web.json_response(answer, status=201, headers=shadow or None)
         if reply.status == 400 and reply.error_code == message.OPTED_OUT.code:
-            return _problem(422, "opted-out", "Recipient has opted out", txn=result.txn)
+            title, detail = SUPPRESSED["opted-out"]
+            return _problem(422, "opted-out", title, detail=detail, txn=result.txn)
         if reply.status == 429:
             retry = reply.retry_after if reply.retry_after.isdigit() else RETRY_AFTER
             return problem(503, "Provider rate limit", headers={"Retry-After": retry})
@@ -211,10 +232,9 @@ def _native_result(result: Result) -> web.Response:
             result.status, "provider-unreachable", "The SMS provider gave no answer",
             outcome=result.outcome, txn=result.txn,
         )  # fmt: skip
-    if result.kind == "opted-out":
-        return _problem(422, "opted-out", "Recipient has opted out", txn=result.txn)
-    if result.kind == "undeliverable":  # a provider reported it unreachable (docs/feedback.md)
-        return _problem(422, "undeliverable", "Recipient is undeliverable", txn=result.txn)
+    if result.kind in SUPPRESSED:
+        title, detail = SUPPRESSED[result.kind]
+        return _problem(422, result.kind, title, detail=detail, txn=result.txn)
     if result.kind == "category-not-permitted":
         # The sender's grants, not the request's form, refuse it: a permission problem.
         return _problem(

@@ -21,7 +21,7 @@ before the lookup and a failed lookup are as in enforce mode.
 
 A consent-required category (docs/consent.md) reads the number's consents in the same
 lookup; without a valid one the text is suppressed (reason ``no-consent``) and refused as
-for an opted-out number.
+for an opted-out number (Twilio's 21610, with its own message; the native API's own type).
 
 A provider error 21610 ("unsubscribed recipient": the number texted STOP to the provider
 directly) is copied into the local store as an opt-out of everything on SMS, so the next
@@ -40,7 +40,7 @@ from typing import Literal
 
 import structlog
 
-from gateway import metrics
+from gateway import logs, metrics
 from gateway.config import Sender
 from gateway.core import categories, entries, grants, mail, policy
 from gateway.core.categories import Unchosen, Why
@@ -66,9 +66,17 @@ PROVIDER_OPT_OUT_SOURCE = keywords_store.PROVIDER_SOURCE
 # A number under an undeliverable mark: Twilio's "Unreachable destination handset", so an
 # application tells it apart from an opt-out (21610) with the error handling it has.
 UNREACHABLE = Refusal(code=30003, message="The recipient was reported unreachable; not sent.")
+# No valid consent to a consent-required category (docs/consent.md): Twilio's 21610, as for
+# an opted-out number, since the recipient has not subscribed to this category and an
+# application already stops sending on 21610; only the message says why.
+NO_CONSENT = Refusal(
+    code=UNSUBSCRIBED,
+    message="Attempt to send to a recipient without consent to this category",
+)
 
 RefusedKind = Literal[
     "opted-out",
+    "no-consent",  # a consent-required category, no valid consent (docs/consent.md)
     "undeliverable",  # a provider reported the number unreachable (`gateway.feedback`)
     "store-unavailable",  # also a record that does not decrypt: doubt fails closed
     "audit-unavailable",
@@ -146,8 +154,13 @@ class SmsFlow:
 
     async def send(self, sender: Sender, out: Outgoing, category_name: str = "") -> Result:
         """Decide and, when allowed, send `out` for `sender`. Never raises for a policy
-        outcome or a store, audit or provider failure: each is a `Result`."""
+        outcome or a store, audit or provider failure: each is a `Result`. Every event
+        logged meanwhile carries ``txn`` (`logs.transaction`)."""
         txn = secrets.token_hex(8)
+        with logs.transaction(txn):
+            return await self._send(sender, out, category_name, txn)
+
+    async def _send(self, sender: Sender, out: Outgoing, category_name: str, txn: str) -> Result:
         if self._provider is None:
             return Refused(txn=txn, kind="not-configured")
         rules = self._rules()
@@ -169,14 +182,14 @@ class SmsFlow:
             return Refused(txn=txn, kind="body-too-long", refusal=body)
         base["category"] = category.name
 
-        decision = await self._lookup(category, recipient, txn)
+        decision = await self._lookup(category, recipient)
         # Shadow mode forwards what would be suppressed; a deferral (no decision could be
         # made) is refused in either mode.
         shadowed = self._shadow and decision.verdict is Verdict.SUPPRESS
         try:
             await self._audit.append([_decision(base, decision, shadow=shadowed)])
         except AuditError:
-            log.error("audit_unavailable", txn=txn, channel=CHANNEL)
+            log.error("audit_unavailable", channel=CHANNEL)
             metrics.audit_write_failure("sms")
             return Refused(txn=txn, kind="audit-unavailable")
         metrics.decision(decision.verdict.value, CHANNEL, category.name)
@@ -184,6 +197,8 @@ class SmsFlow:
             metrics.shadow_suppression(CHANNEL, category.name)
         elif decision is mail.UNDELIVERABLE:
             return Refused(txn=txn, kind="undeliverable", refusal=UNREACHABLE)
+        elif decision is policy.NO_CONSENT:
+            return Refused(txn=txn, kind="no-consent", refusal=NO_CONSENT)
         elif decision.verdict is Verdict.SUPPRESS:
             return Refused(txn=txn, kind="opted-out", refusal=message.OPTED_OUT)
         elif decision.verdict is not Verdict.ALLOW:
@@ -194,7 +209,7 @@ class SmsFlow:
             return dataclasses.replace(sent, shadow=decision.verdict.value)
         return sent
 
-    async def _lookup(self, category: Category, recipient: str, txn: str) -> Decision:
+    async def _lookup(self, category: Category, recipient: str) -> Decision:
         """The decision for one number; a failed lookup fails closed (defer)."""
         if not category.opt_out:
             return policy.NOT_OPT_OUTABLE
@@ -208,7 +223,7 @@ class SmsFlow:
                 else:
                     states = await self._store.lookup(CHANNEL, [recipient])
         except StoreUnavailable:
-            log.warning("store_unavailable", txn=txn, channel=CHANNEL)
+            log.warning("store_unavailable", channel=CHANNEL)
             metrics.store_error("lookup")
             return policy.STORE_UNAVAILABLE
         decided = mail.decide(category, states)  # opt-outs, then an undeliverable mark
@@ -223,7 +238,7 @@ class SmsFlow:
             with metrics.upstream_latency(CHANNEL):
                 reply = await provider.send(out.form(body))
         except ProviderError as exc:
-            log.warning("sms_provider_error", txn=txn, status=exc.status, outcome=exc.outcome)
+            log.warning("sms_provider_error", status=exc.status, outcome=exc.outcome)
             metrics.upstream_error(CHANNEL, "timeout" if exc.status == 504 else "unavailable")
             await self._record_outcome(base, outcome=exc.outcome, code=exc.status)
             return Failed(txn=txn, status=exc.status, outcome=exc.outcome)
@@ -264,7 +279,7 @@ class SmsFlow:
         try:
             await self._audit.append([_decision({**base, "category": category}, d)])
         except AuditError:
-            log.error("audit_unavailable", txn=base["txn"], channel=CHANNEL)
+            log.error("audit_unavailable", channel=CHANNEL)
             metrics.audit_write_failure("sms")
             return
         metrics.decision(d.verdict.value, CHANNEL, category)
@@ -300,7 +315,7 @@ class SmsFlow:
         try:
             await self._audit.append([event])
         except AuditError:
-            log.error("audit_outcome_write_failed", txn=base["txn"], channel=CHANNEL)
+            log.error("audit_outcome_write_failed", channel=CHANNEL)
             metrics.audit_write_failure("sms")
 
     async def _copy_provider_opt_out(self, base: dict[str, str], recipient: str, e164: str) -> None:
@@ -337,7 +352,7 @@ class SmsFlow:
             # attempted again on the next send.
             if isinstance(exc, AuditError):
                 metrics.audit_write_failure("sms")
-            log.warning("provider_opt_out_not_copied", txn=base["txn"])
+            log.warning("provider_opt_out_not_copied")
 
 
 def _decision(base: dict[str, str], d: Decision, *, shadow: bool = False) -> entries.Decision:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from gateway import metrics
+from gateway import logs, metrics
 from gateway.config import Sender
 from gateway.core import mail, policy, tokens
 from gateway.core import message as msg
@@ -127,8 +127,13 @@ class EmailFlow:
 
     async def process(self, sub: Submission) -> Reply:
         """Decide, audit and deliver one message; the reply to give for it. Raises only
-        `AuditError` (the decisions could not be made durable: nothing was sent)."""
+        `AuditError` (the decisions could not be made durable: nothing was sent). Every
+        event logged meanwhile, the upstream's included, carries ``txn`` (`logs.transaction`)."""
         txn = new_txn()
+        with logs.transaction(txn):
+            return await self._process(sub, txn)
+
+    async def _process(self, sub: Submission, txn: str) -> Reply:
         ring = self._keyring()
         rcpts = [self._rcpt(ring, a) for a in sub.rcpts]
         rules = self._rules()
@@ -168,7 +173,7 @@ class EmailFlow:
         try:
             decisions, delivered = await self._decide(m.category, rcpts, m.digest)
         except StoreUnavailable:
-            log.warning("store_unavailable", txn=t.txn)
+            log.warning("store_unavailable")
             await self._decisions(t, rcpts, [policy.STORE_UNAVAILABLE] * len(rcpts))
             return mail.TEMP_LOOKUP_FAILURE
         await self._decisions(t, rcpts, decisions)
@@ -189,13 +194,13 @@ class EmailFlow:
             # The decisions are durable already and the upstream has the copies; asking the
             # sender to retry now would only duplicate them. The writer now refuses further
             # appends, so the next message fails closed.
-            log.error("audit_outcome_write_failed", txn=t.txn)
+            log.error("audit_outcome_write_failed")
             metrics.audit_write_failure("smtp")
         if done.remember:
             try:
                 await self._store.remember_delivered(m.digest, done.remember)
             except StoreUnavailable:
-                log.warning("remember_delivered_failed", txn=t.txn)
+                log.warning("remember_delivered_failed")
         return done.reply
 
     async def _refuse(self, t: mail.Txn, rcpts: Sequence[_Rcpt], refusal: Refusal) -> Reply:

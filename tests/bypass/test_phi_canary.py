@@ -3,6 +3,13 @@ through a real in-process gateway (SMTP, HTTPS, the provider's signed webhook) a
 command line (processes), then are looked for, in every spelling, in everything the gateway
 keeps or says: its log output, every audit file, every store key and value (and the
 store's AOF file), /metrics, and every refusal it answered. No hit anywhere.
+
+Consent (a consent-required `research`: the API, the command line, a refused evidence
+value, the no-consent refusals on both SMS APIs and SMTP) runs in this one canary too.
+Provider feedback, shadow mode and the review console each need a gateway of their own
+(feedback sources, `mode = "shadow"`, console users) and have their canaries beside their
+features: tests/bypass/test_feedback.py, tests/test_review_console.py (shadow mode only
+adds a header and a field naming a decision, never a recipient).
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -24,6 +32,7 @@ from tests.support.cli import optgate
 from tests.support.raw_smtp import RawSMTP
 from tests.support.sms_provider import SENDERS, SmsGateway, sms_gateway
 from tests.support.smtp_sink import TestPki
+from tests.test_consent import consent_rules
 
 EMAIL = "Canary.Patient+Rx7@Example.org"
 IDN = "canary.anna@straße.de"  # IDNA 2008: xn--strae-oqa.de (never strasse.de)
@@ -32,6 +41,9 @@ HIDDEN = "canary.hidden.q7@example.org"  # only ever in a Bcc: field
 FROM_CANARY = "canary.sender.q8@example.org"  # a header From the sender may not use
 NUMBER = "+15559870000"
 NUMBER_21610 = "+15559870001"  # the provider says it texted STOP there
+CONSENTED = "Canary.Consent.Q9@Example.org"  # holds a consent to research, then revokes it
+NUMBER_CONSENT = "+15559870002"  # granted on the command line, revoked through the API
+NUMBER_NO_CONSENT = "+15559870003"  # sent research without a consent
 CANARY_TEXTS = (
     phi.email_forms(EMAIL)
     | phi.email_forms(IDN)
@@ -39,6 +51,9 @@ CANARY_TEXTS = (
     | phi.email_forms(FROM_CANARY)
     | phi.phone_forms(NUMBER)
     | phi.phone_forms(NUMBER_21610)
+    | phi.email_forms(CONSENTED)
+    | phi.phone_forms(NUMBER_CONSENT)
+    | phi.phone_forms(NUMBER_NO_CONSENT)
     | {"canary.anna@strasse.de"}  # what IDNA 2003 would have made of IDN
 )
 UNSUB_RCPT = "unsubscribe@unsubscribe.localhost"
@@ -55,9 +70,15 @@ BOUND = {
 
 @pytest.fixture
 async def cg(
-    make_gateway: GatewayFactory, pki: TestPki, monkeypatch: pytest.MonkeyPatch
+    make_gateway: GatewayFactory, pki: TestPki, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> AsyncIterator[SmsGateway]:
-    async with sms_gateway(make_gateway, pki, monkeypatch, senders=[*SENDERS, BOUND]) as g:
+    rules = consent_rules(tmp_path / "rules")  # research is consent-required
+
+    async def with_rules(**overrides: Any) -> Running:
+        running: Running = await make_gateway(rules={"dir": str(rules)}, **overrides)
+        return running
+
+    async with sms_gateway(with_rules, pki, monkeypatch, senders=[*SENDERS, BOUND]) as g:
         yield g
 
 
@@ -250,6 +271,35 @@ async def test_no_canary_address_or_number_appears_in_logs_audit_store_metrics_o
     g.stub.status = g.stub.error_code = None
     assert (await r.gw.store.get("sms", g.pseudonym(NUMBER_21610))) is not None  # copied
 
+    # Consent: granted on the command line and through the API, a refused evidence value
+    # (an address), sends refused for want of one on all three surfaces, then revoked.
+    await cli("consent", "grant", "--channel", "sms", "--category", "research",
+              "--evidence", "dms:canary", NUMBER_CONSENT)  # fmt: skip
+    grant = f"/v1/consents/email/{CONSENTED}/research"
+    evidence = {"evidence": "dms:4f2a9c", "terms_version": "v3"}
+    assert (await https(g, said, "PUT", grant, json=evidence, headers=bearer))[0] == 200
+    assert (await https(g, said, "GET", grant, headers=bearer))[0] == 200
+    bad = await https(g, said, "PUT", grant, json={"evidence": CONSENTED}, headers=bearer)
+    assert bad[0] == 400
+    code = await smtp(
+        r, said, "consent", rcpts=[CONSENTED, "sam.q@example.net"],
+        data=mail("X-Optgate-Category: research"),
+    )  # fmt: skip
+    assert code == 250 and len(r.sink.messages) == 3  # the consented copy only
+    research = {"to": NUMBER_NO_CONSENT, "from": "+15005550006", "body": "Study",
+                "category": "research"}  # fmt: skip
+    status, _ = await https(g, said, "POST", NATIVE, json=research, headers=basic("app"))
+    assert status == 422  # no-consent
+    sent = len(g.stub.requests)
+    research["to"] = NUMBER_CONSENT
+    status, _ = await https(g, said, "POST", NATIVE, json=research, headers=basic("app"))
+    assert status == 201 and len(g.stub.requests) == sent + 1
+    revoke = f"/v1/consents/sms/{NUMBER_CONSENT}/research"
+    assert (await https(g, said, "DELETE", revoke, headers=bearer))[0] == 200
+    assert (await https(g, said, "DELETE", grant, headers=bearer))[0] == 200
+    status, _ = await https(g, said, "POST", NATIVE, json=research, headers=basic("app"))
+    assert status == 422  # now opted out
+
     # The store emptied: refused everywhere, not ready; then a new store and a rebuild.
     await r.gw.store.client.flushall()
     code = await smtp(r, said, "emptied store", rcpts=[EMAIL], data=MARKETING)
@@ -264,7 +314,7 @@ async def test_no_canary_address_or_number_appears_in_logs_audit_store_metrics_o
     await cli("optout", "rebuild", "--from-audit")
     await settle(r)
     code = await smtp(r, said, "after rebuild", rcpts=[EMAIL], data=MARKETING)
-    assert code == 250 and len(r.sink.messages) == 2  # still suppressed
+    assert code == 250 and len(r.sink.messages) == 3  # still suppressed
     assert (await twilio_send(g, said, NUMBER)) == 400
 
     # Everything the gateway keeps or says.
