@@ -33,26 +33,15 @@ from gateway.core.records import pseudonym
 from tests.conftest import GatewayFactory, Running
 from tests.support import phi, processes
 from tests.support.redis_servers import RedisServer, short_tempdir, start_standalone
+from tests.support.rules import SHIPPED, consent_rules
 from tests.support.sms_provider import SENDERS, SmsGateway, sms_gateway
 from tests.support.smtp_sink import TestPki
 
-SHIPPED = Path(__file__).resolve().parents[1] / "rules"
 PAT = "Pat.Consent@Clinic.Example"  # canonical: Pat.Consent@clinic.example
 SAM = "sam.noconsent@clinic.example"
 NUMBER = "+15550107777"
 STUDY = {"name": "study", "password_env": "OPTGATE_TEST_APP", "default_category": "research"}
 CONSENT_PUT = {"source": "form", "evidence": "dms:4f2a9c", "terms_version": "v3"}
-
-
-def consent_rules(folder: Path) -> Path:
-    """The shipped rules, with research consent-required."""
-    shutil.copytree(SHIPPED, folder)
-    cats = folder / "categories.toml"
-    text = cats.read_text()
-    marker = 'name = "research"\n'
-    assert marker in text
-    cats.write_text(text.replace(marker, marker + 'consent = "required"\n'))
-    return folder
 
 
 @pytest.fixture

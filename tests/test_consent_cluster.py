@@ -25,7 +25,7 @@ from gateway.store.consent import consent_slot
 from gateway.store.names import record_slot
 from tests.conftest import GatewayFactory, Running
 from tests.support.redis_servers import Cluster, RedisServer
-from tests.test_consent import consent_rules
+from tests.support.rules import consent_rules
 
 pytestmark = pytest.mark.slow
 

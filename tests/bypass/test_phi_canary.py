@@ -30,9 +30,9 @@ from tests.conftest import APP_PASSWORD, GatewayFactory, Running
 from tests.support import phi
 from tests.support.cli import optgate
 from tests.support.raw_smtp import RawSMTP
+from tests.support.rules import consent_rules
 from tests.support.sms_provider import SENDERS, SmsGateway, sms_gateway
 from tests.support.smtp_sink import TestPki
-from tests.test_consent import consent_rules
 
 EMAIL = "Canary.Patient+Rx7@Example.org"
 IDN = "canary.anna@straße.de"  # IDNA 2008: xn--strae-oqa.de (never strasse.de)
