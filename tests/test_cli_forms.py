@@ -305,7 +305,9 @@ def test_a_number_without_its_area_code_gets_a_hint_not_an_echo(cfg: Path) -> No
 
 
 @pytest.mark.parametrize(
-    "group", ["", "serve", "optout", "audit", "keys", "store", "rules", "sync", "certs"]
+    "group",
+    ["", "serve", "optout", "audit", "keys", "store", "rules", "sync", "certs", "senders",
+     "consent", "users"],
 )
 def test_help_works_for_every_group(group: str) -> None:
     got = run(*([group] if group else []), "--help")
