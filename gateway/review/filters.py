@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from gateway.config import Config
+from gateway.core.channels import CHANNELS as CHANNELS  # noqa: PLC0414 - the pages name it filters.CHANNELS
 from gateway.core.keys import Keyring
 from gateway.core.records import keyed_message_id, pseudonym
 from gateway.errors import BadInput
@@ -21,7 +22,6 @@ from gateway.optout_fields import canonical, time_of
 from gateway.review.index import Query
 
 DECISIONS: Final = ("allow", "suppress", "defer", "reject")
-CHANNELS: Final = ("email", "sms")
 PSEUDONYM_RE: Final = re.compile(r"[0-9a-f]{32}")
 # Senders, categories, transaction ids: configuration words and random ids, never PHI.
 WORD_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
