@@ -16,9 +16,9 @@ a recipient who revoked and consents again must also be opted back in
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable
+from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from gateway import metrics
 from gateway.core.consent import Consent, Consents, iso, state_json
@@ -27,44 +27,10 @@ from gateway.core.records import Record
 from gateway.core.rules import Rules
 from gateway.errors import BadInput
 from gateway.optout_fields import categories_of, change_events
-from gateway.ports import Audit
-from gateway.store.consent import ConsentAudit, ConsentChange, ConsentWritten
-from gateway.store.writes import Audit as AuditFirst
+from gateway.ports import Audit, Consenting
+from gateway.ports import ConsentStore as Store
+from gateway.store.consent import ConsentWritten
 from gateway.store.writes import Written
-
-
-class Consenting(Protocol):
-    """What a grant or a withdrawal of consents needs of the store (`OptOutStore`)."""
-
-    async def change_consents(
-        self,
-        channel: str,
-        pseudonym: str,
-        change: ConsentChange,
-        *,
-        audit: ConsentAudit | None = None,
-    ) -> ConsentWritten: ...
-
-
-class Store(Consenting, Protocol):
-    """What a revoke needs of the store: also the read and the opt-out (`OptOutStore`)."""
-
-    async def get_consents(
-        self, channel: str, pseudonym: str
-    ) -> tuple[Record | None, Consents | None]: ...
-
-    async def opt_out_change(
-        self,
-        channel: str,
-        pseudonym: str,
-        *,
-        categories: Iterable[str] = (),
-        all: bool = False,
-        source: str,
-        now: float,
-        address: str = "",
-        audit: AuditFirst | None = None,
-    ) -> Written: ...
 
 
 def category_of(rules: Rules, channel: str, name: str, *, granting: bool) -> str:

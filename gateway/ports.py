@@ -76,15 +76,8 @@ class TextStore(Protocol):
     ) -> Any: ...
 
 
-class ConsentStore(Protocol):
-    """The unsubscribe path: read one record, change it audit-first; and the recipient's
-    consents to consent-required categories (an unsubscribe revokes them)."""
-
-    async def get(self, channel: str, pseudonym: str) -> Record | None: ...
-
-    async def get_consents(
-        self, channel: str, pseudonym: str
-    ) -> tuple[Record | None, Consents | None]: ...
+class Consenting(Protocol):
+    """A grant or a withdrawal of consents (`gateway.consents`), audited first."""
 
     async def change_consents(
         self,
@@ -95,6 +88,18 @@ class ConsentStore(Protocol):
         audit: ConsentAudit | None = None,
     ) -> ConsentWritten: ...
 
+
+class ConsentStore(Consenting, Protocol):
+    """The unsubscribe path and a consent revoke: read one record, change it audit-first;
+    and the recipient's consents to consent-required categories (an unsubscribe revokes
+    them, and a revoke is also an opt-out)."""
+
+    async def get(self, channel: str, pseudonym: str) -> Record | None: ...
+
+    async def get_consents(
+        self, channel: str, pseudonym: str
+    ) -> tuple[Record | None, Consents | None]: ...
+
     async def opt_out_change(
         self,
         channel: str,
@@ -104,5 +109,6 @@ class ConsentStore(Protocol):
         all: bool = False,
         source: str,
         now: float,
+        address: str = "",
         audit: AuditFirst | None = None,
     ) -> Written: ...

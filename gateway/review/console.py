@@ -79,7 +79,7 @@ CONSOLE = web.AppKey("review_console", Console)
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Viewer:
-    """The person a page is shown to: their session, role and this session's CSRF token."""
+    """The person a page is shown to: their sign-in, role and the CSRF token issued with it."""
 
     session: auth.Session
     user: str
@@ -206,7 +206,7 @@ async def _viewer(
 
 def page(action: str, role: str = "auditor") -> Callable[[Page], Callable[..., Any]]:
     """Wrap a page so it runs only for a live session whose user may see it (`role`),
-    and, for a POST, only with this session's CSRF token. `action` names the page in
+    and, for a POST, only with the CSRF token of that sign-in. `action` names the page in
     the audit entry of a refusal."""
 
     def wrap(handler: Page) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
