@@ -44,9 +44,11 @@ def test_helpers_count_and_never_label_phi() -> None:
         metrics.optout_change("optout", canary)
         with metrics.lookup_latency(canary), metrics.upstream_latency("email"):
             pass
-    metrics.optout_effect_seconds("one-click", 0.2)
-    metrics.optout_effect_seconds("one-click", 0.1)
-    assert value("optgate_optout_effect_worst_seconds", source="one-click") == 0.2
+    # The worst is a max over the process (other tests in it may have set one already).
+    worst = value("optgate_optout_effect_worst_seconds", source="one-click")
+    metrics.optout_effect_seconds("one-click", worst + 0.2)
+    metrics.optout_effect_seconds("one-click", worst + 0.1)
+    assert value("optgate_optout_effect_worst_seconds", source="one-click") == worst + 0.2
     text = metrics.exposition().decode()
     for canary in CANARIES:
         assert canary not in text and canary.lower() not in text

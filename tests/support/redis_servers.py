@@ -245,9 +245,44 @@ class Cluster:
         deadline = time.monotonic() + CLUSTER_TIMEOUT_S
         while time.monotonic() < deadline:
             if all(self._ready(n) for n in self.nodes) and self._replicated():
-                return self
+                break
             time.sleep(0.05)
-        raise RuntimeError("the cluster did not reach cluster_state:ok")
+        else:
+            raise RuntimeError("the cluster did not reach cluster_state:ok")
+        while not self._replicas_confirm():  # a loaded machine: the links still settling
+            if time.monotonic() > deadline:
+                raise RuntimeError("the replicas did not confirm a write in time")
+            time.sleep(0.1)
+        return self
+
+    def _replicas_confirm(self) -> bool:
+        """A write on every primary is fsynced there and held by its replicas within a
+        second (WAITAOF, as the gateway's durable writes ask), so a test's first durable
+        write does not meet replicas still finishing their first sync."""
+        if not self.replicas:
+            return True
+        client = redis.RedisCluster(host="127.0.0.1", port=self.nodes[0].port)
+        try:
+            return self._probe(client)
+        except redis.RedisError:
+            return False
+        finally:
+            client.close()
+
+    def _probe(self, client: redis.RedisCluster) -> bool:
+        seen: set[str] = set()
+        for i in range(200):
+            key = f"og-probe-{i}"
+            node = client.get_node_from_key(key)
+            if node is None or node.name in seen:
+                continue
+            seen.add(node.name)
+            client.set(key, b"1")
+            got = client.execute_command("WAITAOF", 1, self.replicas, 1000, target_nodes=node)
+            client.delete(key)
+            if int(got[0]) < 1 or int(got[1]) < self.replicas:
+                return False
+        return len(seen) == 3
 
     def _start(self, node: RedisServer) -> None:
         try:
