@@ -28,6 +28,10 @@ Consents (docs/consent.md) are replayed with them, in the same order: a
 given and expiry times), a ``consent_revoked`` marks the category's consent revoked at the
 entry's time (its opt-out is an ``optout`` entry of its own).
 
+Undeliverable marks (docs/feedback.md) too: a ``feedback`` entry with outcome
+``undeliverable`` marks its recipient again until the ``until`` it names, unless that time
+has passed (a later report for the same recipient, replayed after it, sets the later time).
+
 The chain is verified first (`audit.verify`); a broken chain refuses the rebuild unless
 the caller allows it, since an edited log could replay opt-ins nobody asked for.
 """
@@ -46,11 +50,13 @@ import orjson
 from gateway.core import consent
 from gateway.core.consent import Consent, Consents
 from gateway.core.records import CHANNELS
+from gateway.store import feedback
 from gateway.store.names import check_hex
 from gateway.store.redis_store import OptOutStore
 
 CHANGE_EVENTS: Final = frozenset({"optout", "optin"})
 CONSENT_EVENTS: Final = frozenset({"consent_granted", "consent_revoked"})
+UNDELIVERABLE: Final = "undeliverable"  # a ``feedback`` entry's outcome that set a mark
 PROGRESS_EVERY: Final = 10_000  # replayed changes between two progress lines
 ALL: Final = "all"  # a one-click entry's `category` when the recipient left everything
 
@@ -81,6 +87,17 @@ class ConsentChange:
     at: float
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MarkChange:
+    """One audited undeliverable mark (a provider's hard bounce or unreachable number)."""
+
+    order: tuple[str, str, int]
+    channel: str
+    pseudonym: str
+    until: float
+    source: str
+
+
 @dataclass(slots=True)
 class Tally:
     """What a rebuild did: the JSON summary it prints."""
@@ -91,6 +108,7 @@ class Tally:
     optins: int = 0
     skipped: int = 0  # optout/optin entries that name no usable recipient or scope
     consents: int = 0  # consent grants and revokes replayed
+    undeliverable: int = 0  # undeliverable marks set again (those not lapsed yet)
     recipients: set[tuple[str, str]] = field(default_factory=set)
 
     def summary(self) -> dict[str, Any]:
@@ -101,6 +119,7 @@ class Tally:
             "optins": self.optins,
             "skipped": self.skipped,
             "consents": self.consents,
+            "undeliverable": self.undeliverable,
             "recipients": len(self.recipients),
         }
 
@@ -189,9 +208,34 @@ def consent_change_of(entry: dict[str, Any]) -> ConsentChange | None:
     )
 
 
-def changes(path: Path, tally: Tally) -> list[Change | ConsentChange]:
+def mark_of(entry: dict[str, Any]) -> MarkChange | None:
+    """The mark a ``feedback`` entry set; None when it set none (an opt-out, a duplicate)."""
+    channel, pseud, until = entry.get("channel"), entry.get("recipient"), entry.get("until")
+    if entry.get("outcome") != UNDELIVERABLE or channel not in CHANNELS:
+        return None
+    if not isinstance(pseud, str) or not isinstance(until, str):
+        return None
+    try:
+        check_hex(pseud, "recipient")
+    except ValueError:
+        return None
+    seq = entry.get("seq")
+    return MarkChange(
+        order=(
+            str(entry.get("ts", "")),
+            str(entry.get("stream", "")),
+            seq if isinstance(seq, int) else 0,
+        ),
+        channel=str(channel),
+        pseudonym=pseud,
+        until=_at(until),
+        source=str(entry.get("source") or "bounce")[:64],
+    )
+
+
+def changes(path: Path, tally: Tally) -> list[Change | ConsentChange | MarkChange]:
     """Every change in `path` (a file or a folder of streams), oldest first."""
-    found: list[Change | ConsentChange] = []
+    found: list[Change | ConsentChange | MarkChange] = []
     for file in _files(path):
         for line in _lines(file):
             try:
@@ -201,6 +245,11 @@ def changes(path: Path, tally: Tally) -> list[Change | ConsentChange]:
             if not isinstance(entry, dict):
                 continue
             tally.entries += 1
+            if entry.get("event") == "feedback":
+                mark = mark_of(entry)
+                if mark is not None:
+                    found.append(mark)
+                continue
             if entry.get("event") in CONSENT_EVENTS:
                 tally.changes += 1
                 grant_or_revoke = consent_change_of(entry)
@@ -233,14 +282,24 @@ async def _replay_consent(store: OptOutStore, change: ConsentChange) -> None:
 
 async def replay(
     store: OptOutStore,
-    found: Sequence[Change | ConsentChange],
+    found: Sequence[Change | ConsentChange | MarkChange],
     tally: Tally,
     progress: Callable[[Tally], None] = lambda _: None,
 ) -> None:
     """Apply `found` in order, each durable before the next (a rebuild cut short can be
     run again: replaying the same changes in the same order gives the same records).
     Raises StoreUnavailable."""
+    now = time.time()
     for n, change in enumerate(found, 1):
+        if isinstance(change, MarkChange):
+            if change.until > now:  # a lapsed mark suppresses nothing: not written
+                await feedback.mark_undeliverable(
+                    store, change.channel, change.pseudonym, until=change.until,
+                    source=change.source,
+                )  # fmt: skip
+                tally.undeliverable += 1
+                tally.recipients.add((change.channel, change.pseudonym))
+            continue
         if isinstance(change, ConsentChange):
             await _replay_consent(store, change)
             tally.consents += 1

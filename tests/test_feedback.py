@@ -17,6 +17,7 @@ import pytest
 from gateway import metrics
 from gateway.store import feedback as marks
 from tests.conftest import GatewayFactory
+from tests.support.cli import optgate
 from tests.support.feedback_providers import (
     NUMBER,
     TOPIC,
@@ -226,3 +227,37 @@ async def test_twilio_status_21610_opts_out_and_30005_is_undeliverable(fb: Fb) -
     assert (await fb.g.inbound({"From": NUMBER, "Body": "START"}))[0] == 200
     await fb.g.send(NUMBER)
     assert len(fb.g.stub.requests) == 2
+
+
+async def test_a_store_rebuilt_from_the_audit_log_keeps_the_undeliverable_mark(fb: Fb) -> None:
+    """The audit log is the record: a store emptied and rebuilt from it suppresses a hard
+    bounced recipient again, until the time the mark's entry names."""
+    store = fb.r.gw.store
+    assert store is not None
+    status, doc = await fb.sendgrid(sendgrid_event("bounce", PAT, type="bounce"))
+    assert status == 200 and doc["outcomes"] == {"undeliverable": 1}
+    p = fb.email_pseudonym(PAT)
+    before = await marks.undeliverable_until(store, "email", p)
+    assert before is not None
+
+    await store.client.flushall()
+    assert (await optgate(fb.r, "store", "init", "--force")).returncode == 0
+    rebuilt = await optgate(fb.r, "optout", "rebuild", "--from-audit")
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    summary = orjson.loads(rebuilt.stdout)
+    assert summary["undeliverable"] == 1 and summary["optouts"] == 0
+    after = await marks.undeliverable_until(store, "email", p)
+    assert after is not None and abs(after - before) < 1.0  # the entry's `until`, ms-rounded
+    assert await store.get("email", p) is None  # still not an opt-out
+
+    async def sent() -> tuple[int, str]:  # the gateway takes the new sentinel by itself
+        deadline = time.monotonic() + 15
+        while True:
+            code, text = await fb.marketing(PAT)
+            if code == 250 or time.monotonic() > deadline:
+                return code, text
+            await asyncio.sleep(0.3)
+
+    code, text = await sent()
+    assert code == 250 and "1 of 1 recipients suppressed" in text and not fb.r.sink.messages
+    assert fb.r.decisions()[-1]["reason"] == "undeliverable"
