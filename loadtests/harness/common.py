@@ -7,12 +7,13 @@ import asyncio
 import logging
 import math
 import multiprocessing as mp
+import random
 import signal
 import socket
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 try:
     import uvloop
@@ -44,12 +45,29 @@ def quiet_child() -> None:
     logging.getLogger("mail.log").setLevel(logging.ERROR)
 
 
+# Ports for the servers a harness starts, chosen below the kernel's ephemeral range (from
+# 32768 on Linux) so that no outgoing connection takes one between the choice and the
+# server's bind; tests/support/ports.py chooses from 20000 up, so the two never meet.
+PORT_RANGE: Final = range(10_000, 20_000)
+
+
 def free_ports(n: int) -> list[int]:
     """n distinct free loopback ports (held together while chosen, then released)."""
-    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
+    socks: list[socket.socket] = []
+    first = random.randrange(len(PORT_RANGE))
     try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
+        for i in range(len(PORT_RANGE)):
+            if len(socks) == n:
+                break
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                s.bind(("127.0.0.1", PORT_RANGE[(first + i) % len(PORT_RANGE)]))
+            except OSError:
+                s.close()  # taken: the next
+                continue
+            socks.append(s)
+        if len(socks) < n:
+            raise OSError(f"fewer than {n} free loopback ports in {PORT_RANGE}")
         return [s.getsockname()[1] for s in socks]
     finally:
         for s in socks:
