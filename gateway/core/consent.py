@@ -23,7 +23,6 @@ message names the field and never quotes the value.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -32,10 +31,9 @@ from types import MappingProxyType
 from typing import Any, Final
 
 import orjson
-from cryptography.exceptions import InvalidTag
 
 from gateway.core.keys import Keyring
-from gateway.core.records import NONCE_BYTES, Corrupt, aead
+from gateway.core.records import Corrupt, open_value, seal_value
 from gateway.errors import BadInput, RecordCorrupt
 
 # How the consent was given (45 CFR 164.508(c): a signed authorization; the record points
@@ -158,21 +156,17 @@ def unpack(body: bytes) -> Consents:
 
 
 def seal(ring: Keyring, name: str, consents: Consents) -> bytes:
-    kid, key = ring.record.current
-    nonce = os.urandom(NONCE_BYTES)
-    sealed = aead(key).encrypt(nonce, pack(consents), name.encode())
-    return kid.encode("ascii") + b"." + nonce + sealed
+    return seal_value(ring, name.encode(), pack(consents))
 
 
 def open_consents(ring: Keyring, name: str, blob: bytes) -> Consents:
     """The consents sealed in `blob` under logical name `name`; RecordCorrupt otherwise."""
-    kid_raw, dot, rest = blob.partition(b".")
-    key = ring.record.get(kid_raw.decode("ascii", "replace")) if dot else None
-    if key is None or len(rest) < NONCE_BYTES + 16:
-        raise RecordCorrupt("consent record has an unknown key id or is truncated")
+    body = open_value(ring, name.encode(), blob)
+    if body is None:
+        raise RecordCorrupt("consent record does not authenticate under a known key")
     try:
-        return unpack(aead(key).decrypt(rest[:NONCE_BYTES], rest[NONCE_BYTES:], name.encode()))
-    except (InvalidTag, orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        return unpack(body)
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise RecordCorrupt("consent record does not authenticate") from exc
 
 

@@ -48,6 +48,28 @@ def aead(key: bytes) -> AESGCM:
     return AESGCM(key)
 
 
+def seal_value(ring: Keyring, name: bytes, plain: bytes) -> bytes:
+    """`plain` sealed under the current record key and bound to `name` (the associated
+    data: a value copied to another key or field does not open there). The one envelope of
+    every stored secret: ``kid`` "." nonce, then the AES-256-GCM ciphertext and tag."""
+    kid, key = ring.record.current
+    nonce = os.urandom(NONCE_BYTES)
+    return kid.encode("ascii") + b"." + nonce + aead(key).encrypt(nonce, plain, name)
+
+
+def open_value(ring: Keyring, name: bytes, blob: bytes) -> bytes | None:
+    """What `seal_value` sealed under `name`; None for an unknown key id, a truncated value
+    or one that does not authenticate."""
+    kid_raw, dot, rest = blob.partition(b".")
+    key = ring.record.get(kid_raw.decode("ascii", "replace")) if dot else None
+    if key is None or len(rest) < NONCE_BYTES + 16:
+        return None
+    try:
+        return aead(key).decrypt(rest[:NONCE_BYTES], rest[NONCE_BYTES:], name)
+    except InvalidTag:
+        return None
+
+
 def pseudonym(ring: Keyring, channel: str, key_form: str) -> str:
     """The keyed pseudonym of `key_form` (see `core.addresses.EmailAddress.key_form`)."""
     msg = channel.encode("ascii") + b"\x00" + key_form.encode("utf-8")
@@ -182,21 +204,16 @@ def unpack(body: bytes) -> Record:
 
 
 def seal(ring: Keyring, key_name: str, record: Record) -> bytes:
-    kid, key = ring.record.current
-    nonce = os.urandom(NONCE_BYTES)
-    sealed = aead(key).encrypt(nonce, pack(record), key_name.encode("utf-8"))
-    return kid.encode("ascii") + b"." + nonce + sealed
+    return seal_value(ring, key_name.encode("utf-8"), pack(record))
 
 
 def open_record(ring: Keyring, key_name: str, blob: bytes) -> Record:
-    kid_raw, dot, rest = blob.partition(b".")
-    key = ring.record.get(kid_raw.decode("ascii", "replace")) if dot else None
-    if key is None or len(rest) < NONCE_BYTES + 16:
-        raise RecordCorrupt("record has an unknown key id or is truncated")
+    body = open_value(ring, key_name.encode("utf-8"), blob)
+    if body is None:
+        raise RecordCorrupt("record does not authenticate under a known key")
     try:
-        body = aead(key).decrypt(rest[:NONCE_BYTES], rest[NONCE_BYTES:], key_name.encode())
         return unpack(body)
-    except (InvalidTag, orjson.JSONDecodeError, KeyError, TypeError, ValueError, IndexError) as exc:
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, IndexError) as exc:
         raise RecordCorrupt("record does not authenticate") from exc
 
 
@@ -234,23 +251,14 @@ def new_sentinel_id() -> str:
 
 
 def seal_sentinel(ring: Keyring, sentinel_id: str) -> bytes:
-    kid, key = ring.record.current
-    nonce = os.urandom(NONCE_BYTES)
-    body = _SENTINEL_BODY + sentinel_id.encode("ascii")
-    sealed = aead(key).encrypt(nonce, body, SENTINEL_NAME.encode())
-    return kid.encode("ascii") + b"." + nonce + sealed
+    return seal_value(ring, SENTINEL_NAME.encode(), _SENTINEL_BODY + sentinel_id.encode("ascii"))
 
 
 def open_sentinel(ring: Keyring, blob: bytes) -> str:
     """The id sealed in a sentinel value; RecordCorrupt when it does not authenticate."""
-    kid_raw, dot, rest = blob.partition(b".")
-    key = ring.record.get(kid_raw.decode("ascii", "replace")) if dot else None
-    if key is None or len(rest) < NONCE_BYTES + 16:
-        raise RecordCorrupt("sentinel has an unknown key id or is truncated")
-    try:
-        body = aead(key).decrypt(rest[:NONCE_BYTES], rest[NONCE_BYTES:], SENTINEL_NAME.encode())
-    except InvalidTag as exc:
-        raise RecordCorrupt("sentinel does not authenticate") from exc
+    body = open_value(ring, SENTINEL_NAME.encode(), blob)
+    if body is None:
+        raise RecordCorrupt("sentinel does not authenticate under a known key")
     if not body.startswith(_SENTINEL_BODY):
         raise RecordCorrupt("not a sentinel")
     return body[len(_SENTINEL_BODY) :].decode("ascii", "replace")

@@ -19,17 +19,15 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import secrets
 from dataclasses import dataclass
 from typing import Final
 
 import orjson
 from aiohttp import web
-from cryptography.exceptions import InvalidTag
 
 from gateway.core.keys import Keyring
-from gateway.core.records import NONCE_BYTES, aead
+from gateway.core.records import open_value, seal_value
 from gateway.store.redis_store import OptOutStore
 
 COOKIE: Final = "__Host-optgate-review"
@@ -71,20 +69,16 @@ def session_key(sid: str) -> str:
 
 
 def _seal(ring: Keyring, key: str, doc: dict[str, object]) -> bytes:
-    kid, k = ring.record.current
-    nonce = os.urandom(NONCE_BYTES)
-    sealed = aead(k).encrypt(nonce, orjson.dumps(doc), key.encode())
-    return kid.encode("ascii") + b"." + nonce + sealed
+    return seal_value(ring, key.encode(), orjson.dumps(doc))
 
 
 def _open(ring: Keyring, key: str, blob: bytes) -> dict[str, object] | None:
-    kid, dot, rest = blob.partition(b".")
-    k = ring.record.get(kid.decode("ascii", "replace")) if dot else None
-    if k is None or len(rest) < NONCE_BYTES + 16:
+    plain = open_value(ring, key.encode(), blob)
+    if plain is None:
         return None
     try:
-        doc = orjson.loads(aead(k).decrypt(rest[:NONCE_BYTES], rest[NONCE_BYTES:], key.encode()))
-    except (InvalidTag, orjson.JSONDecodeError):
+        doc = orjson.loads(plain)
+    except orjson.JSONDecodeError:
         return None
     return doc if isinstance(doc, dict) else None
 

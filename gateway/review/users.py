@@ -30,10 +30,9 @@ from typing import Any, Final
 
 import orjson
 import pyotp
-from cryptography.exceptions import InvalidTag
 
 from gateway.core.keys import Keyring
-from gateway.core.records import NONCE_BYTES, aead
+from gateway.core.records import open_value, seal_value
 from gateway.store.redis_store import OptOutStore
 
 ROLES: Final = ("auditor", "admin")
@@ -145,10 +144,8 @@ def _decode(ring: Keyring, raw: bytes | str | None) -> User | None:
 
 
 def seal_totp(ring: Keyring, name: str, secret: str) -> str:
-    kid, key = ring.record.current
-    nonce = os.urandom(NONCE_BYTES)
-    sealed = aead(key).encrypt(nonce, secret.encode("ascii"), store_key(ring, name).encode())
-    return base64.b64encode(kid.encode("ascii") + b"." + nonce + sealed).decode("ascii")
+    sealed = seal_value(ring, store_key(ring, name).encode(), secret.encode("ascii"))
+    return base64.b64encode(sealed).decode("ascii")
 
 
 def totp_secret(ring: Keyring, user: User) -> str | None:
@@ -157,17 +154,8 @@ def totp_secret(ring: Keyring, user: User) -> str | None:
         blob = base64.b64decode(user.totp_sealed, validate=True)
     except ValueError:
         return None
-    kid, dot, rest = blob.partition(b".")
-    key = ring.record.get(kid.decode("ascii", "replace")) if dot else None
-    if key is None or len(rest) < NONCE_BYTES + 16:
-        return None
-    try:
-        plain = aead(key).decrypt(
-            rest[:NONCE_BYTES], rest[NONCE_BYTES:], store_key(ring, user.name).encode()
-        )
-    except InvalidTag:
-        return None
-    return plain.decode("ascii", "replace")
+    plain = open_value(ring, store_key(ring, user.name).encode(), blob)
+    return None if plain is None else plain.decode("ascii", "replace")
 
 
 def new_totp_secret() -> str:

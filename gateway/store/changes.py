@@ -23,13 +23,10 @@ and, on entries `optgate sync replay` appends, ``only`` (the one webhook it is f
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
-from cryptography.exceptions import InvalidTag
-
 from gateway.core.keys import Keyring
-from gateway.core.records import NONCE_BYTES, Record, aead
+from gateway.core.records import Record, open_value, seal_value
 
 STREAM_KEY = "og:changes"
 DEAD_KEY = "og:sync:dead"  # dead letters of every webhook, each naming its webhook
@@ -96,25 +93,15 @@ def _address_ad(channel: str, pseudonym: str) -> bytes:
 
 
 def seal_address(ring: Keyring, channel: str, pseudonym: str, address: str) -> bytes:
-    kid, key = ring.record.current
-    nonce = os.urandom(NONCE_BYTES)
-    sealed = aead(key).encrypt(nonce, address.encode(), _address_ad(channel, pseudonym))
-    return kid.encode("ascii") + b"." + nonce + sealed
+    return seal_value(ring, _address_ad(channel, pseudonym), address.encode())
 
 
 def open_address(ring: Keyring, change: Change) -> str | None:
     """The plaintext address of `change`, or None when absent or not authentic."""
-    kid_raw, dot, rest = change.sealed_address.partition(b".")
-    key = ring.record.get(kid_raw.decode("ascii", "replace")) if dot else None
-    if key is None or len(rest) < NONCE_BYTES + 16:
-        return None
-    try:
-        plain = aead(key).decrypt(
-            rest[:NONCE_BYTES], rest[NONCE_BYTES:], _address_ad(change.channel, change.pseudonym)
-        )
-    except InvalidTag:
-        return None
-    return plain.decode("utf-8", "replace")
+    plain = open_value(
+        ring, _address_ad(change.channel, change.pseudonym), change.sealed_address
+    )
+    return None if plain is None else plain.decode("utf-8", "replace")
 
 
 def encode(

@@ -23,14 +23,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 from collections.abc import Sequence
 from typing import Any, Final, Literal
 
-from cryptography.exceptions import InvalidTag
-
 from gateway.core.keys import Keyring
-from gateway.core.records import NONCE_BYTES, State, aead, with_undeliverable
+from gateway.core.records import State, open_value, seal_value, with_undeliverable
 from gateway.store.names import record_slot
 
 MARK_PREFIX: Final = "og:u:"
@@ -70,20 +67,13 @@ def seal_mark(ring: Keyring, key: str, *, until: float, source: str) -> bytes:
         + max(round(until * 1000), 0).to_bytes(_MS_BYTES, "big")
         + source.encode("utf-8")[:64]
     )
-    kid, secret = ring.record.current
-    nonce = os.urandom(NONCE_BYTES)
-    return kid.encode("ascii") + b"." + nonce + aead(secret).encrypt(nonce, body, key.encode())
+    return seal_value(ring, key.encode(), body)
 
 
 def open_mark(ring: Keyring, key: str, blob: bytes) -> float | None:
     """Until when a mark holds (seconds since 1970), None when it does not open."""
-    kid, dot, rest = blob.partition(b".")
-    secret = ring.record.get(kid.decode("ascii", "replace")) if dot else None
-    if secret is None or len(rest) < NONCE_BYTES + 16:
-        return None
-    try:
-        body = aead(secret).decrypt(rest[:NONCE_BYTES], rest[NONCE_BYTES:], key.encode())
-    except InvalidTag:
+    body = open_value(ring, key.encode(), blob)
+    if body is None:
         return None
     if len(body) < 1 + _MS_BYTES or body[0] != _MARK_VERSION:
         return None
