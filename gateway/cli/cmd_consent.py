@@ -19,8 +19,14 @@ import orjson
 
 from gateway import consents, keyfile, rules_files
 from gateway.cli import output
-from gateway.cli.common import channel_for, cli_audit, config, fail, recipient, with_config
-from gateway.cli.parser import with_json
+from gateway.cli.common import (
+    channel_for,
+    cli_audit,
+    config,
+    fail,
+    recipient,
+    recipient_args,
+)
 from gateway.config import Config
 from gateway.core import consent
 from gateway.core.records import pseudonym
@@ -121,17 +127,5 @@ def add_parser(sub: Any) -> None:
 
 
 def _recipient_args(a: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    with_json(with_config(a))
-    a.add_argument(
-        "--channel",
-        choices=("email", "sms"),
-        help="default: email for an ADDRESS with @, sms for a phone number",
-    )
-    a.add_argument(
-        "--region",
-        metavar="CC",
-        help="country of a number written without + (default: [sms] default_region)",
-    )
-    a.add_argument("address", metavar="ADDRESS")
-    a.set_defaults(func=cmd_consent)
+    recipient_args(a).set_defaults(func=cmd_consent)
     return a

@@ -12,8 +12,14 @@ import orjson
 
 from gateway import keyfile, rules_files
 from gateway.cli import output
-from gateway.cli.common import channel_for, cli_audit, config, fail, recipient, with_config
-from gateway.cli.parser import with_json
+from gateway.cli.common import (
+    channel_for,
+    cli_audit,
+    config,
+    fail,
+    recipient,
+    recipient_args,
+)
 from gateway.config import Config
 from gateway.core.records import pseudonym
 from gateway.errors import BadInput
@@ -99,27 +105,13 @@ def add_parser(sub: Any) -> Any:
     )
     osub = o.add_subparsers(dest="action", required=True, metavar="ACTION")
     for action, text in (("add", "opt an address out"), ("remove", "opt an address back in")):
-        a = _recipient_args(osub.add_parser(action, help=text))
+        a = recipient_args(osub.add_parser(action, help=text))
         g = a.add_mutually_exclusive_group(required=True)
         g.add_argument("--category", action="append", metavar="NAME", help="repeatable")
         g.add_argument("--all", action="store_true", help="every opt-outable category")
         a.set_defaults(func=cmd_optout)
-    gt = _recipient_args(osub.add_parser("get", help="show an address's opt-out state as JSON"))
+    gt = recipient_args(osub.add_parser("get", help="show an address's opt-out state as JSON"))
     gt.set_defaults(func=cmd_optout, category=None, all=False)
     return osub
 
 
-def _recipient_args(a: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    with_json(with_config(a))
-    a.add_argument(
-        "--channel",
-        choices=("email", "sms"),
-        help="default: email for an ADDRESS with @, sms for a phone number",
-    )
-    a.add_argument(
-        "--region",
-        metavar="CC",
-        help="country of a number written without + (default: [sms] default_region)",
-    )
-    a.add_argument("address", metavar="ADDRESS")
-    return a

@@ -21,6 +21,7 @@ from gateway.audit.writer import AuditWriter
 from gateway.cli import parser
 from gateway.config import Config
 from gateway.core import keys as keys_mod
+from gateway.core.channels import CHANNELS
 from gateway.core.entries import Entry
 from gateway.errors import AuditStreamBusy, BadInput
 from gateway.optout_fields import canonical
@@ -47,6 +48,24 @@ def config(args: argparse.Namespace) -> Config:
 def with_config(sp: argparse.ArgumentParser, *, top: bool = False) -> argparse.ArgumentParser:
     """Give a command the ``--config FILE`` option (also accepted before the command)."""
     return parser.with_config(sp, top=top)
+
+
+def recipient_args(a: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """A command about one recipient: ``--channel``, ``--region``, ADDRESS (and ``--config``,
+    ``--json``), as `optgate optout` and `optgate consent` take them."""
+    parser.with_json(with_config(a))
+    a.add_argument(
+        "--channel",
+        choices=CHANNELS,
+        help="default: email for an ADDRESS with @, sms for a phone number",
+    )
+    a.add_argument(
+        "--region",
+        metavar="CC",
+        help="country of a number written without + (default: [sms] default_region)",
+    )
+    a.add_argument("address", metavar="ADDRESS")
+    return a
 
 
 def print_json(doc: Any) -> None:
