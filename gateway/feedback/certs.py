@@ -22,7 +22,7 @@ from pathlib import Path
 import aiohttp
 from cryptography import x509
 
-from gateway import tls
+from gateway import outbound, tls
 from gateway.errors import FetchFailed
 from gateway.feedback import sns
 
@@ -30,7 +30,6 @@ FETCH_TIMEOUT_S = 5.0  # SNS waits 15 s for the endpoint's answer; leave room fo
 MAX_CERT_BYTES = 16 * 1024  # a PEM certificate is 2-3 KiB
 MAX_CONFIRM_BYTES = 16 * 1024  # the ConfirmSubscription response is a short XML document
 CACHE_SIZE = 16  # one certificate per region in use, and its successor during a rotation
-USER_AGENT = "optgate"
 
 
 @contextlib.contextmanager
@@ -56,12 +55,8 @@ class SnsClient:
         self._cache: OrderedDict[str, x509.Certificate] = OrderedDict()
 
     async def start(self) -> None:
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(ssl=self._ssl, limit=8),
-            timeout=aiohttp.ClientTimeout(total=FETCH_TIMEOUT_S),
-            trust_env=False,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            headers={"User-Agent": USER_AGENT},
+        self._session = outbound.client_session(
+            self._ssl, limit=8, timeout=aiohttp.ClientTimeout(total=FETCH_TIMEOUT_S)
         )
 
     async def close(self) -> None:

@@ -26,14 +26,13 @@ from urllib.parse import quote, urlencode
 import aiohttp
 import orjson
 
-from gateway import tls
+from gateway import outbound, tls
 from gateway.errors import ProviderError as ProviderError  # noqa: PLC0414 - re-exported: gateway.sms.flow imports it from here
 
 CONNECT_TIMEOUT_S = 3.0  # TCP + TLS to a provider on the internet; more means it is down
 POOL_LIMIT = 100  # concurrent outbound requests; beyond this, sends queue for a connection
 KEEPALIVE_S = 15.0  # below common server keep-alive (nginx 75 s) so we close idle ones first
 MAX_REPLY_BYTES = 64 * 1024  # a Twilio message resource is ~1 KiB
-USER_AGENT = "optgate"
 FORM = "application/x-www-form-urlencoded"
 
 
@@ -108,15 +107,8 @@ class HttpsClient:
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(
-            ssl=self._ssl, limit=POOL_LIMIT, keepalive_timeout=KEEPALIVE_S
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=self._timeout,
-            trust_env=False,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            headers={"User-Agent": USER_AGENT},
+        self._session = outbound.client_session(
+            self._ssl, limit=POOL_LIMIT, timeout=self._timeout, keepalive_s=KEEPALIVE_S
         )
 
     async def close(self) -> None:
